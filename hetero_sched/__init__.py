@@ -1,0 +1,3 @@
+"""hetero-sched: disaggregated LLM inference on heterogeneous accelerators, simulated and on Ray."""
+
+__version__ = "0.1.0"
