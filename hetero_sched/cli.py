@@ -29,3 +29,172 @@ def main() -> None:
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+def _group(device: str, tp: int, pp: int, count: Optional[int]) -> "GroupSpec":
+    from hetero_sched.catalog import GroupSpec, get_device
+
+    units = get_device(device).units_per_chip
+    if count is None:
+        if (tp * pp) % units:
+            raise UserError(f"--tp {tp} x --pp {pp} is not a whole number of {device} chips ({units} units per chip)")
+        count = tp * pp // units
+    return GroupSpec(device, count, tp=tp, pp=pp)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@app.command()
+def catalog(
+    device: Optional[str] = typer.Option(None, help="Predict for this device (e.g. trn2)."),
+    model: Optional[str] = typer.Option(None, help="Predict for this model (e.g. llama-3.1-70b)."),
+    tp: int = typer.Option(1, help="Tensor-parallel degree (Trainium: logical NeuronCores, LNC=2)."),
+    pp: int = typer.Option(1, help="Pipeline stages."),
+    count: Optional[int] = typer.Option(None, help="Chips in the group (default: tp*pp / units per chip)."),
+    prompt: int = typer.Option(2048, help="Prompt tokens for the prefill prediction."),
+    profile: Optional[Path] = typer.Option(None, help="A profile file from `hetero-sched calibrate`."),
+) -> None:
+    """List devices and models with every number and its source, or predict for one group."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hetero_sched.catalog import resolve_assumptions, resolve_catalog
+    from hetero_sched.costmodel import RooflineCost, build_group_cost, kink_contexts, step_time_s
+
+    console = Console()
+    cat = resolve_catalog()
+    if device is None and model is None:
+        t = Table(title="Devices (per chip; CS-3: per system)")
+        for col in ("device", "ray resource", "BF16 TFLOP/s", "FP8 TFLOP/s", "memory GB", "mem TB/s",
+                    "scale-up GB/s", "network GB/s", "W", "$/h"):
+            t.add_column(col)
+        for d in cat.devices.values():
+            t.add_row(d.name, f"{d.units_per_chip} {d.ray_resource}", f"{d.bf16_flops_per_s / 1e12:,.0f}",
+                      f"{d.fp8_flops_per_s / 1e12:,.0f}", f"{d.memory_bytes / 1e9:,.0f} {d.memory_kind}",
+                      f"{d.memory_bytes_per_s / 1e12:,.1f}", f"{d.scale_up_bytes_per_s / 1e9:,.0f}",
+                      f"{d.network_bytes_per_s / 1e9:,.0f}", f"{d.watts:,.0f}", f"{cat.cost(d.name).dollars_per_hour:.2f}")
+        console.print(t)
+        t = Table(title="Models")
+        for col in ("model", "layers", "hidden", "heads/kv", "head_dim", "ffn", "experts", "params B (active)",
+                    "KV bytes/token (bf16)", "weights GB (bf16)"):
+            t.add_column(col)
+        for m in cat.models.values():
+            t.add_row(m.name, str(m.num_layers), str(m.hidden_size), f"{m.num_heads}/{m.num_kv_heads}", str(m.head_dim),
+                      str(m.ffn_size), f"{m.experts_per_token}/{m.num_experts}",
+                      f"{m.total_params / 1e9:.2f} ({m.active_params / 1e9:.2f})", f"{m.kv_bytes_per_token():,.0f}",
+                      f"{m.weight_bytes / 1e9:.1f}")
+        console.print(t)
+        t = Table(title="Every number and its source")
+        for col in ("key", "value", "status", "source"):
+            t.add_column(col, overflow="fold")
+        for key, entry in resolve_assumptions().items():
+            t.add_row(key, _fmt(entry["value"]), entry["status"], entry["source"])
+        console.print(t)
+        return
+    if device is None or model is None:
+        raise UserError("--device and --model go together (or give neither to list the catalog)")
+    group = _group(device, tp, pp, count)
+    cost = build_group_cost(group, model, profile=profile)
+    spec = cat.model(model)
+    console.print(f"[bold]{model}[/] on {group.count} x {device} (tp={group.tp}, pp={group.pp}); "
+                  f"Ray resources {group.ray_resources()}, node labels {group.node_labels()}")
+    console.print(f"prefill of {prompt:,} tokens: [bold]{cost.prefill_time_s([prompt], [0]) * 1e3:,.1f} ms[/]")
+    console.print(f"KV bytes/token: {cost.transfer_bytes_per_token:,} unique (moved), {cost.kv_bytes_per_token:,} held "
+                  f"(TP replicas); KV capacity {cost.kv_capacity_tokens:,} tokens; weights {spec.weight_bytes / 1e9:,.1f} GB")
+    t = Table(title=f"Decode step vs batch (context {prompt:,} tokens per sequence)")
+    for col in ("batch", "step ms", "tok/s per user", "tok/s total", "lines (intercept ms, slope ns/token)", "kink at total context"):
+        t.add_column(col)
+    for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        lines = cost.decode_step_lines(b)
+        step = step_time_s(lines, b * prompt)
+        kinks = kink_contexts(lines)
+        t.add_row(str(b), f"{step * 1e3:.3f}", f"{1 / step:,.0f}", f"{b / step:,.0f}",
+                  ", ".join(f"({a * 1e3:.3f}, {s * 1e9:.3f})" for a, s in lines),
+                  ", ".join(f"{k:,.0f}" for k in kinks) or "none")
+    console.print(t)
+    t = Table(title=f"Cost parameters of {device}")
+    for col in ("parameter", "value", "status", "source"):
+        t.add_column(col, overflow="fold")
+    for key, entry in resolve_assumptions(devices_used=[device], models_used=[]).items():
+        if key.startswith("cost."):
+            t.add_row(key, _fmt(entry["value"]), entry["status"], entry["source"])
+    console.print(t)
+    if not isinstance(cost, RooflineCost):
+        console.print("(fitted-coefficient profile: lines come from its coefficients)")
+
+
+@app.command()
+def calibrate(
+    measurements: Optional[Path] = typer.Argument(None, help="CSV with columns kind,batch,tokens,context,ms[,label]."),
+    device: Optional[str] = typer.Option(None, help="Name of the calibrated device (new names need --like)."),
+    like: Optional[str] = typer.Option(None, help="Catalog device whose spec numbers a new device starts from."),
+    model: str = typer.Option("llama-3.1-8b", help="Model the measurements were taken with."),
+    tp: int = typer.Option(1, help="Tensor-parallel degree of the measured group."),
+    pp: int = typer.Option(1, help="Pipeline stages of the measured group."),
+    count: Optional[int] = typer.Option(None, help="Chips in the measured group (default tp*pp / units per chip)."),
+    kind: str = typer.Option("roofline", help="roofline (device parameters) or fitted (coefficients)."),
+    fit: str = typer.Option(",".join(("compute_efficiency", "memory_efficiency", "layer_latency_s")),
+                            help="Roofline parameters to fit, comma-separated."),
+    pieces: str = typer.Option("", help="fitted: decode piece max-batch boundaries, e.g. 8,64."),
+    out: Optional[Path] = typer.Option(None, help="Profile file to write (default DEVICE-profile.json)."),
+    published: bool = typer.Option(False, "--published", help="Fit on the catalog's published figures and show hold-outs."),
+) -> None:
+    """Fit a device profile from measured step times; print per-point and leave-one-out error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hetero_sched import calibrate as cal
+    from hetero_sched.catalog import device_names
+    from hetero_sched.catalog.figures import published_figures
+    from hetero_sched.catalog.profiles import save_profile
+
+    console = Console()
+
+    def report(title: str, result: "cal.FitResult") -> None:
+        t = Table(title=title)
+        for col in ("point", "measured ms", "fitted ms", "fit error", "leave-one-out error"):
+            t.add_column(col)
+        for p in result.points:
+            t.add_row(p.label, f"{p.measured_s * 1e3:.3f}", f"{p.fitted_s * 1e3:.3f}", f"{p.fit_error:+.1%}",
+                      "n/a (too few points)" if p.loo_error is None else f"{p.loo_error:+.1%}")
+        console.print(t)
+        console.print("fitted: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in result.params.items()))
+
+    if published:
+        for dev, result in cal.calibrate_published().items():
+            report(f"{dev}: fit on published figures", result)
+        t = Table(title="Hold-out figures (never fitted on), catalog parameters")
+        for col in ("figure", "published ms", "predicted ms", "error", "source"):
+            t.add_column(col, overflow="fold")
+        for fig in published_figures():
+            if fig.role == "holdout":
+                pred = cal.predict_figure(fig)
+                t.add_row(fig.name, f"{fig.value_s * 1e3:.3f}", f"{pred * 1e3:.3f}", f"{pred / fig.value_s - 1:+.1%}", fig.source)
+        console.print(t)
+        return
+    if measurements is None or device is None:
+        raise UserError("calibrate needs MEASUREMENTS.csv and --device (or --published)")
+    base = like or device
+    if base not in device_names():
+        raise UserError(f"unknown device {device!r}: pass --like <catalog device> to start from its spec numbers "
+                        f"(known: {', '.join(device_names())})")
+    rows = cal.read_measurements(measurements)
+    group = _group(base, tp, pp, count)
+    if kind == "roofline":
+        result = cal.fit_roofline(rows, group, model, tuple(n.strip() for n in fit.split(",") if n.strip()))
+    elif kind == "fitted":
+        try:
+            bounds = tuple(int(x) for x in pieces.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--pieces: expected comma-separated integers, got {pieces!r}") from None
+        result = cal.fit_coefficients(rows, bounds)
+    else:
+        raise UserError(f"--kind must be roofline or fitted, got {kind!r}")
+    report(f"{device} ({kind}) from {measurements}", result)
+    target = out or Path(f"{device}-profile.json")
+    save_profile(cal.make_profile(result, device, group, model, str(measurements)), target)
+    console.print(f"wrote {target}")

@@ -10,15 +10,29 @@ The decode step time of a batch of ``b`` sequences holding ``C`` context tokens 
 the maximum switches line is the roofline *kink*; a span ends there so that inside a span the
 step time is one line and its sum is an arithmetic series.
 
-Two kinds implement it: :class:`~hetero_sched.roofline.RooflineCost` (physics from the
-catalog, calibrated on published figures) and :class:`FittedCost` (per-group coefficients, as
-profiling-based simulators use them).
+Two kinds implement it: :class:`RooflineCost` (physics from the catalog, calibrated on
+published figures) and :class:`FittedCost` (per-group coefficients, as profiling-based
+simulators use them). :func:`build_group_cost` makes either from a :class:`GroupSpec`, a model,
+experiment overrides and optionally a profile written by ``hetero-sched calibrate``.
+See ``docs/costmodel.md`` for the equations and the calibration results.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from hetero_sched.catalog import resolve_catalog
+from hetero_sched.catalog.costparams import CostParams
+from hetero_sched.catalog.groups import GroupSpec
+from hetero_sched.catalog.models import DTYPE_BYTES, ModelSpec
+from hetero_sched.catalog.profiles import Profile, load_profile
+from hetero_sched.catalog.sources import Source, Status
+from hetero_sched.errors import UserError
 
 Line = tuple[float, float]
 """``(intercept_s, slope_s_per_context_token)`` of one decode-step line."""
@@ -97,3 +111,228 @@ class FittedCost:
                 break
         _, a, b, c = piece
         return ((self.per_step_s + a + c * batch_size, b),)
+
+
+ACTIVATION_BYTES = 2.0
+"""Bytes per activation element in TP all-reduces and pipeline hops (16-bit)."""
+
+
+@dataclass(frozen=True)
+class RooflineCost:
+    """Roofline timing of one group: compute roof vs memory roof, plus fixed latencies.
+
+    Built by :func:`build_group_cost`; all rates are already *effective* (peak × efficiency)
+    and per pipeline stage. Every term is per layer so a stage's time is proportional to its
+    layer count, which keeps pipeline sums and maxima a max of lines in ``C``.
+    """
+
+    model: ModelSpec
+    num_layers: int
+    pp: int
+    stage_layers_max: int
+    stage_flops_per_s: float
+    stage_bytes_per_s: float
+    kv_read_bytes_per_token: float
+    """KV bytes read per context token per step: the group-held bytes (TP replicas included)."""
+    layer_latency_s: float
+    allreduce_s_per_token_layer: float
+    """TP all-reduce time per token per layer (two all-reduces; zero on one chip per stage)."""
+    step_overhead_s: float
+    pp_hop_s: float
+    half_speed_batch: Optional[float]
+    kv_capacity_tokens: int
+    kv_bytes_per_token: int
+    transfer_bytes_per_token: int
+    egress_bytes_per_s: float
+    ingress_bytes_per_s: float
+    message_cost_s: float
+    dollars_per_hour: float
+
+    def prefill_time_s(self, new_tokens: Sequence[int], cached_tokens: Sequence[int]) -> float:
+        """One prefill iteration: ``max(FLOPs/F, bytes/B) + L·(λ + allreduce·N) + overhead + hops``.
+
+        FLOPs = ``2·active·N + 2·L·heads·head_dim·Σ n(n + 2h)`` (causal attention over the new
+        tokens and the ``h`` cached ones, which are read, not recomputed). With ``pp`` stages a
+        batch crosses every stage in turn (the latency path; prefill is not micro-batched here).
+        """
+        n_total = float(sum(new_tokens))
+        if n_total <= 0:
+            return 0.0
+        quad = float(sum(n * (n + 2 * h) for n, h in zip(new_tokens, cached_tokens)))
+        flops = self.model.flops_per_token * n_total + 0.5 * self.model.attn_flops_per_context_token * quad
+        read = self.model.weight_bytes_read(n_total) + self.kv_read_bytes_per_token * float(sum(cached_tokens))
+        roof = max(flops / self.stage_flops_per_s, read / self.stage_bytes_per_s)
+        fixed = self.num_layers * (self.layer_latency_s + self.allreduce_s_per_token_layer * n_total)
+        return roof + fixed + self.step_overhead_s + self.pp_hop_s * (self.pp - 1)
+
+    def _layer_lines(self, seqs: float) -> tuple[Line, Line]:
+        """Per-layer (compute, memory) lines of a micro-batch of ``seqs`` sequences, in its context."""
+        common = self.layer_latency_s + self.allreduce_s_per_token_layer * seqs
+        f, b, n = self.stage_flops_per_s, self.stage_bytes_per_s, self.num_layers
+        compute = (seqs * self.model.flops_per_token / n / f + common,
+                   self.model.attn_flops_per_context_token / n / f)
+        memory = (self.model.weight_bytes_read(seqs) / n / b + common, self.kv_read_bytes_per_token / n / b)
+        return compute, memory
+
+    def _lines_no_penalty(self, batch_size: int) -> list[Line]:
+        micro = min(self.pp, batch_size)
+        seqs = batch_size / micro
+        hops = self.pp_hop_s * self.pp if self.pp > 1 else 0.0
+        lines = []
+        for a, s in self._layer_lines(seqs):
+            # Latency path: a token crosses all stages (sum of stage times) plus the hops.
+            lines.append((self.num_layers * a + hops + self.step_overhead_s, self.num_layers * s / micro))
+            if self.pp > 1:
+                # Throughput bound: `micro` micro-batches share the slowest stage.
+                lines.append((micro * self.stage_layers_max * a + self.step_overhead_s, self.stage_layers_max * s))
+        return lines
+
+    def decode_step_lines(self, batch_size: int) -> tuple[Line, ...]:
+        """Step time of ``batch_size`` sequences as a max of lines in their total context ``C``.
+
+        Lines: compute roof and memory roof (each with the per-layer latency), and with
+        ``pp > 1`` also the throughput bound of ``min(pp, batch)`` micro-batches on the slowest
+        stage. ``half_speed_batch`` adds the stated per-user slowdown ``(b − 1)·t1/half``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        lines = self._lines_no_penalty(batch_size)
+        if self.half_speed_batch is not None and batch_size > 1:
+            t1 = max(a for a, _ in self._lines_no_penalty(1))
+            extra = (batch_size - 1) * t1 / self.half_speed_batch
+            lines = [(a + extra, s) for a, s in lines]
+        return tuple(_upper_envelope(lines))
+
+
+def _upper_envelope(lines: Sequence[Line]) -> list[Line]:
+    """Drop lines that never attain the max for ``C >= 0`` (keeps kinks meaningful)."""
+    kept = [line for line in set(lines)
+            if any(math.isclose(step_time_s(tuple(lines), c), line[0] + line[1] * c, rel_tol=1e-12)
+                   for c in _candidate_contexts(lines))]
+    return sorted(kept, key=lambda l: (l[1], l[0]))
+
+
+def _candidate_contexts(lines: Sequence[Line]) -> list[float]:
+    cs = [0.0, 1e12]
+    for i, (a1, s1) in enumerate(lines):
+        for a2, s2 in lines[i + 1:]:
+            if s1 != s2:
+                c = (a2 - a1) / (s1 - s2)
+                if c > 0:
+                    cs.append(c)
+    return cs
+
+
+def kink_contexts(lines: tuple[Line, ...]) -> tuple[float, ...]:
+    """Total-context values ``C > 0`` where the maximum switches from one line to the next."""
+    env = sorted(lines, key=lambda l: (l[1], l[0]))
+    kinks: list[float] = []
+    c, cur = 0.0, max(env, key=lambda l: (l[0], l[1]))
+    while True:
+        best: Optional[tuple[float, Line]] = None
+        for line in env:
+            if line[1] > cur[1]:
+                x = (cur[0] - line[0]) / (line[1] - cur[1])
+                if x > c and (best is None or x < best[0]):
+                    best = (x, line)
+        if best is None:
+            return tuple(kinks)
+        c, cur = best
+        kinks.append(c)
+
+
+def decode_time_s(cost: GroupCost, batch_size: int, context_tokens: float, steps: int) -> float:
+    """Time of ``steps`` decode steps of a fixed batch whose total context starts at
+    ``context_tokens`` and grows by ``batch_size`` per step (what a span sums)."""
+    lines = cost.decode_step_lines(batch_size)
+    cs = context_tokens + batch_size * np.arange(steps, dtype=np.float64)
+    return float(np.max([a + s * cs for a, s in lines], axis=0).sum())
+
+
+def _held_kv_replication(model: ModelSpec, tp: int) -> float:
+    """How many copies of each KV head a TP group holds (TP64 over 8 KV heads: 8)."""
+    return tp * math.ceil(model.num_kv_heads / tp) / model.num_kv_heads
+
+
+def _apply_profile(cost: CostParams, profile: Profile, path: str | Path) -> CostParams:
+    changes: dict[str, Any] = {}
+    sources = dict(cost.sources)
+    for name, value in profile.params.items():
+        if name not in CostParams.__dataclass_fields__ or name in ("device", "sources"):
+            raise UserError(f"profile {path}: unknown cost parameter {name!r}")
+        if sources.get(name, Source(Status.ASSUMED, "")).status is Status.OVERRIDE:
+            continue  # the experiment's explicit override wins over the profile
+        changes[name] = float(value)
+        sources[name] = Source(Status.CALIBRATED, f"profile {path} ({profile.source})")
+    return replace(cost, **changes, sources=sources)
+
+
+def build_group_cost(group: GroupSpec, model: ModelSpec | str,
+                     overrides: Optional[Mapping[str, Any]] = None,
+                     profile: Optional[str | Path] = None) -> GroupCost:
+    """The cost model of ``group`` serving ``model``: a :class:`RooflineCost`, or a
+    :class:`FittedCost` when ``profile`` is a fitted-coefficient profile.
+
+    Overrides are resolved against the catalog (:func:`hetero_sched.catalog.resolve_catalog`);
+    a roofline profile's parameters replace the catalog's (explicit overrides still win).
+    A model whose weights do not fit raises UserError saying how many devices it needs.
+    """
+    cat = resolve_catalog(overrides)
+    dev = cat.device(group.device)
+    cost = cat.cost(group.device)
+    spec = cat.model(model) if isinstance(model, str) else model
+    prof = load_profile(profile) if profile is not None else None
+    if prof is not None:
+        if prof.base_device != group.device:
+            raise UserError(f"profile {profile}: calibrated on device {prof.base_device!r}, "
+                            f"but the group is {group.device!r}")
+        if prof.kind == "roofline":
+            cost = _apply_profile(cost, prof, profile)
+
+    usable = dev.memory_bytes * group.count * (1.0 - cost.kv_reserve_fraction)
+    replication = _held_kv_replication(spec, group.tp)
+    held_per_token = spec.kv_bytes_per_token() * replication
+    kv_tokens = int((usable - spec.weight_bytes) // held_per_token)
+    if kv_tokens < 1:
+        need = spec.num_devices_for(dev.memory_bytes, cost.kv_reserve_fraction)
+        raise UserError(
+            f"{spec.name} ({spec.weight_dtype}, {spec.weight_bytes / 1e9:.0f} GB of weights) does not fit in "
+            f"{group.count} x {group.device} ({dev.memory_bytes * group.count / 1e9:.0f} GB {dev.memory_kind}, "
+            f"{cost.kv_reserve_fraction:.0%} reserved): it needs at least {need} {group.device}")
+
+    stage_chips = group.chips_per_stage
+    if stage_chips > 1:
+        ring = 2.0 * (stage_chips - 1) / stage_chips
+        allreduce = 2 * ring * spec.hidden_size * ACTIVATION_BYTES / (dev.scale_up_bytes_per_s * cost.link_efficiency)
+    else:
+        allreduce = 0.0
+    shared = dict(
+        kv_capacity_tokens=kv_tokens,
+        kv_bytes_per_token=int(round(held_per_token)),
+        transfer_bytes_per_token=int(round(spec.kv_bytes_per_token())),
+        egress_bytes_per_s=dev.network_bytes_per_s * group.count,
+        ingress_bytes_per_s=dev.network_bytes_per_s * group.count,
+        message_cost_s=cost.message_cost_s,
+        dollars_per_hour=cost.dollars_per_hour * group.count,
+    )
+    if prof is not None and prof.kind == "fitted":
+        if prof.model != spec.name or prof.tp != group.tp or prof.pp != group.pp:
+            raise UserError(f"profile {profile}: fitted for {prof.model} tp={prof.tp} pp={prof.pp}, "
+                            f"not {spec.name} tp={group.tp} pp={group.pp}")
+        a, b, c = (float(x) for x in prof.params["prefill"])
+        pieces = tuple((int(p[0]), float(p[1]), float(p[2]), float(p[3])) for p in prof.params["decode_pieces"])
+        return FittedCost(prefill_a_s=a, prefill_b_s_per_token=b, prefill_c_s_per_token2=c,
+                          decode_pieces=pieces, per_step_s=float(prof.params.get("per_step_s", 0.0)), **shared)
+    return RooflineCost(
+        model=spec, num_layers=spec.num_layers, pp=group.pp,
+        stage_layers_max=math.ceil(spec.num_layers / group.pp),
+        stage_flops_per_s=dev.flops_per_s(spec.weight_dtype) * stage_chips * cost.compute_efficiency,
+        stage_bytes_per_s=dev.memory_bytes_per_s * stage_chips * cost.memory_efficiency,
+        kv_read_bytes_per_token=held_per_token,
+        layer_latency_s=cost.layer_latency_s,
+        allreduce_s_per_token_layer=allreduce,
+        step_overhead_s=cost.step_overhead_s,
+        pp_hop_s=cost.pp_hop_s,
+        half_speed_batch=cost.half_speed_batch,
+        **shared,
+    )

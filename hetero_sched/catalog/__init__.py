@@ -1,0 +1,147 @@
+"""The catalog: devices, models, cost-model parameters — every number with its source.
+
+Overrides (DESIGN §10) are a flat dict of dotted keys resolved against the catalog::
+
+    {"device.trn2.memory_bytes_per_s": 2.5e12,      # also: hbm_bytes_per_s, sram_bytes
+     "model.llama-3.1-70b.num_layers": 80,           # also: weight_dtype / kv_dtype ("fp8", ...)
+     "cost.cs3.dollars_per_hour": 100}
+
+:func:`resolve_catalog` applies them (an unknown key or a bad value is a UserError naming it);
+:func:`resolve_assumptions` returns every number as ``{key: {"value", "status", "source"}}`` —
+status ``published`` / ``vendor-claim`` / ``calibrated`` / ``assumed`` / ``override`` — which
+results are stamped with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional
+
+from hetero_sched.catalog import costparams, devices, models
+from hetero_sched.catalog.costparams import CostParams, get_cost_params
+from hetero_sched.catalog.devices import DeviceSpec, device_names, get_device, list_devices
+from hetero_sched.catalog.groups import GroupSpec
+from hetero_sched.catalog.models import ModelSpec, get_model, list_models, model_names
+from hetero_sched.catalog.sources import Source, Status
+from hetero_sched.errors import UserError
+
+__all__ = ["Catalog", "CostParams", "DeviceSpec", "GroupSpec", "ModelSpec", "Source", "Status",
+           "device_names", "get_cost_params", "get_device", "get_model", "list_devices", "list_models",
+           "model_names", "resolve_assumptions", "resolve_catalog"]
+
+Overrides = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Devices, models and cost parameters with an experiment's overrides applied."""
+
+    devices: Mapping[str, DeviceSpec]
+    models: Mapping[str, ModelSpec]
+    costs: Mapping[str, CostParams]
+
+    def device(self, name: str) -> DeviceSpec:
+        """A device by name (UserError listing the known ones)."""
+        if name not in self.devices:
+            raise UserError(f"unknown device {name!r}; known devices: {', '.join(self.devices)}")
+        return self.devices[name]
+
+    def model(self, name: str) -> ModelSpec:
+        """A model by name (UserError listing the known ones)."""
+        if name not in self.models:
+            raise UserError(f"unknown model {name!r}; known models: {', '.join(self.models)}")
+        return self.models[name]
+
+    def cost(self, device: str) -> CostParams:
+        """Cost parameters of a device kind."""
+        if device not in self.costs:
+            raise UserError(f"no cost parameters for device {device!r}; known: {', '.join(self.costs)}")
+        return self.costs[device]
+
+
+_ZERO_OK = ("step_overhead_s", "kv_reserve_fraction", "pp_hop_s", "message_cost_s", "link_efficiency")
+
+
+def _number(key: str, value: Any, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"override {key}: expected a number, got {value!r}")
+    if integer and int(value) != value:
+        raise UserError(f"override {key}: expected an integer, got {value!r}")
+    if value < 0 or (value == 0 and not key.endswith(_ZERO_OK)):
+        raise UserError(f"override {key}: expected a positive number, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _replace(obj: Any, field: str, value: Any, key: str) -> Any:
+    sources = dict(obj.sources)
+    sources[field] = Source(Status.OVERRIDE, f"experiment override {key}")
+    try:
+        return dataclasses.replace(obj, **{field: value, "sources": sources})
+    except UserError as exc:
+        raise UserError(f"override {key}: {exc}") from None
+
+
+def resolve_catalog(overrides: Optional[Overrides] = None) -> Catalog:
+    """The catalog with ``overrides`` applied; an unknown key or bad value is a UserError."""
+    devs = {d.name: d for d in devices.list_devices()}
+    mods = {m.name: m for m in models.list_models()}
+    costs = {c.device: c for c in costparams.list_cost_params()}
+    for key, value in (overrides or {}).items():
+        parts = str(key).split(".")
+        if len(parts) < 3:
+            raise UserError(f"unknown override key {key!r}: expected device.<name>.<field>, "
+                            "model.<name>.<field> or cost.<device>.<field>")
+        kind, field = parts[0], parts[-1]
+        name = ".".join(parts[1:-1])
+        if kind == "device":
+            field = devices.ALIASES.get(field, field)
+            if name not in devs or field not in devices.NUMERIC_FIELDS:
+                raise UserError(f"unknown override key {key!r}: devices are {', '.join(devs)}; "
+                                f"fields are {', '.join(devices.NUMERIC_FIELDS)}")
+            integer = field in ("cores_per_chip", "scale_up_chips")
+            devs[name] = _replace(devs[name], field, _number(key, value, integer), key)
+        elif kind == "model":
+            if name not in mods or field not in models.INT_FIELDS + models.STR_FIELDS:
+                raise UserError(f"unknown override key {key!r}: models are {', '.join(mods)}; "
+                                f"fields are {', '.join(models.INT_FIELDS + models.STR_FIELDS)}")
+            new = value if field in models.STR_FIELDS else _number(key, value, integer=True)
+            mods[name] = _replace(mods[name], field, new, key)
+        elif kind == "cost":
+            if name not in costs or field not in costparams.FLOAT_FIELDS:
+                raise UserError(f"unknown override key {key!r}: devices are {', '.join(costs)}; "
+                                f"fields are {', '.join(costparams.FLOAT_FIELDS)}")
+            costs[name] = _replace(costs[name], field, _number(key, value), key)
+        else:
+            raise UserError(f"unknown override key {key!r}: must start with device., model. or cost.")
+    return Catalog(devices=devs, models=mods, costs=costs)
+
+
+def _entries(prefix: str, obj: Any, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        src = obj.sources.get(name)
+        entry = {"value": getattr(obj, name)}
+        entry.update(src.to_dict() if src else {"status": Status.ASSUMED.value, "source": "unsourced"})
+        out[f"{prefix}.{name}"] = entry
+    return out
+
+
+def resolve_assumptions(overrides: Optional[Overrides] = None,
+                        devices_used: Optional[Iterable[str]] = None,
+                        models_used: Optional[Iterable[str]] = None) -> dict[str, dict[str, Any]]:
+    """Every catalog and cost-model number as ``{key: {value, status, source}}``.
+
+    Keys are the override keys (``device.trn2.bf16_flops_per_s`` ...). Restrict to the devices
+    and models an experiment uses with ``devices_used`` / ``models_used`` to keep stamps small.
+    """
+    cat = resolve_catalog(overrides)
+    dev_names = list(devices_used) if devices_used is not None else list(cat.devices)
+    mod_names = list(models_used) if models_used is not None else list(cat.models)
+    out: dict[str, dict[str, Any]] = {}
+    for name in dev_names:
+        out.update(_entries(f"device.{name}", cat.device(name), devices.NUMERIC_FIELDS))
+        out.update(_entries(f"cost.{name}", cat.cost(name), costparams.FLOAT_FIELDS))
+    for name in mod_names:
+        out.update(_entries(f"model.{name}", cat.model(name), models.INT_FIELDS + models.STR_FIELDS))
+    return out

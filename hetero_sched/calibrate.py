@@ -1,0 +1,317 @@
+"""Fit cost-model parameters to measured (or published) step times; report fit and leave-one-out error.
+
+Two kinds of fit, one engine:
+
+* ``roofline`` — the free parameters of :class:`~hetero_sched.costmodel.RooflineCost` for a
+  device (by default ``compute_efficiency``, ``memory_efficiency``, ``layer_latency_s``). The
+  model is piecewise *affine* in ``1/efficiency`` and the latencies, so a Gauss-Newton step on
+  those coordinates is an exact linear least-squares solve within the current roofline regime;
+  a few iterations settle the regime. Errors are relative (a 10 ms and a 1 s point weigh alike).
+* ``fitted`` — :class:`~hetero_sched.costmodel.FittedCost` coefficients by plain least squares:
+  prefill ``a + b·Σn + c·Σn(n+2h)``, decode ``a + b·C + c·batch`` (optionally piecewise by batch).
+
+Measurements CSV (header required; ``label`` optional)::
+
+    kind,batch,tokens,context,ms
+    prefill,1,2048,0,41.2        # batch prompts of `tokens` new tokens, `context` cached each
+    decode,8,1,16384,12.9        # mean step of `tokens` steps; `context` = total context at step 1
+
+:func:`calibrate_published` runs the roofline fit on the catalog's published *fit* figures
+(:mod:`hetero_sched.catalog.figures`) — the values stored in :mod:`hetero_sched.catalog.costparams`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from hetero_sched.catalog import resolve_catalog
+from hetero_sched.catalog.figures import Figure, figures
+from hetero_sched.catalog.groups import GroupSpec
+from hetero_sched.catalog.profiles import Profile
+from hetero_sched.costmodel import GroupCost, build_group_cost, decode_time_s
+from hetero_sched.errors import UserError
+
+DEFAULT_FIT = ("compute_efficiency", "memory_efficiency", "layer_latency_s")
+FITTABLE = ("compute_efficiency", "memory_efficiency", "link_efficiency", "layer_latency_s",
+            "step_overhead_s", "pp_hop_s")
+COLUMNS = ("kind", "batch", "tokens", "context", "ms")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured prefill iteration or decode step (mean over ``tokens`` steps)."""
+
+    kind: str
+    batch: int
+    tokens: int
+    context: int
+    seconds: float
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class PointError:
+    """How well the fit reproduces one point, in-sample and left out."""
+
+    label: str
+    measured_s: float
+    fitted_s: float
+    loo_s: Optional[float]
+
+    @property
+    def fit_error(self) -> float:
+        """Signed relative error of the in-sample fit."""
+        return self.fitted_s / self.measured_s - 1.0
+
+    @property
+    def loo_error(self) -> Optional[float]:
+        """Signed relative error when this point was left out of the fit (None: too few points)."""
+        return None if self.loo_s is None else self.loo_s / self.measured_s - 1.0
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Fitted parameters and the per-point report."""
+
+    kind: str
+    params: Mapping[str, Any]
+    points: tuple[PointError, ...]
+
+    def rms(self, loo: bool = False) -> Optional[float]:
+        """Root-mean-square relative error (in-sample, or leave-one-out)."""
+        errs = [p.loo_error if loo else p.fit_error for p in self.points]
+        if any(e is None for e in errs) or not errs:
+            return None
+        return math.sqrt(sum(e * e for e in errs if e is not None) / len(errs))
+
+
+def read_measurements(path: str | Path) -> tuple[Measurement, ...]:
+    """Parse a measurements CSV; any problem is a UserError naming file, line and column."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise UserError(f"{p}, line 1: empty file; expected header {','.join(COLUMNS)}")
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{p}, line 1: missing column {missing[0]!r}; expected header {','.join(COLUMNS)}[,label]")
+    out = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) != len(header):
+            raise UserError(f"{p}, line {lineno}: {len(row)} fields, header has {len(header)}")
+        cells = {h: c.strip() for h, c in zip(header, row)}
+        kind = cells["kind"]
+        if kind not in ("prefill", "decode"):
+            raise UserError(f"{p}, line {lineno}, column 'kind': expected prefill or decode, got {kind!r}")
+        nums: dict[str, float] = {}
+        for col in ("batch", "tokens", "context", "ms"):
+            try:
+                nums[col] = float(cells[col])
+            except ValueError:
+                raise UserError(f"{p}, line {lineno}, column {col!r}: not a number: {cells[col]!r}") from None
+            minimum = 0 if col == "context" else 1e-12
+            if not math.isfinite(nums[col]) or nums[col] < minimum or (col != "ms" and nums[col] != int(nums[col])):
+                what = "a positive number" if col == "ms" else ("a non-negative integer" if col == "context" else "a positive integer")
+                raise UserError(f"{p}, line {lineno}, column {col!r}: expected {what}, got {cells[col]!r}")
+        out.append(Measurement(kind, int(nums["batch"]), int(nums["tokens"]), int(nums["context"]),
+                               nums["ms"] / 1e3, cells.get("label", "") or f"line {lineno}"))
+    if not out:
+        raise UserError(f"{p}: no measurements after the header")
+    return tuple(out)
+
+
+def predict_s(cost: GroupCost, m: Measurement) -> float:
+    """What ``cost`` predicts for measurement ``m``."""
+    if m.kind == "prefill":
+        return cost.prefill_time_s([m.tokens] * m.batch, [m.context] * m.batch)
+    steps = max(m.tokens, 1)
+    return decode_time_s(cost, m.batch, m.context, steps) / steps
+
+
+# --- roofline fit ---------------------------------------------------------------------------
+
+def _to_x(name: str, value: float) -> float:
+    return 1.0 / value if name.endswith("_efficiency") else value
+
+
+def _from_x(name: str, x: float) -> float:
+    return 1.0 / x if name.endswith("_efficiency") else x
+
+
+@dataclass(frozen=True)
+class _Problem:
+    group: GroupSpec
+    model: str
+    overrides: Mapping[str, Any]
+    names: tuple[str, ...]
+    points: tuple[tuple[Measurement, Mapping[str, Any], GroupSpec, str], ...]
+
+    def predict(self, x: np.ndarray, idx: Sequence[int]) -> np.ndarray:
+        out = []
+        for i in idx:
+            m, extra, group, model = self.points[i]
+            ov = {**self.overrides, **extra}
+            ov.update({f"cost.{group.device}.{n}": _from_x(n, float(v)) for n, v in zip(self.names, x)})
+            out.append(predict_s(build_group_cost(group, model, ov), m))
+        return np.array(out)
+
+
+def _solve(prob: _Problem, x0: np.ndarray, idx: Sequence[int]) -> np.ndarray:
+    """Iterated exact-within-regime least squares on relative error."""
+    y = np.array([prob.points[i][0].seconds for i in idx])
+    x = x0.copy()
+    for _ in range(30):
+        f = prob.predict(x, idx)
+        jac = np.empty((len(idx), len(x)))
+        for j in range(len(x)):
+            step = 1e-6 * max(abs(x[j]), 1e-9)
+            xj = x.copy()
+            xj[j] += step
+            jac[:, j] = (prob.predict(xj, idx) - f) / step
+        delta = np.linalg.lstsq(jac / y[:, None], (y - f) / y, rcond=None)[0]
+        new = np.maximum(x + delta, 1e-3 * np.abs(x) + 1e-15)
+        if np.allclose(new, x, rtol=1e-10, atol=1e-15):
+            return new
+        x = new
+    return x
+
+
+def fit_roofline(measurements: Sequence[Measurement], group: GroupSpec, model: str,
+                 names: Sequence[str] = DEFAULT_FIT, overrides: Optional[Mapping[str, Any]] = None,
+                 per_point: Optional[Sequence[tuple[Mapping[str, Any], GroupSpec, str]]] = None) -> FitResult:
+    """Fit cost parameters ``names`` of ``group.device`` to ``measurements``.
+
+    ``per_point`` optionally gives each measurement its own (overrides, group, model), so one
+    device can be fitted on figures of several models or shapes.
+    """
+    bad = [n for n in names if n not in FITTABLE]
+    if bad:
+        raise UserError(f"cannot fit {bad[0]!r}; fittable parameters: {', '.join(FITTABLE)}")
+    ctx = per_point or [({}, group, model)] * len(measurements)
+    prob = _Problem(group, model, dict(overrides or {}), tuple(names),
+                    tuple((m, o, g, mo) for m, (o, g, mo) in zip(measurements, ctx)))
+    base = resolve_catalog(overrides).cost(group.device)
+    x0 = np.array([_to_x(n, getattr(base, n)) for n in names])
+    everything = list(range(len(measurements)))
+    x = _solve(prob, x0, everything)
+    fitted = prob.predict(x, everything)
+    loo: list[Optional[float]] = [None] * len(measurements)
+    if len(measurements) > len(names):
+        for i in everything:
+            rest = [j for j in everything if j != i]
+            loo[i] = float(prob.predict(_solve(prob, x, rest), [i])[0])
+    points = tuple(PointError(m.label, m.seconds, float(f), l) for m, f, l in zip(measurements, fitted, loo))
+    return FitResult("roofline", {n: _from_x(n, float(v)) for n, v in zip(names, x)}, points)
+
+
+# --- fitted-coefficient fit -------------------------------------------------------------------
+
+def _features(m: Measurement) -> np.ndarray:
+    if m.kind == "prefill":
+        n, h = m.tokens, m.context
+        return np.array([1.0, m.batch * n, m.batch * n * (n + 2 * h)])
+    mean_context = m.context + m.batch * (max(m.tokens, 1) - 1) / 2.0
+    return np.array([1.0, mean_context, m.batch])
+
+
+def _lsq(rows: Sequence[Measurement]) -> np.ndarray:
+    a = np.array([_features(m) for m in rows])
+    y = np.array([m.seconds for m in rows])
+    return np.linalg.lstsq(a / y[:, None], np.ones(len(rows)), rcond=None)[0]
+
+
+def fit_coefficients(measurements: Sequence[Measurement], decode_pieces: Sequence[int] = ()) -> FitResult:
+    """Fit ``FittedCost`` coefficients; ``decode_pieces`` are max-batch boundaries of the pieces."""
+    pre = [m for m in measurements if m.kind == "prefill"]
+    dec = [m for m in measurements if m.kind == "decode"]
+    if len(pre) < 3 or len(dec) < 3:
+        raise UserError(f"a fitted-coefficient profile needs >= 3 prefill and >= 3 decode points "
+                        f"(got {len(pre)} and {len(dec)})")
+    bounds = sorted(set(decode_pieces)) + [max(m.batch for m in dec)]
+    groups: list[tuple[int, list[Measurement]]] = []
+    lo = 0
+    for hi in bounds:
+        rows = [m for m in dec if lo < m.batch <= hi]
+        if rows:
+            if len(rows) < 3:
+                raise UserError(f"decode piece batch {lo + 1}..{hi} has {len(rows)} points; needs >= 3")
+            groups.append((hi, rows))
+        lo = hi
+
+    def solve(rows: Sequence[Measurement]) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+        p = _lsq([m for m in rows if m.kind == "prefill"])
+        pieces = [(hi, _lsq([m for m in rows if m.kind == "decode" and m in g])) for hi, g in groups]
+        return p, pieces
+
+    def predict(p: np.ndarray, pieces: list[tuple[int, np.ndarray]], m: Measurement) -> float:
+        if m.kind == "prefill":
+            return float(_features(m) @ p)
+        coef = next((c for hi, c in pieces if m.batch <= hi), pieces[-1][1])
+        return float(_features(m) @ coef)
+
+    p, pieces = solve(measurements)
+    points = []
+    for i, m in enumerate(measurements):
+        rest = [r for j, r in enumerate(measurements) if j != i]
+        same = [r for r in rest if r.kind == m.kind and (m.kind == "prefill" or any(r in g and m in g for _, g in groups))]
+        loo = None
+        if len(same) >= 3:
+            lp, lpieces = solve(rest)
+            loo = predict(lp, lpieces, m)
+        points.append(PointError(m.label, m.seconds, predict(p, pieces, m), loo))
+    params = {"prefill": [float(v) for v in p],
+              "decode_pieces": [[hi, *(float(v) for v in c)] for hi, c in pieces]}
+    return FitResult("fitted", params, tuple(points))
+
+
+def make_profile(result: FitResult, device: str, group: GroupSpec, model: str, source: str) -> Profile:
+    """A profile file's content from a fit."""
+    fit = {"rms_fit_error": result.rms(), "rms_loo_error": result.rms(loo=True),
+           "points": [{"label": p.label, "measured_s": p.measured_s, "fitted_s": p.fitted_s,
+                       "loo_s": p.loo_s} for p in result.points]}
+    return Profile(kind=result.kind, device=device, base_device=group.device, model=model, tp=group.tp,
+                   pp=group.pp, count=group.count, params=dict(result.params), fit=fit, source=source)
+
+
+# --- published figures --------------------------------------------------------------------------
+
+FIT_PARAMS = {"trn2": ("compute_efficiency", "layer_latency_s"),
+              "h100": ("compute_efficiency", "layer_latency_s"),
+              "cs3": ("layer_latency_s",)}
+"""What each device's published figures can pin down (two figures → two parameters)."""
+
+
+def figure_measurement(fig: Figure) -> Measurement:
+    """A published figure as a measurement (TTFT = one prefill; TPOT = mean step over the output)."""
+    if fig.metric == "ttft_s":
+        return Measurement("prefill", fig.batch, fig.prompt_tokens, 0, fig.value_s, fig.name)
+    steps = fig.output_tokens - 1
+    return Measurement("decode", fig.batch, steps, fig.batch * fig.prompt_tokens, fig.value_s, fig.name)
+
+
+def predict_figure(fig: Figure, overrides: Optional[Mapping[str, Any]] = None) -> float:
+    """The catalog cost model's prediction of a published figure."""
+    cost = build_group_cost(fig.group, fig.model, {**fig.overrides, **(overrides or {})})
+    return predict_s(cost, figure_measurement(fig))
+
+
+def calibrate_published() -> dict[str, FitResult]:
+    """Fit each device's free parameters on its published *fit* figures (part 4 of issue 2)."""
+    out = {}
+    for device, names in FIT_PARAMS.items():
+        figs = [f for f in figures("fit") if f.group.device == device]
+        out[device] = fit_roofline([figure_measurement(f) for f in figs], figs[0].group, figs[0].model, names,
+                                   per_point=[(f.overrides, f.group, f.model) for f in figs])
+    return out

@@ -1,0 +1,175 @@
+"""Model architectures: what sets weight bytes, KV bytes per token and FLOPs per token.
+
+Parameter counts are computed from the architecture (and checked against the published totals
+in the tests), so an override of ``num_layers`` or ``hidden_size`` moves every derived number.
+Mixture-of-experts models distinguish total parameters (memory) from active ones (compute and
+per-token weight reads).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import MappingProxyType
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+from hetero_sched.catalog.sources import Source, assumed, published
+from hetero_sched.errors import UserError
+
+DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5}
+"""Bytes per element of each supported storage dtype."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer (Llama-style GQA attention; dense SwiGLU or MoE SwiGLU MLP)."""
+
+    name: str
+    hf_id: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_size: int
+    """MLP intermediate size (per expert for MoE)."""
+    vocab_size: int
+    num_experts: int = 1
+    experts_per_token: int = 1
+    tied_embeddings: bool = False
+    weight_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    published_params: float = 0.0
+    """The model card's total parameter count, for checking the computed one."""
+    sources: Mapping[str, Source] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for dtype in (self.weight_dtype, self.kv_dtype):
+            if dtype not in DTYPE_BYTES:
+                raise UserError(f"model {self.name}: unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"model {self.name}: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def attn_params_per_layer(self) -> int:
+        """Q, K, V and O projections of one layer."""
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        return self.hidden_size * (2 * q + 2 * kv)
+
+    @property
+    def expert_params(self) -> int:
+        """One SwiGLU MLP (one expert): gate, up and down projections."""
+        return 3 * self.hidden_size * self.ffn_size
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding plus LM head (counted once if tied)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+
+    @property
+    def total_params(self) -> int:
+        """Every weight held in memory."""
+        router = self.hidden_size * self.num_experts if self.num_experts > 1 else 0
+        per_layer = self.attn_params_per_layer + self.num_experts * self.expert_params + router
+        return self.num_layers * per_layer + self.embedding_params
+
+    @property
+    def active_params(self) -> int:
+        """Weights one token multiplies with (no embedding lookup; the LM head counts)."""
+        per_layer = self.attn_params_per_layer + self.experts_per_token * self.expert_params
+        return self.num_layers * per_layer + self.vocab_size * self.hidden_size
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of all weights at ``weight_dtype``."""
+        return self.total_params * DTYPE_BYTES[self.weight_dtype]
+
+    def weight_bytes_read(self, num_tokens: float) -> float:
+        """Weight bytes one forward pass over ``num_tokens`` tokens reads.
+
+        Dense: every matmul weight once. MoE: shared weights plus the experts the tokens touch,
+        ``E·(1 − (1 − k/E)^n)`` per layer in expectation for uniform routing.
+        """
+        shared = self.num_layers * self.attn_params_per_layer + self.vocab_size * self.hidden_size
+        if self.num_experts == 1:
+            experts = 1.0
+        else:
+            frac = self.experts_per_token / self.num_experts
+            experts = self.num_experts * (1.0 - (1.0 - frac) ** max(num_tokens, 1.0))
+        return (shared + self.num_layers * experts * self.expert_params) * DTYPE_BYTES[self.weight_dtype]
+
+    def kv_bytes_per_token(self, dtype: str | None = None) -> float:
+        """Unique K and V bytes of one token over all layers: ``2·L·kv_heads·head_dim·bytes``."""
+        nbytes = DTYPE_BYTES[dtype or self.kv_dtype]
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * nbytes
+
+    @property
+    def flops_per_token(self) -> float:
+        """Matmul FLOPs of one token with no context: ``2 × active params``."""
+        return 2.0 * self.active_params
+
+    @property
+    def attn_flops_per_context_token(self) -> float:
+        """Extra FLOPs per token per token attended (QKᵀ and AV, all layers): ``4·L·heads·head_dim``."""
+        return 4.0 * self.num_layers * self.num_heads * self.head_dim
+
+    def num_devices_for(self, memory_bytes: float, reserve_fraction: float) -> int:
+        """Fewest devices of ``memory_bytes`` each whose usable memory holds the weights."""
+        return max(1, math.ceil(self.weight_bytes / (memory_bytes * (1.0 - reserve_fraction)) + 1e-9))
+
+
+INT_FIELDS = tuple(f.name for f in fields(ModelSpec) if f.type == "int")
+"""Model fields an experiment may override with an integer (``model.<name>.<field>``)."""
+STR_FIELDS = ("weight_dtype", "kv_dtype")
+
+
+def _hf(repo: str) -> Mapping[str, Source]:
+    src = published(f"https://huggingface.co/{repo}/blob/main/config.json")
+    dtype = assumed("served at the checkpoint's 16-bit precision unless an experiment says otherwise")
+    return {**{name: src for name in INT_FIELDS}, **{name: dtype for name in STR_FIELDS}}
+
+
+@functools.cache
+def _catalog() -> Mapping[str, ModelSpec]:
+    """Built once; read-only (frozen specs in a mapping proxy), so sharing it is safe."""
+    models = [
+        ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 32, 4096, 32, 8, 128, 14336, 128256,
+                  published_params=8.03e9, sources=_hf("meta-llama/Llama-3.1-8B-Instruct")),
+        ModelSpec("llama-3.1-70b", "meta-llama/Llama-3.1-70B-Instruct", 80, 8192, 64, 8, 128, 28672, 128256,
+                  published_params=70.6e9, sources=_hf("meta-llama/Llama-3.1-70B-Instruct")),
+        ModelSpec("llama-3.1-405b", "meta-llama/Llama-3.1-405B-Instruct", 126, 16384, 128, 8, 128, 53248, 128256,
+                  published_params=405.9e9, sources=_hf("meta-llama/Llama-3.1-405B-Instruct")),
+        ModelSpec("qwen3-32b", "Qwen/Qwen3-32B", 64, 5120, 64, 8, 128, 25600, 151936,
+                  published_params=32.8e9, sources=_hf("Qwen/Qwen3-32B")),
+        # gpt-oss-120b: 128 experts, top-4; half its layers use a 128-token sliding window, which we
+        # count as full attention (overstates KV; stated in docs/costmodel.md).
+        ModelSpec("gpt-oss-120b", "openai/gpt-oss-120b", 36, 2880, 64, 8, 64, 2880, 201088,
+                  num_experts=128, experts_per_token=4, published_params=116.8e9,
+                  sources=_hf("openai/gpt-oss-120b")),
+        # The live runtime's numpy tiny-Llama: small enough to run real KV through Ray on a laptop.
+        ModelSpec("tiny", "(hetero_sched.tinylm)", 2, 64, 4, 2, 16, 128, 256,
+                  sources={name: assumed("the project's own test model (hetero_sched/tinylm.py)")
+                           for name in INT_FIELDS + STR_FIELDS}),
+    ]
+    return MappingProxyType({m.name: m for m in models})
+
+
+def model_names() -> tuple[str, ...]:
+    """Names of the catalog's models."""
+    return tuple(_catalog())
+
+
+def list_models() -> tuple[ModelSpec, ...]:
+    """Every catalog model."""
+    return tuple(_catalog().values())
+
+
+def get_model(name: str) -> ModelSpec:
+    """The catalog model called ``name``; a typo gets a UserError listing the known names."""
+    catalog = _catalog()
+    if name not in catalog:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(catalog)}")
+    return catalog[name]

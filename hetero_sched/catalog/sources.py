@@ -1,0 +1,55 @@
+"""Provenance of a catalog number: every value says where it came from (DESIGN §10).
+
+A result is only as good as the numbers under it, so each number carries a :class:`Source`:
+``published`` (a spec sheet or measurement, with its URL), ``vendor-claim`` (a vendor's
+marketing figure nobody independently checked), ``calibrated`` (fitted; the reference names
+the figure it was fitted on), ``assumed`` (our stated guess, with the reasoning) or
+``override`` (set by the experiment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Status(str, Enum):
+    """How much to trust a number."""
+
+    PUBLISHED = "published"
+    VENDOR_CLAIM = "vendor-claim"
+    CALIBRATED = "calibrated"
+    ASSUMED = "assumed"
+    OVERRIDE = "override"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Status plus a reference: a URL, the fitted-on figure, or the reason for an assumption."""
+
+    status: Status
+    ref: str
+
+    def to_dict(self) -> dict[str, str]:
+        """Plain form for stamping results."""
+        return {"status": self.status.value, "source": self.ref}
+
+
+def published(url: str) -> Source:
+    """A number from a spec sheet, documentation page or published measurement."""
+    return Source(Status.PUBLISHED, url)
+
+
+def vendor_claim(url: str) -> Source:
+    """A vendor's own headline number (not independently verified)."""
+    return Source(Status.VENDOR_CLAIM, url)
+
+
+def assumed(reason: str) -> Source:
+    """Our stated assumption; the reason says why this value."""
+    return Source(Status.ASSUMED, reason)
+
+
+def calibrated(figure: str) -> Source:
+    """A value fitted on the named published figure(s)."""
+    return Source(Status.CALIBRATED, figure)

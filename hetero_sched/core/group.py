@@ -1,0 +1,483 @@
+"""State of one device group: queues, continuous batching, paged KV, spans in closed form.
+
+A group runs one *span* at a time (DESIGN contract §1): a prefill iteration over a batch of
+prompts, or up to ``k`` decode steps of the running batch. A decode span ends at the first
+of: a request finishing, a request outgrowing its KV reservation (memory boundary), the
+roofline kink of the step-time function, or an interruption (a new request ready to join,
+cut at the next step boundary). Inside a span the batch and the step-time line are fixed and
+the context grows by ``b`` tokens a step, so its duration is an arithmetic series:
+``k·a + s·(k·C0 + b·k(k-1)/2)``.
+
+Decode progress is counted lazily: the group keeps ``steps_done``; a request that joined at
+step ``j`` with ``g`` tokens generated has ``g + steps_done - j`` now, so a span touches only
+the requests that join or leave, never the whole batch.
+
+The group never reads a clock: every method takes ``now_s``. Check/commit pairs
+(``can_admit``…) keep the scheduler from touching queues or free lists directly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hetero_sched.core.kvblocks import BlockAllocator, PrefixCache, blocks_for
+from hetero_sched.core.request import Phase, RequestState
+from hetero_sched.costmodel import GroupCost, Line
+
+
+class Role(Enum):
+    """What a group does now (runtime state: a group may switch roles without moving)."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+    @property
+    def can_prefill(self) -> bool:
+        return self is not Role.DECODE
+
+    @property
+    def can_decode(self) -> bool:
+        return self is not Role.PREFILL
+
+
+@dataclass(frozen=True)
+class GroupLimits:
+    """Batching limits of a group (vLLM's max_num_batched_tokens / max_num_seqs)."""
+
+    max_batch_tokens: int = 16384
+    """Prefill tokens per iteration (a longer prompt runs alone)."""
+    max_num_seqs: int = 256
+    """Sequences in the decode batch (running + KV in transit)."""
+    max_prefill_seqs: int = 64
+    block_size: int = 16
+    """Paging block, tokens."""
+    extend_tokens: int = 128
+    """How far a decode reservation grows when a request outlives its predicted length."""
+    prefix_cache_fraction: float = 0.3
+    """Share of the prefill side's KV memory budgeted for the prefix cache / KV retention."""
+
+
+class SpanKind(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(slots=True)
+class Span:
+    """A planned span. ``token`` identifies it (a cut re-issues the same span with a new end)."""
+
+    token: int
+    kind: SpanKind
+    start_s: float
+    end_s: float
+    steps: int
+    batch: list[RequestState] = field(default_factory=list)
+    """Prefill: the prompts. Decode: the requests joining the batch in this span."""
+    line: Line = (0.0, 0.0)
+    batch_size: int = 0
+    context0: int = 0
+    new_tokens: int = 0
+    cached_tokens: int = 0
+    boundary_gap_s: float = 0.0
+
+
+@dataclass(slots=True)
+class SpanOutcome:
+    """What a finished span changed, for the scheduler to act on."""
+
+    prefilled: list[RequestState] = field(default_factory=list)
+    completed: list[RequestState] = field(default_factory=list)
+    preempted: list[RequestState] = field(default_factory=list)
+    failed: list[RequestState] = field(default_factory=list)
+    """Requests that can never fit this group's KV (reject with a reason)."""
+
+
+def decode_span_duration(line: Line, context0: int, batch_size: int, steps: int) -> float:
+    """Time of ``steps`` decode steps on one step-time line, context growing by the batch size."""
+    a, s = line
+    return steps * a + s * (steps * context0 + batch_size * steps * (steps - 1) / 2)
+
+
+def steps_until(line: Line, context0: int, batch_size: int, elapsed_s: float) -> int:
+    """Smallest ``j >= 1`` whose cumulative step time reaches ``elapsed_s`` (next step boundary)."""
+    a, s = line
+    qa = s * batch_size / 2
+    qb = a + s * context0 - qa
+    if qa > 0:
+        j = math.ceil((-qb + math.sqrt(qb * qb + 4 * qa * elapsed_s)) / (2 * qa))
+    else:
+        j = math.ceil(elapsed_s / qb)
+    j = max(j, 1)
+    while j > 1 and decode_span_duration(line, context0, batch_size, j - 1) >= elapsed_s:
+        j -= 1
+    while decode_span_duration(line, context0, batch_size, j) < elapsed_s:
+        j += 1
+    return j
+
+
+def active_line(lines: tuple[Line, ...], context: int, batch_size: int) -> tuple[Line, Optional[int]]:
+    """The line giving the step time at ``context``, and for how many steps it stays so (None: forever).
+
+    That count is the roofline kink seen from here: the first step whose context passes the
+    point where a steeper line overtakes.
+    """
+    best = lines[0]
+    best_val = best[0] + best[1] * context
+    for ln in lines[1:]:
+        val = ln[0] + ln[1] * context
+        if val > best_val or (val == best_val and ln[1] > best[1]):
+            best, best_val = ln, val
+    limit: Optional[int] = None
+    a, s = best
+    for a2, s2 in lines:
+        if s2 > s:
+            crossing = (a - a2) / (s2 - s)
+            k = math.floor((crossing - context) / batch_size) + 1
+            if limit is None or k < limit:
+                limit = k
+    return best, (max(limit, 1) if limit is not None else None)
+
+
+class GroupState:
+    """One device group's queues, batch and KV memory, with closed-form spans."""
+
+    def __init__(self, group_id: int, name: str, role: Role, cost: GroupCost, limits: GroupLimits,
+                 device: str = "", pool: str = "") -> None:
+        self.group_id = group_id
+        self.name = name
+        self.role = role
+        self.device = device
+        self.pool = pool
+        self.cost = cost
+        self.limits = limits
+        total_blocks = cost.kv_capacity_tokens // limits.block_size
+        if role.can_prefill and limits.prefix_cache_fraction > 0:
+            cache_blocks = int(total_blocks * limits.prefix_cache_fraction)
+        else:
+            cache_blocks = 0
+        self.kv = BlockAllocator(total_blocks - cache_blocks)
+        # Prefix blocks are their own granularity (e.g. 512 tokens), budgeted from the same memory.
+        self._prefix_cache_tokens = cache_blocks * limits.block_size
+        self.prefix_cache: Optional[PrefixCache] = None
+        self.prefill_queue: deque[RequestState] = deque()
+        self.decode_queue: deque[RequestState] = deque()   # prefilled, awaiting KV reservation here
+        self.in_transit = 0                                 # admitted, KV not yet here
+        self.ready: list[RequestState] = []                 # KV here (or prefilled here), joins next span
+        self.running: dict[int, RequestState] = {}          # insertion order = join order
+        self.steps_done = 0
+        self.context_tokens = 0
+        self.span: Optional[Span] = None
+        self.busy_s = 0.0
+        self._tokens = 0
+        self._finish_heap: list[tuple[int, int, RequestState]] = []
+        self._exhaust_heap: list[tuple[int, int, RequestState]] = []
+        self._lines: dict[int, tuple[Line, ...]] = {}
+        self._spans_done = 0
+        self._gap_idx: list[int] = []     # monotone stack of (span index, gap): max gap since a span
+        self._gap_val: list[float] = []
+        self._last_decode_end: Optional[float] = None
+
+    # --- queries -------------------------------------------------------------------------
+    @property
+    def is_busy(self) -> bool:
+        return self.span is not None
+
+    @property
+    def num_decoding(self) -> int:
+        """Sequences holding a decode slot: running, ready to join, or with KV in transit."""
+        return len(self.running) + len(self.ready) + self.in_transit
+
+    def queued_prefill_tokens(self) -> int:
+        """Prefill work waiting here, in tokens."""
+        return sum(rs.prefill_tokens for rs in self.prefill_queue)
+
+    def decode_lines(self, batch_size: int) -> tuple[Line, ...]:
+        lines = self._lines.get(batch_size)
+        if lines is None:
+            lines = self._lines[batch_size] = self.cost.decode_step_lines(batch_size)
+        return lines
+
+    def fits_ever(self, tokens: int) -> bool:
+        """Whether ``tokens`` of KV could fit this group at all (when empty)."""
+        return blocks_for(tokens, self.limits.block_size) <= self.kv.num_blocks
+
+    def prefix_cache_for(self, block_tokens: int) -> PrefixCache:
+        """The prefix cache, created at the trace's hash-block size on first use."""
+        if self.prefix_cache is None:
+            self.prefix_cache = PrefixCache(self._prefix_cache_tokens // block_tokens)
+        return self.prefix_cache
+
+    # --- commands from the scheduler -----------------------------------------------------
+    def enqueue_prefill(self, rs: RequestState, front: bool = False) -> None:
+        rs.phase = Phase.WAITING_PREFILL
+        rs.prefill_group = self.group_id
+        if front:
+            self.prefill_queue.appendleft(rs)
+        else:
+            self.prefill_queue.append(rs)
+
+    def enqueue_decode(self, rs: RequestState) -> None:
+        rs.phase = Phase.WAITING_DECODE
+        rs.decode_group = self.group_id
+        self.decode_queue.append(rs)
+
+    def _reservation(self, rs: RequestState) -> int:
+        """KV tokens reserved for decode: prompt plus the predicted (never the true) output."""
+        tokens = rs.request.prompt_tokens + max(rs.predicted_output, rs.generated + 1)
+        return min(tokens, self.kv.num_blocks * self.limits.block_size)
+
+    def admit_decode(self) -> list[RequestState]:
+        """Reserve KV for waiting requests, FIFO, while slots and blocks allow (contract §7)."""
+        admitted = []
+        q = self.decode_queue
+        while q and self.num_decoding < self.limits.max_num_seqs:
+            rs = q[0]
+            reserve = self._reservation(rs)
+            blocks = blocks_for(reserve, self.limits.block_size)
+            if not self.kv.can_allocate(blocks):
+                break
+            self.kv.allocate(blocks)
+            q.popleft()
+            rs.decode_blocks = blocks
+            rs.reserved_tokens = reserve
+            rs.phase = Phase.TRANSFERRING
+            self.in_transit += 1
+            admitted.append(rs)
+        return admitted
+
+    def kv_arrived(self, rs: RequestState) -> None:
+        """The request's KV is here: it joins the batch at the next step boundary."""
+        self.in_transit -= 1
+        rs.phase = Phase.DECODING
+        self.ready.append(rs)
+
+    def release_prefill_kv(self, rs: RequestState) -> None:
+        """Free the prompt KV a prefill group retained until decode had it."""
+        self.kv.free(rs.prefill_blocks)
+        rs.prefill_blocks = 0
+
+    def wants_interrupt(self) -> bool:
+        """Whether the running decode span should stop at its next step boundary."""
+        span = self.span
+        if span is None or span.kind is not SpanKind.DECODE:
+            return False
+        if self.ready:
+            return True
+        return self.role is Role.BOTH and bool(self.prefill_queue) and self._can_admit_prefill(self.prefill_queue[0], 0)
+
+    def cut(self, now_s: float) -> bool:
+        """Shorten the running decode span to the first step boundary at or after ``now_s``."""
+        span = self.span
+        assert span is not None and span.kind is SpanKind.DECODE
+        j = steps_until(span.line, span.context0, span.batch_size, now_s - span.start_s)
+        if j >= span.steps:
+            return False
+        span.steps = j
+        span.end_s = span.start_s + decode_span_duration(span.line, span.context0, span.batch_size, j)
+        self._tokens += 1
+        span.token = self._tokens
+        return True
+
+    # --- planning ------------------------------------------------------------------------
+    def plan(self, now_s: float) -> Optional[Span]:
+        """Plan the next span of an idle group (prefill first), or None if there is nothing to do."""
+        assert self.span is None
+        span = None
+        if self.role.can_prefill and self.prefill_queue:
+            span = self._plan_prefill(now_s)
+        if span is None and (self.running or self.ready) and self.role.can_decode:
+            span = self._plan_decode(now_s)
+        self.span = span
+        return span
+
+    def _can_admit_prefill(self, rs: RequestState, batch_len: int) -> bool:
+        if self.role is Role.BOTH:
+            if self.num_decoding + batch_len >= self.limits.max_num_seqs:
+                return False
+            return self.kv.can_allocate(blocks_for(self._reservation(rs), self.limits.block_size))
+        return self.kv.can_allocate(blocks_for(rs.prefill_tokens, self.limits.block_size))
+
+    def _plan_prefill(self, now_s: float) -> Optional[Span]:
+        lim = self.limits
+        q = self.prefill_queue
+        batch: list[RequestState] = []
+        new_list: list[int] = []
+        cached_list: list[int] = []
+        total = 0
+        while q and len(batch) < lim.max_prefill_seqs:
+            rs = q[0]
+            hashes = rs.request.prefix_hashes
+            cached = 0
+            if hashes:
+                block = rs.request.prefix_block_tokens
+                cached = min(self.prefix_cache_for(block).matched_blocks(hashes) * block, rs.prefill_tokens - 1)
+            new = rs.prefill_tokens - cached
+            if batch and total + new > lim.max_batch_tokens:
+                break
+            if not self._can_admit_prefill(rs, len(batch)):
+                break
+            if self.role is Role.BOTH:
+                reserve = self._reservation(rs)
+                rs.decode_blocks = blocks_for(reserve, lim.block_size)
+                rs.reserved_tokens = reserve
+                self.kv.allocate(rs.decode_blocks)
+                rs.decode_group = self.group_id
+            else:
+                rs.prefill_blocks = blocks_for(rs.prefill_tokens, lim.block_size)
+                self.kv.allocate(rs.prefill_blocks)
+            q.popleft()
+            rs.phase = Phase.PREFILLING
+            rs.cached_tokens = cached
+            batch.append(rs)
+            new_list.append(new)
+            cached_list.append(cached)
+            total += new
+        if not batch:
+            return None
+        duration = self.cost.prefill_time_s(new_list, cached_list)
+        self._tokens += 1
+        return Span(self._tokens, SpanKind.PREFILL, now_s, now_s + duration, 1, batch,
+                    new_tokens=total, cached_tokens=sum(cached_list))
+
+    def _join(self, rs: RequestState) -> None:
+        rs.join_step = self.steps_done
+        rs.join_span = self._spans_done
+        ctx = rs.context_tokens
+        self.context_tokens += ctx
+        rs.finish_step = self.steps_done + rs.request.output_tokens - rs.generated
+        heapq.heappush(self._finish_heap, (rs.finish_step, rs.request_id, rs))
+        rs.exhaust_step = self.steps_done + rs.reserved_tokens - ctx
+        if rs.exhaust_step < rs.finish_step:
+            heapq.heappush(self._exhaust_heap, (rs.exhaust_step, rs.request_id, rs))
+        rs.phase = Phase.DECODING
+        rs.decode_group = self.group_id
+        self.running[rs.request_id] = rs
+
+    def _plan_decode(self, now_s: float) -> Span:
+        joiners = self.ready
+        self.ready = []
+        for rs in joiners:
+            self._join(rs)
+        b = len(self.running)
+        c0 = self.context_tokens
+        steps = self._finish_heap[0][0] - self.steps_done
+        if self._exhaust_heap:
+            steps = min(steps, self._exhaust_heap[0][0] - self.steps_done)
+        line, kink = active_line(self.decode_lines(b), c0, b)
+        if kink is not None and kink < steps:
+            steps = kink
+        first_token_s = now_s + line[0] + line[1] * c0
+        for rs in joiners:
+            if rs.generated == 1:
+                rs.token2_s = first_token_s
+            gap = first_token_s - rs.last_token_s
+            if gap > rs.max_gap_s:
+                rs.max_gap_s = gap
+        boundary = first_token_s - self._last_decode_end if self._last_decode_end is not None else 0.0
+        self._tokens += 1
+        return Span(self._tokens, SpanKind.DECODE, now_s,
+                    now_s + decode_span_duration(line, c0, b, steps), steps, joiners,
+                    line=line, batch_size=b, context0=c0, boundary_gap_s=boundary)
+
+    # --- applying a finished span ---------------------------------------------------------
+    def finish(self, now_s: float) -> SpanOutcome:
+        """Apply the running span, which ended at ``now_s``."""
+        span = self.span
+        assert span is not None
+        self.span = None
+        self.busy_s += span.end_s - span.start_s
+        out = SpanOutcome()
+        if span.kind is SpanKind.PREFILL:
+            for rs in span.batch:
+                hashes = rs.request.prefix_hashes
+                if hashes:
+                    self.prefix_cache_for(rs.request.prefix_block_tokens).use(hashes)
+                rs.on_token(now_s)
+                out.prefilled.append(rs)
+            return out
+        self._finish_decode(span, now_s, out)
+        return out
+
+    def _finish_decode(self, span: Span, now_s: float, out: SpanOutcome) -> None:
+        k, b = span.steps, span.batch_size
+        a, s = span.line
+        self.steps_done += k
+        self.context_tokens += b * k
+        inner = max(a + s * span.context0, a + s * (span.context0 + b * (k - 1)))
+        self._push_gap(self._spans_done, max(inner, span.boundary_gap_s))
+        self._spans_done += 1
+        for rs in span.batch:
+            if inner > rs.max_gap_s:
+                rs.max_gap_s = inner
+        self._last_decode_end = now_s
+        heap = self._finish_heap
+        while heap and heap[0][0] <= self.steps_done:
+            step, _, rs = heapq.heappop(heap)
+            if rs.phase is Phase.DECODING and rs.decode_group == self.group_id and rs.finish_step == step \
+                    and rs.request_id in self.running:
+                self._leave(rs, now_s)
+                out.completed.append(rs)
+        self._handle_exhaustion(now_s, out)
+
+    def _handle_exhaustion(self, now_s: float, out: SpanOutcome) -> None:
+        heap = self._exhaust_heap
+        bs = self.limits.block_size
+        while heap and heap[0][0] <= self.steps_done:
+            step, _, rs = heapq.heappop(heap)
+            if rs.request_id not in self.running or rs.exhaust_step != step:
+                continue
+            new_reserved = rs.reserved_tokens + self.limits.extend_tokens
+            need = blocks_for(new_reserved, bs) - rs.decode_blocks
+            if not self.fits_ever(new_reserved) and not self.fits_ever(rs.context_tokens + 1):
+                self._leave(rs, now_s)
+                out.failed.append(rs)
+                continue
+            while not self.kv.can_allocate(need) and rs.request_id in self.running:
+                victim = self.running[next(reversed(self.running))]
+                self._leave(victim, now_s)
+                victim.preemptions += 1
+                out.preempted.append(victim)
+            if rs.request_id not in self.running:
+                continue
+            if not self.kv.can_allocate(need):   # alone and still too big: grow to what fits
+                need = self.kv.num_free
+                new_reserved = min(new_reserved, (rs.decode_blocks + need) * bs)
+            self.kv.allocate(need)
+            rs.decode_blocks += need
+            rs.reserved_tokens = new_reserved
+            rs.exhaust_step = self.steps_done + new_reserved - rs.context_tokens
+            if rs.exhaust_step < rs.finish_step:
+                heapq.heappush(heap, (rs.exhaust_step, rs.request_id, rs))
+
+    def _leave(self, rs: RequestState, now_s: float) -> None:
+        """Take ``rs`` out of the batch at this step boundary, settling its lazy token count."""
+        del self.running[rs.request_id]
+        made = self.steps_done - rs.join_step
+        self.context_tokens -= rs.context_tokens + made
+        rs.generated += made
+        if made:
+            rs.last_token_s = now_s
+        gap = self._max_gap_since(rs.join_span + 1)
+        if gap > rs.max_gap_s:
+            rs.max_gap_s = gap
+        self.kv.free(rs.decode_blocks)
+        rs.decode_blocks = 0
+        rs.reserved_tokens = 0
+
+    def _push_gap(self, span_index: int, gap: float) -> None:
+        while self._gap_val and self._gap_val[-1] <= gap:
+            self._gap_val.pop()
+            self._gap_idx.pop()
+        self._gap_idx.append(span_index)
+        self._gap_val.append(gap)
+
+    def _max_gap_since(self, span_index: int) -> float:
+        i = bisect_left(self._gap_idx, span_index)
+        return self._gap_val[i] if i < len(self._gap_val) else 0.0

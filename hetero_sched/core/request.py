@@ -1,0 +1,81 @@
+"""A request's mutable progress through the core (the workload's :class:`Request` stays frozen)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
+
+from hetero_sched.workload import Request
+
+
+class Phase(Enum):
+    """Where a request is. Every request ends COMPLETED or REJECTED (with a reason)."""
+
+    WAITING_PREFILL = "waiting_prefill"
+    PREFILLING = "prefilling"
+    WAITING_DECODE = "waiting_decode"    # prefilled; waiting for a decode group to reserve KV
+    TRANSFERRING = "transferring"        # decode KV reserved; KV on its way
+    DECODING = "decoding"
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+
+
+class RequestState:
+    """Progress and timestamps of one request. Owned by the scheduler; groups update it."""
+
+    __slots__ = (
+        "request", "request_id", "predicted_output", "phase", "generated",
+        "prefill_group", "decode_group", "prefill_blocks", "decode_blocks", "reserved_tokens",
+        "join_step", "join_span", "finish_step", "exhaust_step", "cached_tokens",
+        "token1_s", "token2_s", "last_token_s", "max_gap_s", "finish_s",
+        "preemptions", "reject_reason", "transfer_id",
+    )
+
+    def __init__(self, request: Request, predicted_output: int) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.predicted_output = predicted_output
+        self.phase = Phase.WAITING_PREFILL
+        self.generated = 0
+        """Tokens produced so far (token 1 comes from prefill)."""
+        self.prefill_group: Optional[int] = None
+        self.decode_group: Optional[int] = None
+        self.prefill_blocks = 0
+        self.decode_blocks = 0
+        self.reserved_tokens = 0
+        self.join_step = 0
+        self.join_span = 0
+        self.finish_step = 0
+        self.exhaust_step = 0
+        self.cached_tokens = 0
+        self.token1_s: Optional[float] = None
+        self.token2_s: Optional[float] = None
+        self.last_token_s = 0.0
+        self.max_gap_s = 0.0
+        self.finish_s: Optional[float] = None
+        self.preemptions = 0
+        self.reject_reason: Optional[str] = None
+        self.transfer_id: Optional[int] = None
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Tokens a (re-)prefill computes: the prompt plus anything generated before a preemption."""
+        return self.request.prompt_tokens + self.generated
+
+    @property
+    def context_tokens(self) -> int:
+        """KV tokens this request holds while decoding (prompt + generated)."""
+        return self.request.prompt_tokens + self.generated
+
+    def on_token(self, now_s: float) -> None:
+        """Count one more output token produced at ``now_s`` (prefill's token or a decode step)."""
+        self.generated += 1
+        if self.generated == 1:
+            self.token1_s = now_s
+        else:
+            if self.generated == 2:
+                self.token2_s = now_s
+            gap = now_s - self.last_token_s
+            if gap > self.max_gap_s:
+                self.max_gap_s = gap
+        self.last_token_s = now_s

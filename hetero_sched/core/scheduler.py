@@ -1,0 +1,270 @@
+"""The scheduler: turns events into decisions by asking a policy, and plans spans.
+
+Plain Python, no Ray, no clock: every handler takes ``now_s``. A driver (the simulator's event
+loop, or the runtime's scheduler actor) feeds it events in the contract's order and, once all
+events of a time are in, calls :meth:`Scheduler.plan`, which returns the timers to set — span
+ends, transfer progress — as ``(time_s, Kind, payload)``. That is the plan/execute/apply split:
+the scheduler plans and applies; the driver's executor (virtual time, a sleep, a numpy model)
+decides *when* each timer fires. Stale timers (a span that was cut, a transfer re-rated) carry
+an old token and are ignored here, so drivers never cancel anything.
+
+Every decision is appended to :attr:`Scheduler.decisions` (see
+:data:`~hetero_sched.core.events.DECISION_COLUMNS`); a finished request becomes one row of
+:attr:`Scheduler.records` (see :data:`RECORD_COLUMNS`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from hetero_sched.core.events import DecisionKind as D, Kind
+from hetero_sched.core.group import GroupState, Role, Span, SpanKind, SpanOutcome
+from hetero_sched.core.request import Phase, RequestState
+from hetero_sched.core.transfer import TransferNetwork
+from hetero_sched.policies.base import GroupView, Placement, Policy, Reject, RequestInfo
+from hetero_sched.workload import Request
+
+Timer = tuple[float, Kind, Any]
+
+RECORD_COLUMNS = (
+    "request_id", "arrival_s", "prompt_tokens", "output_tokens", "predicted_output",
+    "cached_tokens", "status", "reason", "prefill_group", "decode_group",
+    "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions",
+)
+"""One row per finished request. Times are absolute (same clock as ``arrival_s``)."""
+
+
+class Scheduler:
+    """Places requests, plans spans and transfers, keeps the decision log and the records."""
+
+    def __init__(self, groups: Sequence[GroupState], policy: Policy, predicted_output: Sequence[int],
+                 report_interval_s: float = 0.0) -> None:
+        self.groups = list(groups)
+        self.policy = policy
+        self.predicted_output = predicted_output
+        self.report_interval_s = report_interval_s
+        self.views = [GroupView(g.group_id, g.name, g.device, g.pool, g.role, g.cost, g.kv.num_blocks)
+                      for g in self.groups]
+        policy.check(self.views)
+        self.network = TransferNetwork([g.cost.egress_bytes_per_s for g in self.groups],
+                                       [g.cost.ingress_bytes_per_s for g in self.groups])
+        self.decisions: list[tuple] = []
+        self.records: list[tuple] = []
+        self.num_active = 0
+        self._transfers: dict[int, RequestState] = {}
+        self._next_transfer_id = 0
+        self._dirty: set[int] = set()
+        self._network_version = -1
+
+    # --- events ----------------------------------------------------------------------------
+    def on_arrival(self, now_s: float, request: Request) -> None:
+        """A request arrives: ask the policy where it goes."""
+        rs = RequestState(request, int(self.predicted_output[request.request_id]))
+        self.num_active += 1
+        self._place(now_s, rs)
+
+    def on_span_end(self, now_s: float, group_id: int, token: int) -> None:
+        """A group's span ended (ignored if it was cut or replaced since)."""
+        g = self.groups[group_id]
+        if g.span is None or g.span.token != token:
+            return
+        out = g.finish(now_s)
+        self._apply(now_s, g, out)
+        if now_s - self.views[group_id].reported_s >= self.report_interval_s:
+            self._report(g, now_s)
+        self._dirty.add(group_id)
+
+    def on_transfer(self, now_s: float, version: int) -> list[Timer]:
+        """The transfer network's next change is due: returns KV-arrival timers."""
+        if version != self.network.version:
+            return []
+        return self._arrivals(now_s, self.network.finish_due(now_s))
+
+    def on_kv_arrival(self, now_s: float, transfer_id: int) -> None:
+        """A request's KV landed at its decode group: free the prefill copy, join next span."""
+        rs = self._transfers.pop(transfer_id)
+        src = self.groups[rs.prefill_group]
+        dst = self.groups[rs.decode_group]
+        src.release_prefill_kv(rs)
+        dst.kv_arrived(rs)
+        self._log(now_s, D.KV_ARRIVED, dst.group_id, rs.request_id, "")
+        self._dirty.add(src.group_id)
+        self._dirty.add(dst.group_id)
+
+    # --- planning ---------------------------------------------------------------------------
+    def plan(self, now_s: float) -> list[Timer]:
+        """Decisions at ``now_s`` after all of its events: admissions, transfers, spans, cuts."""
+        timers: list[Timer] = []
+        while self._dirty:
+            dirty = sorted(self._dirty)
+            self._dirty.clear()
+            for gid in dirty:
+                g = self.groups[gid]
+                if g.decode_queue:
+                    for rs in g.admit_decode():
+                        self._start_transfer(now_s, rs, timers)
+                if g.span is None:
+                    span = g.plan(now_s)
+                    if span is not None:
+                        self._log_span(now_s, g, span)
+                        timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
+                elif g.wants_interrupt() and g.cut(now_s):
+                    span = g.span
+                    self._log(now_s, D.CUT, gid, None, f"k={span.steps} end={span.end_s!r}")
+                    timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
+        if self.network.version != self._network_version:
+            self._network_version = self.network.version
+            nxt = self.network.next_finish_s()
+            if nxt is not None:
+                timers.append((max(nxt, now_s), Kind.TRANSFER, self.network.version))
+        return timers
+
+    # --- internals --------------------------------------------------------------------------
+    def _info(self, rs: RequestState) -> RequestInfo:
+        r = rs.request
+        return RequestInfo(rs.request_id, r.arrival_s, rs.prefill_tokens, rs.predicted_output,
+                           r.prefix_hashes, r.prefix_block_tokens)
+
+    def _place(self, now_s: float, rs: RequestState) -> None:
+        decision = self.policy.place(self._info(rs), self.views, now_s)
+        if isinstance(decision, Reject):
+            self._reject(now_s, rs, decision.reason)
+            return
+        reason = self._check(decision, rs)
+        if reason is not None:
+            self._reject(now_s, rs, reason)
+            return
+        g = self.groups[decision.prefill_group]
+        rs.decode_group = decision.decode_group
+        g.enqueue_prefill(rs, front=rs.preemptions > 0)
+        view = self.views[g.group_id]
+        view.num_prefill_queued += 1
+        view.prefill_queued_tokens += rs.prefill_tokens
+        self._log(now_s, D.PLACE, g.group_id, rs.request_id,
+                  "" if decision.decode_group is None else str(decision.decode_group))
+        self._dirty.add(g.group_id)
+
+    def _check(self, p: Placement, rs: RequestState) -> Optional[str]:
+        """Capacity check of a policy's placement (the policy decides, the scheduler verifies)."""
+        n = len(self.groups)
+        if not 0 <= p.prefill_group < n or not self.groups[p.prefill_group].role.can_prefill:
+            return f"policy chose group {p.prefill_group}, which cannot prefill"
+        g = self.groups[p.prefill_group]
+        need = rs.context_tokens + 1
+        if not g.fits_ever(need):
+            return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {g.name}"
+        if p.decode_group is not None:
+            if not 0 <= p.decode_group < n or not self.groups[p.decode_group].role.can_decode:
+                return f"policy chose group {p.decode_group}, which cannot decode"
+            if not self.groups[p.decode_group].fits_ever(need):
+                return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {self.groups[p.decode_group].name}"
+        return None
+
+    def _apply(self, now_s: float, g: GroupState, out: SpanOutcome) -> None:
+        for rs in out.prefilled:
+            if rs.generated >= rs.request.output_tokens:
+                if g.role is Role.BOTH:
+                    g.kv.free(rs.decode_blocks)
+                    rs.decode_blocks = 0
+                else:
+                    g.release_prefill_kv(rs)
+                self._complete(now_s, rs, g.group_id)
+            elif g.role is Role.BOTH and rs.decode_group in (None, g.group_id):
+                rs.phase = Phase.DECODING
+                rs.decode_group = g.group_id
+                g.ready.append(rs)
+            else:
+                self._route_decode(now_s, rs)
+        for rs in out.completed:
+            self._complete(now_s, rs, g.group_id)
+        for rs in out.preempted:
+            self._log(now_s, D.PREEMPT, g.group_id, rs.request_id, f"generated={rs.generated}")
+            if g.role is Role.BOTH:
+                g.enqueue_prefill(rs, front=True)
+            else:
+                rs.decode_group = None
+                self._place(now_s, rs)
+        for rs in out.failed:
+            self._reject(now_s, rs, f"KV of {rs.context_tokens} tokens outgrew group {g.name}")
+
+    def _route_decode(self, now_s: float, rs: RequestState) -> None:
+        target = rs.decode_group
+        if target is None:
+            choice = self.policy.place_decode(self._info(rs), self.views, now_s)
+            if isinstance(choice, Reject):
+                self.groups[rs.prefill_group].release_prefill_kv(rs)
+                self._reject(now_s, rs, choice.reason)
+                return
+            target = choice
+        dst = self.groups[target]
+        if not dst.role.can_decode or not dst.fits_ever(rs.context_tokens + 1):
+            self.groups[rs.prefill_group].release_prefill_kv(rs)
+            self._reject(now_s, rs, f"decode group {dst.name} cannot hold {rs.context_tokens} tokens")
+            return
+        dst.enqueue_decode(rs)
+        self.views[target].num_decode_queued += 1
+        self._dirty.add(target)
+
+    def _start_transfer(self, now_s: float, rs: RequestState, timers: list[Timer]) -> None:
+        src = self.groups[rs.prefill_group]
+        tid = self._next_transfer_id
+        self._next_transfer_id += 1
+        rs.transfer_id = tid
+        self._transfers[tid] = rs
+        nbytes = rs.context_tokens * src.cost.transfer_bytes_per_token
+        self._log(now_s, D.ADMIT, rs.decode_group, rs.request_id, f"blocks={rs.decode_blocks}")
+        self._log(now_s, D.TRANSFER, src.group_id, rs.request_id, f"dst={rs.decode_group} bytes={nbytes}")
+        timers.extend(self._arrivals(now_s, self.network.start(now_s, tid, src.group_id, rs.decode_group, nbytes)))
+
+    def _arrivals(self, now_s: float, done: list[int]) -> list[Timer]:
+        out = []
+        for tid in done:
+            rs = self._transfers[tid]
+            cost = self.groups[rs.prefill_group].cost.message_cost_s
+            out.append((now_s + cost, Kind.KV_ARRIVAL, tid))
+        return out
+
+    def _complete(self, now_s: float, rs: RequestState, group_id: int) -> None:
+        rs.phase = Phase.COMPLETED
+        rs.finish_s = now_s
+        self._log(now_s, D.COMPLETE, group_id, rs.request_id, "")
+        self._record(rs, "completed")
+
+    def _reject(self, now_s: float, rs: RequestState, reason: str) -> None:
+        rs.phase = Phase.REJECTED
+        rs.reject_reason = reason
+        rs.finish_s = now_s
+        self._log(now_s, D.REJECT, None, rs.request_id, reason)
+        self._record(rs, "rejected")
+
+    def _record(self, rs: RequestState, status: str) -> None:
+        r = rs.request
+        self.records.append((
+            rs.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens, rs.predicted_output,
+            rs.cached_tokens, status, rs.reject_reason, rs.prefill_group, rs.decode_group,
+            rs.token1_s, rs.token2_s, rs.finish_s, rs.max_gap_s, rs.preemptions,
+        ))
+        self.num_active -= 1
+
+    def _report(self, g: GroupState, now_s: float) -> None:
+        v = self.views[g.group_id]
+        v.kv_blocks_free = g.kv.num_free
+        queued = list(g.prefill_queue)
+        if g.span is not None and g.span.kind is SpanKind.PREFILL:
+            queued += g.span.batch
+        v.num_prefill_queued = len(queued)
+        v.prefill_queued_tokens = sum(rs.prefill_tokens for rs in queued)
+        v.num_decode_queued = len(g.decode_queue)
+        v.num_decoding = g.num_decoding
+        v.reported_s = now_s
+
+    def _log_span(self, now_s: float, g: GroupState, span: Span) -> None:
+        dur = span.end_s - span.start_s
+        if span.kind is SpanKind.PREFILL:
+            self._log(now_s, D.PREFILL, g.group_id, None,
+                      f"n={len(span.batch)} tokens={span.new_tokens} cached={span.cached_tokens} dur={dur!r}")
+        else:
+            self._log(now_s, D.DECODE, g.group_id, None, f"b={span.batch_size} k={span.steps} dur={dur!r}")
+
+    def _log(self, now_s: float, kind: str, group_id: Optional[int], request_id: Optional[int], detail: str) -> None:
+        self.decisions.append((now_s, kind, group_id, request_id, detail))

@@ -1,0 +1,194 @@
+"""Per-request records → metrics, exactly as DESIGN contract §5 defines them.
+
+- Prefill produces output token 1. TTFT = arrival → token 1.
+- TPOT = (finish − token 1) / (output tokens − 1): KV transfer and decode queueing fall inside
+  it. A one-token request has no TPOT (it meets any TPOT SLO).
+- Time to token 2 and the largest inter-token gap are kept too.
+- A rejected request counts as an SLO miss; attainment is over *all* requests.
+- Goodput = the highest arrival rate at which >= 90% of all requests meet both SLOs, found by
+  scanning a rate grid (attainment is not monotone on a finite trace) and then bisecting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from hetero_sched.core.scheduler import RECORD_COLUMNS
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency objectives a request must meet (both)."""
+
+    ttft_s: float
+    tpot_s: float
+    name: str = "custom"
+
+
+SLO_TIERS = {
+    "standard": SLO(2.0, 0.050, "standard"),
+    "high-speed": SLO(1.0, 0.002, "high-speed"),  # >= 500 tokens/s per user: what a CS-3 is for
+}
+
+_TYPES = {
+    "request_id": pa.int64(), "arrival_s": pa.float64(), "prompt_tokens": pa.int64(),
+    "output_tokens": pa.int64(), "predicted_output": pa.int64(), "cached_tokens": pa.int64(),
+    "status": pa.string(), "reason": pa.string(), "prefill_group": pa.int64(),
+    "decode_group": pa.int64(), "token1_s": pa.float64(), "token2_s": pa.float64(),
+    "finish_s": pa.float64(), "max_gap_s": pa.float64(), "preemptions": pa.int64(),
+}
+
+
+def records_table(rows: Sequence[tuple], slo: Optional[SLO] = None) -> pa.Table:
+    """Rows from the scheduler → an Arrow table sorted by request id, with derived metrics.
+
+    Adds ``ttft_s``, ``tpot_s``, ``ttt2_s`` (time to token 2), ``e2e_s`` and, given an SLO,
+    ``meets_slo``.
+    """
+    rows = sorted(rows, key=lambda r: r[0])
+    cols = list(zip(*rows)) if rows else [() for _ in RECORD_COLUMNS]
+    arrays = {name: pa.array(list(col), type=_TYPES[name]) for name, col in zip(RECORD_COLUMNS, cols)}
+    table = pa.table(arrays)
+    arrival = _np(table, "arrival_s")
+    t1 = _np(table, "token1_s")
+    fin = _np(table, "finish_s")
+    out = _np(table, "output_tokens")
+    completed = np.array(table.column("status").to_pylist(), dtype=object) == "completed"
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ttft = np.where(completed, t1 - arrival, np.nan)
+        tpot = np.where(completed & (out > 1), (fin - t1) / (out - 1), np.nan)
+        e2e = np.where(completed, fin - arrival, np.nan)
+        ttt2 = np.where(completed, _np(table, "token2_s") - arrival, np.nan)
+    table = (table.append_column("ttft_s", pa.array(ttft)).append_column("tpot_s", pa.array(tpot))
+             .append_column("ttt2_s", pa.array(ttt2)).append_column("e2e_s", pa.array(e2e)))
+    if slo is not None:
+        table = table.append_column("meets_slo", pa.array(meets_slo(table, slo)))
+    return table
+
+
+def _np(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def meets_slo(table: pa.Table, slo: SLO) -> np.ndarray:
+    """Per request: completed, TTFT <= SLO and TPOT <= SLO (no TPOT for one-token outputs)."""
+    ttft = _np(table, "ttft_s")
+    tpot = _np(table, "tpot_s")
+    completed = ~np.isnan(ttft)
+    ok_tpot = np.isnan(tpot) | (tpot <= slo.tpot_s)
+    return completed & (np.nan_to_num(ttft, nan=math.inf) <= slo.ttft_s) & ok_tpot
+
+
+def attainment(table: pa.Table, slo: SLO) -> float:
+    """Share of all requests (rejections included, as misses) meeting both SLOs."""
+    n = table.num_rows
+    return float(meets_slo(table, slo).sum()) / n if n else 0.0
+
+
+def _pcts(values: np.ndarray) -> dict[str, Optional[float]]:
+    v = values[~np.isnan(values)]
+    if v.size == 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"mean": float(v.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+@dataclass(frozen=True)
+class GroupUsage:
+    """What a group cost and how busy it was, for the summary."""
+
+    name: str
+    device: str
+    role: str
+    busy_s: float
+    dollars_per_hour: float
+
+
+def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> dict:
+    """The run summary: counts, latency percentiles, attainment, throughput, utilization, $."""
+    n = table.num_rows
+    status = table.column("status").to_pylist()
+    completed = status.count("completed")
+    arrival = _np(table, "arrival_s")
+    fin = _np(table, "finish_s")
+    start = float(arrival.min()) if n else 0.0
+    end = float(np.nanmax(fin)) if n else 0.0
+    makespan = max(end - start, 1e-12)
+    done = np.array(status, dtype=object) == "completed"
+    out_tokens = int(_np(table, "output_tokens")[done].sum()) if n else 0
+    reasons: dict[str, int] = {}
+    for s, r in zip(status, table.column("reason").to_pylist()):
+        if s != "completed":
+            reasons[r] = reasons.get(r, 0) + 1
+    dollars_per_hour = sum(g.dollars_per_hour for g in groups)
+    cost = dollars_per_hour * makespan / 3600
+    return {
+        "requests": n,
+        "completed": completed,
+        "rejected": n - completed,
+        "reject_reasons": reasons,
+        "slo": {"name": slo.name, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "slo_attainment": attainment(table, slo),
+        "ttft_s": _pcts(_np(table, "ttft_s")),
+        "tpot_s": _pcts(_np(table, "tpot_s")),
+        "time_to_token2_s": _pcts(_np(table, "ttt2_s")),
+        "max_gap_s": _pcts(np.where(done, _np(table, "max_gap_s"), np.nan)),
+        "e2e_s": _pcts(_np(table, "e2e_s")),
+        "makespan_s": makespan,
+        "throughput_rps": completed / makespan,
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / makespan,
+        "preemptions": int(_np(table, "preemptions").sum()) if n else 0,
+        "prefix_cached_tokens": int(_np(table, "cached_tokens").sum()) if n else 0,
+        "cluster_dollars_per_hour": dollars_per_hour,
+        "dollars_per_million_output_tokens": (cost / out_tokens * 1e6) if out_tokens else None,
+        "groups": [{"name": g.name, "device": g.device, "role": g.role,
+                    "utilization": g.busy_s / makespan, "dollars_per_hour": g.dollars_per_hour}
+                   for g in groups],
+    }
+
+
+@dataclass(frozen=True)
+class Goodput:
+    """Result of a goodput search: the rate, and every point tried (rate → attainment)."""
+
+    rate_per_s: float
+    points: tuple[tuple[float, float], ...] = field(default=())
+    capped: bool = False
+    """True if even the highest grid rate met the target (goodput is at least ``rate_per_s``)."""
+
+
+def goodput_search(attainment_at: Callable[[float], float], rates: Sequence[float],
+                   target: float = 0.9, rel_tol: float = 0.02) -> Goodput:
+    """Highest rate with attainment >= ``target``: scan ``rates`` (ascending), then bisect.
+
+    The scan takes the highest passing grid rate; bisection then runs between it and the next
+    grid rate (which fails), keeping the highest passing rate seen.
+    """
+    rates = sorted(rates)
+    points: list[tuple[float, float]] = []
+
+    def measure(rate: float) -> bool:
+        a = attainment_at(rate)
+        points.append((rate, a))
+        return a >= target
+
+    passing = [measure(r) for r in rates]
+    if not any(passing):
+        return Goodput(0.0, tuple(points))
+    i = max(k for k, ok in enumerate(passing) if ok)
+    if i == len(rates) - 1:
+        return Goodput(rates[i], tuple(points), capped=True)
+    lo, hi = rates[i], rates[i + 1]
+    while (hi - lo) > rel_tol * lo:
+        mid = (lo + hi) / 2
+        if measure(mid):
+            lo = mid
+        else:
+            hi = mid
+    return Goodput(lo, tuple(points))

@@ -1,0 +1,126 @@
+"""The policy interface: what a policy sees and the small decisions it returns.
+
+A policy decides; the scheduler checks the decision against capacity and applies it (Ray
+Serve's router / Vidur's global scheduler split). Policies see a :class:`GroupView` per group,
+as of the group's last report (DESIGN contract §4), and a :class:`RequestInfo` carrying a
+*predicted* output length — never the true one unless the experiment sets ``oracle: true``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence, Union
+
+from hetero_sched.costmodel import GroupCost
+from hetero_sched.errors import UserError
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a policy may know about a request."""
+
+    request_id: int
+    arrival_s: float
+    prompt_tokens: int
+    """Tokens to prefill (after a preemption: prompt plus tokens already generated)."""
+    predicted_output: int
+    prefix_hashes: Optional[tuple[int, ...]] = None
+    prefix_block_tokens: int = 512
+
+
+class GroupView:
+    """A group as the scheduler last heard of it (read-only to policies).
+
+    Refreshed from the group at span ends, at most once per report interval; between reports
+    the scheduler adds what it routed there itself (it knows that without being told).
+    """
+
+    __slots__ = ("group_id", "name", "device", "pool", "role", "cost", "kv_blocks_total",
+                 "kv_blocks_free", "num_prefill_queued", "prefill_queued_tokens",
+                 "num_decode_queued", "num_decoding", "reported_s")
+
+    def __init__(self, group_id: int, name: str, device: str, pool: str, role: Any,
+                 cost: GroupCost, kv_blocks_total: int) -> None:
+        self.group_id = group_id
+        self.name = name
+        self.device = device
+        self.pool = pool
+        self.role = role
+        self.cost = cost
+        self.kv_blocks_total = kv_blocks_total
+        self.kv_blocks_free = kv_blocks_total
+        self.num_prefill_queued = 0
+        self.prefill_queued_tokens = 0
+        """Prefill tokens queued or being prefilled."""
+        self.num_decode_queued = 0
+        self.num_decoding = 0
+        self.reported_s = 0.0
+
+    @property
+    def can_prefill(self) -> bool:
+        return bool(self.role.can_prefill)
+
+    @property
+    def can_decode(self) -> bool:
+        return bool(self.role.can_decode)
+
+    @property
+    def decode_load(self) -> int:
+        """Sequences decoding here or waiting for a decode slot."""
+        return self.num_decoding + self.num_decode_queued
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a request prefills, and (optionally, now) where it decodes."""
+
+    prefill_group: int
+    decode_group: Optional[int] = None
+    """None: decided when prefill finishes (:meth:`Policy.place_decode`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Turn the request away, with a reason the record keeps."""
+
+    reason: str
+
+
+Decision = Union[Placement, Reject]
+
+
+class Policy(ABC):
+    """A scheduling policy: one abstract method, optional hooks.
+
+    Subclasses take their parameters as keyword arguments (validated by their signature: an
+    unknown parameter in a config is a one-line error) and register with
+    :func:`hetero_sched.policies.register`.
+    """
+
+    name: ClassVar[str] = ""
+
+    def check(self, groups: Sequence[GroupView]) -> None:
+        """Raise :class:`UserError` if the cluster cannot serve this policy (e.g. no decode group)."""
+
+    @abstractmethod
+    def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
+        """Choose the prefill group (and maybe the decode group) for an arriving request."""
+
+    def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
+        """Choose the decode group once prefill is done: least loaded, then most free KV."""
+        best: Optional[GroupView] = None
+        for g in groups:
+            if g.can_decode and (best is None or (g.decode_load, -g.kv_blocks_free) < (best.decode_load, -best.kv_blocks_free)):
+                best = g
+        if best is None:
+            return Reject("no decode-capable group")
+        return best.group_id
+
+
+def require_roles(policy: str, groups: Sequence[GroupView], prefill: bool, decode: bool) -> None:
+    """Fail clearly when a cluster lacks a role the policy needs."""
+    if prefill and not any(g.can_prefill for g in groups):
+        raise UserError(f"policy {policy}: no group can prefill (set a group's role to prefill or both)")
+    if decode and not any(g.can_decode for g in groups):
+        raise UserError(f"policy {policy}: no group can decode (set a group's role to decode or both)")

@@ -1,0 +1,45 @@
+"""``disagg``: prefill pool → decode pool, least-loaded routing (the Trainium → CS-3 design).
+
+Prefill goes to the prefill group with the fewest pending prefill tokens; the decode group is
+chosen when prefill finishes, by fewest decoding-or-waiting sequences (ties: most free KV).
+``choices: 2`` samples two candidates per decision instead of scanning all (power of two
+choices, seeded, deterministic).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional, Sequence, Union
+
+from hetero_sched.policies.registry import register
+from hetero_sched.policies.base import (Decision, GroupView, Placement, Policy, Reject,
+                                        RequestInfo, require_roles)
+
+
+@register
+class Disagg(Policy):
+    """Least-loaded prefill and decode routing over the groups' roles."""
+
+    name = "disagg"
+
+    def __init__(self, choices: Optional[int] = None, seed: int = 0) -> None:
+        self.choices = choices
+        self._rng = random.Random(seed)
+
+    def check(self, groups: Sequence[GroupView]) -> None:
+        require_roles(self.name, groups, prefill=True, decode=True)
+
+    def _candidates(self, groups: list[GroupView]) -> list[GroupView]:
+        if self.choices is None or len(groups) <= self.choices:
+            return groups
+        return self._rng.sample(groups, self.choices)
+
+    def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
+        pool = self._candidates([g for g in groups if g.can_prefill])
+        best = min(pool, key=lambda g: (g.prefill_queued_tokens, g.group_id))
+        return Placement(best.group_id)
+
+    def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
+        pool = self._candidates([g for g in groups if g.can_decode])
+        best = min(pool, key=lambda g: (g.decode_load, -g.kv_blocks_free, g.group_id))
+        return best.group_id
