@@ -31,6 +31,51 @@ def main() -> None:
         sys.exit(2)
 
 
+
+def _default_out(name: str) -> Path:
+    from datetime import datetime
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def simulate(
+    experiment: Optional[Path] = typer.Argument(None, help="Experiment YAML (default: the shipped Trn2 -> CS-3 Llama-3.1-70B experiment)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>-<time>)."),
+    seed: Optional[int] = typer.Option(None, help="Override the experiment's seed."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder only."),
+) -> None:
+    """Simulate an experiment in virtual time: progress bar, summary table, run folder.
+
+    The run folder holds requests.parquet (one row per request), decisions.parquet (every
+    placement, span, transfer, preemption and rejection, in order) and summary.json (stamped
+    with the resolved assumptions, package version and git revision).
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from hetero_sched.experiment import build_workload
+    from hetero_sched.report import summary_table
+    from hetero_sched.sim import resolve, simulate as run_sim
+
+    exp, base = resolve(experiment)
+    if seed is not None:
+        exp = exp.model_copy(update={"seed": seed})
+    workload = build_workload(exp.workload, exp.seed, base)
+    console = Console(stderr=True)
+    if quiet:
+        result = run_sim(exp, workload=workload)
+    else:
+        columns = (TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("sim", total=len(workload))
+            result = run_sim(exp, workload=workload, progress=lambda done: bar.update(task, completed=done))
+    folder = result.write(out or _default_out(exp.name))
+    if not quiet:
+        Console().print(summary_table(result.summary))
+    typer.echo(str(folder) if quiet else f"run folder: {folder}")
+
+
 def _group(device: str, tp: int, pp: int, count: Optional[int]) -> "GroupSpec":
     from hetero_sched.catalog import GroupSpec, get_device
 

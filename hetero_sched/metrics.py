@@ -41,6 +41,7 @@ _TYPES = {
     "status": pa.string(), "reason": pa.string(), "prefill_group": pa.int64(),
     "decode_group": pa.int64(), "token1_s": pa.float64(), "token2_s": pa.float64(),
     "finish_s": pa.float64(), "max_gap_s": pa.float64(), "preemptions": pa.int64(),
+    "generated": pa.int64(),
 }
 
 

@@ -228,9 +228,14 @@ class GroupState:
         rs.decode_group = self.group_id
         self.decode_queue.append(rs)
 
-    def _reservation(self, rs: RequestState) -> int:
-        """KV tokens reserved for decode: prompt plus the predicted (never the true) output."""
-        tokens = rs.request.prompt_tokens + max(rs.predicted_output, rs.generated + 1)
+    def _reservation(self, rs: RequestState, prefill_pending: bool) -> int:
+        """KV tokens reserved for decode: prompt plus the predicted (never the true) output.
+
+        At least one decode step's room beyond the tokens that will exist when decode starts
+        (``prefill_pending``: the prefill about to run produces one more token).
+        """
+        generated = rs.generated + (1 if prefill_pending else 0)
+        tokens = rs.request.prompt_tokens + max(rs.predicted_output, generated + 1)
         return min(tokens, self.kv.num_blocks * self.limits.block_size)
 
     def admit_decode(self) -> list[RequestState]:
@@ -239,7 +244,7 @@ class GroupState:
         q = self.decode_queue
         while q and self.num_decoding < self.limits.max_num_seqs:
             rs = q[0]
-            reserve = self._reservation(rs)
+            reserve = self._reservation(rs, prefill_pending=False)
             blocks = blocks_for(reserve, self.limits.block_size)
             if not self.kv.can_allocate(blocks):
                 break
@@ -301,7 +306,7 @@ class GroupState:
         if self.role is Role.BOTH:
             if self.num_decoding + batch_len >= self.limits.max_num_seqs:
                 return False
-            return self.kv.can_allocate(blocks_for(self._reservation(rs), self.limits.block_size))
+            return self.kv.can_allocate(blocks_for(self._reservation(rs, True), self.limits.block_size))
         return self.kv.can_allocate(blocks_for(rs.prefill_tokens, self.limits.block_size))
 
     def _plan_prefill(self, now_s: float) -> Optional[Span]:
@@ -324,7 +329,7 @@ class GroupState:
             if not self._can_admit_prefill(rs, len(batch)):
                 break
             if self.role is Role.BOTH:
-                reserve = self._reservation(rs)
+                reserve = self._reservation(rs, prefill_pending=True)
                 rs.decode_blocks = blocks_for(reserve, lim.block_size)
                 rs.reserved_tokens = reserve
                 self.kv.allocate(rs.decode_blocks)
@@ -370,6 +375,7 @@ class GroupState:
         steps = self._finish_heap[0][0] - self.steps_done
         if self._exhaust_heap:
             steps = min(steps, self._exhaust_heap[0][0] - self.steps_done)
+        assert steps >= 1, "a decode span must make progress"
         line, kink = active_line(self.decode_lines(b), c0, b)
         if kink is not None and kink < steps:
             steps = kink
@@ -435,7 +441,8 @@ class GroupState:
                 continue
             new_reserved = rs.reserved_tokens + self.limits.extend_tokens
             need = blocks_for(new_reserved, bs) - rs.decode_blocks
-            if not self.fits_ever(new_reserved) and not self.fits_ever(rs.context_tokens + 1):
+            context_now = rs.context_tokens + self.steps_done - rs.join_step   # progress is lazy
+            if not self.fits_ever(new_reserved) and not self.fits_ever(context_now + 1):
                 self._leave(rs, now_s)
                 out.failed.append(rs)
                 continue
@@ -452,7 +459,7 @@ class GroupState:
             self.kv.allocate(need)
             rs.decode_blocks += need
             rs.reserved_tokens = new_reserved
-            rs.exhaust_step = self.steps_done + new_reserved - rs.context_tokens
+            rs.exhaust_step = self.steps_done + new_reserved - context_now
             if rs.exhaust_step < rs.finish_step:
                 heapq.heappush(heap, (rs.exhaust_step, rs.request_id, rs))
 

@@ -29,7 +29,7 @@ Timer = tuple[float, Kind, Any]
 RECORD_COLUMNS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "predicted_output",
     "cached_tokens", "status", "reason", "prefill_group", "decode_group",
-    "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions",
+    "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions", "generated",
 )
 """One row per finished request. Times are absolute (same clock as ``arrival_s``)."""
 
@@ -242,7 +242,7 @@ class Scheduler:
         self.records.append((
             rs.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens, rs.predicted_output,
             rs.cached_tokens, status, rs.reject_reason, rs.prefill_group, rs.decode_group,
-            rs.token1_s, rs.token2_s, rs.finish_s, rs.max_gap_s, rs.preemptions,
+            rs.token1_s, rs.token2_s, rs.finish_s, rs.max_gap_s, rs.preemptions, rs.generated,
         ))
         self.num_active -= 1
 
