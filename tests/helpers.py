@@ -1,0 +1,34 @@
+"""Small experiment builders shared by tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def disagg_experiment(**over: Any) -> dict:
+    """Two trn2 prefill groups and one CS-3 decode group serving Llama-3.1-8B."""
+    exp = {
+        "name": "t-disagg", "seed": 3, "model": "llama-3.1-8b",
+        "groups": [
+            {"name": "p", "device": "trn2", "count": 4, "tp": 16, "replicas": 2, "role": "prefill"},
+            {"name": "d", "device": "cs3", "count": 1, "role": "decode", "max_num_seqs": 16},
+        ],
+        "policy": "disagg",
+        "workload": {"kind": "synthetic", "num_requests": 400, "rate_per_s": 20.0},
+        "slo": "standard",
+    }
+    exp.update(over)
+    return exp
+
+
+def colocated_experiment(**over: Any) -> dict:
+    """Two H100 groups doing prefill and decode of Llama-3.1-8B."""
+    exp = {
+        "name": "t-colo", "seed": 5, "model": "llama-3.1-8b",
+        "groups": [{"name": "h", "device": "h100", "count": 1, "tp": 1, "replicas": 2, "role": "both"}],
+        "policy": "colocated",
+        "workload": {"kind": "synthetic", "num_requests": 400, "rate_per_s": 15.0},
+        "slo": "standard",
+    }
+    exp.update(over)
+    return exp

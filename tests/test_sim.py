@@ -1,0 +1,145 @@
+"""The simulator end to end: determinism, event order, conservation, prefix cache, user policies."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+
+import hetero_sched as hs
+from hetero_sched.core.events import EventQueue, Kind
+from hetero_sched.core.group import GroupLimits, GroupState, Role
+from hetero_sched.core.scheduler import Scheduler
+from hetero_sched.costmodel import FittedCost
+from hetero_sched.errors import UserError
+from hetero_sched.policies import make_policy
+from hetero_sched.sim.engine import run_events
+from hetero_sched.workload import Request, Workload
+
+from helpers import colocated_experiment, disagg_experiment
+
+
+def test_same_config_and_seed_give_identical_results(tmp_path):
+    a = hs.simulate(disagg_experiment()).write(tmp_path / "a")
+    b = hs.simulate(disagg_experiment()).write(tmp_path / "b")
+    assert (a / "requests.parquet").read_bytes() == (b / "requests.parquet").read_bytes()
+    assert (a / "decisions.parquet").read_bytes() == (b / "decisions.parquet").read_bytes()
+    c = hs.simulate(disagg_experiment(seed=4))
+    assert c.records.column("arrival_s").to_pylist() != hs.simulate(disagg_experiment()).records.column("arrival_s").to_pylist()
+
+
+def test_event_queue_same_time_order():
+    q = EventQueue()
+    q.push(1.0, Kind.ARRIVAL, "arrival")
+    q.push(1.0, Kind.KV_ARRIVAL, "kv")
+    q.push(1.0, Kind.SPAN_END, "completion")
+    q.push(0.5, Kind.ARRIVAL, "early")
+    q.push(1.0, Kind.ARRIVAL, "arrival-2")
+    assert [q.pop()[4] for _ in range(5)] == ["early", "completion", "kv", "arrival", "arrival-2"]
+
+
+def _exact_cost(capacity: int) -> FittedCost:
+    # prefill 0.5 s, decode step 0.25 s: exact binary fractions, so events can coincide exactly
+    return FittedCost(0.5, 0.0, 0.0, ((1 << 30, 0.25, 0.0, 0.0),), capacity, 100, 100, 1e12, 1e12)
+
+
+def test_completion_runs_before_a_same_time_arrival_and_decisions_after_both():
+    g = GroupState(0, "g", Role.BOTH, _exact_cost(10_000), GroupLimits(max_num_seqs=1, prefix_cache_fraction=0.0))
+    sched = Scheduler([g], make_policy("colocated", {}), [3, 3])
+    # A: prefill [0, 0.5], decode 2 steps -> completes at exactly 1.0, when B arrives
+    run_events(sched, [Request(0, 0.0, 10, 3), Request(1, 1.0, 10, 3)])
+    at_one = [(kind, rid) for t, kind, _, rid, _ in sched.decisions if t == 1.0]
+    assert at_one[:3] == [("complete", 0), ("place", 1), ("prefill", None)]
+    rows = {r[0]: r for r in sched.records}
+    assert rows[1][10] == 1.5          # B's token 1: prefill started at 1.0, right after A left
+
+
+def _check_conservation(result, n):
+    t = result.records
+    ids = t.column("request_id").to_pylist()
+    assert sorted(ids) == list(range(n)), "every request appears exactly once"
+    status = t.column("status").to_pylist()
+    assert set(status) <= {"completed", "rejected"}
+    for s, reason, gen, out in zip(status, t.column("reason").to_pylist(), t.column("generated").to_pylist(),
+                                   t.column("output_tokens").to_pylist()):
+        if s == "completed":
+            assert gen == out, "tokens out = tokens asked"
+        else:
+            assert reason, "a rejection carries its reason"
+
+
+@pytest.mark.parametrize("make", [disagg_experiment, colocated_experiment])
+def test_every_request_completes_or_is_rejected_with_a_reason(make):
+    # overloaded, with too-short predictions: reservations run out and requests are preempted
+    exp = make(predictor={"kind": "constant", "tokens": 8})
+    exp["groups"][-1] = dict(exp["groups"][-1], max_num_seqs=128)
+    exp["workload"] = dict(exp["workload"], rate_per_s=20.0, prompt={"kind": "uniform", "low": 2000, "high": 4000},
+                           output={"kind": "uniform", "low": 1000, "high": 3000})
+    r = hs.simulate(exp)
+    _check_conservation(r, 400)
+    assert r.summary["preemptions"] > 0
+
+
+def test_rejects_prompts_that_can_never_fit():
+    exp = disagg_experiment()
+    exp["workload"] = {"kind": "synthetic", "num_requests": 20, "rate_per_s": 5.0,
+                       "prompt": 3_000_000, "output": 10}
+    r = hs.simulate(exp)
+    _check_conservation(r, 20)
+    assert r.summary["rejected"] == 20
+    assert "exceeds the KV capacity" in next(iter(r.summary["reject_reasons"]))
+
+
+def test_prefix_cache_hits_save_prefill_compute():
+    n = 50
+    arrivals = np.arange(n, dtype=float) * 0.5
+    prompts = np.full(n, 4096)
+    shared = tuple(range(6))                            # 6 x 512 tokens shared by everyone
+    hashes = [shared + (1000 + 2 * i, 1001 + 2 * i) for i in range(n)]
+    w = Workload("prefix", arrivals, prompts, np.full(n, 8), prefix_hashes=hashes)
+    exp = disagg_experiment()
+    exp["groups"][0] = dict(exp["groups"][0], replicas=1)
+    r = hs.simulate(exp, workload=w)
+    cached = r.records.column("cached_tokens").to_pylist()
+    assert cached[0] == 0 and all(c == 6 * 512 for c in cached[1:])
+    no_cache = disagg_experiment()
+    no_cache["groups"][0] = dict(no_cache["groups"][0], replicas=1, prefix_cache_fraction=0.0)
+    r0 = hs.simulate(no_cache, workload=w)
+    assert r.summary["ttft_s"]["mean"] < r0.summary["ttft_s"]["mean"]
+
+
+def test_user_policy_by_dotted_path(tmp_path, monkeypatch):
+    (tmp_path / "my_policies.py").write_text(textwrap.dedent('''
+        from hetero_sched.policies import Placement, Policy
+
+        class LastPrefill(Policy):
+            """Always the highest-numbered prefill group."""
+            def __init__(self, note: str = ""):
+                self.seen_true_length = False
+            def place(self, request, groups, now_s):
+                self.seen_true_length |= hasattr(request, "output_tokens")
+                return Placement(max(g.group_id for g in groups if g.can_prefill))
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = hs.simulate(disagg_experiment(policy={"name": "my_policies:LastPrefill", "params": {"note": "x"}}))
+    assert set(r.records.column("prefill_group").to_pylist()) == {1}
+    with pytest.raises(UserError, match="unknown parameter"):
+        hs.simulate(disagg_experiment(policy={"name": "my_policies:LastPrefill", "params": {"nope": 1}}))
+
+
+def test_policies_see_predictions_not_true_lengths():
+    exp = disagg_experiment(predictor={"kind": "noisy", "sigma": 0.5})
+    r = hs.simulate(exp)
+    pred = np.array(r.records.column("predicted_output").to_pylist())
+    true = np.array(r.records.column("output_tokens").to_pylist())
+    assert (pred != true).mean() > 0.5
+    r2 = hs.simulate(disagg_experiment(oracle=True))
+    assert r2.records.column("predicted_output").to_pylist() == r2.records.column("output_tokens").to_pylist()
+
+
+def test_stale_reports_change_routing():
+    fresh = hs.simulate(disagg_experiment(report_interval_s=0.0))
+    stale = hs.simulate(disagg_experiment(report_interval_s=5.0))
+    assert fresh.records.column("decode_group").to_pylist() == stale.records.column("decode_group").to_pylist()
+    assert fresh.decisions != stale.decisions

@@ -1,0 +1,42 @@
+"""Max-min fair sharing of endpoint bandwidth (DESIGN contract §8), checked by hand."""
+
+from __future__ import annotations
+
+import math
+
+from hetero_sched.core.transfer import TransferNetwork, max_min_rates
+
+
+def test_max_min_rates_hand_case():
+    # endpoints: 0, 1 send; 2, 3 receive.  egress 0 = 10, egress 1 = 10, ingress 2 = 10, ingress 3 = 100
+    # flows a: 0->2, b: 1->2, c: 0->3.  Ingress 2 is shared by a, b -> 5 each;
+    # c then takes what egress 0 has left: 10 - 5 = 5.
+    rates = max_min_rates([(0, 2), (1, 2), (0, 3)], [10, 10, 0, 0], [0, 0, 10, 100])
+    assert rates == [5.0, 5.0, 5.0]
+
+
+def test_max_min_rates_unequal_bottlenecks():
+    # egress 0 = 12 shared by three flows to 1, 2, 3; ingress 1 = 2 caps the first.
+    # Level rises to 2 (ingress 1 saturates), then the other two split the remaining 10 -> 5 each.
+    rates = max_min_rates([(0, 1), (0, 2), (0, 3)], [12, 0, 0, 0], [0, 2, 100, 100])
+    assert rates == [2.0, 5.0, 5.0]
+
+
+def test_network_finish_times_recomputed_on_start_and_end():
+    net = TransferNetwork([100.0, 0, 0], [0, 100.0, 100.0])
+    net.start(0.0, 1, 0, 1, 100.0)                 # alone: 100 B/s -> would end at 1.0
+    assert math.isclose(net.next_finish_s(), 1.0)
+    net.start(0.5, 2, 0, 2, 100.0)                 # 50 B left on #1; now both share egress 0 at 50 B/s
+    assert math.isclose(net.next_finish_s(), 1.5)  # #1: 50 B at 50 B/s
+    assert net.finish_due(1.5) == [1]
+    # #2 moved 50 B in [0.5, 1.5]; alone again at 100 B/s -> 0.5 s more
+    assert math.isclose(net.next_finish_s(), 2.0)
+    assert net.finish_due(2.0) == [2]
+    assert net.next_finish_s() is None
+
+
+def test_stale_versions_change_when_rates_change():
+    net = TransferNetwork([10.0, 0], [0, 10.0])
+    v0 = net.version
+    net.start(0.0, 7, 0, 1, 10.0)
+    assert net.version != v0
