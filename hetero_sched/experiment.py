@@ -23,6 +23,10 @@ from hetero_sched.metrics import SLO, SLO_TIERS
 from hetero_sched.predictor import PredictorSpec
 
 
+_LIMITS = GroupLimits()
+"""Default batching limits (an instance: compiled dataclasses expose no class-level defaults)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,12 +43,12 @@ class GroupConfig(_Strict):
     role: Literal["prefill", "decode", "both"]
     pool: str = ""
     cost_profile: Optional[str] = None
-    max_batch_tokens: int = Field(GroupLimits.max_batch_tokens, ge=1)
-    max_num_seqs: int = Field(GroupLimits.max_num_seqs, ge=1)
-    max_prefill_seqs: int = Field(GroupLimits.max_prefill_seqs, ge=1)
-    block_size: int = Field(GroupLimits.block_size, ge=1)
-    extend_tokens: int = Field(GroupLimits.extend_tokens, ge=1)
-    prefix_cache_fraction: float = Field(GroupLimits.prefix_cache_fraction, ge=0.0, lt=1.0)
+    max_batch_tokens: int = Field(_LIMITS.max_batch_tokens, ge=1)
+    max_num_seqs: int = Field(_LIMITS.max_num_seqs, ge=1)
+    max_prefill_seqs: int = Field(_LIMITS.max_prefill_seqs, ge=1)
+    block_size: int = Field(_LIMITS.block_size, ge=1)
+    extend_tokens: int = Field(_LIMITS.extend_tokens, ge=1)
+    prefix_cache_fraction: float = Field(_LIMITS.prefix_cache_fraction, ge=0.0, lt=1.0)
 
     def limits(self) -> GroupLimits:
         return GroupLimits(self.max_batch_tokens, self.max_num_seqs, self.max_prefill_seqs,

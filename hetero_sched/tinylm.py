@@ -5,17 +5,21 @@ head (tied or separate, as the catalog's :class:`ModelSpec` says), seeded weight
 greedy decoding. KV of one request is one array ``[num_layers, 2, num_tokens, kv_heads,
 head_dim]`` (2 = K, V).
 
-**Every token's numbers are bit-identical however the work is split.** The kernels avoid BLAS
-(whose summation order changes with the matrix shape): projections are elementwise products
-summed sequentially over the input dimension, attention scores sum over ``head_dim`` (a fixed
-length), and the softmax denominator and the weighted sum over values add keys in position
-order, where masked keys contribute exact zeros. So a token's K, V and logits do not depend on
-how many other tokens are computed with it, which makes:
+**Every token's numbers are bit-identical however the work is split.** One BLAS call over many
+tokens picks kernels and blockings by the matrix shape, so its sums change with the number of
+tokens; here every reduction has an order fixed per token: a projection is one
+``[1, in] @ [in, out]`` product per token, attention scores sum over ``head_dim``, and the
+softmax denominator and the weighted sum over values add keys in position order, where masked
+keys contribute exact zeros. So a token's K, V and logits do not depend on how many other
+tokens are computed with it, which makes:
 
 - prefill with a cached prefix (from *another* request's prefill) bit-identical to a full
   prefill;
 - decode (one token at a time) bit-identical to a single pass over the whole sequence;
 - a request's result independent of the batch it runs in (the batch API just loops).
+
+That holds within one numpy/OpenBLAS build and CPU; machines whose BLAS picks other kernels
+may differ in the last bits (greedy tokens still agree unless a logit margin is that small).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from hetero_sched.catalog.models import ModelSpec, get_model
 
 _RMS_EPS = 1e-6
 _ROPE_THETA = 10000.0
-_ATTN_CELLS = 1 << 16
-"""Query rows × keys per attention chunk: bounds the scratch memory of long prompts."""
+_ATTN_CELLS = 1 << 12
+"""Query rows × keys per attention chunk: keeps the scratch products in cache (and skips most masked keys)."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,9 @@ class TinyLM:
         """KV of all prompt tokens and the first output token.
 
         ``cached_kv`` (the KV of the first ``h`` tokens, e.g. a prefix-cache hit) is reused and
-        only the rest is computed; a hit covering the whole prompt still recomputes the last
-        token, whose logits are needed (as vLLM does).
+        only the rest is computed (at most its first ``len(token_ids) - 1`` tokens are used: a
+        hit covering the whole prompt still recomputes the last token, whose logits are needed,
+        as vLLM does).
         """
         tokens = self._check_tokens(token_ids)
         num_tokens = len(tokens)
@@ -225,6 +230,8 @@ class TinyLM:
 
     def _check_kv(self, kv: np.ndarray, name: str) -> np.ndarray:
         arr = np.asarray(kv)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{name} must hold floats, got {arr.dtype} (widen bfloat16 bit patterns first)")
         expected = self.kv_shape(arr.shape[2] if arr.ndim == 5 else 0)
         if arr.shape != expected:
             raise ValueError(f"{name} has shape {arr.shape}; expected [layers, 2, tokens, kv_heads, head_dim] = {expected}")
@@ -256,13 +263,14 @@ def prompt_token_ids(request_id: int, num_tokens: int, vocab: int,
 
 
 def _linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    # x [m, in] @ w [in, out], summed sequentially over `in` (numpy reduces a non-innermost
-    # axis in order), so row i's result never depends on m — unlike BLAS.
-    return (x[:, :, None] * w[None, :, :]).sum(axis=1)
+    # x [m, in] @ w [in, out] as m separate [1, in] @ [in, out] products (numpy's matmul calls
+    # the kernel once per stacked item), so a row's summation order never depends on m; one
+    # [m, in] @ [in, out] call would let BLAS pick kernels and blockings by m.
+    return np.matmul(np.ascontiguousarray(x)[:, None, :], w)[:, 0, :]
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + _RMS_EPS) * weight
+    return x / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / x.shape[-1] + _RMS_EPS) * weight
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
@@ -277,23 +285,34 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
     """Causal GQA: queries ``[m, heads, d]`` at positions ``start…`` over keys/values ``[t, kv_heads, d]``."""
+    # Every sum runs over axis 0 of a fresh C-contiguous product, which numpy adds slab by
+    # slab in index order: scores over head_dim, the softmax denominator and the weighted sum
+    # over key positions, where masked keys add exact zeros. A row's result is thus the same
+    # whatever the number of queries or (trailing, masked) keys computed with it.
     num_new, num_heads, dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    qh = q.reshape(num_new, num_kv_heads, group, dim).transpose(1, 2, 0, 3)  # [kvh, g, m, d]
-    kh, vh = k.transpose(1, 0, 2), v.transpose(1, 0, 2)                       # [kvh, t, d]
-    out = np.empty((num_kv_heads, group, num_new, dim))
+    qd = np.ascontiguousarray(q.reshape(num_new, num_kv_heads, group, dim).transpose(3, 1, 2, 0))[..., None]
+    kd = np.ascontiguousarray(k.transpose(2, 1, 0))[:, :, None, None, :]  # [d, kvh, 1, 1, t]
+    vd = v[:, :, :, None, None]                                            # [t, kvh, d, 1, 1]
+    vr = v[:, :, None, None, :]                                            # [t, kvh, 1, 1, d]
+    out = np.empty((num_kv_heads, dim, group, num_new))
     rows = max(1, _ATTN_CELLS // k.shape[0])
     for lo in range(0, num_new, rows):
         hi = min(num_new, lo + rows)
         keys = start + hi  # keys past the chunk's last query are masked for every row in it
-        scores = (qh[:, :, lo:hi, None, :] * kh[:, None, None, :keys, :]).sum(axis=-1) / np.sqrt(dim)
+        scores = (qd[:, :, :, lo:hi] * kd[..., :keys]).sum(axis=0) / np.sqrt(dim)  # [kvh, g, rows, keys]
         visible = np.arange(keys)[None, :] <= (start + np.arange(lo, hi))[:, None]
         scores = np.where(visible, scores, -np.inf)
         weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        denom = np.cumsum(weights, axis=-1)[..., -1:]  # in key order: masked zeros add nothing
-        out[:, :, lo:hi] = (weights[..., None] * vh[:, None, None, :keys, :]).sum(axis=-2) / denom
-    return out.transpose(2, 0, 1, 3).reshape(num_new, num_heads, dim)
+        weights = np.ascontiguousarray(weights.transpose(3, 0, 1, 2))         # [keys, kvh, g, rows]
+        denom = weights.sum(axis=0)                                           # [kvh, g, rows]
+        if hi - lo >= dim:  # the longer axis innermost; the sum over keys is the same either way
+            weighted = (weights[:, :, None] * vd[:keys]).sum(axis=0)                   # [kvh, d, g, rows]
+        else:
+            weighted = (weights[..., None] * vr[:keys]).sum(axis=0).transpose(0, 3, 1, 2)
+        out[:, :, :, lo:hi] = weighted / denom[:, None]
+    return out.transpose(3, 0, 2, 1).reshape(num_new, num_heads, dim)
 
 
 def _greedy(logits: np.ndarray) -> tuple[int, float]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from hetero_sched.runtime.cluster import LocalCluster, NodeSpec, connect, make_node  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRACES = ROOT.parent / "shared" / "traces"
@@ -19,3 +22,19 @@ def shared_traces() -> Path:
     if not SHARED_TRACES.is_dir():
         pytest.skip(f"public traces not found at {SHARED_TRACES} (../shared is not part of a clone)")
     return SHARED_TRACES
+
+
+SESSION_NODES: tuple[NodeSpec, ...] = (
+    make_node("trn2", "prefill", {"neuron_cores": 256.0}),  # 4 trn2.48xlarge groups at TP64
+    make_node("cs3", "decode", {"cs3": 8.0}),               # two 4-system CS-3 groups
+    make_node("h100", "both", {"GPU": 8.0}),                # one 8-GPU colocated box
+)
+"""Labelled worker nodes of the session cluster: enough for small experiments."""
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[LocalCluster]:
+    """One local labelled Ray cluster for the whole session, with this driver connected."""
+    with LocalCluster(SESSION_NODES) as cluster:
+        connect(cluster.address)
+        yield cluster

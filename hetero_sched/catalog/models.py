@@ -12,6 +12,7 @@ import functools
 from types import MappingProxyType
 
 import math
+from functools import cached_property
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
@@ -52,37 +53,37 @@ class ModelSpec:
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"model {self.name}: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
-    @property
+    @cached_property
     def attn_params_per_layer(self) -> int:
         """Q, K, V and O projections of one layer."""
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         return self.hidden_size * (2 * q + 2 * kv)
 
-    @property
+    @cached_property
     def expert_params(self) -> int:
         """One SwiGLU MLP (one expert): gate, up and down projections."""
         return 3 * self.hidden_size * self.ffn_size
 
-    @property
+    @cached_property
     def embedding_params(self) -> int:
         """Input embedding plus LM head (counted once if tied)."""
         return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         """Every weight held in memory."""
         router = self.hidden_size * self.num_experts if self.num_experts > 1 else 0
         per_layer = self.attn_params_per_layer + self.num_experts * self.expert_params + router
         return self.num_layers * per_layer + self.embedding_params
 
-    @property
+    @cached_property
     def active_params(self) -> int:
         """Weights one token multiplies with (no embedding lookup; the LM head counts)."""
         per_layer = self.attn_params_per_layer + self.experts_per_token * self.expert_params
         return self.num_layers * per_layer + self.vocab_size * self.hidden_size
 
-    @property
+    @cached_property
     def weight_bytes(self) -> float:
         """Bytes of all weights at ``weight_dtype``."""
         return self.total_params * DTYPE_BYTES[self.weight_dtype]
@@ -93,25 +94,29 @@ class ModelSpec:
         Dense: every matmul weight once. MoE: shared weights plus the experts the tokens touch,
         ``E·(1 − (1 − k/E)^n)`` per layer in expectation for uniform routing.
         """
-        shared = self.num_layers * self.attn_params_per_layer + self.vocab_size * self.hidden_size
         if self.num_experts == 1:
-            experts = 1.0
-        else:
-            frac = self.experts_per_token / self.num_experts
-            experts = self.num_experts * (1.0 - (1.0 - frac) ** max(num_tokens, 1.0))
+            return self._dense_bytes_read
+        shared = self.num_layers * self.attn_params_per_layer + self.vocab_size * self.hidden_size
+        frac = self.experts_per_token / self.num_experts
+        experts = self.num_experts * (1.0 - (1.0 - frac) ** max(num_tokens, 1.0))
         return (shared + self.num_layers * experts * self.expert_params) * DTYPE_BYTES[self.weight_dtype]
+
+    @cached_property
+    def _dense_bytes_read(self) -> float:
+        shared = self.num_layers * self.attn_params_per_layer + self.vocab_size * self.hidden_size
+        return (shared + self.num_layers * self.expert_params) * DTYPE_BYTES[self.weight_dtype]
 
     def kv_bytes_per_token(self, dtype: str | None = None) -> float:
         """Unique K and V bytes of one token over all layers: ``2·L·kv_heads·head_dim·bytes``."""
         nbytes = DTYPE_BYTES[dtype or self.kv_dtype]
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * nbytes
 
-    @property
+    @cached_property
     def flops_per_token(self) -> float:
         """Matmul FLOPs of one token with no context: ``2 × active params``."""
         return 2.0 * self.active_params
 
-    @property
+    @cached_property
     def attn_flops_per_context_token(self) -> float:
         """Extra FLOPs per token per token attended (QKᵀ and AV, all layers): ``4·L·heads·head_dim``."""
         return 4.0 * self.num_layers * self.num_heads * self.head_dim

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from enum import IntEnum
-from typing import Any, Iterable
+from typing import Any, Final, Iterable
 
 
 class Priority(IntEnum):
@@ -65,27 +65,54 @@ class EventQueue:
 class DecisionKind:
     """Names of decision-log entries (strings, so logs read as text and Parquet)."""
 
-    PLACE = "place"            # request placed: group = prefill group, detail = decode group or ""
-    REJECT = "reject"          # detail = reason
-    PREFILL = "prefill"        # span: group, detail = "n=<reqs> tokens=<new> cached=<cached> dur=<s>"
-    DECODE = "decode"          # span: group, detail = "b=<batch> k=<steps> dur=<s>"
-    CUT = "cut"                # span shortened: group, detail = "k=<steps> end=<s>"
-    ADMIT = "admit"            # decode admission (KV reserved): group = decode group
-    TRANSFER = "transfer"      # KV transfer start: group = src, detail = "dst=<g> bytes=<n>"
-    KV_ARRIVED = "kv_arrived"  # group = dst
-    PREEMPT = "preempt"        # group, request
-    COMPLETE = "complete"      # group = decode group
+    PLACE: Final = "place"            # request placed: group = prefill group
+    REJECT: Final = "reject"
+    PREFILL: Final = "prefill"        # span planned on a group
+    DECODE: Final = "decode"          # span planned on a group
+    CUT: Final = "cut"                # running decode span shortened
+    ADMIT: Final = "admit"            # decode admission (KV reserved): group = decode group
+    TRANSFER: Final = "transfer"      # KV transfer start: group = source
+    KV_ARRIVED: Final = "kv_arrived"  # group = destination
+    PREEMPT: Final = "preempt"
+    COMPLETE: Final = "complete"      # group = the group that produced the last token
 
+
+DETAIL_FIELDS: dict[str, tuple[str, ...]] = {
+    DecisionKind.PLACE: ("decode_group",),
+    DecisionKind.REJECT: ("reason",),
+    DecisionKind.PREFILL: ("n", "tokens", "cached", "dur"),
+    DecisionKind.DECODE: ("b", "k", "dur"),
+    DecisionKind.CUT: ("k", "end"),
+    DecisionKind.ADMIT: ("blocks",),
+    DecisionKind.TRANSFER: ("dst", "bytes"),
+    DecisionKind.KV_ARRIVED: (),
+    DecisionKind.PREEMPT: ("generated",),
+    DecisionKind.COMPLETE: (),
+}
+"""What the values of a decision's ``detail`` tuple are, per kind."""
 
 DECISION_COLUMNS = ("time_s", "kind", "group_id", "request_id", "detail")
-"""A decision is the tuple ``(time_s, kind, group_id | None, request_id | None, detail)``."""
+"""A decision is the tuple ``(time_s, kind, group_id | None, request_id | None, detail: tuple)``.
+
+The detail stays a tuple of numbers while the run goes (formatting strings on the hot path
+would cost more than the decision itself) and becomes ``"n=2 tokens=900 ..."`` text when
+written out.
+"""
+
+
+def format_detail(kind: str, detail: tuple) -> str:
+    """``detail`` as ``name=value`` text (floats in full precision, so logs compare exactly)."""
+    return " ".join(f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}"
+                    for name, value in zip(DETAIL_FIELDS[kind], detail) if value is not None)
 
 
 def decisions_to_columns(decisions: Iterable[tuple]) -> dict[str, list]:
     """Columns of a decision log, ready for Arrow/Parquet."""
     cols: dict[str, list] = {name: [] for name in DECISION_COLUMNS}
-    names = DECISION_COLUMNS
-    for row in decisions:
-        for name, value in zip(names, row):
-            cols[name].append(value)
+    for time_s, kind, group_id, request_id, detail in decisions:
+        cols["time_s"].append(time_s)
+        cols["kind"].append(kind)
+        cols["group_id"].append(group_id)
+        cols["request_id"].append(request_id)
+        cols["detail"].append(format_detail(kind, detail))
     return cols

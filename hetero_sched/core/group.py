@@ -153,6 +153,8 @@ class GroupState:
         self.group_id = group_id
         self.name = name
         self.role = role
+        self.can_prefill = role.can_prefill
+        self.can_decode = role.can_decode
         self.device = device
         self.pool = pool
         self.cost = cost
@@ -167,6 +169,8 @@ class GroupState:
         self._prefix_cache_tokens = cache_blocks * limits.block_size
         self.prefix_cache: Optional[PrefixCache] = None
         self.prefill_queue: deque[RequestState] = deque()
+        self.pending_prefill_tokens = 0                     # queued or being prefilled
+        self.num_pending_prefill = 0
         self.decode_queue: deque[RequestState] = deque()   # prefilled, awaiting KV reservation here
         self.in_transit = 0                                 # admitted, KV not yet here
         self.ready: list[RequestState] = []                 # KV here (or prefilled here), joins next span
@@ -194,10 +198,6 @@ class GroupState:
         """Sequences holding a decode slot: running, ready to join, or with KV in transit."""
         return len(self.running) + len(self.ready) + self.in_transit
 
-    def queued_prefill_tokens(self) -> int:
-        """Prefill work waiting here, in tokens."""
-        return sum(rs.prefill_tokens for rs in self.prefill_queue)
-
     def decode_lines(self, batch_size: int) -> tuple[Line, ...]:
         lines = self._lines.get(batch_size)
         if lines is None:
@@ -218,6 +218,8 @@ class GroupState:
     def enqueue_prefill(self, rs: RequestState, front: bool = False) -> None:
         rs.phase = Phase.WAITING_PREFILL
         rs.prefill_group = self.group_id
+        self.pending_prefill_tokens += rs.prefill_tokens
+        self.num_pending_prefill += 1
         if front:
             self.prefill_queue.appendleft(rs)
         else:
@@ -295,9 +297,9 @@ class GroupState:
         """Plan the next span of an idle group (prefill first), or None if there is nothing to do."""
         assert self.span is None
         span = None
-        if self.role.can_prefill and self.prefill_queue:
+        if self.can_prefill and self.prefill_queue:
             span = self._plan_prefill(now_s)
-        if span is None and (self.running or self.ready) and self.role.can_decode:
+        if span is None and (self.running or self.ready) and self.can_decode:
             span = self._plan_decode(now_s)
         self.span = span
         return span
@@ -401,7 +403,9 @@ class GroupState:
         self.busy_s += span.end_s - span.start_s
         out = SpanOutcome()
         if span.kind is SpanKind.PREFILL:
+            self.num_pending_prefill -= len(span.batch)
             for rs in span.batch:
+                self.pending_prefill_tokens -= rs.prefill_tokens
                 hashes = rs.request.prefix_hashes
                 if hashes:
                     self.prefix_cache_for(rs.request.prefix_block_tokens).use(hashes)

@@ -51,7 +51,7 @@ class Scheduler:
         self.decisions: list[tuple] = []
         self.records: list[tuple] = []
         self.num_active = 0
-        self._transfers: dict[int, RequestState] = {}
+        self._transfers: dict[int, tuple[RequestState, int, int]] = {}   # id -> (request, src, dst)
         self._next_transfer_id = 0
         self._dirty: set[int] = set()
         self._network_version = -1
@@ -82,12 +82,12 @@ class Scheduler:
 
     def on_kv_arrival(self, now_s: float, transfer_id: int) -> None:
         """A request's KV landed at its decode group: free the prefill copy, join next span."""
-        rs = self._transfers.pop(transfer_id)
-        src = self.groups[rs.prefill_group]
-        dst = self.groups[rs.decode_group]
+        rs, src_id, dst_id = self._transfers.pop(transfer_id)
+        src = self.groups[src_id]
+        dst = self.groups[dst_id]
         src.release_prefill_kv(rs)
         dst.kv_arrived(rs)
-        self._log(now_s, D.KV_ARRIVED, dst.group_id, rs.request_id, "")
+        self.decisions.append((now_s, D.KV_ARRIVED, dst.group_id, rs.request_id, ()))
         self._dirty.add(src.group_id)
         self._dirty.add(dst.group_id)
 
@@ -95,6 +95,9 @@ class Scheduler:
     def plan(self, now_s: float) -> list[Timer]:
         """Decisions at ``now_s`` after all of its events: admissions, transfers, spans, cuts."""
         timers: list[Timer] = []
+        if not self._dirty and self.network.version == self._network_version:
+            return timers
+        log = self.decisions.append
         while self._dirty:
             dirty = sorted(self._dirty)
             self._dirty.clear()
@@ -102,15 +105,19 @@ class Scheduler:
                 g = self.groups[gid]
                 if g.decode_queue:
                     for rs in g.admit_decode():
-                        self._start_transfer(now_s, rs, timers)
+                        self._start_transfer(now_s, rs, gid, timers)
                 if g.span is None:
                     span = g.plan(now_s)
                     if span is not None:
-                        self._log_span(now_s, g, span)
+                        dur = span.end_s - span.start_s
+                        if span.kind is SpanKind.PREFILL:
+                            log((now_s, D.PREFILL, gid, None, (len(span.batch), span.new_tokens, span.cached_tokens, dur)))
+                        else:
+                            log((now_s, D.DECODE, gid, None, (span.batch_size, span.steps, dur)))
                         timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
                 elif g.wants_interrupt() and g.cut(now_s):
                     span = g.span
-                    self._log(now_s, D.CUT, gid, None, f"k={span.steps} end={span.end_s!r}")
+                    log((now_s, D.CUT, gid, None, (span.steps, span.end_s)))
                     timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
         if self.network.version != self._network_version:
             self._network_version = self.network.version
@@ -140,21 +147,20 @@ class Scheduler:
         view = self.views[g.group_id]
         view.num_prefill_queued += 1
         view.prefill_queued_tokens += rs.prefill_tokens
-        self._log(now_s, D.PLACE, g.group_id, rs.request_id,
-                  "" if decision.decode_group is None else str(decision.decode_group))
+        self.decisions.append((now_s, D.PLACE, g.group_id, rs.request_id, (decision.decode_group,)))
         self._dirty.add(g.group_id)
 
     def _check(self, p: Placement, rs: RequestState) -> Optional[str]:
         """Capacity check of a policy's placement (the policy decides, the scheduler verifies)."""
         n = len(self.groups)
-        if not 0 <= p.prefill_group < n or not self.groups[p.prefill_group].role.can_prefill:
+        if not 0 <= p.prefill_group < n or not self.groups[p.prefill_group].can_prefill:
             return f"policy chose group {p.prefill_group}, which cannot prefill"
         g = self.groups[p.prefill_group]
         need = rs.context_tokens + 1
         if not g.fits_ever(need):
             return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {g.name}"
         if p.decode_group is not None:
-            if not 0 <= p.decode_group < n or not self.groups[p.decode_group].role.can_decode:
+            if not 0 <= p.decode_group < n or not self.groups[p.decode_group].can_decode:
                 return f"policy chose group {p.decode_group}, which cannot decode"
             if not self.groups[p.decode_group].fits_ever(need):
                 return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {self.groups[p.decode_group].name}"
@@ -174,11 +180,11 @@ class Scheduler:
                 rs.decode_group = g.group_id
                 g.ready.append(rs)
             else:
-                self._route_decode(now_s, rs)
+                self._route_decode(now_s, rs, g)
         for rs in out.completed:
             self._complete(now_s, rs, g.group_id)
         for rs in out.preempted:
-            self._log(now_s, D.PREEMPT, g.group_id, rs.request_id, f"generated={rs.generated}")
+            self.decisions.append((now_s, D.PREEMPT, g.group_id, rs.request_id, (rs.generated,)))
             if g.role is Role.BOTH:
                 g.enqueue_prefill(rs, front=True)
             else:
@@ -187,54 +193,56 @@ class Scheduler:
         for rs in out.failed:
             self._reject(now_s, rs, f"KV of {rs.context_tokens} tokens outgrew group {g.name}")
 
-    def _route_decode(self, now_s: float, rs: RequestState) -> None:
+    def _route_decode(self, now_s: float, rs: RequestState, src: GroupState) -> None:
         target = rs.decode_group
         if target is None:
             choice = self.policy.place_decode(self._info(rs), self.views, now_s)
             if isinstance(choice, Reject):
-                self.groups[rs.prefill_group].release_prefill_kv(rs)
+                src.release_prefill_kv(rs)
                 self._reject(now_s, rs, choice.reason)
                 return
             target = choice
         dst = self.groups[target]
-        if not dst.role.can_decode or not dst.fits_ever(rs.context_tokens + 1):
-            self.groups[rs.prefill_group].release_prefill_kv(rs)
+        if not dst.can_decode or not dst.fits_ever(rs.context_tokens + 1):
+            src.release_prefill_kv(rs)
             self._reject(now_s, rs, f"decode group {dst.name} cannot hold {rs.context_tokens} tokens")
             return
         dst.enqueue_decode(rs)
         self.views[target].num_decode_queued += 1
         self._dirty.add(target)
 
-    def _start_transfer(self, now_s: float, rs: RequestState, timers: list[Timer]) -> None:
-        src = self.groups[rs.prefill_group]
+    def _start_transfer(self, now_s: float, rs: RequestState, dst_id: int, timers: list[Timer]) -> None:
+        src_id = rs.prefill_group
+        assert src_id is not None
+        src = self.groups[src_id]
         tid = self._next_transfer_id
         self._next_transfer_id += 1
         rs.transfer_id = tid
-        self._transfers[tid] = rs
+        self._transfers[tid] = (rs, src_id, dst_id)
         nbytes = rs.context_tokens * src.cost.transfer_bytes_per_token
-        self._log(now_s, D.ADMIT, rs.decode_group, rs.request_id, f"blocks={rs.decode_blocks}")
-        self._log(now_s, D.TRANSFER, src.group_id, rs.request_id, f"dst={rs.decode_group} bytes={nbytes}")
-        timers.extend(self._arrivals(now_s, self.network.start(now_s, tid, src.group_id, rs.decode_group, nbytes)))
+        self.decisions.append((now_s, D.ADMIT, dst_id, rs.request_id, (rs.decode_blocks,)))
+        self.decisions.append((now_s, D.TRANSFER, src_id, rs.request_id, (dst_id, nbytes)))
+        timers.extend(self._arrivals(now_s, self.network.start(now_s, tid, src_id, dst_id, nbytes)))
 
     def _arrivals(self, now_s: float, done: list[int]) -> list[Timer]:
         out = []
         for tid in done:
-            rs = self._transfers[tid]
-            cost = self.groups[rs.prefill_group].cost.message_cost_s
+            src_id = self._transfers[tid][1]
+            cost = self.groups[src_id].cost.message_cost_s
             out.append((now_s + cost, Kind.KV_ARRIVAL, tid))
         return out
 
     def _complete(self, now_s: float, rs: RequestState, group_id: int) -> None:
         rs.phase = Phase.COMPLETED
         rs.finish_s = now_s
-        self._log(now_s, D.COMPLETE, group_id, rs.request_id, "")
+        self.decisions.append((now_s, D.COMPLETE, group_id, rs.request_id, ()))
         self._record(rs, "completed")
 
     def _reject(self, now_s: float, rs: RequestState, reason: str) -> None:
         rs.phase = Phase.REJECTED
         rs.reject_reason = reason
         rs.finish_s = now_s
-        self._log(now_s, D.REJECT, None, rs.request_id, reason)
+        self.decisions.append((now_s, D.REJECT, None, rs.request_id, (reason,)))
         self._record(rs, "rejected")
 
     def _record(self, rs: RequestState, status: str) -> None:
@@ -249,22 +257,8 @@ class Scheduler:
     def _report(self, g: GroupState, now_s: float) -> None:
         v = self.views[g.group_id]
         v.kv_blocks_free = g.kv.num_free
-        queued = list(g.prefill_queue)
-        if g.span is not None and g.span.kind is SpanKind.PREFILL:
-            queued += g.span.batch
-        v.num_prefill_queued = len(queued)
-        v.prefill_queued_tokens = sum(rs.prefill_tokens for rs in queued)
+        v.num_prefill_queued = g.num_pending_prefill
+        v.prefill_queued_tokens = g.pending_prefill_tokens
         v.num_decode_queued = len(g.decode_queue)
         v.num_decoding = g.num_decoding
         v.reported_s = now_s
-
-    def _log_span(self, now_s: float, g: GroupState, span: Span) -> None:
-        dur = span.end_s - span.start_s
-        if span.kind is SpanKind.PREFILL:
-            self._log(now_s, D.PREFILL, g.group_id, None,
-                      f"n={len(span.batch)} tokens={span.new_tokens} cached={span.cached_tokens} dur={dur!r}")
-        else:
-            self._log(now_s, D.DECODE, g.group_id, None, f"b={span.batch_size} k={span.steps} dur={dur!r}")
-
-    def _log(self, now_s: float, kind: str, group_id: Optional[int], request_id: Optional[int], detail: str) -> None:
-        self.decisions.append((now_s, kind, group_id, request_id, detail))

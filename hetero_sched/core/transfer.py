@@ -116,6 +116,10 @@ class TransferNetwork:
         self.version += 1
         if not self.active:
             return
+        if len(self.active) == 1:   # the common case: nothing to share
+            t = next(iter(self.active.values()))
+            t.rate_bytes_per_s = min(self.egress[t.src], self.ingress[t.dst])
+            return
         transfers = list(self.active.values())
         rates = max_min_rates([(t.src, t.dst) for t in transfers], self.egress, self.ingress)
         for t, r in zip(transfers, rates):

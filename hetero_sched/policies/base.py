@@ -36,7 +36,7 @@ class GroupView:
     the scheduler adds what it routed there itself (it knows that without being told).
     """
 
-    __slots__ = ("group_id", "name", "device", "pool", "role", "cost", "kv_blocks_total",
+    __slots__ = ("group_id", "name", "device", "pool", "role", "can_prefill", "can_decode", "cost", "kv_blocks_total",
                  "kv_blocks_free", "num_prefill_queued", "prefill_queued_tokens",
                  "num_decode_queued", "num_decoding", "reported_s")
 
@@ -47,6 +47,8 @@ class GroupView:
         self.device = device
         self.pool = pool
         self.role = role
+        self.can_prefill: bool = role.can_prefill
+        self.can_decode: bool = role.can_decode
         self.cost = cost
         self.kv_blocks_total = kv_blocks_total
         self.kv_blocks_free = kv_blocks_total
@@ -56,14 +58,6 @@ class GroupView:
         self.num_decode_queued = 0
         self.num_decoding = 0
         self.reported_s = 0.0
-
-    @property
-    def can_prefill(self) -> bool:
-        return bool(self.role.can_prefill)
-
-    @property
-    def can_decode(self) -> bool:
-        return bool(self.role.can_decode)
 
     @property
     def decode_load(self) -> int:
