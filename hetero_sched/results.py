@@ -39,6 +39,8 @@ class RunResult:
     records: pa.Table
     decisions: list[tuple] = field(default_factory=list)
     stamp: dict[str, Any] = field(default_factory=dict)
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    """Generated token ids per request (live runs with the numpy backend)."""
 
     def decisions_table(self) -> pa.Table:
         """The decision log as an Arrow table (time_s, kind, group_id, request_id, detail)."""

@@ -324,7 +324,10 @@ class GroupState:
             cached = 0
             if hashes:
                 block = rs.request.prefix_block_tokens
-                cached = min(self.prefix_cache_for(block).matched_blocks(hashes) * block, rs.prefill_tokens - 1)
+                # a hit covers prompt tokens only (never tokens generated before a preemption),
+                # and at least one token is computed to produce the next one
+                cached = min(self.prefix_cache_for(block).matched_blocks(hashes) * block,
+                             rs.request.prompt_tokens, rs.prefill_tokens - 1)
             new = rs.prefill_tokens - cached
             if batch and total + new > lim.max_batch_tokens:
                 break
@@ -407,8 +410,9 @@ class GroupState:
             for rs in span.batch:
                 self.pending_prefill_tokens -= rs.prefill_tokens
                 hashes = rs.request.prefix_hashes
-                if hashes:
-                    self.prefix_cache_for(rs.request.prefix_block_tokens).use(hashes)
+                if hashes:   # only full blocks are cached: a partial block's KV is not the block's
+                    block = rs.request.prefix_block_tokens
+                    self.prefix_cache_for(block).use(hashes[:rs.request.prompt_tokens // block])
                 rs.on_token(now_s)
                 out.prefilled.append(rs)
             return out

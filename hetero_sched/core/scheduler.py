@@ -15,7 +15,7 @@ Every decision is appended to :attr:`Scheduler.decisions` (see
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 from hetero_sched.core.events import DecisionKind as D, Kind
 from hetero_sched.core.group import GroupState, Role, Span, SpanKind, SpanOutcome
@@ -32,6 +32,20 @@ RECORD_COLUMNS = (
     "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions", "generated",
 )
 """One row per finished request. Times are absolute (same clock as ``arrival_s``)."""
+
+
+class ExecutorHooks(Protocol):
+    """What a live executor needs to hear from the core (the simulator passes none).
+
+    The core calls these as it decides; the runtime turns them into batched actor calls.
+    """
+
+    def span_planned(self, group_id: int, span: Span) -> None: ...
+    def span_cut(self, group_id: int, span: Span) -> None: ...
+    def transfer_started(self, transfer_id: int, rs: RequestState, src: int, dst: int, num_bytes: int) -> None: ...
+    def kv_landed(self, transfer_id: int, rs: RequestState, src: int, dst: int) -> None: ...
+    def request_left(self, group_id: int, rs: RequestState, how: str) -> None:
+        """``rs`` left ``group_id`` (completed / preempted / failed): its KV there can go."""
 
 
 class Scheduler:
@@ -55,6 +69,7 @@ class Scheduler:
         self._next_transfer_id = 0
         self._dirty: set[int] = set()
         self._network_version = -1
+        self.hooks: Optional[ExecutorHooks] = None
 
     # --- events ----------------------------------------------------------------------------
     def on_arrival(self, now_s: float, request: Request) -> None:
@@ -87,6 +102,8 @@ class Scheduler:
         dst = self.groups[dst_id]
         src.release_prefill_kv(rs)
         dst.kv_arrived(rs)
+        if self.hooks is not None:
+            self.hooks.kv_landed(transfer_id, rs, src_id, dst_id)
         self.decisions.append((now_s, D.KV_ARRIVED, dst.group_id, rs.request_id, ()))
         self._dirty.add(src.group_id)
         self._dirty.add(dst.group_id)
@@ -115,10 +132,14 @@ class Scheduler:
                         else:
                             log((now_s, D.DECODE, gid, None, (span.batch_size, span.steps, dur)))
                         timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
+                        if self.hooks is not None:
+                            self.hooks.span_planned(gid, span)
                 elif g.wants_interrupt() and g.cut(now_s):
                     span = g.span
                     log((now_s, D.CUT, gid, None, (span.steps, span.end_s)))
                     timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
+                    if self.hooks is not None:
+                        self.hooks.span_cut(gid, span)
         if self.network.version != self._network_version:
             self._network_version = self.network.version
             nxt = self.network.next_finish_s()
@@ -167,8 +188,18 @@ class Scheduler:
         return None
 
     def _apply(self, now_s: float, g: GroupState, out: SpanOutcome) -> None:
+        hooks = self.hooks
+        if hooks is not None:
+            for rs in out.completed:
+                hooks.request_left(g.group_id, rs, "completed")
+            for rs in out.preempted:
+                hooks.request_left(g.group_id, rs, "preempted")
+            for rs in out.failed:
+                hooks.request_left(g.group_id, rs, "failed")
         for rs in out.prefilled:
             if rs.generated >= rs.request.output_tokens:
+                if hooks is not None:
+                    hooks.request_left(g.group_id, rs, "completed")
                 if g.role is Role.BOTH:
                     g.kv.free(rs.decode_blocks)
                     rs.decode_blocks = 0
@@ -222,6 +253,8 @@ class Scheduler:
         nbytes = rs.context_tokens * src.cost.transfer_bytes_per_token
         self.decisions.append((now_s, D.ADMIT, dst_id, rs.request_id, (rs.decode_blocks,)))
         self.decisions.append((now_s, D.TRANSFER, src_id, rs.request_id, (dst_id, nbytes)))
+        if self.hooks is not None:
+            self.hooks.transfer_started(tid, rs, src_id, dst_id, nbytes)
         timers.extend(self._arrivals(now_s, self.network.start(now_s, tid, src_id, dst_id, nbytes)))
 
     def _arrivals(self, now_s: float, done: list[int]) -> list[Timer]:

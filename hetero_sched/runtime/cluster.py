@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
+from ray._private.internal_api import memory_summary  # private: its one use is object_store_usage
 from ray.cluster_utils import Cluster
 
 # Ray private APIs (Ray is pinned to 2.60): the calls ray.init() itself makes to set up token
@@ -377,3 +379,12 @@ def ensure_cluster(exp: Experiment, address: Optional[str] = None) -> Iterator[s
             ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+
+
+def object_store_usage(address: str) -> tuple[int, int]:
+    """``(MiB, objects)`` held in the cluster's object stores (from the raylets; no dashboard needed)."""
+    text = memory_summary(address, stats_only=True)
+    match = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
+    if match is None:
+        raise RuntimeError(f"unexpected memory summary from Ray: {text[:200]!r}")
+    return int(match.group(1)), int(match.group(2))

@@ -29,9 +29,9 @@ def resolve(experiment: ExperimentLike) -> tuple[Experiment, Path]:
     return load_experiment(experiment)
 
 
-def build_scheduler(exp: Experiment, workload: Workload, base_dir: Path) -> Scheduler:
-    """The core for an experiment: groups, policy, predictions."""
-    groups = build_groups(exp, base_dir)
+def build_scheduler(exp: Experiment, workload: Workload, base_dir: Optional[Path]) -> Scheduler:
+    """The core for an experiment: groups, policy, predictions (relative paths from ``base_dir``)."""
+    groups = build_groups(exp, base_dir or Path.cwd())
     params = dict(exp.policy.params)
     if "seed" in _init_params(exp.policy.name) and "seed" not in params:
         params["seed"] = exp.seed
@@ -45,16 +45,22 @@ def _init_params(policy_name: str) -> list[str]:
 
 
 def finish_run(exp: Experiment, scheduler: Scheduler, workload: Workload, clock: str) -> RunResult:
-    """Records → metrics → a stamped :class:`RunResult` (shared by the simulator and the runtime)."""
-    slo = exp.slo_target
-    table = records_table(scheduler.records, slo)
+    """A finished simulation → a stamped :class:`RunResult`."""
     usage = [GroupUsage(g.name, g.device, g.role.value, g.busy_s, g.cost.dollars_per_hour)
              for g in scheduler.groups]
+    return make_result(exp, scheduler.records, scheduler.decisions, usage, workload, clock)
+
+
+def make_result(exp: Experiment, records: list[tuple], decisions: list[tuple], usage: list[GroupUsage],
+                workload: Workload, clock: str) -> RunResult:
+    """Records → metrics → a stamped :class:`RunResult` (shared by the simulator and the runtime)."""
+    slo = exp.slo_target
+    table = records_table(records, slo)
     summary = summarize(table, slo, usage)
     summary["experiment"] = exp.name
     summary["policy"] = exp.policy.name
     stamp = make_stamp(resolve_assumptions(exp.overrides), workload.source, clock)
-    return RunResult(exp.model_dump(mode="json"), summary, table, scheduler.decisions, stamp)
+    return RunResult(exp.model_dump(mode="json"), summary, table, decisions, stamp)
 
 
 def simulate(experiment: ExperimentLike = None, *, workload: Optional[Workload] = None,

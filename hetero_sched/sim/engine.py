@@ -8,7 +8,7 @@ the workload one at a time, so a million-request run never holds a million event
 from __future__ import annotations
 
 import heapq
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 from hetero_sched.core.events import PRIORITY_OF, Kind
 from hetero_sched.core.scheduler import Scheduler
@@ -18,9 +18,27 @@ ProgressFn = Callable[[int], None]
 """Called with the number of requests finished so far (every few thousand events)."""
 
 
+class DriverHooks(Protocol):
+    """Where a live driver does real work in virtual time (the simulator passes none).
+
+    ``before_span_end`` runs the span on its actor (which reports instead of sleeping);
+    ``before_kv_arrival`` makes sure the KV bytes really landed; ``after_plan`` flushes the
+    batched calls a plan produced. Stale span ends are passed too: the hooks ignore them.
+    """
+
+    def before_span_end(self, now_s: float, group_id: int, token: int) -> None: ...
+    def before_kv_arrival(self, now_s: float, transfer_id: int) -> None: ...
+    def after_plan(self, now_s: float) -> None: ...
+
+
 def run_events(scheduler: Scheduler, requests: Iterable[Request],
-               progress: Optional[ProgressFn] = None, progress_every: int = 20000) -> float:
-    """Run the workload to the end; returns the virtual time of the last event.
+               progress: Optional[ProgressFn] = None, progress_every: int = 20000,
+               hooks: Optional[DriverHooks] = None,
+               clock: Optional[Callable[[float], float]] = None) -> float:
+    """Run the workload to the end; returns the time of the last event.
+
+    ``clock`` (the live runtime's wall clock) maps an event's planned time to the time it is
+    applied at; without one, time is virtual and every event is applied at its planned time.
 
     Raises RuntimeError if requests remain unfinished when no event is left (a core bug: the
     contract says every request ends completed or rejected).
@@ -41,7 +59,11 @@ def run_events(scheduler: Scheduler, requests: Iterable[Request],
     on_transfer, on_kv_arrival, plan = scheduler.on_transfer, scheduler.on_kv_arrival, scheduler.plan
     while heap:
         now, _, _, kind, payload = pop(heap)
+        if clock is not None:
+            now = clock(now)
         if kind is Kind.SPAN_END:
+            if hooks is not None:
+                hooks.before_span_end(now, payload[0], payload[1])
             on_span_end(now, payload[0], payload[1])
         elif kind is Kind.ARRIVAL:
             on_arrival(now, payload)
@@ -50,6 +72,8 @@ def run_events(scheduler: Scheduler, requests: Iterable[Request],
                 seq += 1
                 push(heap, (nxt.arrival_s, arrival_prio, seq, Kind.ARRIVAL, nxt))
         elif kind is Kind.KV_ARRIVAL:
+            if hooks is not None:
+                hooks.before_kv_arrival(now, payload)
             on_kv_arrival(now, payload)
         else:
             for t, k, p in on_transfer(now, payload):
@@ -59,6 +83,8 @@ def run_events(scheduler: Scheduler, requests: Iterable[Request],
             for t, k, p in plan(now):
                 seq += 1
                 push(heap, (t, prio[k], seq, k, p))
+            if hooks is not None:
+                hooks.after_plan(now)
         events += 1
         if progress is not None and events % progress_every == 0:
             progress(len(scheduler.records))

@@ -1,0 +1,152 @@
+"""What a device-group actor computes: nothing but KV bytes (modeled) or a real tiny Llama (numpy).
+
+A backend is the executor half of plan/execute/apply: the core already decided what runs
+and for how long; the backend does the work a real group would do with its KV — compute it
+(numpy), hand it over as Arrow blocks, read it back (checksums verified) and decode from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from hetero_sched.catalog import get_model
+from hetero_sched.runtime.kvcodec import decode_kv, encode_kv, make_synthetic_kv_batch
+from hetero_sched.tinylm import TinyLM, prompt_token_ids
+
+Tokens = dict[int, list[int]]
+Margins = dict[int, float]
+
+
+class Backend(Protocol):
+    """The per-group executor of spans and KV hand-offs."""
+
+    def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]: ...
+    def decode(self, joiners: list[dict[str, Any]], steps: int) -> tuple[Tokens, Margins]: ...
+    def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch: ...
+    def import_kv(self, request_id: int, batch: pa.RecordBatch) -> int: ...
+    def forget(self, request_ids: list[int]) -> None: ...
+    def held(self) -> int: ...
+
+
+class ModeledBackend:
+    """Durations come from the cost model; only KV bytes are real.
+
+    The KV a transfer moves is synthetic, ``bytes_scale`` × its true size (a laptop can replay
+    a 70B workload), checksummed and verified like real KV. The importing side keeps the
+    decoded view until the request leaves, so the object stays pinned exactly that long.
+    """
+
+    def __init__(self, bytes_scale: float, seed: int) -> None:
+        self.bytes_scale = bytes_scale
+        self.seed = seed
+        self._kv: dict[int, Any] = {}
+
+    def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]:
+        return {}, {}
+
+    def decode(self, joiners: list[dict[str, Any]], steps: int) -> tuple[Tokens, Margins]:
+        return {}, {}
+
+    def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch:
+        nbytes = max(1024, int(true_bytes * self.bytes_scale))
+        return make_synthetic_kv_batch(nbytes, block_bytes=min(nbytes, 1 << 20), seed=self.seed,
+                                       request_id=request_id)
+
+    def import_kv(self, request_id: int, batch: pa.RecordBatch) -> int:
+        decoded = decode_kv(batch, verify=True)
+        self._kv[request_id] = decoded.blocks
+        return int(decoded.blocks.nbytes)
+
+    def forget(self, request_ids: list[int]) -> None:
+        for rid in request_ids:
+            self._kv.pop(rid, None)
+
+    def held(self) -> int:
+        return len(self._kv)
+
+
+class NumpyBackend:
+    """A deterministic tiny Llama that really computes prefill KV and decodes from the KV it is sent.
+
+    Prompt ids derive from the request id and its prefix hashes (``prompt_token_ids``), so a
+    prefix-cache hit reuses exactly the KV another request computed. The prefix cache here
+    keeps every full hash block it computed (the model is tiny); the core decides which hits
+    count, and a hit this cache cannot serve is an error, never a silent recompute.
+    """
+
+    def __init__(self, model: str, seed: int, block_size: int) -> None:
+        self.lm = TinyLM(model, seed)
+        self.model = model
+        self.vocab = get_model(model).vocab_size
+        self.seed = seed
+        self.block_size = block_size
+        self._kv: dict[int, np.ndarray] = {}
+        self._last: dict[int, int] = {}
+        self._running: list[int] = []
+        self._prefix: dict[int, np.ndarray] = {}
+
+    def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]:
+        tokens: Tokens = {}
+        margins: Margins = {}
+        for r in requests:
+            rid, hashes, block = r["id"], r.get("hashes"), r.get("block", 512)
+            ids = prompt_token_ids(rid, r["prompt"], self.vocab, hashes, block, self.seed)
+            ids = np.concatenate([ids, np.asarray(r["generated"], dtype=np.int64)])
+            cached = r["cached"]
+            cached_kv = None
+            if cached:   # exactly the tokens the core counted as hits (may end inside a block)
+                blocks = [self._prefix[h] for h in hashes[:-(-cached // block)]]
+                cached_kv = np.concatenate(blocks, axis=2)[:, :, :cached]
+            res = self.lm.prefill(ids, cached_kv)
+            if hashes:
+                for j, h in enumerate(hashes[:r["prompt"] // block]):
+                    self._prefix.setdefault(h, res.kv[:, :, j * block:(j + 1) * block])
+            self._kv[rid] = res.kv
+            tokens[rid] = [res.next_token]
+            margins[rid] = res.margin
+        return tokens, margins
+
+    def decode(self, joiners: list[dict[str, Any]], steps: int) -> tuple[Tokens, Margins]:
+        for j in joiners:
+            self._last[j["id"]] = j["last"]
+            self._running.append(j["id"])
+        tokens: Tokens = {}
+        margins: Margins = {}
+        for rid in self._running:
+            res = self.lm.decode(self._kv[rid], self._last[rid], steps)
+            self._kv[rid] = res.kv
+            self._last[rid] = res.tokens[-1]
+            tokens[rid] = res.tokens
+            margins[rid] = min(res.margins)
+        return tokens, margins
+
+    def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch:
+        return encode_kv(self._kv[request_id], model=self.model, dtype="float64",
+                         block_size=self.block_size, request_id=request_id)
+
+    def import_kv(self, request_id: int, batch: pa.RecordBatch) -> int:
+        decoded = decode_kv(batch, verify=True)
+        self._kv[request_id] = decoded.token_major()
+        return int(decoded.blocks.nbytes)
+
+    def forget(self, request_ids: list[int]) -> None:
+        gone = set(request_ids)
+        for rid in gone:
+            self._kv.pop(rid, None)
+            self._last.pop(rid, None)
+        self._running = [rid for rid in self._running if rid not in gone]
+
+    def held(self) -> int:
+        return len(self._kv)
+
+
+def make_backend(kind: str, *, model: str, seed: int, bytes_scale: float, block_size: int) -> Backend:
+    """A backend by name: ``modeled`` or ``numpy``."""
+    if kind == "modeled":
+        return ModeledBackend(bytes_scale, seed)
+    if kind == "numpy":
+        return NumpyBackend(model, seed, block_size)
+    raise ValueError(f"unknown backend {kind!r} (modeled or numpy)")
