@@ -132,7 +132,7 @@ def run(
     if not quiet:
         rt = result.summary["runtime"]
         Console().print(summary_table(result.summary))
-        Console().print(f"  runtime           {rt['actor_calls']:,} actor calls (p50 {rt['actor_call_ms_p50']:.2f} ms), "
+        Console().print(f"  runtime           {rt['actor_calls']:,} actor calls in {rt['flushes']:,} batched steps (p50 {rt['flush_ms_p50']:.2f} ms), "
                         f"{rt['transfers']:,} KV transfers, {rt['bytes_moved'] / 2**20:,.1f} MiB moved, "
                         f"lateness p99 {rt['lateness_ms_p99']:.1f} ms, KV held after run: {rt['kv_held_after_run']}")
     typer.echo(str(folder) if quiet else f"run folder: {folder}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 import ray
@@ -134,14 +135,15 @@ def test_wall_clock_run_tracks_the_simulator(ray_cluster):
 
 
 def test_control_messages_are_validated():
-    data = pack("forget", ids=[1, 2])
-    assert unpack(data, "forget")["ids"] == [1, 2]
-    with pytest.raises(MessageError, match="expected a decode message"):
-        unpack(data, "decode")
-    with pytest.raises(MessageError, match="missing field 'steps'"):
-        pack("decode", span=1, joiners=[])
-    import msgpack
+    data = pack("step", ops=[{"op": "forget", "ids": [1, 2]}])
+    assert unpack(data, "step")["ops"][0]["ids"] == [1, 2]
+    with pytest.raises(MessageError, match="expected a step_report message"):
+        unpack(data, "step_report")
+    with pytest.raises(MessageError, match="decode op 0 lacks 'steps'"):
+        pack("step", ops=[{"op": "decode", "joiners": []}])
+    with pytest.raises(MessageError, match="not one of"):
+        pack("step", ops=[{"op": "explode"}])
     with pytest.raises(MessageError, match="schema version"):
-        unpack(msgpack.packb({"v": 99, "kind": "forget", "ids": []}), "forget")
+        unpack(msgpack.packb({"v": 99, "kind": "step", "ops": []}), "step")
     with pytest.raises(MessageError, match="not valid msgpack"):
-        unpack(b"\xc1", "forget")
+        unpack(b"\xc1", "step")

@@ -37,32 +37,45 @@ class DeviceGroupActor:
         """Where this actor landed (its node's labels), for placement checks."""
         return {k: str(v) for k, v in ray.get_runtime_context().get_node_labels().items()}
 
-    def prefill(self, msg: bytes) -> bytes:
-        m = unpack(msg, "prefill")
-        tokens, margins = self.backend.prefill(m["requests"])
-        return pack("prefill_report", span=m["span"], tokens=tokens, margins=margins)
+    def step(self, msg: bytes, refs: list[ray.ObjectRef]) -> tuple[bytes, list[ray.ObjectRef]]:
+        """Carry out one time step's operations, in order; return the report and exported refs.
 
-    def decode(self, msg: bytes) -> bytes:
-        m = unpack(msg, "decode")
-        tokens, margins = self.backend.decode(m["joiners"], m["steps"])
-        return pack("decode_report", span=m["span"], tokens=tokens, margins=margins)
-
-    def export_kv(self, msg: bytes) -> list[ray.ObjectRef]:
-        """Encode each request's KV as Arrow blocks and put them in the object store (this actor owns them)."""
-        m = unpack(msg, "export")
-        return [ray.put(self.backend.export_kv(r["id"], r["true_bytes"])) for r in m["requests"]]
-
-    def import_kv(self, msg: bytes, refs: list[ray.ObjectRef]) -> bytes:
-        """Read KV by ref (zero-copy on one node), verify checksums, keep it for decode."""
-        m = unpack(msg, "import")
-        t0 = time.perf_counter()
-        nbytes = 0
-        for r, batch in zip(m["requests"], ray.get(refs)):
-            nbytes += self.backend.import_kv(r["id"], batch)
-        return pack("import_report", bytes=nbytes, decode_s=time.perf_counter() - t0)
-
-    def forget(self, msg: bytes) -> None:
-        self.backend.forget(unpack(msg, "forget")["ids"])
+        ``refs`` (Arrow KV blocks, one per import op) are read here — zero-copy on one node —
+        and their checksums verified; exports are ``ray.put`` by this actor, which owns them.
+        """
+        ops = unpack(msg, "step")["ops"]
+        tokens: dict[int, list[int]] = {}
+        margins: dict[int, float] = {}
+        exported: list[ray.ObjectRef] = []
+        import_bytes = 0
+        import_s = 0.0
+        imports = iter(ray.get(refs)) if refs else iter(())
+        backend = self.backend
+        for op in ops:
+            kind = op["op"]
+            if kind == "prefill":
+                t, m = backend.prefill(op["requests"])
+            elif kind == "decode":
+                t, m = backend.decode(op["joiners"], op["steps"])
+            elif kind == "import":
+                t0 = time.perf_counter()
+                import_bytes += backend.import_kv(op["id"], next(imports), op["last"])
+                import_s += time.perf_counter() - t0
+                continue
+            elif kind == "export":
+                exported.append(ray.put(backend.export_kv(op["id"], op["true_bytes"])))
+                continue
+            else:
+                backend.forget(op["ids"])
+                continue
+            for rid, toks in t.items():
+                tokens.setdefault(rid, []).extend(toks)
+            for rid, margin in m.items():
+                margins[rid] = min(margin, margins.get(rid, margin))
+        del imports
+        report = pack("step_report", tokens=tokens, margins=margins, import_bytes=import_bytes,
+                      import_s=import_s)
+        return report, exported
 
     def held(self) -> int:
         """Requests whose KV this group still holds (0 after a clean run)."""
@@ -101,7 +114,8 @@ class SchedulerActor:
             "tokens": executor.tokens,
             "stats": {"actor_calls": executor.stats.actor_calls, "transfers": executor.stats.transfers,
                       "bytes_moved": executor.stats.bytes_moved, "import_s": executor.stats.import_s,
-                      "min_margin": executor.stats.min_margin, "call_s": executor.stats.call_s,
+                      "flushes": executor.stats.flushes, "min_margin": executor.stats.min_margin,
+                      "call_s": executor.stats.flush_s,
                       "lateness_s": wall.lateness_s if wall is not None else [],
                       "wall_s": time.perf_counter() - t0},
         }

@@ -24,9 +24,9 @@ class Backend(Protocol):
     """The per-group executor of spans and KV hand-offs."""
 
     def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]: ...
-    def decode(self, joiners: list[dict[str, Any]], steps: int) -> tuple[Tokens, Margins]: ...
+    def decode(self, joiners: list[int], steps: int) -> tuple[Tokens, Margins]: ...
     def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch: ...
-    def import_kv(self, request_id: int, batch: pa.RecordBatch) -> int: ...
+    def import_kv(self, request_id: int, batch: pa.RecordBatch, last_token: int) -> int: ...
     def forget(self, request_ids: list[int]) -> None: ...
     def held(self) -> int: ...
 
@@ -47,7 +47,7 @@ class ModeledBackend:
     def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]:
         return {}, {}
 
-    def decode(self, joiners: list[dict[str, Any]], steps: int) -> tuple[Tokens, Margins]:
+    def decode(self, joiners: list[int], steps: int) -> tuple[Tokens, Margins]:
         return {}, {}
 
     def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch:
@@ -55,7 +55,7 @@ class ModeledBackend:
         return make_synthetic_kv_batch(nbytes, block_bytes=min(nbytes, 1 << 20), seed=self.seed,
                                        request_id=request_id)
 
-    def import_kv(self, request_id: int, batch: pa.RecordBatch) -> int:
+    def import_kv(self, request_id: int, batch: pa.RecordBatch, last_token: int) -> int:
         decoded = decode_kv(batch, verify=True)
         self._kv[request_id] = decoded.blocks
         return int(decoded.blocks.nbytes)
@@ -105,14 +105,13 @@ class NumpyBackend:
                 for j, h in enumerate(hashes[:r["prompt"] // block]):
                     self._prefix.setdefault(h, res.kv[:, :, j * block:(j + 1) * block])
             self._kv[rid] = res.kv
+            self._last[rid] = res.next_token
             tokens[rid] = [res.next_token]
             margins[rid] = res.margin
         return tokens, margins
 
-    def decode(self, joiners: list[dict[str, Any]], steps: int) -> tuple[Tokens, Margins]:
-        for j in joiners:
-            self._last[j["id"]] = j["last"]
-            self._running.append(j["id"])
+    def decode(self, joiners: list[int], steps: int) -> tuple[Tokens, Margins]:
+        self._running.extend(joiners)
         tokens: Tokens = {}
         margins: Margins = {}
         for rid in self._running:
@@ -127,9 +126,10 @@ class NumpyBackend:
         return encode_kv(self._kv[request_id], model=self.model, dtype="float64",
                          block_size=self.block_size, request_id=request_id)
 
-    def import_kv(self, request_id: int, batch: pa.RecordBatch) -> int:
+    def import_kv(self, request_id: int, batch: pa.RecordBatch, last_token: int) -> int:
         decoded = decode_kv(batch, verify=True)
         self._kv[request_id] = decoded.token_major()
+        self._last[request_id] = last_token
         return int(decoded.blocks.nbytes)
 
     def forget(self, request_ids: list[int]) -> None:

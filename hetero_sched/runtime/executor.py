@@ -1,12 +1,12 @@
-"""The scheduler actor's executor: the core's decisions → batched calls to device-group actors.
+"""The scheduler actor's executor: the core's decisions → one batched call per actor per time.
 
-The core (in the scheduler actor) tells this object what it planned — spans, cuts, transfers,
-departures — and the event loop calls it at three points: before a span's end is applied
-(the group's actor runs the span and reports: prefill tokens, decode tokens), before a KV
-arrival is applied (the decode actor reads the Arrow blocks by ref and verifies their
-checksums), and after each plan (prefill actors export KV for the transfers that started,
-groups forget requests that left). One call per span or per batch of requests, never one
-per token. ObjectRefs travel as call arguments; msgpack carries the rest.
+The core (in the scheduler actor) tells this object what it decided — spans, cuts,
+transfers, departures — and the event loop tells it when a span ends and when KV lands.
+Each becomes an *operation* queued for the group's actor; after every plan, each actor with
+work gets one ``step`` call carrying all its operations in order (calls to different actors
+run in parallel), and the loop waits for them: prefill and decode report their tokens,
+exports return ObjectRefs of Arrow KV blocks, imports read KV by ref and verify checksums,
+forgets free what left. ObjectRefs travel as call arguments; msgpack carries the rest.
 """
 
 from __future__ import annotations
@@ -26,8 +26,17 @@ from hetero_sched.runtime.messages import pack, unpack
 class _PlannedSpan:
     token: int
     kind: SpanKind
-    payload: list[dict[str, Any]]
+    batch: list[RequestState]
     steps: int
+
+
+@dataclass
+class _Outbox:
+    """What one actor will be asked to do at the next flush."""
+
+    ops: list[dict[str, Any]] = field(default_factory=list)
+    refs: list[ray.ObjectRef] = field(default_factory=list)     # consumed by import ops, in order
+    exports: list[int] = field(default_factory=list)            # transfer ids of export ops, in order
 
 
 @dataclass
@@ -35,11 +44,12 @@ class ExecutorStats:
     """What the executor did, for the run summary and the benchmarks."""
 
     actor_calls: int = 0
+    flushes: int = 0
     transfers: int = 0
     bytes_moved: int = 0
     import_s: float = 0.0
     min_margin: Optional[float] = None
-    call_s: list[float] = field(default_factory=list)
+    flush_s: list[float] = field(default_factory=list)
 
 
 class LiveExecutor:
@@ -51,20 +61,19 @@ class LiveExecutor:
         self.tokens: dict[int, list[int]] = {}
         self.stats = ExecutorStats()
         self._spans: dict[int, _PlannedSpan] = {}
-        self._exports: dict[int, list[tuple[int, int, int]]] = {}   # src group -> [(transfer, request, bytes)]
+        self._outbox: dict[int, _Outbox] = {}
         self._transfers: dict[int, tuple[int, int]] = {}            # transfer -> (request, dst group)
         self._refs: dict[int, ray.ObjectRef] = {}                    # transfer -> Arrow KV in the object store
-        self._forget: dict[int, list[int]] = {}
-        self._pending: list[ray.ObjectRef] = []
+
+    def _box(self, group_id: int) -> _Outbox:
+        box = self._outbox.get(group_id)
+        if box is None:
+            box = self._outbox[group_id] = _Outbox()
+        return box
 
     # --- core hooks ---------------------------------------------------------------------------
     def span_planned(self, group_id: int, span: Span) -> None:
-        if span.kind is SpanKind.PREFILL:
-            payload = [self._prefill_item(rs) for rs in span.batch]
-        else:
-            payload = [{"id": rs.request_id, "last": self.tokens[rs.request_id][-1] if self.real_tokens else 0}
-                       for rs in span.batch]
-        self._spans[group_id] = _PlannedSpan(span.token, span.kind, payload, span.steps)
+        self._spans[group_id] = _PlannedSpan(span.token, span.kind, list(span.batch), span.steps)
 
     def span_cut(self, group_id: int, span: Span) -> None:
         planned = self._spans[group_id]
@@ -72,14 +81,23 @@ class LiveExecutor:
         planned.steps = span.steps
 
     def transfer_started(self, transfer_id: int, rs: RequestState, src: int, dst: int, num_bytes: int) -> None:
-        self._exports.setdefault(src, []).append((transfer_id, rs.request_id, num_bytes))
+        box = self._box(src)
+        box.ops.append({"op": "export", "id": rs.request_id, "true_bytes": int(num_bytes)})
+        box.exports.append(transfer_id)
         self._transfers[transfer_id] = (rs.request_id, dst)
 
     def kv_landed(self, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
-        self._forget.setdefault(src, []).append(rs.request_id)
+        self._forget(src, rs.request_id)
 
     def request_left(self, group_id: int, rs: RequestState, how: str) -> None:
-        self._forget.setdefault(group_id, []).append(rs.request_id)
+        self._forget(group_id, rs.request_id)
+
+    def _forget(self, group_id: int, request_id: int) -> None:
+        ops = self._box(group_id).ops
+        if ops and ops[-1]["op"] == "forget":
+            ops[-1]["ids"].append(request_id)
+        else:
+            ops.append({"op": "forget", "ids": [request_id]})
 
     # --- driver hooks -------------------------------------------------------------------------
     def before_span_end(self, now_s: float, group_id: int, token: int) -> None:
@@ -87,59 +105,49 @@ class LiveExecutor:
         if planned is None or planned.token != token:
             return                                              # a stale end: the span was cut
         del self._spans[group_id]
-        actor = self.actors[group_id]
         if planned.kind is SpanKind.PREFILL:
-            ref = actor.prefill.remote(pack("prefill", span=token, requests=planned.payload))
-            report = unpack(self._get(ref), "prefill_report")
+            op = {"op": "prefill", "requests": [self._prefill_item(rs) for rs in planned.batch]}
         else:
-            ref = actor.decode.remote(pack("decode", span=token, steps=planned.steps, joiners=planned.payload))
-            report = unpack(self._get(ref), "decode_report")
-        for rid, toks in report["tokens"].items():
-            self.tokens.setdefault(int(rid), []).extend(toks)
-        for m in report["margins"].values():
-            if self.stats.min_margin is None or m < self.stats.min_margin:
-                self.stats.min_margin = m
+            op = {"op": "decode", "steps": planned.steps, "joiners": [rs.request_id for rs in planned.batch]}
+        self._box(group_id).ops.append(op)
 
     def before_kv_arrival(self, now_s: float, transfer_id: int) -> None:
         rid, dst = self._transfers.pop(transfer_id)
-        ref = self._refs.pop(transfer_id)
-        msg = pack("import", requests=[{"id": rid, "transfer": transfer_id}])
-        report = unpack(self._get(self.actors[dst].import_kv.remote(msg, [ref])), "import_report")
+        box = self._box(dst)
+        last = self.tokens[rid][-1] if self.real_tokens else 0
+        box.ops.append({"op": "import", "id": rid, "last": last})
+        box.refs.append(self._refs.pop(transfer_id))            # the scheduler's reference goes with it
         self.stats.transfers += 1
-        self.stats.bytes_moved += report["bytes"]
-        self.stats.import_s += report["decode_s"]
-        del ref                                                 # the scheduler's reference goes now
 
     def after_plan(self, now_s: float) -> None:
-        for src, items in self._exports.items():
-            msg = pack("export", requests=[{"id": rid, "true_bytes": int(nbytes)} for _, rid, nbytes in items])
-            refs = self._get(self.actors[src].export_kv.remote(msg))
-            for (tid, _, _), ref in zip(items, refs):
+        if not self._outbox:
+            return
+        t0 = time.perf_counter()
+        boxes = list(self._outbox.items())
+        self._outbox = {}
+        futures = [self.actors[gid].step.remote(pack("step", ops=box.ops), box.refs) for gid, box in boxes]
+        results = ray.get(futures)
+        for (gid, box), (report_bytes, refs) in zip(boxes, results):
+            report = unpack(report_bytes, "step_report")
+            for rid, toks in report["tokens"].items():
+                self.tokens.setdefault(int(rid), []).extend(toks)
+            for m in report["margins"].values():
+                if self.stats.min_margin is None or m < self.stats.min_margin:
+                    self.stats.min_margin = m
+            self.stats.bytes_moved += report["import_bytes"]
+            self.stats.import_s += report["import_s"]
+            for tid, ref in zip(box.exports, refs):
                 self._refs[tid] = ref
-        self._exports.clear()
-        for gid, ids in self._forget.items():
-            self._pending.append(self.actors[gid].forget.remote(pack("forget", ids=ids)))
-            self.stats.actor_calls += 1
-        self._forget.clear()
-        if len(self._pending) > 64:
-            ray.get(self._pending)
-            self._pending.clear()
+        self.stats.actor_calls += len(futures)
+        self.stats.flushes += 1
+        self.stats.flush_s.append(time.perf_counter() - t0)
 
     def finish(self) -> None:
-        """Wait for every outstanding call; afterwards no actor should hold any request."""
+        """Flush what is left; afterwards no actor should hold any request."""
         self.after_plan(0.0)
-        ray.get(self._pending)
-        self._pending.clear()
 
     def _prefill_item(self, rs: RequestState) -> dict[str, Any]:
         r = rs.request
         return {"id": rs.request_id, "prompt": r.prompt_tokens, "cached": rs.cached_tokens,
                 "generated": list(self.tokens.get(rs.request_id, ())) if self.real_tokens else [],
                 "hashes": list(r.prefix_hashes) if r.prefix_hashes else None, "block": r.prefix_block_tokens}
-
-    def _get(self, ref: ray.ObjectRef) -> Any:
-        t0 = time.perf_counter()
-        out = ray.get(ref)
-        self.stats.call_s.append(time.perf_counter() - t0)
-        self.stats.actor_calls += 1
-        return out

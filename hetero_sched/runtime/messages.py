@@ -16,21 +16,21 @@ SCHEMA_VERSION = 1
 
 # kind -> required field -> accepted Python types
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
-    "prefill": {"span": (int,), "requests": (list,)},
-    # requests: [{"id", "tokens": [prompt + generated ids], "cached": int}]
-    "prefill_report": {"span": (int,), "tokens": (dict,), "margins": (dict,)},
-    "decode": {"span": (int,), "steps": (int,), "joiners": (list,)},
-    # joiners: [{"id", "last": token id}]
-    "decode_report": {"span": (int,), "tokens": (dict,), "margins": (dict,)},
-    "export": {"requests": (list,)},
-    # requests: [{"id", "true_bytes": int}]
-    "import": {"requests": (list,)},
-    # requests: [{"id", "transfer": int}] — same order as the refs argument
-    "import_report": {"bytes": (int,), "decode_s": (float,)},
-    "forget": {"ids": (list,)},
     "configure": {"group_id": (int,), "name": (str,), "role": (str,), "backend": (str,),
                   "model": (str,), "seed": (int,), "bytes_scale": (float,), "block_size": (int,)},
+    # One call per actor per event time, carrying every operation that time produced, in order:
+    #   {"op": "prefill", "requests": [{"id", "prompt", "generated": [ids], "cached", "hashes", "block"}]}
+    #   {"op": "decode", "steps": k, "joiners": [ids]}
+    #   {"op": "import", "id", "last": token id}     (consumes the next ref passed with the call)
+    #   {"op": "export", "id", "true_bytes"}         (returns a ref, in order)
+    #   {"op": "forget", "ids": [ids]}
+    "step": {"ops": (list,)},
+    "step_report": {"tokens": (dict,), "margins": (dict,), "import_bytes": (int,), "import_s": (float,)},
 }
+
+OPS = {"prefill": ("requests",), "decode": ("steps", "joiners"), "import": ("id", "last"),
+       "export": ("id", "true_bytes"), "forget": ("ids",)}
+"""Operations a ``step`` message may carry, with their required fields."""
 
 
 class MessageError(ValueError):
@@ -66,3 +66,10 @@ def _validate(msg: dict[str, Any], kind: str) -> None:
             raise MessageError(f"{kind} message: missing field {name!r}")
         if not isinstance(msg[name], types) or isinstance(msg[name], bool):
             raise MessageError(f"{kind} message: field {name!r} has type {type(msg[name]).__name__}")
+    if kind == "step":
+        for i, op in enumerate(msg["ops"]):
+            if not isinstance(op, dict) or op.get("op") not in OPS:
+                raise MessageError(f"step message: op {i} is not one of {', '.join(OPS)}")
+            missing = [f for f in OPS[op["op"]] if f not in op]
+            if missing:
+                raise MessageError(f"step message: {op['op']} op {i} lacks {missing[0]!r}")
