@@ -40,3 +40,18 @@ def test_stale_versions_change_when_rates_change():
     v0 = net.version
     net.start(0.0, 7, 0, 1, 10.0)
     assert net.version != v0
+
+
+def test_flows_of_one_pair_share_equally_with_other_pairs():
+    # three flows 0->2 and one flow 1->2 into ingress 2 = 8; egress 1 = 1 caps the lone flow,
+    # the three others split the remaining 7
+    rates = max_min_rates([(0, 2), (1, 2)], [100, 1, 0], [0, 0, 8], counts=[3, 1])
+    assert math.isclose(rates[0], 7 / 3) and rates[1] == 1.0
+    net = TransferNetwork([100.0, 1.0, 0.0], [0.0, 0.0, 8.0])
+    for tid in range(3):
+        net.start(0.0, tid, 0, 2, 7.0)          # 7 B each at 7/3 B/s -> all done at 3.0
+    net.start(0.0, 9, 1, 2, 100.0)
+    assert math.isclose(net.next_finish_s(), 3.0)
+    assert net.finish_due(3.0) == [0, 1, 2]
+    # the lone flow moved 3 B; now it is still capped by its egress of 1 B/s -> 97 s more
+    assert math.isclose(net.next_finish_s(), 100.0)

@@ -10,30 +10,20 @@ A transfer's fixed per-message cost is paid after its bytes land (the KV arrives
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
-
-
-@dataclass(slots=True)
-class Transfer:
-    """One KV transfer in flight."""
-
-    transfer_id: int
-    src: int
-    dst: int
-    num_bytes: float
-    remaining_bytes: float
-    rate_bytes_per_s: float = 0.0
+import heapq
+from typing import Optional, Sequence
 
 
 def max_min_rates(flows: Sequence[tuple[int, int]], egress: Sequence[float],
-                  ingress: Sequence[float]) -> list[float]:
-    """Max-min fair rates of flows ``(src, dst)`` over per-endpoint egress/ingress capacities.
+                  ingress: Sequence[float], counts: Optional[Sequence[int]] = None) -> list[float]:
+    """Max-min fair per-flow rates of flow classes ``(src, dst)`` over endpoint capacities.
 
-    Progressive filling: raise every unfrozen flow's rate together; when a resource saturates,
-    freeze the flows through it at the current level.
+    ``counts[i]`` flows share class ``i`` (default 1 each); every flow of a class gets the same
+    rate. Progressive filling: raise every unfrozen flow's rate together; when a resource
+    saturates, freeze the flows through it at the current level.
     """
     n = len(flows)
+    weight = list(counts) if counts is not None else [1] * n
     rates = [0.0] * n
     residual: dict[tuple[str, int], float] = {}
     users: dict[tuple[str, int], list[int]] = {}
@@ -44,8 +34,9 @@ def max_min_rates(flows: Sequence[tuple[int, int]], egress: Sequence[float],
     frozen = [False] * n
     left = n
     while left:
-        level = min(residual[r] / len(u) for r, u in users.items() if u)
-        saturated = [r for r, u in users.items() if u and residual[r] / len(u) <= level * (1 + 1e-12)]
+        level = min(residual[r] / sum(weight[i] for i in u) for r, u in users.items() if u)
+        saturated = [r for r, u in users.items()
+                     if u and residual[r] / sum(weight[i] for i in u) <= level * (1 + 1e-12)]
         for r in saturated:
             for i in list(users[r]):
                 if frozen[i]:
@@ -55,9 +46,27 @@ def max_min_rates(flows: Sequence[tuple[int, int]], egress: Sequence[float],
                 rates[i] = level
                 src, dst = flows[i]
                 for res in (("e", src), ("i", dst)):
-                    residual[res] -= level
+                    residual[res] -= level * weight[i]
                     users[res].remove(i)
     return rates
+
+
+class _Pair:
+    """All transfers from one endpoint to another: they share one per-flow rate.
+
+    ``served`` counts the bytes each of its flows has received since the pair was created;
+    a flow that started when ``served`` was ``s`` with ``b`` bytes ends when it reaches ``s + b``,
+    so advancing time touches the pair, not each transfer.
+    """
+
+    __slots__ = ("src", "dst", "rate", "served", "ends")
+
+    def __init__(self, src: int, dst: int) -> None:
+        self.src = src
+        self.dst = dst
+        self.rate = 0.0
+        self.served = 0.0
+        self.ends: list[tuple[float, int, float]] = []   # heap of (served at finish, transfer id, bytes)
 
 
 class TransferNetwork:
@@ -66,19 +75,27 @@ class TransferNetwork:
     def __init__(self, egress_bytes_per_s: Sequence[float], ingress_bytes_per_s: Sequence[float]) -> None:
         self.egress = list(egress_bytes_per_s)
         self.ingress = list(ingress_bytes_per_s)
-        self.active: dict[int, Transfer] = {}
+        self._pairs: dict[tuple[int, int], _Pair] = {}
         self.version = 0
         """Bumped whenever rates change; an event carrying an older version is stale."""
         self._last_s = 0.0
 
+    @property
+    def num_active(self) -> int:
+        return sum(len(p.ends) for p in self._pairs.values())
+
     def backlog_bytes(self, endpoint: int) -> float:
         """Bytes still to move into or out of ``endpoint``."""
-        return sum(t.remaining_bytes for t in self.active.values() if endpoint in (t.src, t.dst))
+        return sum(end - p.served for p in self._pairs.values() if endpoint in (p.src, p.dst)
+                   for end, _, _ in p.ends)
 
     def start(self, now_s: float, transfer_id: int, src: int, dst: int, num_bytes: float) -> list[int]:
         """Add a transfer at ``now_s``; returns transfers that finished by then (usually none)."""
         done = self._advance(now_s)
-        self.active[transfer_id] = Transfer(transfer_id, src, dst, float(num_bytes), float(num_bytes))
+        pair = self._pairs.get((src, dst))
+        if pair is None:
+            pair = self._pairs[(src, dst)] = _Pair(src, dst)
+        heapq.heappush(pair.ends, (pair.served + float(num_bytes), transfer_id, float(num_bytes)))
         self._rerate()
         return done
 
@@ -88,39 +105,43 @@ class TransferNetwork:
         self._rerate()
         return done
 
-    def next_finish_s(self) -> float | None:
+    def next_finish_s(self) -> Optional[float]:
         """When the next in-flight transfer finishes at current rates (None if idle)."""
-        best = None
-        for t in self.active.values():
-            end = self._last_s + t.remaining_bytes / t.rate_bytes_per_s
-            if best is None or end < best:
-                best = end
+        best: Optional[float] = None
+        for p in self._pairs.values():
+            if p.ends:
+                end = self._last_s + (p.ends[0][0] - p.served) / p.rate
+                if best is None or end < best:
+                    best = end
         return best
 
     def _advance(self, now_s: float) -> list[int]:
         dt = now_s - self._last_s
         self._last_s = now_s
-        done = []
-        for t in self.active.values():
-            t.remaining_bytes -= t.rate_bytes_per_s * dt
-            # Done when the bytes left are rounding error, or would take less than the clock's
-            # resolution at this time (else a timer at `now` would fire forever).
-            if (t.remaining_bytes <= 1e-9 * t.num_bytes + 1e-6
-                    or now_s + t.remaining_bytes / t.rate_bytes_per_s <= now_s):
-                done.append(t.transfer_id)
-        for tid in done:
-            del self.active[tid]
+        done: list[int] = []
+        for p in self._pairs.values():
+            p.served += p.rate * dt
+            ends = p.ends
+            while ends:
+                end, tid, nbytes = ends[0]
+                left = end - p.served
+                # Done when the bytes left are rounding error, or would take less than the clock's
+                # resolution at this time (else a timer at `now` would fire forever).
+                if left <= 1e-9 * nbytes + 1e-6 or now_s + left / p.rate <= now_s:
+                    heapq.heappop(ends)
+                    done.append(tid)
+                else:
+                    break
         return done
 
     def _rerate(self) -> None:
         self.version += 1
-        if not self.active:
-            return
-        if len(self.active) == 1:   # the common case: nothing to share
-            t = next(iter(self.active.values()))
-            t.rate_bytes_per_s = min(self.egress[t.src], self.ingress[t.dst])
-            return
-        transfers = list(self.active.values())
-        rates = max_min_rates([(t.src, t.dst) for t in transfers], self.egress, self.ingress)
-        for t, r in zip(transfers, rates):
-            t.rate_bytes_per_s = r
+        live = [p for p in self._pairs.values() if p.ends]
+        if len(live) == 1:   # the common case: one path, nothing to share with another
+            p = live[0]
+            p.rate = min(self.egress[p.src], self.ingress[p.dst]) / len(p.ends)
+        elif live:
+            rates = max_min_rates([(p.src, p.dst) for p in live], self.egress, self.ingress,
+                                  [len(p.ends) for p in live])
+            for p, r in zip(live, rates):
+                p.rate = r

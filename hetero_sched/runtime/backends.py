@@ -43,6 +43,7 @@ class ModeledBackend:
         self.bytes_scale = bytes_scale
         self.seed = seed
         self._kv: dict[int, Any] = {}
+        self._payloads: dict[int, pa.RecordBatch] = {}   # by size: the content is irrelevant, the bytes move
 
     def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]:
         return {}, {}
@@ -52,8 +53,14 @@ class ModeledBackend:
 
     def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch:
         nbytes = max(1024, int(true_bytes * self.bytes_scale))
-        return make_synthetic_kv_batch(nbytes, block_bytes=min(nbytes, 1 << 20), seed=self.seed,
-                                       request_id=request_id)
+        nbytes -= nbytes % 1024                        # a few sizes, so payloads can be reused
+        batch = self._payloads.get(nbytes)
+        if batch is None:
+            if len(self._payloads) > 64:
+                self._payloads.clear()
+            batch = self._payloads[nbytes] = make_synthetic_kv_batch(
+                nbytes, block_bytes=min(nbytes, 1 << 20), seed=self.seed, request_id=0)
+        return batch
 
     def import_kv(self, request_id: int, batch: pa.RecordBatch, last_token: int) -> int:
         decoded = decode_kv(batch, verify=True)

@@ -35,7 +35,7 @@ class _Outbox:
     """What one actor will be asked to do at the next flush."""
 
     ops: list[dict[str, Any]] = field(default_factory=list)
-    refs: list[ray.ObjectRef] = field(default_factory=list)     # consumed by import ops, in order
+    refs: list[ray.ObjectRef] = field(default_factory=list)     # KV bundles the import ops read
     exports: list[int] = field(default_factory=list)            # transfer ids of export ops, in order
 
 
@@ -55,20 +55,29 @@ class ExecutorStats:
 class LiveExecutor:
     """Implements the core's ``ExecutorHooks`` and the engine's ``DriverHooks`` with Ray actors."""
 
-    def __init__(self, actors: list[Any], real_tokens: bool) -> None:
+    MAX_PENDING_OPS = 4096
+
+    def __init__(self, actors: list[Any], real_tokens: bool, eager: bool) -> None:
+        """``eager``: flush after every plan (wall clock, or when decisions need the actors'
+        tokens). Otherwise — modeled backend, virtual clock, where no decision depends on what
+        the actors return — flush only when an import needs KV not yet exported, when the
+        outbox is large, and at the end: far fewer, larger calls."""
         self.actors = actors
         self.real_tokens = real_tokens
+        self.eager = eager
+        self._pending_ops = 0
         self.tokens: dict[int, list[int]] = {}
         self.stats = ExecutorStats()
         self._spans: dict[int, _PlannedSpan] = {}
         self._outbox: dict[int, _Outbox] = {}
         self._transfers: dict[int, tuple[int, int]] = {}            # transfer -> (request, dst group)
-        self._refs: dict[int, ray.ObjectRef] = {}                    # transfer -> Arrow KV in the object store
+        self._refs: dict[int, tuple[ray.ObjectRef, int]] = {}        # transfer -> (KV bundle, index in it)
 
     def _box(self, group_id: int) -> _Outbox:
         box = self._outbox.get(group_id)
         if box is None:
             box = self._outbox[group_id] = _Outbox()
+        self._pending_ops += 1
         return box
 
     # --- core hooks ---------------------------------------------------------------------------
@@ -113,15 +122,27 @@ class LiveExecutor:
 
     def before_kv_arrival(self, now_s: float, transfer_id: int) -> None:
         rid, dst = self._transfers.pop(transfer_id)
+        if transfer_id not in self._refs:        # its export is still in an outbox
+            self._flush()
         box = self._box(dst)
         last = self.tokens[rid][-1] if self.real_tokens else 0
-        box.ops.append({"op": "import", "id": rid, "last": last})
-        box.refs.append(self._refs.pop(transfer_id))            # the scheduler's reference goes with it
+        bundle, index = self._refs.pop(transfer_id)             # the scheduler's reference goes with it
+        k = next((i for i, r in enumerate(box.refs) if r == bundle), None)
+        if k is None:
+            k = len(box.refs)
+            box.refs.append(bundle)
+        box.ops.append({"op": "import", "id": rid, "last": last, "ref": k, "index": index})
         self.stats.transfers += 1
 
     def after_plan(self, now_s: float) -> None:
+        if self.eager or self._pending_ops > self.MAX_PENDING_OPS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """One ``step`` call per actor with work, in parallel; wait and take in the reports."""
         if not self._outbox:
             return
+        self._pending_ops = 0
         t0 = time.perf_counter()
         boxes = list(self._outbox.items())
         self._outbox = {}
@@ -136,15 +157,15 @@ class LiveExecutor:
                     self.stats.min_margin = m
             self.stats.bytes_moved += report["import_bytes"]
             self.stats.import_s += report["import_s"]
-            for tid, ref in zip(box.exports, refs):
-                self._refs[tid] = ref
+            for index, tid in enumerate(box.exports):
+                self._refs[tid] = (refs[0], index)
         self.stats.actor_calls += len(futures)
         self.stats.flushes += 1
         self.stats.flush_s.append(time.perf_counter() - t0)
 
     def finish(self) -> None:
         """Flush what is left; afterwards no actor should hold any request."""
-        self.after_plan(0.0)
+        self._flush()
 
     def _prefill_item(self, rs: RequestState) -> dict[str, Any]:
         r = rs.request

@@ -21,14 +21,15 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # One call per actor per event time, carrying every operation that time produced, in order:
     #   {"op": "prefill", "requests": [{"id", "prompt", "generated": [ids], "cached", "hashes", "block"}]}
     #   {"op": "decode", "steps": k, "joiners": [ids]}
-    #   {"op": "import", "id", "last": token id}     (consumes the next ref passed with the call)
-    #   {"op": "export", "id", "true_bytes"}         (returns a ref, in order)
+    #   {"op": "import", "id", "last": token id, "ref": k, "index": i}
+    #        (KV = item i of the bundle behind the k-th ref passed with the call)
+    #   {"op": "export", "id", "true_bytes"}         (all exports of a step go out as one bundle)
     #   {"op": "forget", "ids": [ids]}
     "step": {"ops": (list,)},
     "step_report": {"tokens": (dict,), "margins": (dict,), "import_bytes": (int,), "import_s": (float,)},
 }
 
-OPS = {"prefill": ("requests",), "decode": ("steps", "joiners"), "import": ("id", "last"),
+OPS = {"prefill": ("requests",), "decode": ("steps", "joiners"), "import": ("id", "last", "ref", "index"),
        "export": ("id", "true_bytes"), "forget": ("ids",)}
 """Operations a ``step`` message may carry, with their required fields."""
 

@@ -1,0 +1,85 @@
+"""Does a live wall-clock run agree with the simulator? 1,000 Azure-conversation requests.
+
+    RAY_AUTH_MODE=disabled python bench/live_vs_sim.py [--requests 1000] [--time-scale 1.0]
+
+The shipped Trn2 -> CS-3 Llama-3.1-70B experiment with two CS-3 decode groups (so the busiest
+group stays under 60% utilization), replaying the first ``--requests`` rows of the Azure 2023
+conversation trace at its own arrival times. Runs the simulator once and the live runtime
+(wall clock, modeled backend, real KV bytes) twice.
+
+- ``*_rel_err``: |live − sim| / sim for the p50 and p90 of TTFT and TPOT (first live run);
+- ``jitter_rel``: the largest |run1 − run2| / run1 over those same four numbers;
+- ``overhead_ms_p50/p99``: per request, live end-to-end latency minus the simulator's.
+Goal (issue 4): every error <= max(5%, 3 x jitter_rel).
+
+Prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import hetero_sched as hs  # noqa: E402
+from hetero_sched.experiment import load_experiment  # noqa: E402
+from hetero_sched.runtime.cluster import LocalCluster, connect, nodes_for  # noqa: E402
+from hetero_sched.runtime.live import run_live  # noqa: E402
+from hetero_sched.workload import head, load_trace  # noqa: E402
+
+AZURE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure2023_conv.csv"
+KEYS = (("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "p90"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--time-scale", type=float, default=1.0)
+    ap.add_argument("--trace", default=str(AZURE))
+    args = ap.parse_args()
+    if not Path(args.trace).is_file():
+        sys.exit(f"error: Azure trace not found at {args.trace} (pass --trace)")
+    exp, _ = load_experiment(None)
+    groups = [g.model_copy(update={"replicas": 2}) if g.role == "decode" else g for g in exp.groups]
+    exp = exp.model_copy(update={"groups": groups, "name": "live-vs-sim"})
+    w = head(load_trace(args.trace, fmt="azure"), args.requests)
+
+    sim = hs.simulate(exp, workload=w)
+    util = max(g["utilization"] for g in sim.summary["groups"])
+    print(f"simulated: busiest group at {util:.1%} utilization", file=sys.stderr)
+    runs = []
+    with LocalCluster(nodes_for(exp)) as cluster:
+        connect(cluster.address)
+        for i in range(2):
+            print(f"live run {i + 1} (~{w.arrival_s[-1] * args.time_scale:.0f} s), load {os.getloadavg()}",
+                  file=sys.stderr)
+            runs.append(run_live(exp, address=cluster.address, clock="wall", time_scale=args.time_scale,
+                                 workload=w))
+
+    def pct(r, key, q):
+        return r.summary[key][q]
+
+    out = {"requests": len(w), "time_scale": args.time_scale, "utilization": round(util, 3)}
+    for key, q in KEYS:
+        s, l1 = pct(sim, key, q), pct(runs[0], key, q)
+        out[f"{key.removesuffix('_s')}_{q}_rel_err"] = round(abs(l1 - s) / s, 4)
+    out["jitter_rel"] = round(max(abs(pct(runs[0], k, q) - pct(runs[1], k, q)) / pct(runs[0], k, q)
+                                  for k, q in KEYS), 4)
+    diff_ms = (np.array(runs[0].records.column("e2e_s").to_pylist())
+               - np.array(sim.records.column("e2e_s").to_pylist())) * 1e3
+    out["overhead_ms_p50"] = round(float(np.percentile(diff_ms, 50)), 2)
+    out["overhead_ms_p99"] = round(float(np.percentile(diff_ms, 99)), 2)
+    errs = [v for k, v in out.items() if k.endswith("_rel_err")]
+    out["goal_met"] = max(errs) <= max(0.05, 3 * out["jitter_rel"])
+    out["completed"] = [r.summary["completed"] for r in runs]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
