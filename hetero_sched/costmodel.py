@@ -155,12 +155,15 @@ class RooflineCost:
         tokens and the ``h`` cached ones, which are read, not recomputed). With ``pp`` stages a
         batch crosses every stage in turn (the latency path; prefill is not micro-batched here).
         """
-        n_total = float(sum(new_tokens))
+        n_total = quad = cached = 0
+        for n, h in zip(new_tokens, cached_tokens):
+            n_total += n
+            quad += n * (n + 2 * h)
+            cached += h
         if n_total <= 0:
             return 0.0
-        quad = float(sum(n * (n + 2 * h) for n, h in zip(new_tokens, cached_tokens)))
         flops = self.model.flops_per_token * n_total + 0.5 * self.model.attn_flops_per_context_token * quad
-        read = self.model.weight_bytes_read(n_total) + self.kv_read_bytes_per_token * float(sum(cached_tokens))
+        read = self.model.weight_bytes_read(n_total) + self.kv_read_bytes_per_token * cached
         roof = max(flops / self.stage_flops_per_s, read / self.stage_bytes_per_s)
         fixed = self.num_layers * (self.layer_latency_s + self.allreduce_s_per_token_layer * n_total)
         return roof + fixed + self.step_overhead_s + self.pp_hop_s * (self.pp - 1)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import hetero_sched
-from hetero_sched.core.events import decisions_to_columns
+from hetero_sched.core.events import DecisionLog
 
 
 def git_revision() -> Optional[str]:
@@ -37,14 +37,14 @@ class RunResult:
     experiment: dict[str, Any]
     summary: dict[str, Any]
     records: pa.Table
-    decisions: list[tuple] = field(default_factory=list)
+    decisions: DecisionLog = field(default_factory=DecisionLog)
     stamp: dict[str, Any] = field(default_factory=dict)
     tokens: dict[int, list[int]] = field(default_factory=dict)
     """Generated token ids per request (live runs with the numpy backend)."""
 
     def decisions_table(self) -> pa.Table:
         """The decision log as an Arrow table (time_s, kind, group_id, request_id, detail)."""
-        cols = decisions_to_columns(self.decisions)
+        cols = self.decisions.columns()
         return pa.table({
             "time_s": pa.array(cols["time_s"], pa.float64()),
             "kind": pa.array(cols["kind"], pa.string()),

@@ -8,8 +8,8 @@ the scheduler plans and applies; the driver's executor (virtual time, a sleep, a
 decides *when* each timer fires. Stale timers (a span that was cut, a transfer re-rated) carry
 an old token and are ignored here, so drivers never cancel anything.
 
-Every decision is appended to :attr:`Scheduler.decisions` (see
-:data:`~hetero_sched.core.events.DECISION_COLUMNS`); a finished request becomes one row of
+Every decision is added to :attr:`Scheduler.decisions` (a
+:class:`~hetero_sched.core.events.DecisionLog`); a finished request becomes one row of
 :attr:`Scheduler.records` (see :data:`RECORD_COLUMNS`).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol, Sequence
 
-from hetero_sched.core.events import DecisionKind as D, Kind
+from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
 from hetero_sched.core.group import GroupState, Role, Span, SpanKind, SpanOutcome
 from hetero_sched.core.request import Phase, RequestState
 from hetero_sched.core.transfer import TransferNetwork
@@ -62,7 +62,7 @@ class Scheduler:
         policy.check(self.views)
         self.network = TransferNetwork([g.cost.egress_bytes_per_s for g in self.groups],
                                        [g.cost.ingress_bytes_per_s for g in self.groups])
-        self.decisions: list[tuple] = []
+        self.decisions = DecisionLog()
         self.records: list[tuple] = []
         self.num_active = 0
         self._transfers: dict[int, tuple[RequestState, int, int]] = {}   # id -> (request, src, dst)
@@ -104,7 +104,7 @@ class Scheduler:
         dst.kv_arrived(rs)
         if self.hooks is not None:
             self.hooks.kv_landed(transfer_id, rs, src_id, dst_id)
-        self.decisions.append((now_s, D.KV_ARRIVED, dst.group_id, rs.request_id, ()))
+        self.decisions.add(now_s, D.KV_ARRIVED, dst.group_id, rs.request_id, ())
         self._dirty.add(src.group_id)
         self._dirty.add(dst.group_id)
 
@@ -114,7 +114,7 @@ class Scheduler:
         timers: list[Timer] = []
         if not self._dirty and self.network.version == self._network_version:
             return timers
-        log = self.decisions.append
+        log = self.decisions.add
         while self._dirty:
             dirty = sorted(self._dirty)
             self._dirty.clear()
@@ -128,15 +128,15 @@ class Scheduler:
                     if span is not None:
                         dur = span.end_s - span.start_s
                         if span.kind is SpanKind.PREFILL:
-                            log((now_s, D.PREFILL, gid, None, (len(span.batch), span.new_tokens, span.cached_tokens, dur)))
+                            log(now_s, D.PREFILL, gid, None, (len(span.batch), span.new_tokens, span.cached_tokens, dur))
                         else:
-                            log((now_s, D.DECODE, gid, None, (span.batch_size, span.steps, dur)))
+                            log(now_s, D.DECODE, gid, None, (span.batch_size, span.steps, dur))
                         timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
                         if self.hooks is not None:
                             self.hooks.span_planned(gid, span)
                 elif g.wants_interrupt() and g.cut(now_s):
                     span = g.span
-                    log((now_s, D.CUT, gid, None, (span.steps, span.end_s)))
+                    log(now_s, D.CUT, gid, None, (span.steps, span.end_s))
                     timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
                     if self.hooks is not None:
                         self.hooks.span_cut(gid, span)
@@ -168,7 +168,7 @@ class Scheduler:
         view = self.views[g.group_id]
         view.num_prefill_queued += 1
         view.prefill_queued_tokens += rs.prefill_tokens
-        self.decisions.append((now_s, D.PLACE, g.group_id, rs.request_id, (decision.decode_group,)))
+        self.decisions.add(now_s, D.PLACE, g.group_id, rs.request_id, (decision.decode_group,))
         self._dirty.add(g.group_id)
 
     def _check(self, p: Placement, rs: RequestState) -> Optional[str]:
@@ -215,7 +215,7 @@ class Scheduler:
         for rs in out.completed:
             self._complete(now_s, rs, g.group_id)
         for rs in out.preempted:
-            self.decisions.append((now_s, D.PREEMPT, g.group_id, rs.request_id, (rs.generated,)))
+            self.decisions.add(now_s, D.PREEMPT, g.group_id, rs.request_id, (rs.generated,))
             if g.role is Role.BOTH:
                 g.enqueue_prefill(rs, front=True)
             else:
@@ -251,8 +251,8 @@ class Scheduler:
         rs.transfer_id = tid
         self._transfers[tid] = (rs, src_id, dst_id)
         nbytes = rs.context_tokens * src.cost.transfer_bytes_per_token
-        self.decisions.append((now_s, D.ADMIT, dst_id, rs.request_id, (rs.decode_blocks,)))
-        self.decisions.append((now_s, D.TRANSFER, src_id, rs.request_id, (dst_id, nbytes)))
+        self.decisions.add(now_s, D.ADMIT, dst_id, rs.request_id, (rs.decode_blocks,))
+        self.decisions.add(now_s, D.TRANSFER, src_id, rs.request_id, (dst_id, nbytes))
         if self.hooks is not None:
             self.hooks.transfer_started(tid, rs, src_id, dst_id, nbytes)
         timers.extend(self._arrivals(now_s, self.network.start(now_s, tid, src_id, dst_id, nbytes)))
@@ -268,14 +268,14 @@ class Scheduler:
     def _complete(self, now_s: float, rs: RequestState, group_id: int) -> None:
         rs.phase = Phase.COMPLETED
         rs.finish_s = now_s
-        self.decisions.append((now_s, D.COMPLETE, group_id, rs.request_id, ()))
+        self.decisions.add(now_s, D.COMPLETE, group_id, rs.request_id, ())
         self._record(rs, "completed")
 
     def _reject(self, now_s: float, rs: RequestState, reason: str) -> None:
         rs.phase = Phase.REJECTED
         rs.reject_reason = reason
         rs.finish_s = now_s
-        self.decisions.append((now_s, D.REJECT, None, rs.request_id, (reason,)))
+        self.decisions.add(now_s, D.REJECT, None, rs.request_id, (reason,))
         self._record(rs, "rejected")
 
     def _record(self, rs: RequestState, status: str) -> None:

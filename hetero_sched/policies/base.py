@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
 from hetero_sched.costmodel import GroupCost
 from hetero_sched.errors import UserError
 
 
-@dataclass(frozen=True, slots=True)
-class RequestInfo:
-    """What a policy may know about a request."""
+class RequestInfo(NamedTuple):
+    """What a policy may know about a request (immutable; made twice per request, so a tuple)."""
 
     request_id: int
     arrival_s: float

@@ -29,17 +29,25 @@ class Disagg(Policy):
     def check(self, groups: Sequence[GroupView]) -> None:
         require_roles(self.name, groups, prefill=True, decode=True)
 
-    def _candidates(self, groups: list[GroupView]) -> list[GroupView]:
-        if self.choices is None or len(groups) <= self.choices:
+    def _candidates(self, groups: Sequence[GroupView], prefill: bool) -> Sequence[GroupView]:
+        if self.choices is None:
             return groups
-        return self._rng.sample(groups, self.choices)
+        pool = [g for g in groups if (g.can_prefill if prefill else g.can_decode)]
+        return pool if len(pool) <= self.choices else self._rng.sample(pool, self.choices)
 
     def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
-        pool = self._candidates([g for g in groups if g.can_prefill])
-        best = min(pool, key=lambda g: (g.prefill_queued_tokens, g.group_id))
+        best: Optional[GroupView] = None
+        for g in self._candidates(groups, prefill=True):     # in group order: ties go to the lowest id
+            if g.can_prefill and (best is None or g.prefill_queued_tokens < best.prefill_queued_tokens):
+                best = g
+        assert best is not None   # check() made sure a prefill group exists
         return Placement(best.group_id)
 
     def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
-        pool = self._candidates([g for g in groups if g.can_decode])
-        best = min(pool, key=lambda g: (g.decode_load, -g.kv_blocks_free, g.group_id))
+        best: Optional[GroupView] = None
+        for g in self._candidates(groups, prefill=False):
+            if g.can_decode and (best is None or (g.decode_load, -g.kv_blocks_free)
+                                 < (best.decode_load, -best.kv_blocks_free)):
+                best = g
+        assert best is not None
         return best.group_id

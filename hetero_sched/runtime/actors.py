@@ -111,7 +111,7 @@ class SchedulerActor:
         executor.finish()
         return {
             "records": scheduler.records,
-            "decisions": scheduler.decisions,
+            "decisions": scheduler.decisions.state(),
             "usage": [(g.name, g.device, g.role.value, g.busy_s, g.cost.dollars_per_hour) for g in scheduler.groups],
             "tokens": executor.tokens,
             "stats": {"actor_calls": executor.stats.actor_calls, "transfers": executor.stats.transfers,

@@ -16,6 +16,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from hetero_sched.core.events import DecisionLog
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import Experiment, build_workload
 from hetero_sched.metrics import GroupUsage
@@ -101,7 +102,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
             for a in [*actors, scheduler]:
                 ray.kill(a)
     usage = [GroupUsage(*u) for u in out["usage"]]
-    result = make_result(exp, out["records"], out["decisions"], usage, workload, f"live-{clock}")
+    result = make_result(exp, out["records"], DecisionLog.from_state(out["decisions"]), usage, workload,
+                         f"live-{clock}")
     stats = out["stats"]
     late = np.array(stats.pop("lateness_s") or [0.0])
     calls = np.array(stats.pop("call_s") or [0.0])

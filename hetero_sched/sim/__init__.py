@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from hetero_sched.catalog import resolve_assumptions
+from hetero_sched.core.events import DecisionLog
 from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.experiment import (Experiment, build_groups, build_workload, load_experiment,
                                      parse_experiment)
@@ -51,7 +52,7 @@ def finish_run(exp: Experiment, scheduler: Scheduler, workload: Workload, clock:
     return make_result(exp, scheduler.records, scheduler.decisions, usage, workload, clock)
 
 
-def make_result(exp: Experiment, records: list[tuple], decisions: list[tuple], usage: list[GroupUsage],
+def make_result(exp: Experiment, records: list[tuple], decisions: DecisionLog, usage: list[GroupUsage],
                 workload: Workload, clock: str) -> RunResult:
     """Records → metrics → a stamped :class:`RunResult` (shared by the simulator and the runtime)."""
     slo = exp.slo_target

@@ -7,6 +7,7 @@ the workload one at a time, so a million-request run never holds a million event
 
 from __future__ import annotations
 
+import gc
 import heapq
 from typing import Callable, Iterable, Optional, Protocol
 
@@ -43,6 +44,20 @@ def run_events(scheduler: Scheduler, requests: Iterable[Request],
     Raises RuntimeError if requests remain unfinished when no event is left (a core bug: the
     contract says every request ends completed or rejected).
     """
+    # The loop allocates millions of short-lived tuples but builds no reference cycles, so
+    # the cyclic collector only costs time here (~20%); refcounting frees everything anyway.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _loop(scheduler, requests, progress, progress_every, hooks, clock)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[ProgressFn],
+          progress_every: int, hooks: Optional[DriverHooks],
+          clock: Optional[Callable[[float], float]]) -> float:
     heap: list = []
     seq = 0
     arrival_prio = PRIORITY_OF[Kind.ARRIVAL]
