@@ -148,13 +148,13 @@ def test_stale_reports_change_routing():
 def test_decision_log_round_trips_and_compares():
     from hetero_sched.core.events import DecisionLog
     log = DecisionLog()
-    log.add(0.5, "place", 1, 7, (None,))
-    log.add(0.5, "prefill", 1, None, (2, 900, 0, 0.125))
-    log.add(0.75, "reject", None, 8, ("no capacity",))
+    log.add(0.5, "place", 1, 7)
+    log.add(0.5, "prefill", 1, None, 2, 900, 0, 0.125)
+    log.add_reject(0.75, 8, "no capacity")
     assert list(log) == [(0.5, "place", 1, 7, (None,)), (0.5, "prefill", 1, None, (2, 900, 0, 0.125)),
                          (0.75, "reject", None, 8, ("no capacity",))]
     again = DecisionLog.from_state(log.state())
     assert again == log
-    again.add(1.0, "complete", 1, 7, ())
+    again.add(1.0, "complete", 1, 7)
     assert again != log
     assert log.columns()["detail"] == ["", "n=2 tokens=900 cached=0 dur=0.125", "reason=no capacity"]

@@ -13,29 +13,28 @@ from __future__ import annotations
 import heapq
 import math
 from array import array
-from enum import IntEnum
 from typing import Any, Final, Iterator, Optional
 
 
-class Priority(IntEnum):
-    """Same-time order of events (lower first)."""
+class Priority:
+    """Same-time order of events (lower first). Plain ``Final`` ints: compiled, they are constants."""
 
-    SPAN_END = 0
-    TRANSFER = 1
-    ARRIVAL = 2
+    SPAN_END: Final = 0
+    TRANSFER: Final = 1
+    ARRIVAL: Final = 2
 
 
-class Kind(IntEnum):
+class Kind:
     """What an event is; the payload's meaning depends on it."""
 
-    SPAN_END = 0      # payload: (group_id, span_token)
-    TRANSFER = 1      # payload: network token (the transfer network's next change)
-    KV_ARRIVAL = 2    # payload: transfer_id
-    ARRIVAL = 3       # payload: Request
+    SPAN_END: Final = 0      # payload: (group_id, span_token)
+    TRANSFER: Final = 1      # payload: network version (the transfer network's next change)
+    KV_ARRIVAL: Final = 2    # payload: transfer_id
+    ARRIVAL: Final = 3       # payload: Request
 
 
-PRIORITY_OF = {Kind.SPAN_END: Priority.SPAN_END, Kind.TRANSFER: Priority.TRANSFER,
-               Kind.KV_ARRIVAL: Priority.TRANSFER, Kind.ARRIVAL: Priority.ARRIVAL}
+PRIORITY_OF: Final = (Priority.SPAN_END, Priority.TRANSFER, Priority.TRANSFER, Priority.ARRIVAL)
+"""Priority of each kind, indexed by kind."""
 
 
 class EventQueue:
@@ -47,7 +46,7 @@ class EventQueue:
         self._heap: list[tuple[float, int, int, int, Any]] = []
         self._seq = 0
 
-    def push(self, time_s: float, kind: Kind, payload: Any) -> None:
+    def push(self, time_s: float, kind: int, payload: Any) -> None:
         """Schedule ``kind`` at ``time_s``."""
         self._seq += 1
         heapq.heappush(self._heap, (time_s, PRIORITY_OF[kind], self._seq, kind, payload))
@@ -123,38 +122,58 @@ class DecisionLog:
         self.request_id = array("q")
         self.details = (array("d"), array("d"), array("d"), array("d"))
         self.reasons: dict[int, str] = {}
+        self._pending: list[tuple[float, str, Optional[int], Optional[int], float, float, float, float]] = []
 
     def add(self, time_s: float, kind: str, group_id: Optional[int], request_id: Optional[int],
-            detail: tuple) -> None:
-        """Append one decision."""
-        self.time_s.append(time_s)
-        self.kind.append(_KIND_CODES[kind])
-        self.group_id.append(-1 if group_id is None else group_id)
-        self.request_id.append(-1 if request_id is None else request_id)
-        nan = math.nan
-        d = self.details
-        n = len(detail)
-        if kind == DecisionKind.REJECT:
-            self.reasons[len(self.time_s) - 1] = str(detail[0])
-            n = 0
-        for i in range(4):
-            v = detail[i] if i < n else None
-            d[i].append(nan if v is None else float(v))
+            d0: float = math.nan, d1: float = math.nan, d2: float = math.nan, d3: float = math.nan) -> None:
+        """Append one decision; ``d0..d3`` are its detail values in DETAIL_FIELDS order (NaN: none).
+
+        Decisions wait as tuples and move into the columns 64k at a time (one tuple append on
+        the hot path; bounded memory).
+        """
+        pending = self._pending
+        pending.append((time_s, kind, group_id, request_id, d0, d1, d2, d3))
+        if len(pending) >= 65536:
+            self._compact()
+
+    def _compact(self) -> None:
+        rows = self._pending
+        if not rows:
+            return
+        codes = _KIND_CODES
+        self.time_s.extend([r[0] for r in rows])
+        self.kind.extend([codes[r[1]] for r in rows])
+        self.group_id.extend([-1 if r[2] is None else r[2] for r in rows])
+        self.request_id.extend([-1 if r[3] is None else r[3] for r in rows])
+        d0, d1, d2, d3 = self.details
+        d0.extend([float(r[4]) for r in rows])
+        d1.extend([float(r[5]) for r in rows])
+        d2.extend([float(r[6]) for r in rows])
+        d3.extend([float(r[7]) for r in rows])
+        self._pending = []
+
+    def add_reject(self, time_s: float, request_id: int, reason: str) -> None:
+        """Append a rejection and its reason."""
+        self.reasons[len(self)] = reason
+        self.add(time_s, DecisionKind.REJECT, None, request_id)
 
     def __len__(self) -> int:
-        return len(self.time_s)
+        return len(self.time_s) + len(self._pending)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DecisionLog):
             return NotImplemented
         # bytewise: "no value" is NaN, which never equals itself
-        mine = (self.time_s, self.kind, self.group_id, self.request_id, *self.details)
-        theirs = (other.time_s, other.kind, other.group_id, other.request_id, *other.details)
-        return (all(a.tobytes() == b.tobytes() for a, b in zip(mine, theirs))
-                and self.reasons == other.reasons)
+        return self._column_bytes() == other._column_bytes() and self.reasons == other.reasons
+
+    def _column_bytes(self) -> list[bytes]:
+        self._compact()
+        columns: list[array] = [self.time_s, self.kind, self.group_id, self.request_id, *self.details]
+        return [c.tobytes() for c in columns]
 
     def row(self, i: int) -> Decision:
         """Decision ``i`` as a tuple."""
+        self._compact()
         kind = KIND_NAMES[self.kind[i]]
         if i in self.reasons:
             detail: tuple = (self.reasons[i],)
@@ -165,10 +184,12 @@ class DecisionLog:
         return (self.time_s[i], kind, None if g < 0 else g, None if r < 0 else r, detail)
 
     def __iter__(self) -> Iterator[Decision]:
+        self._compact()
         return (self.row(i) for i in range(len(self.time_s)))
 
     def state(self) -> dict[str, Any]:
         """Plain, picklable contents (to send the log between processes)."""
+        self._compact()
         return {"time_s": self.time_s, "kind": self.kind, "group_id": self.group_id,
                 "request_id": self.request_id, "details": list(self.details), "reasons": self.reasons}
 

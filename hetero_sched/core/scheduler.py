@@ -15,6 +15,7 @@ Every decision is added to :attr:`Scheduler.decisions` (a
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Protocol, Sequence
 
 from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
@@ -24,7 +25,8 @@ from hetero_sched.core.transfer import TransferNetwork
 from hetero_sched.policies.base import GroupView, Placement, Policy, Reject, RequestInfo
 from hetero_sched.workload import Request
 
-Timer = tuple[float, Kind, Any]
+Timer = tuple[float, int, Any]
+"""``(time_s, Kind.*, payload)``: something the driver must call back at ``time_s``."""
 
 RECORD_COLUMNS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "predicted_output",
@@ -104,7 +106,7 @@ class Scheduler:
         dst.kv_arrived(rs)
         if self.hooks is not None:
             self.hooks.kv_landed(transfer_id, rs, src_id, dst_id)
-        self.decisions.add(now_s, D.KV_ARRIVED, dst.group_id, rs.request_id, ())
+        self.decisions.add(now_s, D.KV_ARRIVED, dst.group_id, rs.request_id)
         self._dirty.add(src.group_id)
         self._dirty.add(dst.group_id)
 
@@ -128,15 +130,15 @@ class Scheduler:
                     if span is not None:
                         dur = span.end_s - span.start_s
                         if span.kind is SpanKind.PREFILL:
-                            log(now_s, D.PREFILL, gid, None, (len(span.batch), span.new_tokens, span.cached_tokens, dur))
+                            log(now_s, D.PREFILL, gid, None, len(span.batch), span.new_tokens, span.cached_tokens, dur)
                         else:
-                            log(now_s, D.DECODE, gid, None, (span.batch_size, span.steps, dur))
+                            log(now_s, D.DECODE, gid, None, span.batch_size, span.steps, dur)
                         timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
                         if self.hooks is not None:
                             self.hooks.span_planned(gid, span)
                 elif g.wants_interrupt() and g.cut(now_s):
                     span = g.span
-                    log(now_s, D.CUT, gid, None, (span.steps, span.end_s))
+                    log(now_s, D.CUT, gid, None, span.steps, span.end_s)
                     timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
                     if self.hooks is not None:
                         self.hooks.span_cut(gid, span)
@@ -168,7 +170,8 @@ class Scheduler:
         view = self.views[g.group_id]
         view.num_prefill_queued += 1
         view.prefill_queued_tokens += rs.prefill_tokens
-        self.decisions.add(now_s, D.PLACE, g.group_id, rs.request_id, (decision.decode_group,))
+        self.decisions.add(now_s, D.PLACE, g.group_id, rs.request_id,
+                           math.nan if decision.decode_group is None else decision.decode_group)
         self._dirty.add(g.group_id)
 
     def _check(self, p: Placement, rs: RequestState) -> Optional[str]:
@@ -215,7 +218,7 @@ class Scheduler:
         for rs in out.completed:
             self._complete(now_s, rs, g.group_id)
         for rs in out.preempted:
-            self.decisions.add(now_s, D.PREEMPT, g.group_id, rs.request_id, (rs.generated,))
+            self.decisions.add(now_s, D.PREEMPT, g.group_id, rs.request_id, rs.generated)
             if g.role is Role.BOTH:
                 g.enqueue_prefill(rs, front=True)
             else:
@@ -251,8 +254,8 @@ class Scheduler:
         rs.transfer_id = tid
         self._transfers[tid] = (rs, src_id, dst_id)
         nbytes = rs.context_tokens * src.cost.transfer_bytes_per_token
-        self.decisions.add(now_s, D.ADMIT, dst_id, rs.request_id, (rs.decode_blocks,))
-        self.decisions.add(now_s, D.TRANSFER, src_id, rs.request_id, (dst_id, nbytes))
+        self.decisions.add(now_s, D.ADMIT, dst_id, rs.request_id, rs.decode_blocks)
+        self.decisions.add(now_s, D.TRANSFER, src_id, rs.request_id, dst_id, nbytes)
         if self.hooks is not None:
             self.hooks.transfer_started(tid, rs, src_id, dst_id, nbytes)
         timers.extend(self._arrivals(now_s, self.network.start(now_s, tid, src_id, dst_id, nbytes)))
@@ -268,14 +271,14 @@ class Scheduler:
     def _complete(self, now_s: float, rs: RequestState, group_id: int) -> None:
         rs.phase = Phase.COMPLETED
         rs.finish_s = now_s
-        self.decisions.add(now_s, D.COMPLETE, group_id, rs.request_id, ())
+        self.decisions.add(now_s, D.COMPLETE, group_id, rs.request_id)
         self._record(rs, "completed")
 
     def _reject(self, now_s: float, rs: RequestState, reason: str) -> None:
         rs.phase = Phase.REJECTED
         rs.reject_reason = reason
         rs.finish_s = now_s
-        self.decisions.add(now_s, D.REJECT, None, rs.request_id, (reason,))
+        self.decisions.add_reject(now_s, rs.request_id, reason)
         self._record(rs, "rejected")
 
     def _record(self, rs: RequestState, status: str) -> None:

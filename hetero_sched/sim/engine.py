@@ -61,7 +61,7 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
     heap: list = []
     seq = 0
     arrival_prio = PRIORITY_OF[Kind.ARRIVAL]
-    prio = {k: int(v) for k, v in PRIORITY_OF.items()}
+    prio = PRIORITY_OF
     push = heapq.heappush
     pop = heapq.heappop
     it = iter(requests)
@@ -76,17 +76,17 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
         now, _, _, kind, payload = pop(heap)
         if clock is not None:
             now = clock(now)
-        if kind is Kind.SPAN_END:
+        if kind == Kind.SPAN_END:
             if hooks is not None:
                 hooks.before_span_end(now, payload[0], payload[1])
             on_span_end(now, payload[0], payload[1])
-        elif kind is Kind.ARRIVAL:
+        elif kind == Kind.ARRIVAL:
             on_arrival(now, payload)
             nxt = next(it, None)
             if nxt is not None:
                 seq += 1
                 push(heap, (nxt.arrival_s, arrival_prio, seq, Kind.ARRIVAL, nxt))
-        elif kind is Kind.KV_ARRIVAL:
+        elif kind == Kind.KV_ARRIVAL:
             if hooks is not None:
                 hooks.before_kv_arrival(now, payload)
             on_kv_arrival(now, payload)
