@@ -97,8 +97,7 @@ class SchedulerActor:
             clock: str, time_scale: float) -> dict[str, Any]:
         exp = parse_experiment(experiment)
         scheduler = build_scheduler(exp, workload, base_dir=None)
-        executor = LiveExecutor(actors, real_tokens=backend == "numpy",
-                                eager=backend == "numpy" or clock == "wall")
+        executor = LiveExecutor(actors, real_tokens=backend == "numpy", send_every_step=clock == "wall")
         scheduler.hooks = executor
         wall: Optional[WallClock] = WallClock(time_scale) if clock == "wall" else None
 

@@ -57,15 +57,21 @@ class LiveExecutor:
 
     MAX_PENDING_OPS = 4096
 
-    def __init__(self, actors: list[Any], real_tokens: bool, eager: bool) -> None:
-        """``eager``: flush after every plan (wall clock, or when decisions need the actors'
-        tokens). Otherwise — modeled backend, virtual clock, where no decision depends on what
-        the actors return — flush only when an import needs KV not yet exported, when the
-        outbox is large, and at the end: far fewer, larger calls."""
+    def __init__(self, actors: list[Any], real_tokens: bool, send_every_step: bool) -> None:
+        """When to send and when to wait.
+
+        With real tokens (numpy backend) the next decisions need what the actors return, so
+        every step is sent and awaited. Otherwise no decision depends on the answers: calls are
+        sent after every plan when ``send_every_step`` (wall clock: actors work in real time,
+        overlapping the scheduler's waiting) or coalesced until an import needs KV not yet
+        exported (virtual clock), and answers are collected only when a ref is needed, when
+        many are outstanding, and at the end.
+        """
         self.actors = actors
         self.real_tokens = real_tokens
-        self.eager = eager
+        self.send_every_step = send_every_step
         self._pending_ops = 0
+        self._inflight: list[tuple[_Outbox, ray.ObjectRef]] = []
         self.tokens: dict[int, list[int]] = {}
         self.stats = ExecutorStats()
         self._spans: dict[int, _PlannedSpan] = {}
@@ -122,8 +128,9 @@ class LiveExecutor:
 
     def before_kv_arrival(self, now_s: float, transfer_id: int) -> None:
         rid, dst = self._transfers.pop(transfer_id)
-        if transfer_id not in self._refs:        # its export is still in an outbox
-            self._flush()
+        if transfer_id not in self._refs:        # its export is still in an outbox or in flight
+            self._send()
+            self._collect()
         box = self._box(dst)
         last = self.tokens[rid][-1] if self.real_tokens else 0
         bundle, index = self._refs.pop(transfer_id)             # the scheduler's reference goes with it
@@ -135,20 +142,36 @@ class LiveExecutor:
         self.stats.transfers += 1
 
     def after_plan(self, now_s: float) -> None:
-        if self.eager or self._pending_ops > self.MAX_PENDING_OPS:
-            self._flush()
+        if self.real_tokens:
+            self._send()
+            self._collect()
+        elif self.send_every_step or self._pending_ops > self.MAX_PENDING_OPS:
+            self._send()
+            if len(self._inflight) > self.MAX_INFLIGHT:
+                self._collect()
 
-    def _flush(self) -> None:
-        """One ``step`` call per actor with work, in parallel; wait and take in the reports."""
+    MAX_INFLIGHT = 256
+
+    def _send(self) -> None:
+        """One ``step`` call per actor with work (calls to one actor run in the order sent)."""
         if not self._outbox:
             return
         self._pending_ops = 0
-        t0 = time.perf_counter()
-        boxes = list(self._outbox.items())
+        for gid, box in self._outbox.items():
+            self._inflight.append((box, self.actors[gid].step.remote(pack("step", ops=box.ops), box.refs)))
+            box.refs = []                       # the call holds them now
         self._outbox = {}
-        futures = [self.actors[gid].step.remote(pack("step", ops=box.ops), box.refs) for gid, box in boxes]
-        results = ray.get(futures)
-        for (gid, box), (report_bytes, refs) in zip(boxes, results):
+
+    def _collect(self) -> None:
+        """Wait for every call in flight and take in the reports (tokens, exported refs)."""
+        if not self._inflight:
+            return
+        t0 = time.perf_counter()
+        inflight, self._inflight = self._inflight, []
+        results = ray.get([fut for _, fut in inflight])
+        self.stats.actor_calls += len(inflight)
+        self.stats.flushes += 1
+        for (box, _), (report_bytes, refs) in zip(inflight, results):
             report = unpack(report_bytes, "step_report")
             for rid, toks in report["tokens"].items():
                 self.tokens.setdefault(int(rid), []).extend(toks)
@@ -159,13 +182,12 @@ class LiveExecutor:
             self.stats.import_s += report["import_s"]
             for index, tid in enumerate(box.exports):
                 self._refs[tid] = (refs[0], index)
-        self.stats.actor_calls += len(futures)
-        self.stats.flushes += 1
         self.stats.flush_s.append(time.perf_counter() - t0)
 
     def finish(self) -> None:
-        """Flush what is left; afterwards no actor should hold any request."""
-        self._flush()
+        """Send and collect what is left; afterwards no actor should hold any request."""
+        self._send()
+        self._collect()
 
     def _prefill_item(self, rs: RequestState) -> dict[str, Any]:
         r = rs.request
