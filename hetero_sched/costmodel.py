@@ -42,17 +42,25 @@ Line = tuple[float, float]
 class GroupCost(Protocol):
     """Closed-form timing and capacity of one device group serving one model."""
 
-    kv_capacity_tokens: int
-    """KV tokens the group can hold (device memory or SRAM minus weights and reserve)."""
-    kv_bytes_per_token: int
-    """True KV bytes per token held by the whole group (every layer, K and V)."""
-    transfer_bytes_per_token: int
-    """Unique KV bytes per token that move between groups (TP-replicated heads sent once)."""
-    egress_bytes_per_s: float
-    ingress_bytes_per_s: float
-    message_cost_s: float
-    """Fixed cost of one KV transfer message (setup, completion notification)."""
-    dollars_per_hour: float
+    # Read-only members (properties), so frozen dataclasses implement the protocol.
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV tokens the group can hold (device memory or SRAM minus weights and reserve)."""
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """True KV bytes per token held by the whole group (every layer, K and V)."""
+    @property
+    def transfer_bytes_per_token(self) -> int:
+        """Unique KV bytes per token that move between groups (TP-replicated heads sent once)."""
+    @property
+    def egress_bytes_per_s(self) -> float: ...
+    @property
+    def ingress_bytes_per_s(self) -> float: ...
+    @property
+    def message_cost_s(self) -> float:
+        """Fixed cost of one KV transfer message (setup, completion notification)."""
+    @property
+    def dollars_per_hour(self) -> float: ...
 
     def prefill_time_s(self, new_tokens: Sequence[int], cached_tokens: Sequence[int]) -> float:
         """Time of one prefill iteration over a batch of prompts.
@@ -290,7 +298,7 @@ def build_group_cost(group: GroupSpec, model: ModelSpec | str,
             raise UserError(f"profile {profile}: calibrated on device {prof.base_device!r}, "
                             f"but the group is {group.device!r}")
         if prof.kind == "roofline":
-            cost = _apply_profile(cost, prof, profile)
+            cost = _apply_profile(cost, prof, str(profile))
 
     usable = dev.memory_bytes * group.count * (1.0 - cost.kv_reserve_fraction)
     replication = _held_kv_replication(spec, group.tp)
@@ -309,7 +317,7 @@ def build_group_cost(group: GroupSpec, model: ModelSpec | str,
         allreduce = 2 * ring * spec.hidden_size * ACTIVATION_BYTES / (dev.scale_up_bytes_per_s * cost.link_efficiency)
     else:
         allreduce = 0.0
-    shared = dict(
+    shared: dict[str, Any] = dict(
         kv_capacity_tokens=kv_tokens,
         kv_bytes_per_token=int(round(held_per_token)),
         transfer_bytes_per_token=int(round(spec.kv_bytes_per_token())),
