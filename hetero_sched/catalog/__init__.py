@@ -23,7 +23,7 @@ from hetero_sched.catalog.costparams import CostParams, get_cost_params
 from hetero_sched.catalog.devices import DeviceSpec, device_names, get_device, list_devices
 from hetero_sched.catalog.groups import GroupSpec
 from hetero_sched.catalog.models import ModelSpec, get_model, list_models, model_names
-from hetero_sched.catalog.sources import Source, Status
+from hetero_sched.catalog.sources import Source, Status, lookup
 from hetero_sched.errors import UserError
 
 __all__ = ["Catalog", "CostParams", "DeviceSpec", "GroupSpec", "ModelSpec", "Source", "Status",
@@ -43,21 +43,15 @@ class Catalog:
 
     def device(self, name: str) -> DeviceSpec:
         """A device by name (UserError listing the known ones)."""
-        if name not in self.devices:
-            raise UserError(f"unknown device {name!r}; known devices: {', '.join(self.devices)}")
-        return self.devices[name]
+        return lookup(self.devices, name, "device")
 
     def model(self, name: str) -> ModelSpec:
         """A model by name (UserError listing the known ones)."""
-        if name not in self.models:
-            raise UserError(f"unknown model {name!r}; known models: {', '.join(self.models)}")
-        return self.models[name]
+        return lookup(self.models, name, "model")
 
     def cost(self, device: str) -> CostParams:
         """Cost parameters of a device kind."""
-        if device not in self.costs:
-            raise UserError(f"no cost parameters for device {device!r}; known: {', '.join(self.costs)}")
-        return self.costs[device]
+        return lookup(self.costs, device, "cost-parameter device")
 
 
 _ZERO_OK = ("step_overhead_s", "kv_reserve_fraction", "pp_hop_s", "message_cost_s", "link_efficiency")

@@ -14,8 +14,7 @@ from types import MappingProxyType
 from dataclasses import dataclass, field, fields
 from typing import Mapping, Optional
 
-from hetero_sched.catalog.sources import Source, assumed, calibrated, published
-from hetero_sched.errors import UserError
+from hetero_sched.catalog.sources import Source, assumed, calibrated, lookup, published
 
 FIT_TRN2 = ("trn2.48xlarge TP64 Llama-3.3-70B BF16 batch 1, 10,000 in / 1,501 out: TTFT 575.6 ms, "
             "TPOT 19.8 ms (https://github.com/aws-neuron/aws-neuron-sdk/blob/master/libraries/nxd-inference/"
@@ -117,7 +116,4 @@ def list_cost_params() -> tuple[CostParams, ...]:
 
 def get_cost_params(device: str) -> CostParams:
     """Cost parameters of ``device``; UserError listing the known devices on a typo."""
-    catalog = _catalog()
-    if device not in catalog:
-        raise UserError(f"no cost parameters for device {device!r}; known: {', '.join(catalog)}")
-    return catalog[device]
+    return lookup(_catalog(), device, "cost-parameter device")

@@ -16,8 +16,7 @@ from types import MappingProxyType
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
-from hetero_sched.catalog.sources import Source, assumed, published, vendor_claim
-from hetero_sched.errors import UserError
+from hetero_sched.catalog.sources import Source, assumed, lookup, published, vendor_claim
 
 GB = 1e9
 GiB = 2**30
@@ -174,7 +173,4 @@ def list_devices() -> tuple[DeviceSpec, ...]:
 
 def get_device(name: str) -> DeviceSpec:
     """The catalog device called ``name``; a typo gets a UserError listing the known names."""
-    catalog = _catalog()
-    if name not in catalog:
-        raise UserError(f"unknown device {name!r}; known devices: {', '.join(catalog)}")
-    return catalog[name]
+    return lookup(_catalog(), name, "device")

@@ -16,7 +16,7 @@ from functools import cached_property
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
-from hetero_sched.catalog.sources import Source, assumed, published
+from hetero_sched.catalog.sources import Source, assumed, lookup, published
 from hetero_sched.errors import UserError
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5}
@@ -174,7 +174,4 @@ def list_models() -> tuple[ModelSpec, ...]:
 
 def get_model(name: str) -> ModelSpec:
     """The catalog model called ``name``; a typo gets a UserError listing the known names."""
-    catalog = _catalog()
-    if name not in catalog:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(catalog)}")
-    return catalog[name]
+    return lookup(_catalog(), name, "model")

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Mapping, TypeVar
+
+from hetero_sched.errors import UserError
+
+T = TypeVar("T")
 
 
 class Status(str, Enum):
@@ -53,3 +58,10 @@ def assumed(reason: str) -> Source:
 def calibrated(figure: str) -> Source:
     """A value fitted on the named published figure(s)."""
     return Source(Status.CALIBRATED, figure)
+
+
+def lookup(table: Mapping[str, T], name: str, what: str) -> T:
+    """``table[name]``, or a UserError naming the unknown ``what`` and listing the known ones."""
+    if name not in table:
+        raise UserError(f"unknown {what} {name!r}; known {what}s: {', '.join(table)}")
+    return table[name]
