@@ -8,10 +8,9 @@ the workload one at a time, so a million-request run never holds a million event
 from __future__ import annotations
 
 import gc
-import heapq
 from typing import Callable, Iterable, Optional, Protocol
 
-from hetero_sched.core.events import PRIORITY_OF, Kind
+from hetero_sched.core.events import EventQueue, Kind
 from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.workload import Request
 
@@ -58,22 +57,17 @@ def run_events(scheduler: Scheduler, requests: Iterable[Request],
 def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[ProgressFn],
           progress_every: int, hooks: Optional[DriverHooks],
           clock: Optional[Callable[[float], float]]) -> float:
-    heap: list = []
-    seq = 0
-    arrival_prio = PRIORITY_OF[Kind.ARRIVAL]
-    prio = PRIORITY_OF
-    push = heapq.heappush
-    pop = heapq.heappop
+    queue = EventQueue()
     it = iter(requests)
     nxt = next(it, None)
     if nxt is not None:
-        push(heap, (nxt.arrival_s, arrival_prio, 0, Kind.ARRIVAL, nxt))
+        queue.push(nxt.arrival_s, Kind.ARRIVAL, nxt)
     now = 0.0
     events = 0
     on_arrival, on_span_end = scheduler.on_arrival, scheduler.on_span_end
     on_transfer, on_kv_arrival, plan = scheduler.on_transfer, scheduler.on_kv_arrival, scheduler.plan
-    while heap:
-        now, _, _, kind, payload = pop(heap)
+    while len(queue):
+        now, _, _, kind, payload = queue.pop()
         if clock is not None:
             now = clock(now)
         if kind == Kind.SPAN_END:
@@ -84,20 +78,18 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
             on_arrival(now, payload)
             nxt = next(it, None)
             if nxt is not None:
-                seq += 1
-                push(heap, (nxt.arrival_s, arrival_prio, seq, Kind.ARRIVAL, nxt))
+                queue.push(nxt.arrival_s, Kind.ARRIVAL, nxt)
         elif kind == Kind.KV_ARRIVAL:
             if hooks is not None:
                 hooks.before_kv_arrival(now, payload)
             on_kv_arrival(now, payload)
         else:
             for t, k, p in on_transfer(now, payload):
-                seq += 1
-                push(heap, (t, prio[k], seq, k, p))
-        if not heap or heap[0][0] > now:
+                queue.push(t, k, p)
+        next_time = queue.peek_time()
+        if next_time is None or next_time > now:   # decisions run after every event of a time
             for t, k, p in plan(now):
-                seq += 1
-                push(heap, (t, prio[k], seq, k, p))
+                queue.push(t, k, p)
             if hooks is not None:
                 hooks.after_plan(now)
         events += 1
