@@ -141,8 +141,11 @@ def test_policies_see_predictions_not_true_lengths():
 def test_stale_reports_change_routing():
     fresh = hs.simulate(disagg_experiment(report_interval_s=0.0))
     stale = hs.simulate(disagg_experiment(report_interval_s=5.0))
-    assert fresh.records.column("decode_group").to_pylist() == stale.records.column("decode_group").to_pylist()
-    assert fresh.decisions != stale.decisions
+    # with views refreshed at most every 5 s, least-loaded routing works from old queue lengths
+    moved = sum(a != b for a, b in zip(fresh.records.column("prefill_group").to_pylist(),
+                                       stale.records.column("prefill_group").to_pylist()))
+    assert moved > 40
+    assert stale.summary["ttft_s"]["p99"] > fresh.summary["ttft_s"]["p99"]
 
 
 def test_decision_log_round_trips_and_compares():
