@@ -12,7 +12,10 @@ from typing import Optional
 
 import typer
 
-from hetero_sched.errors import UserError
+from hetero_sched.errors import RunFailed, UserError
+
+_CLICK = sys.modules[typer.BadParameter.__module__]
+"""click's exceptions module (recent typer vendors its own click, so not ``import click``)."""
 
 app = typer.Typer(
     add_completion=False,
@@ -22,33 +25,85 @@ app = typer.Typer(
 )
 
 
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point (``argv``: the arguments, default ``sys.argv[1:]``).
 
+    Bad input — a :class:`UserError` or a flag click rejects — is one line on stderr and exit
+    status 2, not click's usage box or a traceback.
+    """
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except getattr(_CLICK, "NoArgsIsHelpError", ()) as exc:  # bare command: its help
+        exc.show()
+        sys.exit(exc.exit_code)
+    except _CLICK.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except UserError as exc:
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        sys.exit(2)
+    except RunFailed as exc:
+        typer.echo(f"run failed: {' '.join(str(exc).split())}", err=True)
+        sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+
+OTLP_ENDPOINT = typer.Option(
+    None, "--otlp-endpoint", help="OTLP/HTTP collector base URL (e.g. Jaeger http://localhost:4318); overrides $OTEL_EXPORTER_OTLP_ENDPOINT.")
+SERVICE_NAME = typer.Option(None, "--service-name", help="Service name of the traces; overrides $OTEL_SERVICE_NAME (default hetero-sched).")
+TRACE_SAMPLE = typer.Option(None, "--trace-sample", help="Fraction of requests traced, 0-1; overrides $OTEL_TRACES_SAMPLER[_ARG].")
+
+
+def _tracing(trace: Optional[bool], endpoint: Optional[str], service: Optional[str], sample: Optional[float]):  # noqa: ANN202
+    from hetero_sched.tracing import trace_settings
+    return trace_settings(trace=trace, endpoint=endpoint, service_name=service, sample=sample)
+
+
+def _print_tracing(summary: dict) -> None:
+    t = summary.get("tracing")
+    if t is not None:
+        typer.echo(f"traces: {t['spans_exported']:,} spans exported, {t['spans_dropped']:,} dropped "
+                   f"({t['processes']} process{'es' if t['processes'] != 1 else ''}) -> {t['endpoint']}", err=True)
+
+
+RUNS_DIR_ENV = "HETERO_SCHED_RUNS_DIR"
 
 
 def _default_out(name: str) -> Path:
+    """``<runs>/<name>-<time>``, runs = ``$HETERO_SCHED_RUNS_DIR``, else ``runs`` -- except in a Ray
+    job (``ray job submit``), whose working directory is a copy Ray deletes: ``~/hetero-sched-runs``."""
+    import os
     from datetime import datetime
-    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for a submitted job's driver
+    base = os.environ.get(RUNS_DIR_ENV) or (Path.home() / "hetero-sched-runs" if in_ray_job else "runs")
+    return Path(base) / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 @app.command()
 def simulate(
     experiment: Optional[Path] = typer.Argument(None, help="Experiment YAML (default: the shipped Trn2 -> CS-3 Llama-3.1-70B experiment)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>-<time>)."),
-    seed: Optional[int] = typer.Option(None, help="Override the experiment's seed."),
+    seed: Optional[int] = typer.Option(None, min=0, help="Override the experiment's seed."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder only."),
+    trace: bool = typer.Option(False, "--trace", help="Export one OpenTelemetry trace per request (virtual times laid onto the wall clock)."),
+    otlp_endpoint: Optional[str] = OTLP_ENDPOINT,
+    service_name: Optional[str] = SERVICE_NAME,
+    trace_sample: Optional[float] = TRACE_SAMPLE,
 ) -> None:
     """Simulate an experiment in virtual time: progress bar, summary table, run folder.
 
     The run folder holds requests.parquet (one row per request), decisions.parquet (every
     placement, span, transfer, preemption and rejection, in order) and summary.json (stamped
-    with the resolved assumptions, package version and git revision).
+    with the resolved assumptions, package version and git revision). With --trace, every
+    request becomes a trace in an OTLP collector (OTEL_EXPORTER_OTLP_ENDPOINT, default
+    localhost:4318); the spans exported and dropped are counted and printed.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -57,22 +112,25 @@ def simulate(
     from hetero_sched.report import summary_table
     from hetero_sched.sim import resolve, simulate as run_sim
 
+    tracing = _tracing(True, otlp_endpoint, service_name, trace_sample) if trace or otlp_endpoint else None
     exp, base = resolve(experiment)
     if seed is not None:
         exp = exp.model_copy(update={"seed": seed})
     workload = build_workload(exp.workload, exp.seed, base)
     console = Console(stderr=True)
     if quiet:
-        result = run_sim(exp, workload=workload)
+        result = run_sim(exp, workload=workload, trace=tracing)
     else:
         columns = (TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
                    TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task("sim", total=len(workload))
-            result = run_sim(exp, workload=workload, progress=lambda done: bar.update(task, completed=done))
+            result = run_sim(exp, workload=workload, trace=tracing,
+                             progress=lambda done: bar.update(task, completed=done))
     folder = result.write(out or _default_out(exp.name))
     if not quiet:
         Console().print(summary_table(result.summary))
+    _print_tracing(result.summary)
     typer.echo(str(folder) if quiet else f"run folder: {folder}")
 
 
@@ -92,6 +150,10 @@ def run(
     num_requests: Optional[int] = typer.Option(None, help="Replay only the first N requests of the workload."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>-<time>)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder only."),
+    trace: Optional[bool] = typer.Option(None, "--trace/--no-trace", help="One OpenTelemetry trace per request (default: on when an OTLP endpoint is configured)."),
+    otlp_endpoint: Optional[str] = OTLP_ENDPOINT,
+    service_name: Optional[str] = SERVICE_NAME,
+    trace_sample: Optional[float] = TRACE_SAMPLE,
 ) -> None:
     """Run an experiment live on Ray: one actor per device group, KV as Arrow through the object store.
 
@@ -118,15 +180,16 @@ def run(
     if num_requests is not None:
         work = wl.head(work, num_requests)
     console = Console(stderr=True)
+    tracing = _tracing(True if otlp_endpoint and trace is None else trace, otlp_endpoint, service_name, trace_sample)
     kwargs = dict(address=address, clock=clock, backend=backend, time_scale=time_scale,
-                  bytes_scale=bytes_scale, workload=work)
+                  bytes_scale=bytes_scale, workload=work, trace=tracing)
     if quiet:
         result = run_live(exp, **kwargs)  # type: ignore[arg-type]
     else:
-        columns = (TextColumn(f"running live ({clock} clock)"), BarColumn(), MofNCompleteColumn(),
+        columns = (TextColumn("running live ({task.fields[clock]} clock)", markup=False), BarColumn(), MofNCompleteColumn(),
                    TextColumn("requests"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("run", total=len(work))
+            task = bar.add_task("run", total=len(work), clock=clock)  # a field: a bad --clock is not a format string
             result = run_live(exp, progress=lambda done, total: bar.update(task, completed=done), **kwargs)  # type: ignore[arg-type]
     folder = result.write(out or _default_out(exp.name))
     if not quiet:
@@ -135,6 +198,7 @@ def run(
         Console().print(f"  runtime           {rt['actor_calls']:,} actor calls in {rt['flushes']:,} batched steps (p50 {rt['flush_ms_p50']:.2f} ms), "
                         f"{rt['transfers']:,} KV transfers, {rt['bytes_moved'] / 2**20:,.1f} MiB moved, "
                         f"lateness p99 {rt['lateness_ms_p99']:.1f} ms, KV held after run: {rt['kv_held_after_run']}")
+    _print_tracing(result.summary)
     typer.echo(str(folder) if quiet else f"run folder: {folder}")
 
 
@@ -162,7 +226,7 @@ def catalog(
     tp: int = typer.Option(1, help="Tensor-parallel degree (Trainium: logical NeuronCores, LNC=2)."),
     pp: int = typer.Option(1, help="Pipeline stages."),
     count: Optional[int] = typer.Option(None, help="Chips in the group (default: tp*pp / units per chip)."),
-    prompt: int = typer.Option(2048, help="Prompt tokens for the prefill prediction."),
+    prompt: int = typer.Option(2048, min=1, max=1_000_000_000, help="Prompt tokens for the prefill prediction."),
     profile: Optional[Path] = typer.Option(None, help="A profile file from `hetero-sched calibrate`."),
 ) -> None:
     """List devices and models with every number and its source, or predict for one group."""
@@ -305,3 +369,86 @@ def calibrate(
     target = out or Path(f"{device}-profile.json")
     save_profile(cal.make_profile(result, device, group, model, str(measurements)), target)
     console.print(f"wrote {target}")
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML: a base experiment, axes (any config field), optional goodput tiers."),
+    out: Path = typer.Option(..., "--out", "-o", help="Sweep folder: points/<id>/ per point, sweep.parquet at the end. Rerunning skips finished points."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster ('auto', host:port; default: $RAY_ADDRESS, else a local Ray)."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Run the points one by one in this process."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the table path only."),
+) -> None:
+    """Run a grid of experiments as Ray tasks (one CPU each): progress bar, resumable, one Parquet."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hetero_sched.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(sweep_file)
+    console = Console(stderr=True)
+    if quiet:
+        outcome = run_sweep(spec, out, address=address, use_ray=not no_ray)
+    else:
+        columns = (TextColumn(f"sweep {spec.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("points"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("sweep", total=None)
+            outcome = run_sweep(spec, out, address=address, use_ray=not no_ray,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    errors = [r for r in outcome.rows if r.get("status") != "ok"]
+    if not quiet:
+        typer.echo(f"{len(outcome.rows)} points: {outcome.computed} run now, {outcome.reused} reused from {out}"
+                   + (f"; {len(errors)} could not run (see the error column), e.g. {errors[0]['error']}" if errors else ""))
+    typer.echo(str(outcome.table_path))
+
+
+@app.command()
+def plan(
+    plan_file: Path = typer.Argument(..., help="Plan YAML: devices with counts (and prices via overrides), model, workload, SLO, budget."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write every simulated candidate to OUT/plan.parquet."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Find the group counts and parallelism with the most goodput per dollar (bound-pruned search)."""
+    from rich.console import Console
+
+    from hetero_sched.planner import load_plan, plan_search
+    from hetero_sched.report import plan_table
+
+    spec, base = load_plan(plan_file)
+    console = Console(stderr=True)
+    report = None if quiet else (lambda n, label: console.print(f"  simulated {n}: {label}"))
+    result = plan_search(spec, base, progress=report)
+    Console(width=max(160, Console().width)).print(plan_table(result, spec.top))
+    if result.stopped_early:
+        typer.echo(f"note: stopped after {result.evaluated} simulations (max_evaluations); an unevaluated candidate's "
+                   f"bound still allowed {result.best_unevaluated_bound_per_dollar:,.1f} req/$")
+    prices = {k: v for k, v in spec.overrides.items() if k.endswith("dollars_per_hour")}
+    typer.echo("prices: catalog $/h per chip" + (f", overridden: {prices}" if prices else "")
+               + " (CS-3 has no public price: `hetero-sched catalog` shows the assumption)")
+    if out is not None:
+        import pyarrow.parquet as pq
+
+        from hetero_sched.sweep import rows_table
+
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"rank": i, "configuration": e.candidate.label(), "dollars_per_hour": e.candidate.dollars_per_hour,
+                 **e.goodput.row(), "why": e.why()} for i, e in enumerate(result.ranked, 1)]
+        pq.write_table(rows_table(rows), out / "plan.parquet")
+        typer.echo(str(out / "plan.parquet"))
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="A sweep folder (from `hetero-sched sweep --out`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the PNGs go (default FOLDER/plots)."),
+) -> None:
+    """Tables and PNG plots of a sweep: attainment vs rate, TTFT/TPOT CDFs, goodput per $, utilization."""
+    from rich.console import Console
+
+    from hetero_sched.report import sweep_report
+
+    table, written = sweep_report(folder, out)
+    Console(width=250).print(table)
+    for p in written:
+        typer.echo(str(p))

@@ -7,3 +7,8 @@ its traceback.
 
 class UserError(Exception):
     """Bad input (config, trace, flag, KV block): the message names what and where."""
+
+
+class RunFailed(Exception):
+    """A live run could not finish (an actor died, a call missed its deadline, KV failed its
+    checksum): the CLI prints the one-line reason and exits with status 1."""

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hetero_sched import workload as wl
 from hetero_sched.catalog import GroupSpec, resolve_catalog
 from hetero_sched.core.group import GroupLimits, GroupState, Role
+from hetero_sched.core.transfer import LayerwiseStreaming
 from hetero_sched.costmodel import build_group_cost
 from hetero_sched.errors import UserError
 from hetero_sched.metrics import SLO, SLO_TIERS
@@ -28,7 +29,7 @@ _LIMITS = GroupLimits()
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN/inf: never a valid setting
 
 
 class GroupConfig(_Strict):
@@ -39,7 +40,7 @@ class GroupConfig(_Strict):
     count: int = Field(1, ge=1, description="chips (GPUs, Trainium chips, CS-3 systems) per group")
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, le=10_000)  # sanity bound: more is a typo, and costs O(groups) per decision
     role: Literal["prefill", "decode", "both"]
     pool: str = ""
     cost_profile: Optional[str] = None
@@ -59,7 +60,7 @@ class WorkloadConfig(_Strict):
     """Synthetic arrivals and lengths, or a trace file; then optional rate scaling/trimming."""
 
     kind: Literal["synthetic", "trace"] = "synthetic"
-    num_requests: Optional[int] = Field(None, ge=1, description="synthetic: how many; trace: the first N")
+    num_requests: Optional[int] = Field(None, ge=1, le=wl.MAX_REQUESTS, description="synthetic: how many; trace: the first N")
     rate_per_s: Optional[float] = Field(None, gt=0, description="synthetic: arrival rate; trace: rescale to it")
     rate_scale: Optional[float] = Field(None, gt=0)
     arrival: Literal["poisson", "gamma", "constant"] = "poisson"
@@ -87,8 +88,25 @@ class PolicyConfig(_Strict):
 
 class PredictorConfig(_Strict):
     kind: Literal["oracle", "constant", "mean", "noisy", "max_tokens"] = "noisy"
-    tokens: int = Field(256, ge=1)
+    tokens: int = Field(256, ge=1, le=wl.MAX_TOKENS)
     sigma: float = Field(0.5, ge=0)
+
+
+class TransferConfig(_Strict):
+    """How KV moves from a prefill group to a decode group (any disaggregated policy)."""
+
+    mode: Literal["after_prefill", "layerwise"] = "after_prefill"
+    """``layerwise``: stream each layer's KV as the prefill computes it (Splitwise)."""
+    layer_message_s: Optional[float] = Field(default=None, ge=0, description="cost of one per-layer "
+                                             "message (default: the sender's message_cost_s)")
+
+
+class AdmissionConfig(_Strict):
+    """Admission control: what the scheduler refuses at arrival instead of queueing without bound."""
+
+    max_inflight: Optional[int] = Field(default=None, ge=1, description="requests accepted and not yet "
+                                        "finished, cluster-wide; an arrival beyond it is rejected at once "
+                                        "(default: no limit)")
 
 
 class SLOConfig(_Strict):
@@ -101,7 +119,7 @@ class Experiment(_Strict):
     """A whole experiment: cluster, model, workload, policy, SLOs, predictor, overrides."""
 
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy seeds are non-negative
     model: str = "llama-3.1-70b"
     groups: list[GroupConfig] = Field(min_length=1)
     policy: PolicyConfig
@@ -110,6 +128,8 @@ class Experiment(_Strict):
     predictor: PredictorConfig = Field(default_factory=lambda: PredictorConfig())
     oracle: bool = False
     report_interval_s: float = Field(0.0, ge=0)
+    transfer: TransferConfig = Field(default_factory=lambda: TransferConfig())
+    admission: AdmissionConfig = Field(default_factory=lambda: AdmissionConfig())
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("policy", mode="before")
@@ -131,6 +151,14 @@ class Experiment(_Strict):
         return SLO_TIERS[self.slo] if isinstance(self.slo, str) else SLO(self.slo.ttft_s, self.slo.tpot_s, self.slo.name)
 
     @property
+    def layerwise(self) -> Optional[LayerwiseStreaming]:
+        """The layer-wise streaming option for the core (None: send KV after prefill)."""
+        if self.transfer.mode != "layerwise":
+            return None
+        layers = resolve_catalog(self.overrides).model(self.model).num_layers
+        return LayerwiseStreaming(layers, self.transfer.layer_message_s)
+
+    @property
     def predictor_spec(self) -> PredictorSpec:
         if self.oracle:
             return PredictorSpec("oracle")
@@ -139,7 +167,7 @@ class Experiment(_Strict):
 
 
 def _format_error(source: str, exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))  # deepest: in a union, the branch that got furthest
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     more = f" (and {exc.error_count() - 1} more error(s))" if exc.error_count() > 1 else ""

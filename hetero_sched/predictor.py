@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from hetero_sched.workload import Workload
+from hetero_sched.workload import MAX_TOKENS, Workload
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def predict_outputs(spec: PredictorSpec, workload: Workload, seed: int) -> np.nd
         pred = np.full(n, int(round(float(true.mean()))) if n else 1, dtype=np.int64)
     elif spec.kind == "noisy":
         rng = np.random.default_rng([seed, 0x9E37])
-        pred = np.rint(true * rng.lognormal(0.0, spec.sigma, n)).astype(np.int64)
+        pred = np.rint(np.minimum(true * rng.lognormal(0.0, spec.sigma, n), MAX_TOKENS)).astype(np.int64)
     else:
         if workload.max_tokens is not None:
             pred = workload.max_tokens.astype(np.int64)

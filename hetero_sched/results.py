@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 import hetero_sched
 from hetero_sched.core.events import DecisionLog
+from hetero_sched.errors import UserError
 
 
 def git_revision() -> Optional[str]:
@@ -56,11 +57,15 @@ class RunResult:
     def write(self, out_dir: str | Path) -> Path:
         """Write ``requests.parquet``, ``decisions.parquet`` and ``summary.json`` into ``out_dir``."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(self.records, out / "requests.parquet")
-        pq.write_table(self.decisions_table(), out / "decisions.parquet")
         doc = {"summary": self.summary, "experiment": self.experiment, "stamp": self.stamp}
-        (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, table in (("requests.parquet", self.records), ("decisions.parquet", self.decisions_table())):
+                with open(out / name, "wb") as f:  # a file, not a path: pyarrow reads "A:/x" as a URI
+                    pq.write_table(table, f)
+            (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write the run folder ({exc.strerror or exc})") from None
         return out
 
 

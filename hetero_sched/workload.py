@@ -21,6 +21,14 @@ import pyarrow.parquet as pq
 
 from hetero_sched.errors import UserError
 
+MAX_TOKENS = 1_000_000_000
+"""Largest prompt or output length accepted anywhere (config, trace, sampled): beyond it a
+value is a typo or an overflow, not a request."""
+MAX_REQUESTS = 100_000_000
+"""Largest synthetic workload (the simulator is sized for millions, ~1.5 GB per million)."""
+MAX_SPAN_S = 1e9
+"""Longest arrival span (~32 years): later times lose the sub-microsecond resolution spans need."""
+
 
 class Request(NamedTuple):
     """One inference request as the workload states it (true lengths; policies see predictions).
@@ -99,9 +107,18 @@ class LengthDist:
         missing = [k for k in _LENGTH_KINDS[self.kind] if k not in dict(self.params)]
         if missing:
             raise UserError(f"length distribution {self.kind}: missing parameter {missing[0]!r}")
-        if self.cap_tokens is not None and self.cap_tokens < 1:
-            raise UserError(f"length distribution: cap_tokens must be >= 1, got {self.cap_tokens}")
+        cap = self.cap_tokens
+        if cap is not None and not (_is_number(cap, integer=True) and 1 <= cap <= MAX_TOKENS):
+            raise UserError(f"length distribution: cap_tokens must be an integer in 1..{MAX_TOKENS}, got {cap!r}")
         p = dict(self.params)
+        for k in _LENGTH_KINDS[self.kind]:
+            values = p[k] if self.kind == "empirical" else (p[k],)
+            integer = k in ("low", "high") or (k == "tokens" and self.kind == "constant")
+            if not isinstance(values, (tuple, list)) or not all(
+                    _is_number(v, integer) and abs(v) <= MAX_TOKENS for v in values):
+                what = "a list of numbers" if self.kind == "empirical" else "an integer" if integer else "a number"
+                raise UserError(f"length distribution {self.kind}: {k} must be {what} "
+                                f"up to {MAX_TOKENS:,}, got {p[k]!r}")
         bad = {"constant": lambda: p["tokens"] < 1,
                "uniform": lambda: not 1 <= p["low"] <= p["high"],
                "lognormal": lambda: p["mean"] <= 0 or p["sigma"] < 0,
@@ -130,8 +147,12 @@ class LengthDist:
     def empirical(cls, probs: Sequence[float], tokens: Sequence[float],
                   cap_tokens: Optional[int] = None, name: Optional[str] = None) -> "LengthDist":
         """Inverse-CDF table: quantile ``probs`` (0 → 1) and their token counts."""
-        params: tuple[tuple[str, Any], ...] = (("probs", tuple(float(x) for x in probs)),
-                                                ("tokens", tuple(float(x) for x in tokens)))
+        try:
+            params: tuple[tuple[str, Any], ...] = (("probs", tuple(float(x) for x in probs)),
+                                                    ("tokens", tuple(float(x) for x in tokens)))
+        except (TypeError, ValueError):
+            raise UserError(f"length distribution empirical: probs and tokens must be lists of "
+                            f"numbers, got {probs!r} and {tokens!r}") from None
         if name is not None:
             params += (("name", name),)
         return cls("empirical", params, cap_tokens)
@@ -191,9 +212,19 @@ class LengthDist:
             x = rng.lognormal(math.log(p["mean"]) - sigma * sigma / 2, sigma, size=n)
         else:
             x = np.interp(rng.random(n), p["probs"], p["tokens"])
+        if self.cap_tokens is None and n and not x.max() <= MAX_TOKENS:
+            raise UserError(f"length distribution {self.describe()}: samples exceed {MAX_TOKENS:,} "
+                            f"tokens; set cap_tokens or narrower parameters")
         np.rint(x, out=x)
         np.clip(x, 1, self.cap_tokens if self.cap_tokens is not None else None, out=x)
         return x.astype(np.int64)
+
+
+def _is_number(v: Any, integer: bool = False) -> bool:
+    """A finite real (an integral one if ``integer``), not a bool."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(v) and (not integer or float(v).is_integer())
 
 
 _QUANTILE_PROBS: tuple[float, ...] = tuple(
@@ -300,10 +331,12 @@ def synthetic_arrivals(n: int, rate_per_s: float, *, arrival: str = "poisson", c
             raise UserError("synthetic workload: cv applies to arrival='gamma' (poisson has cv 1)")
         gaps = rng.exponential(1.0 / rate_per_s, size=n - 1)
     elif arrival == "gamma":
-        if not cv > 0:
-            raise UserError(f"synthetic workload: cv must be > 0, got {cv}")
-        shape = 1.0 / (cv * cv)
-        gaps = rng.gamma(shape, 1.0 / (rate_per_s * shape), size=n - 1)
+        shape = 1.0 / (cv * cv) if cv * cv > 0 else math.inf  # cv * cv may under/overflow
+        scale = 1.0 / (rate_per_s * shape) if rate_per_s * shape > 0 else math.inf
+        if not (cv > 0 and 0 < shape < math.inf and 0 < scale < math.inf):
+            raise UserError(f"synthetic workload: cv {cv} is out of range for gamma arrivals "
+                            f"at rate_per_s {rate_per_s}")
+        gaps = rng.gamma(shape, scale, size=n - 1)
     elif arrival == "constant":
         gaps = np.full(n - 1, 1.0 / rate_per_s)
     else:
@@ -319,8 +352,8 @@ def synthetic(n: int, rate_per_s: float, *, arrival: str = "poisson", cv: float 
               prompt: LengthSpec = "azure-conv", output: LengthSpec = "azure-conv",
               seed: int = 0, name: Optional[str] = None) -> Workload:
     """A seeded synthetic workload of ``n`` requests; same arguments → identical arrays."""
-    if n < 1:
-        raise UserError(f"synthetic workload: n must be >= 1, got {n}")
+    if not 1 <= n <= MAX_REQUESTS:
+        raise UserError(f"synthetic workload: n must be in 1..{MAX_REQUESTS:,}, got {n}")
     prompt_dist, output_dist = length_dist(prompt, "prompt"), length_dist(output, "output")
     rng = np.random.default_rng(seed)
     arrivals = synthetic_arrivals(n, rate_per_s, arrival=arrival, cv=cv, rng=rng)
@@ -334,6 +367,11 @@ def synthetic(n: int, rate_per_s: float, *, arrival: str = "poisson", cv: float 
 def _workload(name: str, arrival_s: np.ndarray, prompt: np.ndarray, output: np.ndarray, *,
               hashes: Optional[list[tuple[int, ...]]] = None, block_tokens: int = 512,
               max_tokens: Optional[np.ndarray] = None, source: dict[str, Any]) -> Workload:
+    span_s = float(arrival_s[-1] - arrival_s[0]) if arrival_s.size else 0.0
+    if not span_s <= MAX_SPAN_S:
+        what = f"{source['path']}: timestamps" if "path" in source else f"workload {name!r}: arrivals"
+        raise UserError(f"{what} span {span_s:.6g} s, more than {MAX_SPAN_S:.0e} s "
+                        f"(is a time unit, rate_per_s or rate_scale out of range?)")
     arrays = [arrival_s, prompt, output] + ([max_tokens] if max_tokens is not None else [])
     for a in arrays:  # shared between a workload and its transforms: nobody may write
         a.flags.writeable = False
@@ -380,8 +418,9 @@ def scale_rate(w: Workload, factor: float) -> Workload:
     if not factor > 0 or not math.isfinite(factor):
         raise UserError(f"scale_rate: factor must be > 0, got {factor}")
     start = w.arrival_s[0]
-    return _derive(w, {"op": "scale_rate", "factor": factor},
-                   arrival_s=start + (w.arrival_s - start) / factor)
+    with np.errstate(over="ignore"):  # a tiny factor overflows to inf, which _workload reports
+        return _derive(w, {"op": "scale_rate", "factor": factor},
+                       arrival_s=start + (w.arrival_s - start) / factor)
 
 
 def scale_to_rate(w: Workload, rate_per_s: float) -> Workload:
@@ -394,8 +433,9 @@ def scale_to_rate(w: Workload, rate_per_s: float) -> Workload:
         raise UserError(f"scale_to_rate: rate_per_s must be > 0, got {rate_per_s}")
     factor = rate_per_s / mean_rate_per_s(w)
     start = w.arrival_s[0]
-    return _derive(w, {"op": "scale_to_rate", "rate_per_s": rate_per_s, "factor": factor},
-                   arrival_s=start + (w.arrival_s - start) / factor)
+    with np.errstate(over="ignore"):  # as in scale_rate
+        return _derive(w, {"op": "scale_to_rate", "rate_per_s": rate_per_s, "factor": factor},
+                       arrival_s=start + (w.arrival_s - start) / factor)
 
 
 def head(w: Workload, n: int) -> Workload:
@@ -557,7 +597,10 @@ def _tokens(values: np.ndarray, field: str, path: Path, where: Where) -> np.ndar
         bad = np.flatnonzero(~np.isfinite(values) | (values != np.floor(values)))
         if bad.size:
             _fail(path, where(int(bad[0])), f"{field} {_py(values[bad[0]])!r} is not an integer")
-        x = values.astype(np.int64)
+        big = np.flatnonzero(values > MAX_TOKENS)
+        if big.size:  # before the int64 cast, which would wrap
+            _fail(path, where(int(big[0])), f"{field} {_py(values[big[0]])!r} is more than {MAX_TOKENS:,} tokens")
+        x = np.maximum(values, -MAX_TOKENS - 1).astype(np.int64)
     else:
         x = np.empty(values.shape[0], dtype=np.int64)
         for i, v in enumerate(values):
@@ -574,6 +617,9 @@ def _tokens(values: np.ndarray, field: str, path: Path, where: Where) -> np.ndar
     neg = np.flatnonzero(x < 0)
     if neg.size:
         _fail(path, where(int(neg[0])), f"{field} {int(x[neg[0]])} is negative")
+    big = np.flatnonzero(x > MAX_TOKENS)
+    if big.size:
+        _fail(path, where(int(big[0])), f"{field} {int(x[big[0]])} is more than {MAX_TOKENS:,} tokens")
     return x
 
 

@@ -38,3 +38,14 @@ def ray_cluster() -> Iterator[LocalCluster]:
     with LocalCluster(SESSION_NODES) as cluster:
         connect(cluster.address)
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Jaeger"]:
+    """A real Jaeger v2 on loopback for the session (skips without a binary, fails under CI)."""
+    from jaeger import Jaeger, start_jaeger  # noqa: F401 - tests/ is on sys.path (rootdir conftest)
+
+    j = start_jaeger(tmp_path_factory.mktemp("jaeger"))
+    yield j
+    j.process.terminate()
+    j.process.wait(timeout=10)

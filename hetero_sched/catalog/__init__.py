@@ -62,7 +62,7 @@ def _number(key: str, value: Any, integer: bool = False) -> float:
         raise UserError(f"override {key}: expected a number, got {value!r}")
     if integer and int(value) != value:
         raise UserError(f"override {key}: expected an integer, got {value!r}")
-    if value < 0 or (value == 0 and not key.endswith(_ZERO_OK)):
+    if not 0 <= value <= 1e300 or (value == 0 and not key.endswith(_ZERO_OK)):  # NaN, inf and overflow too
         raise UserError(f"override {key}: expected a positive number, got {value!r}")
     return int(value) if integer else float(value)
 

@@ -17,6 +17,10 @@ DEVICE_LABEL = "hetero.device"
 """Node label naming the device kind (``ray start --labels``); not under the reserved ``ray.io/``."""
 
 
+MAX_CHIPS = 1_000_000
+"""Sanity bound on a group's chips, tp and pp: a larger number is a typo, not a cluster."""
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """Which chips a group holds and how the model is split over them."""
@@ -33,6 +37,8 @@ class GroupSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{where}: {name} must be a positive integer, got {value!r}")
+            if value > MAX_CHIPS:
+                raise UserError(f"{where}: {name} {value} is more than {MAX_CHIPS:,}")
         units = self.count * spec.units_per_chip
         if self.tp * self.pp != units:
             unit = "logical NeuronCores (LNC=2)" if spec.ray_resource == "neuron_cores" else "chips"

@@ -10,9 +10,10 @@ reproducible bit for bit.
 
 from __future__ import annotations
 
-import heapq
 import math
+import struct
 from array import array
+from heapq import heappop, heappush   # compiled: a global lookup, not a module getattr per event
 from typing import Any, Final, Iterator, Optional
 
 
@@ -49,11 +50,11 @@ class EventQueue:
     def push(self, time_s: float, kind: int, payload: Any) -> None:
         """Schedule ``kind`` at ``time_s``."""
         self._seq += 1
-        heapq.heappush(self._heap, (time_s, PRIORITY_OF[kind], self._seq, kind, payload))
+        heappush(self._heap, (time_s, PRIORITY_OF[kind], self._seq, kind, payload))
 
     def pop(self) -> tuple[float, int, int, int, Any]:
         """Remove and return the earliest event."""
-        return heapq.heappop(self._heap)
+        return heappop(self._heap)
 
     def peek_time(self) -> float | None:
         """Time of the earliest event, or None when empty."""
@@ -76,6 +77,11 @@ class DecisionKind:
     KV_ARRIVED: Final = "kv_arrived"  # group = destination
     PREEMPT: Final = "preempt"
     COMPLETE: Final = "complete"      # group = the group that produced the last token
+    CHUNK: Final = "chunk"            # mixed span planned (one decode step + prefill chunks)
+    DRAIN: Final = "drain"            # a group starts draining to switch roles (role: 0 prefill, 1 decode)
+    ROLE: Final = "role"              # a drained group takes its new role
+    FAIL: Final = "fail"              # a group's device failed: what it held is re-placed
+    RESTORE: Final = "restore"        # a failed group is back in service (empty)
 
 
 DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
@@ -89,6 +95,11 @@ DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
     DecisionKind.KV_ARRIVED: (),
     DecisionKind.PREEMPT: (("generated", int),),
     DecisionKind.COMPLETE: (),
+    DecisionKind.CHUNK: (("b", int), ("n", int), ("tokens", int), ("dur", float)),
+    DecisionKind.DRAIN: (("role", int),),
+    DecisionKind.ROLE: (("role", int), ("drain_s", float)),
+    DecisionKind.FAIL: (("resumed", int),),
+    DecisionKind.RESTORE: (),
 }
 """The values of a decision's ``detail`` tuple, per kind: name and type."""
 
@@ -122,35 +133,51 @@ class DecisionLog:
         self.request_id = array("q")
         self.details = (array("d"), array("d"), array("d"), array("d"))
         self.reasons: dict[int, str] = {}
-        self._pending: list[tuple[float, str, Optional[int], Optional[int], float, float, float, float]] = []
+        # Decisions not yet in the columns: one list per column, packed 64k at a time.
+        self._time_s: list[float] = []
+        self._kind: list[str] = []
+        self._group_id: list[int] = []
+        self._request_id: list[int] = []
+        self._details: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
 
     def add(self, time_s: float, kind: str, group_id: Optional[int], request_id: Optional[int],
             d0: float = math.nan, d1: float = math.nan, d2: float = math.nan, d3: float = math.nan) -> None:
         """Append one decision; ``d0..d3`` are its detail values in DETAIL_FIELDS order (NaN: none).
 
-        Decisions wait as tuples and move into the columns 64k at a time (one tuple append on
-        the hot path; bounded memory).
+        Decisions wait in per-column lists and move into the typed columns 64k at a time
+        (list appends on the hot path; bounded memory).
         """
-        pending = self._pending
-        pending.append((time_s, kind, group_id, request_id, d0, d1, d2, d3))
-        if len(pending) >= 65536:
+        self._time_s.append(time_s)
+        self._kind.append(kind)
+        self._group_id.append(-1 if group_id is None else group_id)
+        self._request_id.append(-1 if request_id is None else request_id)
+        p0, p1, p2, p3 = self._details
+        p0.append(d0)
+        p1.append(d1)
+        p2.append(d2)
+        p3.append(d3)
+        if len(self._time_s) >= 65536:
             self._compact()
 
     def _compact(self) -> None:
-        rows = self._pending
-        if not rows:
+        n = len(self._time_s)
+        if not n:
             return
+        # array.extend converts item by item through a format parser, and compiled code unboxes
+        # a whole row tuple to read one field (together a quarter of a run's instructions);
+        # struct packs a whole column list at C speed, into the same bytes.
+        self.time_s.frombytes(struct.pack(f"{n}d", *self._time_s))
         codes = _KIND_CODES
-        self.time_s.extend([r[0] for r in rows])
-        self.kind.extend([codes[r[1]] for r in rows])
-        self.group_id.extend([-1 if r[2] is None else r[2] for r in rows])
-        self.request_id.extend([-1 if r[3] is None else r[3] for r in rows])
-        d0, d1, d2, d3 = self.details
-        d0.extend([float(r[4]) for r in rows])
-        d1.extend([float(r[5]) for r in rows])
-        d2.extend([float(r[6]) for r in rows])
-        d3.extend([float(r[7]) for r in rows])
-        self._pending = []
+        self.kind.frombytes(struct.pack(f"{n}b", *[codes[k] for k in self._kind]))
+        self.group_id.frombytes(struct.pack(f"{n}q", *self._group_id))
+        self.request_id.frombytes(struct.pack(f"{n}q", *self._request_id))
+        for column, pending in zip(self.details, self._details):
+            column.frombytes(struct.pack(f"{n}d", *pending))
+            pending.clear()
+        self._time_s.clear()
+        self._kind.clear()
+        self._group_id.clear()
+        self._request_id.clear()
 
     def add_reject(self, time_s: float, request_id: int, reason: str) -> None:
         """Append a rejection and its reason."""
@@ -158,7 +185,7 @@ class DecisionLog:
         self.add(time_s, DecisionKind.REJECT, None, request_id)
 
     def __len__(self) -> int:
-        return len(self.time_s) + len(self._pending)
+        return len(self.time_s) + len(self._time_s)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DecisionLog):

@@ -22,7 +22,7 @@ import heapq
 import math
 from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
@@ -46,6 +46,11 @@ class Role(Enum):
     def can_decode(self) -> bool:
         return self is not Role.PREFILL
 
+    @property
+    def code(self) -> int:
+        """The role as a number for the decision log: 0 prefill, 1 decode, 2 both."""
+        return 0 if self is Role.PREFILL else 1 if self is Role.DECODE else 2
+
 
 @dataclass(frozen=True)
 class GroupLimits:
@@ -67,36 +72,48 @@ class GroupLimits:
 class SpanKind(Enum):
     PREFILL = "prefill"
     DECODE = "decode"
+    MIXED = "mixed"
+    """Chunked prefill (Sarathi-Serve): one decode step of the running batch plus prefill chunks."""
 
 
-@dataclass(slots=True)
 class Span:
-    """A planned span. ``token`` identifies it (a cut re-issues the same span with a new end)."""
+    """A planned span. ``token`` identifies it (a cut re-issues the same span with a new end).
 
-    token: int
-    kind: SpanKind
-    start_s: float
-    end_s: float
-    steps: int
-    batch: list[RequestState] = field(default_factory=list)
-    """Prefill: the prompts. Decode: the requests joining the batch in this span."""
-    line: Line = (0.0, 0.0)
-    batch_size: int = 0
-    context0: int = 0
-    new_tokens: int = 0
-    cached_tokens: int = 0
-    boundary_gap_s: float = 0.0
+    A plain class, not a dataclass: compiled, a dataclass's generated ``__init__`` stays
+    interpreted, and a span is made for every prefill and decode span of a run.
+    """
+
+    def __init__(self, token: int, kind: SpanKind, start_s: float, end_s: float, steps: int,
+                 batch: list[RequestState], line: Line = (0.0, 0.0), batch_size: int = 0,
+                 context0: int = 0, new_tokens: int = 0, cached_tokens: int = 0,
+                 boundary_gap_s: float = 0.0,
+                 chunks: tuple[tuple[RequestState, int, int], ...] = ()) -> None:
+        self.token = token
+        self.kind = kind
+        self.start_s = start_s
+        self.end_s = end_s
+        self.steps = steps
+        self.batch = batch
+        """Prefill: the prompts. Decode and mixed: the requests joining the batch in this span."""
+        self.line = line
+        self.batch_size = batch_size
+        self.context0 = context0
+        self.new_tokens = new_tokens
+        self.cached_tokens = cached_tokens
+        self.boundary_gap_s = boundary_gap_s
+        self.chunks = chunks
+        """Mixed spans: ``(request, start, end)`` — prefill-token positions this span computes."""
 
 
-@dataclass(slots=True)
 class SpanOutcome:
-    """What a finished span changed, for the scheduler to act on."""
+    """What a finished span changed, for the scheduler to act on (plain class: see :class:`Span`)."""
 
-    prefilled: list[RequestState] = field(default_factory=list)
-    completed: list[RequestState] = field(default_factory=list)
-    preempted: list[RequestState] = field(default_factory=list)
-    failed: list[RequestState] = field(default_factory=list)
-    """Requests that can never fit this group's KV (reject with a reason)."""
+    def __init__(self) -> None:
+        self.prefilled: list[RequestState] = []
+        self.completed: list[RequestState] = []
+        self.preempted: list[RequestState] = []
+        self.failed: list[RequestState] = []
+        """Requests that can never fit this group's KV (reject with a reason)."""
 
 
 def decode_span_duration(line: Line, context0: int, batch_size: int, steps: int) -> float:
@@ -153,6 +170,10 @@ class GroupState:
         self.group_id = group_id
         self.name = name
         self.role = role
+        self.colocated = role is Role.BOTH
+        self.local_decodes = False
+        """Set when a request was placed to prefill *and* decode here although the role is not
+        ``both`` (a heterogeneous fallback): only then does a prefill check where it decodes."""
         self.can_prefill = role.can_prefill
         self.can_decode = role.can_decode
         self.device = device
@@ -164,10 +185,13 @@ class GroupState:
             cache_blocks = int(total_blocks * limits.prefix_cache_fraction)
         else:
             cache_blocks = 0
-        self.kv = BlockAllocator(total_blocks - cache_blocks)
+        self._kv_blocks = total_blocks - cache_blocks
+        self.kv = BlockAllocator(self._kv_blocks)
         # Prefix blocks are their own granularity (e.g. 512 tokens), budgeted from the same memory.
         self._prefix_cache_tokens = cache_blocks * limits.block_size
         self.prefix_cache: Optional[PrefixCache] = None
+        self.alive = True
+        """False once the device behind the group failed (until it is restored, empty)."""
         self.prefill_queue: deque[RequestState] = deque()
         self.pending_prefill_tokens = 0                     # queued or being prefilled
         self.num_pending_prefill = 0
@@ -187,6 +211,72 @@ class GroupState:
         self._gap_idx: list[int] = []     # monotone stack of (span index, gap): max gap since a span
         self._gap_val: list[float] = []
         self._last_decode_end: Optional[float] = None
+        self.chunk_budget: Optional[int] = None
+        """Tokens per iteration when prefill is chunked (Sarathi-Serve); None: whole prompts."""
+        self._partial: list[RequestState] = []            # chunked prefills under way, in order
+        self.draining_to: Optional[Role] = None
+        """The role this group switches to once drained (None: not switching)."""
+        self.drain_start_s = 0.0
+
+    # --- failure -----------------------------------------------------------------------
+    def fail(self, now_s: float) -> list[RequestState]:
+        """The device behind this group died: everything it held is gone.
+
+        Returns the requests that were here — queued, prefilling, awaiting or holding a decode
+        slot — in a deterministic order, their lazily counted tokens settled up to the last
+        *finished* span (the running span's work died with the device). The group is left
+        empty (KV, queues, prefix cache) and out of service until :meth:`restore`.
+        """
+        lost: dict[int, RequestState] = {}
+        span = self.span
+        if span is not None:
+            for rs in span.batch:
+                lost[rs.request_id] = rs
+            for rs, _, _ in span.chunks:
+                lost[rs.request_id] = rs
+        for rs in self._partial:
+            lost[rs.request_id] = rs
+        for rs in self.prefill_queue:
+            lost[rs.request_id] = rs
+        for rs in list(self.running.values()):
+            made = self.steps_done - rs.join_step
+            del self.running[rs.request_id]
+            rs.generated += made
+            lost[rs.request_id] = rs
+        for rs in self.ready:
+            lost[rs.request_id] = rs
+        for rs in self.decode_queue:
+            lost[rs.request_id] = rs
+        for rs in lost.values():
+            rs.prefill_done = 0
+        self.kv = BlockAllocator(self._kv_blocks)
+        self.prefix_cache = None
+        self.prefill_queue.clear()
+        self.decode_queue.clear()
+        self.ready = []
+        self._partial = []
+        self.pending_prefill_tokens = 0
+        self.num_pending_prefill = 0
+        self.in_transit = 0
+        self.context_tokens = 0
+        self.span = None
+        self._tokens += 1                    # no span end planned before the failure will match
+        self._finish_heap = []
+        self._exhaust_heap = []
+        self._gap_idx = []
+        self._gap_val = []
+        self._last_decode_end = None
+        self.draining_to = None
+        self.alive = False
+        self.can_prefill = False
+        self.can_decode = False
+        return list(lost.values())
+
+    def restore(self) -> None:
+        """The device is back (restarted, empty): serve its role again."""
+        self.alive = True
+        self.can_prefill = self.role.can_prefill
+        self.can_decode = self.role.can_decode
 
     # --- queries -------------------------------------------------------------------------
     @property
@@ -207,6 +297,34 @@ class GroupState:
     def fits_ever(self, tokens: int) -> bool:
         """Whether ``tokens`` of KV could fit this group at all (when empty)."""
         return blocks_for(tokens, self.limits.block_size) <= self.kv.num_blocks
+
+    def cached_prefix_blocks(self, hashes: tuple[int, ...]) -> int:
+        """Leading blocks of ``hashes`` this group's prefix cache holds now (a query: no LRU update)."""
+        cache = self.prefix_cache
+        return 0 if cache is None else cache.matched_blocks(hashes)
+
+    def drained(self) -> bool:
+        """Nothing left of the old role: no span, no queued or running request, no KV held."""
+        return (self.span is None and not self.prefill_queue and not self.decode_queue
+                and not self.running and not self.ready and self.in_transit == 0
+                and not self._partial and self.kv.num_used == 0)
+
+    def start_drain(self, role: Role, now_s: float) -> None:
+        """Stop taking new work of either role; switch to ``role`` once :meth:`drained`."""
+        self.draining_to = role
+        self.drain_start_s = now_s
+        self.can_prefill = False
+        self.can_decode = False
+
+    def take_role(self) -> None:
+        """Finish a switch: the drained group serves its new role from now on."""
+        role = self.draining_to
+        assert role is not None and self.drained()
+        self.role = role
+        self.colocated = role is Role.BOTH
+        self.can_prefill = role.can_prefill
+        self.can_decode = role.can_decode
+        self.draining_to = None
 
     def prefix_cache_for(self, block_tokens: int) -> PrefixCache:
         """The prefix cache, created at the trace's hash-block size on first use."""
@@ -241,15 +359,21 @@ class GroupState:
         return min(tokens, self.kv.num_blocks * self.limits.block_size)
 
     def admit_decode(self) -> list[RequestState]:
-        """Reserve KV for waiting requests, FIFO, while slots and blocks allow (contract §7)."""
+        """Reserve KV for waiting requests, FIFO, while slots and blocks allow (contract §7).
+
+        A request prefilled here (a fallback decode) turns its prompt KV into the reservation.
+        """
         admitted = []
         q = self.decode_queue
         while q and self.num_decoding < self.limits.max_num_seqs:
             rs = q[0]
             reserve = self._reservation(rs, prefill_pending=False)
             blocks = blocks_for(reserve, self.limits.block_size)
-            if not self.kv.can_allocate(blocks):
+            own = rs.prefill_blocks if rs.prefill_group == self.group_id else 0
+            if not self.kv.can_allocate(blocks - own):
                 break
+            if own:
+                self.release_prefill_kv(rs)
             self.kv.allocate(blocks)
             q.popleft()
             rs.decode_blocks = blocks
@@ -277,7 +401,7 @@ class GroupState:
             return False
         if self.ready:
             return True
-        return self.role is Role.BOTH and bool(self.prefill_queue) and self._can_admit_prefill(self.prefill_queue[0], 0)
+        return bool(self.prefill_queue) and self._can_admit_prefill(self.prefill_queue[0], 0)
 
     def cut(self, now_s: float) -> bool:
         """Shorten the running decode span to the first step boundary at or after ``now_s``."""
@@ -297,19 +421,54 @@ class GroupState:
         """Plan the next span of an idle group (prefill first), or None if there is nothing to do."""
         assert self.span is None
         span = None
-        if self.can_prefill and self.prefill_queue:
-            span = self._plan_prefill(now_s)
-        if span is None and (self.running or self.ready) and self.can_decode:
-            span = self._plan_decode(now_s)
+        if self.chunk_budget is not None:
+            span = self._plan_chunked(now_s)
+        else:
+            # A queue fills only through placements the scheduler checked, so a group with
+            # queued prompts prefills them whatever its role (a fallback, or a drain).
+            if self.prefill_queue:
+                span = self._plan_prefill(now_s)
+            if span is None and (self.running or self.ready):
+                span = self._plan_decode(now_s)
         self.span = span
         return span
 
+    def _decodes_here(self, rs: RequestState) -> bool:
+        """Whether ``rs`` decodes where it prefills (colocated, or a fallback placement here)."""
+        return self.colocated or (self.local_decodes and rs.decode_group == self.group_id)
+
     def _can_admit_prefill(self, rs: RequestState, batch_len: int) -> bool:
-        if self.role is Role.BOTH:
+        if self._decodes_here(rs):
             if self.num_decoding + batch_len >= self.limits.max_num_seqs:
                 return False
             return self.kv.can_allocate(blocks_for(self._reservation(rs, True), self.limits.block_size))
         return self.kv.can_allocate(blocks_for(rs.prefill_tokens, self.limits.block_size))
+
+    def _cached_prefix(self, rs: RequestState) -> int:
+        """Prompt tokens a prefix-cache hit saves ``rs`` here now."""
+        hashes = rs.request.prefix_hashes
+        if not hashes:
+            return 0
+        block = rs.request.prefix_block_tokens
+        # a hit covers prompt tokens only (never tokens generated before a preemption),
+        # and at least one token is computed to produce the next one
+        return min(self.prefix_cache_for(block).matched_blocks(hashes) * block,
+                   rs.request.prompt_tokens, rs.prefill_tokens - 1)
+
+    def _start_prefill(self, rs: RequestState, cached: int) -> None:
+        """Take ``rs`` off the queue head: its KV (the decode reservation, if it decodes here)."""
+        if self._decodes_here(rs):
+            reserve = self._reservation(rs, prefill_pending=True)
+            rs.decode_blocks = blocks_for(reserve, self.limits.block_size)
+            rs.reserved_tokens = reserve
+            self.kv.allocate(rs.decode_blocks)
+            rs.decode_group = self.group_id
+        else:
+            rs.prefill_blocks = blocks_for(rs.prefill_tokens, self.limits.block_size)
+            self.kv.allocate(rs.prefill_blocks)
+        self.prefill_queue.popleft()
+        rs.phase = Phase.PREFILLING
+        rs.cached_tokens = cached
 
     def _plan_prefill(self, now_s: float) -> Optional[Span]:
         lim = self.limits
@@ -320,31 +479,13 @@ class GroupState:
         total = 0
         while q and len(batch) < lim.max_prefill_seqs:
             rs = q[0]
-            hashes = rs.request.prefix_hashes
-            cached = 0
-            if hashes:
-                block = rs.request.prefix_block_tokens
-                # a hit covers prompt tokens only (never tokens generated before a preemption),
-                # and at least one token is computed to produce the next one
-                cached = min(self.prefix_cache_for(block).matched_blocks(hashes) * block,
-                             rs.request.prompt_tokens, rs.prefill_tokens - 1)
+            cached = self._cached_prefix(rs)
             new = rs.prefill_tokens - cached
             if batch and total + new > lim.max_batch_tokens:
                 break
             if not self._can_admit_prefill(rs, len(batch)):
                 break
-            if self.role is Role.BOTH:
-                reserve = self._reservation(rs, prefill_pending=True)
-                rs.decode_blocks = blocks_for(reserve, lim.block_size)
-                rs.reserved_tokens = reserve
-                self.kv.allocate(rs.decode_blocks)
-                rs.decode_group = self.group_id
-            else:
-                rs.prefill_blocks = blocks_for(rs.prefill_tokens, lim.block_size)
-                self.kv.allocate(rs.prefill_blocks)
-            q.popleft()
-            rs.phase = Phase.PREFILLING
-            rs.cached_tokens = cached
+            self._start_prefill(rs, cached)
             batch.append(rs)
             new_list.append(new)
             cached_list.append(cached)
@@ -355,6 +496,64 @@ class GroupState:
         self._tokens += 1
         return Span(self._tokens, SpanKind.PREFILL, now_s, now_s + duration, 1, batch,
                     new_tokens=total, cached_tokens=sum(cached_list))
+
+    def _take_chunks(self, budget: int) -> list[tuple[RequestState, int, int]]:
+        """Prefill chunks filling ``budget`` tokens: prompts under way first, then the queue's head."""
+        chunks: list[tuple[RequestState, int, int]] = []
+        for rs in self._partial:
+            if budget <= 0:
+                return chunks
+            start = rs.cached_tokens + rs.prefill_done
+            take = min(rs.prefill_tokens - start, budget)
+            chunks.append((rs, start, start + take))
+            budget -= take
+        q = self.prefill_queue
+        while budget > 0 and q and len(self._partial) < self.limits.max_prefill_seqs:
+            rs = q[0]
+            if not self._can_admit_prefill(rs, len(self._partial)):
+                break
+            cached = self._cached_prefix(rs)
+            self._start_prefill(rs, cached)
+            rs.prefill_done = 0
+            self._partial.append(rs)
+            take = min(rs.prefill_tokens - cached, budget)
+            chunks.append((rs, cached, cached + take))
+            budget -= take
+        return chunks
+
+    def _plan_chunked(self, now_s: float) -> Optional[Span]:
+        """Sarathi-Serve: each iteration is one decode step plus prefill chunks within the budget.
+
+        The budget counts one token per decoding sequence; prefill gets the rest. With nothing to
+        prefill the group runs ordinary multi-step decode spans (cut when a prompt arrives). The
+        cost model has no fused mixed-batch time, so an iteration costs its decode step plus its
+        chunks' prefill time — an upper bound (piggybacking savings are not modelled).
+        """
+        budget = self.chunk_budget
+        assert budget is not None
+        chunks = self._take_chunks(budget - len(self.running) - len(self.ready))
+        if not chunks:
+            return self._plan_decode(now_s) if (self.running or self.ready) else None
+        new_list = [end - start for _, start, end in chunks]
+        cached_list = [start for _, start, _ in chunks]
+        # prefix-cache hits of the prompts starting here (a later chunk attends to earlier ones)
+        first_cached = sum(start for rs, start, _ in chunks if rs.prefill_done == 0)
+        duration = self.cost.prefill_time_s(new_list, cached_list)
+        joiners = self._join_ready()
+        b = len(self.running)
+        c0 = self.context_tokens
+        line: Line = (0.0, 0.0)
+        steps = 0
+        boundary = 0.0
+        if b:
+            line, _ = active_line(self.decode_lines(b), c0, b)
+            steps = 1
+            duration += line[0] + line[1] * c0
+            boundary = self._first_step_at(joiners, now_s + duration)
+        self._tokens += 1
+        return Span(self._tokens, SpanKind.MIXED, now_s, now_s + duration, steps, joiners,
+                    line=line, batch_size=b, context0=c0, new_tokens=sum(new_list),
+                    cached_tokens=first_cached, boundary_gap_s=boundary, chunks=tuple(chunks))
 
     def _join(self, rs: RequestState) -> None:
         rs.join_step = self.steps_done
@@ -370,11 +569,29 @@ class GroupState:
         rs.decode_group = self.group_id
         self.running[rs.request_id] = rs
 
-    def _plan_decode(self, now_s: float) -> Span:
+    def _join_ready(self) -> list[RequestState]:
+        """Move the requests ready to join into the batch; returns them."""
         joiners = self.ready
         self.ready = []
         for rs in joiners:
             self._join(rs)
+        return joiners
+
+    def _first_step_at(self, joiners: list[RequestState], token_s: float) -> float:
+        """The span's first decode token comes at ``token_s``: note joiners' token 2 and gaps.
+
+        Returns the gap since the previous decode span ended (0.0 if none).
+        """
+        for rs in joiners:
+            if rs.generated == 1:
+                rs.token2_s = token_s
+            gap = token_s - rs.last_token_s
+            if gap > rs.max_gap_s:
+                rs.max_gap_s = gap
+        return token_s - self._last_decode_end if self._last_decode_end is not None else 0.0
+
+    def _plan_decode(self, now_s: float) -> Span:
+        joiners = self._join_ready()
         b = len(self.running)
         c0 = self.context_tokens
         steps = self._finish_heap[0][0] - self.steps_done
@@ -384,14 +601,7 @@ class GroupState:
         line, kink = active_line(self.decode_lines(b), c0, b)
         if kink is not None and kink < steps:
             steps = kink
-        first_token_s = now_s + line[0] + line[1] * c0
-        for rs in joiners:
-            if rs.generated == 1:
-                rs.token2_s = first_token_s
-            gap = first_token_s - rs.last_token_s
-            if gap > rs.max_gap_s:
-                rs.max_gap_s = gap
-        boundary = first_token_s - self._last_decode_end if self._last_decode_end is not None else 0.0
+        boundary = self._first_step_at(joiners, now_s + line[0] + line[1] * c0)
         self._tokens += 1
         return Span(self._tokens, SpanKind.DECODE, now_s,
                     now_s + decode_span_duration(line, c0, b, steps), steps, joiners,
@@ -406,25 +616,44 @@ class GroupState:
         self.busy_s += span.end_s - span.start_s
         out = SpanOutcome()
         if span.kind is SpanKind.PREFILL:
-            self.num_pending_prefill -= len(span.batch)
+            duration = span.end_s - span.start_s
             for rs in span.batch:
-                self.pending_prefill_tokens -= rs.prefill_tokens
-                hashes = rs.request.prefix_hashes
-                if hashes:   # only full blocks are cached: a partial block's KV is not the block's
-                    block = rs.request.prefix_block_tokens
-                    self.prefix_cache_for(block).use(hashes[:rs.request.prompt_tokens // block])
-                rs.on_token(now_s)
-                out.prefilled.append(rs)
+                rs.prefill_s = duration
+                self._prefilled(rs, now_s, out)
+            return out
+        if span.kind is SpanKind.MIXED:
+            if span.steps:
+                self._finish_decode(span, now_s, out)
+            for rs, _, end in span.chunks:
+                rs.prefill_done = end - rs.cached_tokens
+                if end >= rs.prefill_tokens:
+                    self._partial.remove(rs)
+                    rs.prefill_s = now_s - span.start_s
+                    self._prefilled(rs, now_s, out)
             return out
         self._finish_decode(span, now_s, out)
         return out
+
+    def _prefilled(self, rs: RequestState, now_s: float, out: SpanOutcome) -> None:
+        """``rs``'s prefill is done: cache its full prefix blocks, count its first token."""
+        self.num_pending_prefill -= 1
+        self.pending_prefill_tokens -= rs.prefill_tokens
+        hashes = rs.request.prefix_hashes
+        if hashes:   # only full blocks are cached: a partial block's KV is not the block's
+            block = rs.request.prefix_block_tokens
+            self.prefix_cache_for(block).use(hashes[:rs.request.prompt_tokens // block])
+        rs.on_token(now_s)
+        out.prefilled.append(rs)
 
     def _finish_decode(self, span: Span, now_s: float, out: SpanOutcome) -> None:
         k, b = span.steps, span.batch_size
         a, s = span.line
         self.steps_done += k
         self.context_tokens += b * k
-        inner = max(a + s * span.context0, a + s * (span.context0 + b * (k - 1)))
+        if span.kind is SpanKind.MIXED:   # the step waited for the prefill chunks too
+            inner = span.end_s - span.start_s
+        else:
+            inner = max(a + s * span.context0, a + s * (span.context0 + b * (k - 1)))
         self._push_gap(self._spans_done, max(inner, span.boundary_gap_s))
         self._spans_done += 1
         for rs in span.batch:

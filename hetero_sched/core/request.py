@@ -28,7 +28,7 @@ class RequestState:
         "prefill_group", "decode_group", "prefill_blocks", "decode_blocks", "reserved_tokens",
         "join_step", "join_span", "finish_step", "exhaust_step", "cached_tokens",
         "token1_s", "token2_s", "last_token_s", "max_gap_s", "finish_s",
-        "preemptions", "reject_reason", "transfer_id",
+        "preemptions", "reject_reason", "transfer_id", "prefill_done", "prefill_s",
     )
 
     def __init__(self, request: Request, predicted_output: int) -> None:
@@ -56,6 +56,10 @@ class RequestState:
         self.preemptions = 0
         self.reject_reason: Optional[str] = None
         self.transfer_id: Optional[int] = None
+        self.prefill_done = 0
+        """Chunked prefill: tokens of the current prefill computed so far (beyond the cached prefix)."""
+        self.prefill_s = 0.0
+        """Duration of the span that finished its last prefill (what layer-wise streaming overlaps)."""
 
     @property
     def prefill_tokens(self) -> int:

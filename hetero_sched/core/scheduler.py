@@ -21,7 +21,7 @@ from typing import Any, Optional, Protocol, Sequence
 from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
 from hetero_sched.core.group import GroupState, Role, Span, SpanKind, SpanOutcome
 from hetero_sched.core.request import Phase, RequestState
-from hetero_sched.core.transfer import TransferNetwork
+from hetero_sched.core.transfer import LayerwiseStreaming, TransferNetwork, layerwise_tail
 from hetero_sched.policies.base import GroupView, Placement, Policy, Reject, RequestInfo
 from hetero_sched.workload import Request
 
@@ -37,40 +37,64 @@ RECORD_COLUMNS = (
 
 
 class ExecutorHooks(Protocol):
-    """What a live executor needs to hear from the core (the simulator passes none).
+    """What an executor or an observer needs to hear from the core (plain simulation passes none).
 
-    The core calls these as it decides; the runtime turns them into batched actor calls.
+    The core calls these as it decides: the runtime turns them into batched actor calls, the
+    request tracer into spans (``hetero_sched.tracing``). Every call carries the time it
+    happened, so an observer needs no clock of its own.
     """
 
-    def span_planned(self, group_id: int, span: Span) -> None: ...
-    def span_cut(self, group_id: int, span: Span) -> None: ...
-    def transfer_started(self, transfer_id: int, rs: RequestState, src: int, dst: int, num_bytes: int) -> None: ...
-    def kv_landed(self, transfer_id: int, rs: RequestState, src: int, dst: int) -> None: ...
-    def request_left(self, group_id: int, rs: RequestState, how: str) -> None:
+    def request_placed(self, now_s: float, rs: RequestState, group_id: int) -> None:
+        """``rs`` joined ``group_id``'s prefill queue (on arrival, or again after a preemption)."""
+    def span_planned(self, now_s: float, group_id: int, span: Span) -> None: ...
+    def span_cut(self, now_s: float, group_id: int, span: Span) -> None: ...
+    def transfer_started(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int,
+                         num_bytes: int) -> None: ...
+    def kv_landed(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None: ...
+    def request_left(self, now_s: float, group_id: int, rs: RequestState, how: str) -> None:
         """``rs`` left ``group_id`` (completed / preempted / failed): its KV there can go."""
+    def request_finished(self, now_s: float, rs: RequestState) -> None:
+        """``rs`` ended (completed or rejected); its record is written."""
+    def transfer_cancelled(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
+        """A transfer will never land: an endpoint's device failed (``fail_group``)."""
 
 
 class Scheduler:
     """Places requests, plans spans and transfers, keeps the decision log and the records."""
 
     def __init__(self, groups: Sequence[GroupState], policy: Policy, predicted_output: Sequence[int],
-                 report_interval_s: float = 0.0) -> None:
+                 report_interval_s: float = 0.0, layerwise: Optional[LayerwiseStreaming] = None,
+                 max_inflight: Optional[int] = None) -> None:
         self.groups = list(groups)
+        self.max_inflight = max_inflight
+        """Admission control: an arrival finding this many requests in flight is rejected at once."""
         self.policy = policy
         self.predicted_output = predicted_output
         self.report_interval_s = report_interval_s
-        self.views = [GroupView(g.group_id, g.name, g.device, g.pool, g.role, g.cost, g.kv.num_blocks)
+        self.layerwise = layerwise
+        """Stream KV layer by layer during prefill (None: send after prefill)."""
+        self.views = [GroupView(g.group_id, g.name, g.device, g.pool, g.role, g.cost, g.kv.num_blocks,
+                                block_size=g.limits.block_size, max_batch_tokens=g.limits.max_batch_tokens,
+                                max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks)
                       for g in self.groups]
         policy.check(self.views)
+        self._rebalances = policy.rebalances
+        budget = policy.chunk_budget_tokens
+        if budget is not None:
+            for g in self.groups:
+                if g.role is Role.BOTH:
+                    g.chunk_budget = budget
         self.network = TransferNetwork([g.cost.egress_bytes_per_s for g in self.groups],
                                        [g.cost.ingress_bytes_per_s for g in self.groups])
         self.decisions = DecisionLog()
         self.records: list[tuple] = []
         self.num_active = 0
-        self._transfers: dict[int, tuple[RequestState, int, int]] = {}   # id -> (request, src, dst)
+        self._transfers: dict[int, tuple[RequestState, int, int, float]] = {}   # id -> (request, src, dst, delay)
         self._next_transfer_id = 0
         self._dirty: set[int] = set()
         self._network_version = -1
+        self._failed: set[int] = set()
+        """Groups out of service after a failure (policies see them unable to take either role)."""
         self.hooks: Optional[ExecutorHooks] = None
 
     # --- events ----------------------------------------------------------------------------
@@ -78,6 +102,11 @@ class Scheduler:
         """A request arrives: ask the policy where it goes."""
         rs = RequestState(request, int(self.predicted_output[request.request_id]))
         self.num_active += 1
+        if self.max_inflight is not None and self.num_active > self.max_inflight:
+            # overload: reject early, with a reason, rather than queue without bound
+            self._reject(now_s, rs, f"overloaded: {self.max_inflight} requests already in flight "
+                                    "(admission.max_inflight)")
+            return
         self._place(now_s, rs)
 
     def on_span_end(self, now_s: float, group_id: int, token: int) -> None:
@@ -99,16 +128,129 @@ class Scheduler:
 
     def on_kv_arrival(self, now_s: float, transfer_id: int) -> None:
         """A request's KV landed at its decode group: free the prefill copy, join next span."""
-        rs, src_id, dst_id = self._transfers.pop(transfer_id)
+        entry = self._transfers.pop(transfer_id, None)
+        if entry is None:
+            return                          # cancelled: an endpoint failed while the KV was on its way
+        rs, src_id, dst_id, _ = entry
         src = self.groups[src_id]
         dst = self.groups[dst_id]
         src.release_prefill_kv(rs)
         dst.kv_arrived(rs)
         if self.hooks is not None:
-            self.hooks.kv_landed(transfer_id, rs, src_id, dst_id)
+            self.hooks.kv_landed(now_s, transfer_id, rs, src_id, dst_id)
         self.decisions.add(now_s, D.KV_ARRIVED, dst.group_id, rs.request_id)
         self._dirty.add(src.group_id)
         self._dirty.add(dst.group_id)
+
+    def fail_group(self, now_s: float, group_id: int, delivered: Optional[dict[int, int]] = None,
+                   restarted: bool = False) -> None:
+        """The device behind ``group_id`` died: nothing it held survives, no request is lost.
+
+        Every request with state there is resumed elsewhere (DESIGN contract §7, KV lifecycle):
+        one whose KV still sits at a live prefill group (waiting for decode admission, or in
+        flight to the dead group) is routed to another decode group and transferred again from
+        that retained KV; every other one (queued, prefilling or decoding there, or whose KV was
+        coming *from* there) is placed again and prefilled again, prompt plus the tokens it has
+        delivered. ``delivered`` (live runs) is how many tokens each request really delivered:
+        tokens of a span whose answer died with the actor are made again. The group takes no
+        work until :meth:`restore_group` — or at once, empty, if its device already
+        ``restarted`` (a restarted actor), so it may take some of the resumed work itself.
+        """
+        g = self.groups[group_id]
+        if not g.alive:
+            return
+        lost = g.fail(now_s)
+        self._failed.add(group_id)
+        v = self.views[group_id]
+        v.can_prefill = v.can_decode = False
+        self._report(g, now_s)
+        hooks = self.hooks
+        again: dict[int, RequestState] = {}                    # prefill again
+        reroute: dict[int, RequestState] = {}                  # decode elsewhere from retained KV
+        for tid in sorted(self._transfers):
+            rs, src_id, dst_id, _ = self._transfers[tid]
+            if group_id not in (src_id, dst_id):
+                continue
+            del self._transfers[tid]
+            self.network.cancel(now_s, tid)
+            if hooks is not None:
+                hooks.transfer_cancelled(now_s, tid, rs, src_id, dst_id)
+            if src_id == group_id:                             # the KV's source is gone
+                dst = self.groups[dst_id]
+                dst.kv.free(rs.decode_blocks)
+                dst.in_transit -= 1
+                self._dirty.add(dst_id)
+                again[rs.request_id] = rs
+            else:                                              # the destination is gone
+                reroute[rs.request_id] = rs
+        for other in self.groups:                              # prefilled there, waiting elsewhere
+            stranded = [rs for rs in other.decode_queue if rs.prefill_group == group_id]
+            for rs in stranded:
+                other.decode_queue.remove(rs)
+                self.views[other.group_id].num_decode_queued -= 1
+                again[rs.request_id] = rs
+        for rs in lost:
+            src = rs.prefill_group
+            if (rs.phase is Phase.WAITING_DECODE and src is not None and src != group_id
+                    and rs.prefill_blocks):
+                reroute[rs.request_id] = rs
+            elif rs.request_id not in reroute:
+                again[rs.request_id] = rs
+        self.decisions.add(now_s, D.FAIL, group_id, None, len(again) + len(reroute))
+        if hooks is not None:
+            for rs in [*again.values(), *reroute.values()]:
+                hooks.request_left(now_s, group_id, rs, "failed")
+        if restarted:
+            self.restore_group(now_s, group_id)
+        for rs in again.values():
+            self._resume(now_s, rs, group_id, delivered)
+        for rs in reroute.values():
+            rs.decode_blocks = 0
+            rs.decode_group = None
+            rs.transfer_id = None
+            retained = rs.prefill_group
+            assert retained is not None
+            self._route_decode(now_s, rs, self.groups[retained])
+
+    def needs_plan(self) -> bool:
+        """Whether something changed since the last :meth:`plan` (a driver's hook reported news)."""
+        return bool(self._dirty) or self.network.version != self._network_version
+
+    def restore_group(self, now_s: float, group_id: int) -> None:
+        """A failed group's device is back (restarted, empty): it serves its role again."""
+        g = self.groups[group_id]
+        if g.alive:
+            return
+        g.restore()
+        self._failed.discard(group_id)
+        v = self.views[group_id]
+        v.can_prefill, v.can_decode = g.can_prefill, g.can_decode
+        self._report(g, now_s)
+        self.decisions.add(now_s, D.RESTORE, group_id, None)
+        self._dirty.add(group_id)
+
+    def _resume(self, now_s: float, rs: RequestState, failed_id: int, delivered: Optional[dict[int, int]]) -> None:
+        """Place ``rs`` again after ``failed_id`` failed: its KV there (and its reservations) are gone."""
+        if delivered is not None:
+            rs.generated = min(rs.generated, delivered.get(rs.request_id, 0))
+        src_id = rs.prefill_group
+        if src_id is not None and src_id != failed_id and rs.prefill_blocks:
+            self.groups[src_id].release_prefill_kv(rs)         # a live group's copy, no longer wanted
+            self._dirty.add(src_id)
+            if self.hooks is not None:
+                self.hooks.request_left(now_s, src_id, rs, "failed")
+        rs.prefill_blocks = 0
+        rs.decode_blocks = 0
+        rs.reserved_tokens = 0
+        rs.decode_group = None
+        rs.transfer_id = None
+        rs.cached_tokens = 0
+        rs.preemptions += 1
+        self.decisions.add(now_s, D.PREEMPT, failed_id, rs.request_id, rs.generated)
+        if rs.generated >= rs.request.output_tokens:            # every token was already delivered
+            self._complete(now_s, rs, failed_id)
+        else:
+            self._place(now_s, rs)
 
     # --- planning ---------------------------------------------------------------------------
     def plan(self, now_s: float) -> list[Timer]:
@@ -116,32 +258,41 @@ class Scheduler:
         timers: list[Timer] = []
         if not self._dirty and self.network.version == self._network_version:
             return timers
-        log = self.decisions.add
+        log = self.decisions   # the log itself: compiled, its bound .add would be a slow Python call
+        if self._rebalances:
+            self._rebalance(now_s)
         while self._dirty:
             dirty = sorted(self._dirty)
             self._dirty.clear()
             for gid in dirty:
                 g = self.groups[gid]
+                if g.draining_to is not None and g.drained():
+                    self._take_role(now_s, g)
                 if g.decode_queue:
                     for rs in g.admit_decode():
-                        self._start_transfer(now_s, rs, gid, timers)
+                        if rs.prefill_group == gid:
+                            self._local_handoff(now_s, rs, g)
+                        else:
+                            self._start_transfer(now_s, rs, gid, timers)
                 if g.span is None:
                     span = g.plan(now_s)
                     if span is not None:
                         dur = span.end_s - span.start_s
                         if span.kind is SpanKind.PREFILL:
-                            log(now_s, D.PREFILL, gid, None, len(span.batch), span.new_tokens, span.cached_tokens, dur)
+                            log.add(now_s, D.PREFILL, gid, None, len(span.batch), span.new_tokens, span.cached_tokens, dur)
+                        elif span.kind is SpanKind.DECODE:
+                            log.add(now_s, D.DECODE, gid, None, span.batch_size, span.steps, dur)
                         else:
-                            log(now_s, D.DECODE, gid, None, span.batch_size, span.steps, dur)
+                            log.add(now_s, D.CHUNK, gid, None, span.batch_size, len(span.chunks), span.new_tokens, dur)
                         timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
                         if self.hooks is not None:
-                            self.hooks.span_planned(gid, span)
+                            self.hooks.span_planned(now_s, gid, span)
                 elif g.wants_interrupt() and g.cut(now_s):
                     span = g.span
-                    log(now_s, D.CUT, gid, None, span.steps, span.end_s)
+                    log.add(now_s, D.CUT, gid, None, span.steps, span.end_s)
                     timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
                     if self.hooks is not None:
-                        self.hooks.span_cut(gid, span)
+                        self.hooks.span_cut(now_s, gid, span)
         if self.network.version != self._network_version:
             self._network_version = self.network.version
             nxt = self.network.next_finish_s()
@@ -153,9 +304,13 @@ class Scheduler:
     def _info(self, rs: RequestState) -> RequestInfo:
         r = rs.request
         return RequestInfo(rs.request_id, r.arrival_s, rs.prefill_tokens, rs.predicted_output,
-                           r.prefix_hashes, r.prefix_block_tokens)
+                           r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group)
 
     def _place(self, now_s: float, rs: RequestState) -> None:
+        if self._failed and not any(v.can_prefill for v in self.views):
+            self._reject(now_s, rs, "no live group can prefill (failed: "
+                                    + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")")
+            return
         decision = self.policy.place(self._info(rs), self.views, now_s)
         if isinstance(decision, Reject):
             self._reject(now_s, rs, decision.reason)
@@ -166,50 +321,62 @@ class Scheduler:
             return
         g = self.groups[decision.prefill_group]
         rs.decode_group = decision.decode_group
+        if decision.decode_group is not None and not g.colocated:
+            g.local_decodes = True          # a fallback may have placed it to decode here too
         g.enqueue_prefill(rs, front=rs.preemptions > 0)
         view = self.views[g.group_id]
         view.num_prefill_queued += 1
         view.prefill_queued_tokens += rs.prefill_tokens
         self.decisions.add(now_s, D.PLACE, g.group_id, rs.request_id,
                            math.nan if decision.decode_group is None else decision.decode_group)
+        if self.hooks is not None:
+            self.hooks.request_placed(now_s, rs, g.group_id)
         self._dirty.add(g.group_id)
 
     def _check(self, p: Placement, rs: RequestState) -> Optional[str]:
         """Capacity check of a policy's placement (the policy decides, the scheduler verifies)."""
         n = len(self.groups)
-        if not 0 <= p.prefill_group < n or not self.groups[p.prefill_group].can_prefill:
+        # a group serving a request end to end (a heterogeneous fallback) may take either role
+        local = p.decode_group == p.prefill_group
+        if not 0 <= p.prefill_group < n or not self._serves(self.groups[p.prefill_group].can_prefill, local,
+                                                            self.groups[p.prefill_group]):
             return f"policy chose group {p.prefill_group}, which cannot prefill"
         g = self.groups[p.prefill_group]
         need = rs.context_tokens + 1
         if not g.fits_ever(need):
             return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {g.name}"
         if p.decode_group is not None:
-            if not 0 <= p.decode_group < n or not self.groups[p.decode_group].can_decode:
+            if not 0 <= p.decode_group < n or not self._serves(self.groups[p.decode_group].can_decode, local,
+                                                               self.groups[p.decode_group]):
                 return f"policy chose group {p.decode_group}, which cannot decode"
             if not self.groups[p.decode_group].fits_ever(need):
                 return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {self.groups[p.decode_group].name}"
         return None
 
+    @staticmethod
+    def _serves(role_allows: bool, local: bool, g: GroupState) -> bool:
+        """Whether ``g`` may take a request: its role allows it, or it keeps the request (fallback)."""
+        return g.alive and (role_allows or (local and g.draining_to is None))
+
     def _apply(self, now_s: float, g: GroupState, out: SpanOutcome) -> None:
         hooks = self.hooks
         if hooks is not None:
             for rs in out.completed:
-                hooks.request_left(g.group_id, rs, "completed")
+                hooks.request_left(now_s, g.group_id, rs, "completed")
             for rs in out.preempted:
-                hooks.request_left(g.group_id, rs, "preempted")
+                hooks.request_left(now_s, g.group_id, rs, "preempted")
             for rs in out.failed:
-                hooks.request_left(g.group_id, rs, "failed")
+                hooks.request_left(now_s, g.group_id, rs, "failed")
         for rs in out.prefilled:
             if rs.generated >= rs.request.output_tokens:
                 if hooks is not None:
-                    hooks.request_left(g.group_id, rs, "completed")
-                if g.role is Role.BOTH:
-                    g.kv.free(rs.decode_blocks)
-                    rs.decode_blocks = 0
-                else:
-                    g.release_prefill_kv(rs)
+                    hooks.request_left(now_s, g.group_id, rs, "completed")
+                g.kv.free(rs.decode_blocks)     # decoding here: its reservation; else: none
+                rs.decode_blocks = 0
+                g.release_prefill_kv(rs)
                 self._complete(now_s, rs, g.group_id)
-            elif g.role is Role.BOTH and rs.decode_group in (None, g.group_id):
+            elif (g.colocated or g.local_decodes) and rs.decode_group == g.group_id and rs.decode_blocks:
+                # it decodes where it prefilled (colocated, or a fallback placement)
                 rs.phase = Phase.DECODING
                 rs.decode_group = g.group_id
                 g.ready.append(rs)
@@ -229,6 +396,14 @@ class Scheduler:
 
     def _route_decode(self, now_s: float, rs: RequestState, src: GroupState) -> None:
         target = rs.decode_group
+        if target is not None and not self.groups[target].alive:
+            target = rs.decode_group = None                    # chosen at placement, failed since
+        if target is None and self._failed and not any(v.can_decode for v in self.views) \
+                and not src.can_decode:
+            src.release_prefill_kv(rs)
+            self._reject(now_s, rs, "no live group can decode (failed: "
+                                    + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")")
+            return
         if target is None:
             choice = self.policy.place_decode(self._info(rs), self.views, now_s)
             if isinstance(choice, Reject):
@@ -237,7 +412,7 @@ class Scheduler:
                 return
             target = choice
         dst = self.groups[target]
-        if not dst.can_decode or not dst.fits_ever(rs.context_tokens + 1):
+        if not self._serves(dst.can_decode, target == src.group_id, dst) or not dst.fits_ever(rs.context_tokens + 1):
             src.release_prefill_kv(rs)
             self._reject(now_s, rs, f"decode group {dst.name} cannot hold {rs.context_tokens} tokens")
             return
@@ -252,27 +427,70 @@ class Scheduler:
         tid = self._next_transfer_id
         self._next_transfer_id += 1
         rs.transfer_id = tid
-        self._transfers[tid] = (rs, src_id, dst_id)
         nbytes = rs.context_tokens * src.cost.transfer_bytes_per_token
+        net_bytes = float(nbytes)
+        delay = src.cost.message_cost_s
+        lw = self.layerwise
+        if lw is not None and rs.last_token_s == now_s:
+            # the decode side was ready when the prefill ended, so the stream ran during it
+            dst = self.groups[dst_id]
+            msg = src.cost.message_cost_s if lw.layer_message_s is None else lw.layer_message_s
+            rate = min(src.cost.egress_bytes_per_s, dst.cost.ingress_bytes_per_s)
+            net_bytes, extra = layerwise_tail(net_bytes, rs.prefill_s, lw.num_layers, rate, msg)
+            delay = msg + extra
+        self._transfers[tid] = (rs, src_id, dst_id, delay)
         self.decisions.add(now_s, D.ADMIT, dst_id, rs.request_id, rs.decode_blocks)
         self.decisions.add(now_s, D.TRANSFER, src_id, rs.request_id, dst_id, nbytes)
         if self.hooks is not None:
-            self.hooks.transfer_started(tid, rs, src_id, dst_id, nbytes)
-        timers.extend(self._arrivals(now_s, self.network.start(now_s, tid, src_id, dst_id, nbytes)))
+            self.hooks.transfer_started(now_s, tid, rs, src_id, dst_id, nbytes)
+        timers.extend(self._arrivals(now_s, self.network.start(now_s, tid, src_id, dst_id, net_bytes)))
+
+    def _local_handoff(self, now_s: float, rs: RequestState, g: GroupState) -> None:
+        """A fallback decode where the prefill ran: the KV is already here, nothing moves."""
+        self.decisions.add(now_s, D.ADMIT, g.group_id, rs.request_id, rs.decode_blocks)
+        g.kv_arrived(rs)
+        self.decisions.add(now_s, D.KV_ARRIVED, g.group_id, rs.request_id)
 
     def _arrivals(self, now_s: float, done: list[int]) -> list[Timer]:
         out = []
         for tid in done:
-            src_id = self._transfers[tid][1]
-            cost = self.groups[src_id].cost.message_cost_s
-            out.append((now_s + cost, Kind.KV_ARRIVAL, tid))
+            out.append((now_s + self._transfers[tid][3], Kind.KV_ARRIVAL, tid))
         return out
+
+    def _rebalance(self, now_s: float) -> None:
+        """Start the role switches the policy asks for, keeping both roles served meanwhile."""
+        for switch in self.policy.rebalance(self.views, now_s):
+            if not 0 <= switch.group_id < len(self.groups):
+                continue
+            g = self.groups[switch.group_id]
+            role = Role(switch.role)
+            if g.draining_to is not None or role is g.role:
+                continue
+            others = [h for h in self.groups if h is not g and h.draining_to is None]
+            if not any(h.can_prefill for h in others) or not any(h.can_decode for h in others):
+                continue
+            g.start_drain(role, now_s)
+            view = self.views[g.group_id]
+            view.can_prefill = view.can_decode = False
+            self.decisions.add(now_s, D.DRAIN, g.group_id, None, role.code)
+            self._dirty.add(g.group_id)
+
+    def _take_role(self, now_s: float, g: GroupState) -> None:
+        drain_s = now_s - g.drain_start_s
+        g.take_role()
+        view = self.views[g.group_id]
+        view.role = g.role
+        view.can_prefill = g.can_prefill
+        view.can_decode = g.can_decode
+        self.decisions.add(now_s, D.ROLE, g.group_id, None, g.role.code, drain_s)
 
     def _complete(self, now_s: float, rs: RequestState, group_id: int) -> None:
         rs.phase = Phase.COMPLETED
         rs.finish_s = now_s
         self.decisions.add(now_s, D.COMPLETE, group_id, rs.request_id)
         self._record(rs, "completed")
+        if self.hooks is not None:
+            self.hooks.request_finished(now_s, rs)
 
     def _reject(self, now_s: float, rs: RequestState, reason: str) -> None:
         rs.phase = Phase.REJECTED
@@ -280,6 +498,8 @@ class Scheduler:
         rs.finish_s = now_s
         self.decisions.add_reject(now_s, rs.request_id, reason)
         self._record(rs, "rejected")
+        if self.hooks is not None:
+            self.hooks.request_finished(now_s, rs)
 
     def _record(self, rs: RequestState, status: str) -> None:
         r = rs.request

@@ -11,6 +11,7 @@ A transfer's fixed per-message cost is paid after its bytes land (the KV arrives
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 
@@ -51,6 +52,38 @@ def max_min_rates(flows: Sequence[tuple[int, int]], egress: Sequence[float],
     return rates
 
 
+@dataclass(frozen=True)
+class LayerwiseStreaming:
+    """Send KV layer by layer while the prefill computes it (Splitwise), instead of after it.
+
+    Each layer's KV is one message costing ``layer_message_s`` (None: the sender's
+    ``message_cost_s``). See :func:`layerwise_tail` for what overlaps and what is left.
+    """
+
+    num_layers: int
+    layer_message_s: Optional[float] = None
+
+
+def layerwise_tail(num_bytes: float, prefill_s: float, num_layers: int, rate_bytes_per_s: float,
+                   message_s: float) -> tuple[float, float]:
+    """What of a layer-wise KV stream is left when its prefill ends: ``(bytes, extra_delay_s)``.
+
+    Layer ``i`` is ready at ``T·(i+1)/L`` (``T`` the prefill time) and sent as one message of
+    ``x = bytes/(L·rate) + c``, one after the other, so the last layer lands at
+    ``max(T + x, T/L + L·x)``; sending after the prefill lands at ``T + bytes/rate + c``.
+    The stream runs at the pair's uncontended ``rate`` while the prefill lasts (contention
+    during the prefill is not modelled); what is left goes through the shared network as
+    ``bytes`` and then pays the last message ``c`` plus ``extra_delay_s`` (per-layer message
+    costs that the prefill could not hide). Both forms give the closed-form landing time when
+    the network is otherwise idle.
+    """
+    if num_layers <= 1:
+        return num_bytes, 0.0
+    hidden_s = prefill_s * (num_layers - 1) / num_layers - (num_layers - 1) * message_s
+    hidden_bytes = min(max(hidden_s, 0.0) * rate_bytes_per_s, num_bytes * (num_layers - 1) / num_layers)
+    return num_bytes - hidden_bytes, max(-hidden_s, 0.0)
+
+
 class _Pair:
     """All transfers from one endpoint to another: they share one per-flow rate.
 
@@ -79,6 +112,8 @@ class TransferNetwork:
         self.version = 0
         """Bumped whenever rates change; an event carrying an older version is stale."""
         self._last_s = 0.0
+        self._carry: list[int] = []
+        """Transfers found finished by :meth:`cancel`'s advance, handed out by the next advance."""
 
     @property
     def num_active(self) -> int:
@@ -99,6 +134,19 @@ class TransferNetwork:
         self._rerate()
         return done
 
+    def cancel(self, now_s: float, transfer_id: int) -> None:
+        """Drop a transfer (an endpoint failed); the others keep their progress and share its rate."""
+        self._carry.extend(self._advance(now_s))
+        if transfer_id in self._carry:
+            self._carry.remove(transfer_id)
+        for p in self._pairs.values():
+            for i, entry in enumerate(p.ends):
+                if entry[1] == transfer_id:
+                    p.ends.pop(i)
+                    heapq.heapify(p.ends)
+                    break
+        self._rerate()
+
     def finish_due(self, now_s: float) -> list[int]:
         """Advance to ``now_s``; remove and return the transfers whose bytes have all moved."""
         done = self._advance(now_s)
@@ -107,7 +155,7 @@ class TransferNetwork:
 
     def next_finish_s(self) -> Optional[float]:
         """When the next in-flight transfer finishes at current rates (None if idle)."""
-        best: Optional[float] = None
+        best: Optional[float] = self._last_s if self._carry else None
         for p in self._pairs.values():
             if p.ends:
                 end = self._last_s + (p.ends[0][0] - p.served) / p.rate
@@ -118,7 +166,8 @@ class TransferNetwork:
     def _advance(self, now_s: float) -> list[int]:
         dt = now_s - self._last_s
         self._last_s = now_s
-        done: list[int] = []
+        done: list[int] = self._carry
+        self._carry = []
         for p in self._pairs.values():
             p.served += p.rate * dt
             ends = p.ends

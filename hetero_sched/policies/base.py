@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Sequence, Union
 
 from hetero_sched.costmodel import GroupCost
 from hetero_sched.errors import UserError
@@ -26,6 +26,8 @@ class RequestInfo(NamedTuple):
     predicted_output: int
     prefix_hashes: Optional[tuple[int, ...]] = None
     prefix_block_tokens: int = 512
+    prefill_group: Optional[int] = None
+    """Where it was prefilled (set when :meth:`Policy.place_decode` is asked)."""
 
 
 class GroupView:
@@ -37,10 +39,13 @@ class GroupView:
 
     __slots__ = ("group_id", "name", "device", "pool", "role", "can_prefill", "can_decode", "cost", "kv_blocks_total",
                  "kv_blocks_free", "num_prefill_queued", "prefill_queued_tokens",
-                 "num_decode_queued", "num_decoding", "reported_s")
+                 "num_decode_queued", "num_decoding", "reported_s", "block_size", "max_batch_tokens",
+                 "max_num_seqs", "_prefix_probe")
 
     def __init__(self, group_id: int, name: str, device: str, pool: str, role: Any,
-                 cost: GroupCost, kv_blocks_total: int) -> None:
+                 cost: GroupCost, kv_blocks_total: int, *, block_size: int = 16,
+                 max_batch_tokens: int = 16384, max_num_seqs: int = 256,
+                 prefix_probe: Optional[Callable[[tuple[int, ...]], int]] = None) -> None:
         self.group_id = group_id
         self.name = name
         self.device = device
@@ -57,6 +62,27 @@ class GroupView:
         self.num_decode_queued = 0
         self.num_decoding = 0
         self.reported_s = 0.0
+        self.block_size = block_size
+        """Paging block of the group's KV, tokens."""
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self._prefix_probe = prefix_probe
+
+    @property
+    def is_draining(self) -> bool:
+        """Switching roles: takes no new work of either role until it has drained."""
+        return not self.can_prefill and not self.can_decode
+
+    def cached_prefix_blocks(self, hashes: Optional[tuple[int, ...]]) -> int:
+        """Leading prefix blocks of ``hashes`` the group's prefix cache holds.
+
+        Live, not as of the last report: the core knows what each group cached when its
+        prefills finished (as Dynamo's router hears KV events), and the lookup is a few dict
+        probes.
+        """
+        if not hashes or self._prefix_probe is None:
+            return 0
+        return self._prefix_probe(hashes)
 
     @property
     def decode_load(self) -> int:
@@ -83,6 +109,14 @@ class Reject:
 Decision = Union[Placement, Reject]
 
 
+@dataclass(frozen=True, slots=True)
+class RoleSwitch:
+    """Drain ``group_id`` and then serve ``role`` (``"prefill"`` or ``"decode"``)."""
+
+    group_id: int
+    role: str
+
+
 class Policy(ABC):
     """A scheduling policy: one abstract method, optional hooks.
 
@@ -92,6 +126,10 @@ class Policy(ABC):
     """
 
     name: ClassVar[str] = ""
+    rebalances: ClassVar[bool] = False
+    """Whether the scheduler should ask :meth:`rebalance` for role switches (at every plan)."""
+    chunk_budget_tokens: Optional[int] = None
+    """Chunked prefill on colocated groups: tokens per iteration (None: whole prompts)."""
 
     def check(self, groups: Sequence[GroupView]) -> None:
         """Raise :class:`UserError` if the cluster cannot serve this policy (e.g. no decode group)."""
@@ -99,6 +137,10 @@ class Policy(ABC):
     @abstractmethod
     def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
         """Choose the prefill group (and maybe the decode group) for an arriving request."""
+
+    def rebalance(self, groups: Sequence[GroupView], now_s: float) -> Sequence[RoleSwitch]:
+        """Role switches to start now (asked only when :attr:`rebalances`)."""
+        return ()
 
     def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
         """Choose the decode group once prefill is done: least loaded, then most free KV."""

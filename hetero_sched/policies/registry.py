@@ -27,7 +27,7 @@ def policy_class(name: str) -> type[Policy]:
         module_name, _, attr = name.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:  # ValueError: an empty module name
             raise UserError(f"policy {name!r}: cannot import {module_name!r} ({exc})") from None
         cls = getattr(module, attr, None)
         if not (inspect.isclass(cls) and issubclass(cls, Policy)):

@@ -8,6 +8,7 @@ it with the same event loop as the simulator, on a virtual or a wall clock.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Optional
 
@@ -17,9 +18,11 @@ from hetero_sched.experiment import parse_experiment
 from hetero_sched.runtime.backends import make_backend
 from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.executor import LiveExecutor
+from hetero_sched.runtime.livemetrics import LiveMetrics
 from hetero_sched.runtime.messages import pack, unpack
 from hetero_sched.sim import build_scheduler
 from hetero_sched.sim.engine import run_events
+from hetero_sched.tracing import ProcessTracing, TraceSettings, attach_tracer, emit_shipped, epoch_for
 
 
 @ray.remote(num_cpus=0)
@@ -32,6 +35,24 @@ class DeviceGroupActor:
         self.name = cfg["name"]
         self.backend = make_backend(cfg["backend"], model=cfg["model"], seed=cfg["seed"],
                                     bytes_scale=cfg["bytes_scale"], block_size=cfg["block_size"])
+        self.tracing: Optional[ProcessTracing] = (
+            ProcessTracing(TraceSettings.from_dict(cfg["trace"]), instance=self.name) if cfg["trace"] else None)
+        self._measured: dict[int, dict[str, list[dict[str, Any]]]] = {}
+        """Tracing: what this actor measured per request, until the request's spans arrive."""
+
+    def _measure(self, request_id: int, kind: str, seconds: float, **attrs: Any) -> None:
+        self._measured.setdefault(request_id, {}).setdefault(kind, []).append({"seconds": seconds, **attrs})
+
+    def flush_traces(self) -> dict[str, int]:
+        """Export every span this actor ended (bounded wait); its counts, for the run summary."""
+        if self.tracing is None:
+            return {}
+        return dataclasses.asdict(self.tracing.flush())
+
+    def __ray_shutdown__(self) -> None:
+        # Graceful exit only (ray.kill skips it): the run flushes explicitly before killing.
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     def node_labels(self) -> dict[str, str]:
         """Where this actor landed (its node's labels), for placement checks."""
@@ -52,19 +73,40 @@ class DeviceGroupActor:
         import_s = 0.0
         bundles = ray.get(refs) if refs else []
         backend = self.backend
+        traced = self.tracing is not None
         for op in ops:
             kind = op["op"]
             if kind == "prefill":
+                t0 = time.perf_counter()
                 t, m = backend.prefill(op["requests"])
+                if traced:
+                    dt = time.perf_counter() - t0
+                    for item in op["requests"]:
+                        self._measure(item["id"], "prefill", dt, **{"hetero.compute_s": dt})
             elif kind == "decode":
                 t, m = backend.decode(op["joiners"], op["steps"])
             elif kind == "import":
                 t0 = time.perf_counter()
-                import_bytes += backend.import_kv(op["id"], bundles[op["ref"]][op["index"]], op["last"])
-                import_s += time.perf_counter() - t0
+                moved = backend.import_kv(op["id"], bundles[op["ref"]][op["index"]], op["last"])
+                dt = time.perf_counter() - t0
+                import_bytes += moved
+                import_s += dt
+                if traced:
+                    self._measure(op["id"], "decode", dt, **{"hetero.kv.decode_s": dt, "hetero.kv.bytes_moved": moved})
                 continue
             elif kind == "export":
-                exports.append(backend.export_kv(op["id"], op["true_bytes"]))
+                t0 = time.perf_counter()
+                batch = backend.export_kv(op["id"], op["true_bytes"])
+                exports.append(batch)
+                if traced:
+                    dt = time.perf_counter() - t0
+                    self._measure(op["id"], "encode", dt, **{"hetero.kv.encode_s": dt,
+                                                            "hetero.kv.bytes_moved": int(batch.nbytes)})
+                continue
+            elif kind == "trace":
+                measured = self._measured.pop(op["id"], {})
+                if self.tracing is not None:
+                    emit_shipped(self.tracing.tracer, op["spans"], measured)
                 continue
             else:
                 backend.forget(op["ids"])
@@ -94,21 +136,36 @@ class SchedulerActor:
         return self._done
 
     def run(self, experiment: dict[str, Any], workload: Any, actors: list[Any], *, backend: str,
-            clock: str, time_scale: float) -> dict[str, Any]:
+            clock: str, time_scale: float, trace: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         exp = parse_experiment(experiment)
         scheduler = build_scheduler(exp, workload, base_dir=None)
         executor = LiveExecutor(actors, real_tokens=backend == "numpy", send_every_step=clock == "wall")
+        executor.scheduler = scheduler
         scheduler.hooks = executor
         wall: Optional[WallClock] = WallClock(time_scale) if clock == "wall" else None
+        tracing = ProcessTracing(TraceSettings.from_dict(trace), instance="scheduler") if trace else None
+        if tracing is not None:
+            # Wall clock: time 0 is now (spans at real times); virtual: the last arrival is now.
+            last = float(workload.arrival_s[-1]) if len(workload) else 0.0
+            epoch = time.time_ns() - int(float(workload.arrival_s[0]) * 1e9) if wall else epoch_for(last)
+            attach_tracer(scheduler, tracing, model=exp.model, epoch_ns=epoch, remote=executor.ship_spans)
+
+        metrics = LiveMetrics(scheduler, exp.slo_target, experiment=exp.name)
 
         def progress(done: int) -> None:
             self._done = done
+            metrics.update()
 
         t0 = time.perf_counter()
         run_events(scheduler, workload.requests(), progress, progress_every=50, hooks=executor,
                    clock=wall)
         executor.finish()
+        metrics.update(force=True)
+        span_counts: list[dict[str, int]] = []
+        if tracing is not None:        # a run ends only once its spans are exported (or counted dropped)
+            span_counts = [dataclasses.asdict(tracing.shutdown()), *ray.get([a.flush_traces.remote() for a in actors], timeout=120)]
         return {
+            "span_counts": span_counts,
             "records": scheduler.records,
             "decisions": scheduler.decisions.state(),
             "usage": [(g.name, g.device, g.role.value, g.busy_s, g.cost.dollars_per_hour) for g in scheduler.groups],
@@ -118,5 +175,7 @@ class SchedulerActor:
                       "flushes": executor.stats.flushes, "min_margin": executor.stats.min_margin,
                       "call_s": executor.stats.flush_s,
                       "lateness_s": wall.lateness_s if wall is not None else [],
-                      "wall_s": time.perf_counter() - t0},
+                      "wall_s": time.perf_counter() - t0,
+                      "failures": [{"time_s": t, "group": scheduler.groups[g].name, "restarted": back}
+                                   for t, g, back in executor.failures]},
         }

@@ -94,8 +94,13 @@ class NumpyBackend:
         self._last: dict[int, int] = {}
         self._running: list[int] = []
         self._prefix: dict[int, np.ndarray] = {}
+        self._partial: dict[int, np.ndarray] = {}         # KV of chunked prefills under way
 
     def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]:
+        """Prefill whole prompts, or chunks ``[start, end)`` of them (chunked prefill).
+
+        A chunk attends to the KV of every earlier chunk; only the last one yields a token.
+        """
         tokens: Tokens = {}
         margins: Margins = {}
         for r in requests:
@@ -103,11 +108,17 @@ class NumpyBackend:
             ids = prompt_token_ids(rid, r["prompt"], self.vocab, hashes, block, self.seed)
             ids = np.concatenate([ids, np.asarray(r["generated"], dtype=np.int64)])
             cached = r["cached"]
+            end = r.get("end", len(ids))
             cached_kv = None
-            if cached:   # exactly the tokens the core counted as hits (may end inside a block)
+            if r.get("start", cached) > cached:          # a later chunk: continue the partial KV
+                cached_kv = self._partial.pop(rid)
+            elif cached:   # exactly the tokens the core counted as hits (may end inside a block)
                 blocks = [self._prefix[h] for h in hashes[:-(-cached // block)]]
                 cached_kv = np.concatenate(blocks, axis=2)[:, :, :cached]
-            res = self.lm.prefill(ids, cached_kv)
+            res = self.lm.prefill(ids[:end], cached_kv)
+            if end < len(ids):
+                self._partial[rid] = res.kv
+                continue
             if hashes:
                 for j, h in enumerate(hashes[:r["prompt"] // block]):
                     self._prefix.setdefault(h, res.kv[:, :, j * block:(j + 1) * block])
@@ -143,6 +154,7 @@ class NumpyBackend:
         gone = set(request_ids)
         for rid in gone:
             self._kv.pop(rid, None)
+            self._partial.pop(rid, None)
             self._last.pop(rid, None)
         self._running = [rid for rid in self._running if rid not in gone]
 

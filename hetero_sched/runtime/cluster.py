@@ -65,6 +65,8 @@ HEAD_NUM_CPUS = 2
 OBJECT_STORE_BYTES = 256 * 2**20
 """Per node: small, so a head and several workers fit in a 2-core / 24 GB machine."""
 NODE_WAIT_S = 60.0
+ACTOR_RESTARTS = 3
+"""Times Ray restarts a device-group actor that died before its group is retired."""
 PROBE_TIMEOUT_S = 3.0
 _EPS = 1e-6
 
@@ -104,7 +106,9 @@ def placement_options(group: GroupConfig) -> dict[str, Any]:
     Ray refuses ``GPU`` inside ``resources``; it goes to ``num_gpus``.
     """
     resources = dict(group_spec(group).ray_resources())
-    options: dict[str, Any] = {"num_cpus": 0, "label_selector": group_labels(group)}
+    options: dict[str, Any] = {"num_cpus": 0, "label_selector": group_labels(group),
+                               # a crashed actor comes back (empty); the scheduler re-places what it held
+                               "max_restarts": ACTOR_RESTARTS, "max_task_retries": 0}
     if "GPU" in resources:
         options["num_gpus"] = resources.pop("GPU")
     options["resources"] = resources
@@ -204,6 +208,8 @@ class LocalCluster:
         if head:
             args["include_dashboard"] = self.include_dashboard
             args["dashboard_port"] = 0  # a free port, not 8265
+            # live metrics reach the Prometheus endpoint within 1 s, not Ray's default 10 s
+            args["_system_config"] = {"metrics_report_interval_ms": 1000}
         return args
 
     def shutdown(self) -> None:

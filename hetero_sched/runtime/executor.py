@@ -19,6 +19,7 @@ import ray
 
 from hetero_sched.core.group import Span, SpanKind
 from hetero_sched.core.request import RequestState
+from hetero_sched.errors import RunFailed
 from hetero_sched.runtime.messages import pack, unpack
 
 
@@ -28,6 +29,7 @@ class _PlannedSpan:
     kind: SpanKind
     batch: list[RequestState]
     steps: int
+    chunks: list[tuple[RequestState, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +58,8 @@ class LiveExecutor:
     """Implements the core's ``ExecutorHooks`` and the engine's ``DriverHooks`` with Ray actors."""
 
     MAX_PENDING_OPS = 4096
+    call_timeout_s = 120.0
+    """Deadline for any batch of actor calls: a dead or stuck actor fails the run, it never hangs it."""
 
     def __init__(self, actors: list[Any], real_tokens: bool, send_every_step: bool) -> None:
         """When to send and when to wait.
@@ -71,13 +75,20 @@ class LiveExecutor:
         self.real_tokens = real_tokens
         self.send_every_step = send_every_step
         self._pending_ops = 0
-        self._inflight: list[tuple[_Outbox, ray.ObjectRef]] = []
+        self._inflight: list[tuple[int, _Outbox, ray.ObjectRef]] = []
         self.tokens: dict[int, list[int]] = {}
         self.stats = ExecutorStats()
         self._spans: dict[int, _PlannedSpan] = {}
         self._outbox: dict[int, _Outbox] = {}
         self._transfers: dict[int, tuple[int, int]] = {}            # transfer -> (request, dst group)
         self._refs: dict[int, tuple[ray.ObjectRef, int]] = {}        # transfer -> (KV bundle, index in it)
+        self._cancelled: set[int] = set()                           # transfers an endpoint failure ended
+        self._dead: set[int] = set()                                # groups whose actor died (not back yet)
+        self._now = 0.0
+        self.scheduler: Any = None
+        """The core, told when an actor dies (``fail_group``) and when it is back (``restore_group``)."""
+        self.failures: list[tuple[float, int, bool]] = []
+        """(time, group, restarted) for every actor death seen."""
 
     def _box(self, group_id: int) -> _Outbox:
         box = self._outbox.get(group_id)
@@ -87,27 +98,44 @@ class LiveExecutor:
         return box
 
     # --- core hooks ---------------------------------------------------------------------------
-    def span_planned(self, group_id: int, span: Span) -> None:
-        self._spans[group_id] = _PlannedSpan(span.token, span.kind, list(span.batch), span.steps)
+    def span_planned(self, now_s: float, group_id: int, span: Span) -> None:
+        self._spans[group_id] = _PlannedSpan(span.token, span.kind, list(span.batch), span.steps, list(span.chunks))
 
-    def span_cut(self, group_id: int, span: Span) -> None:
+    def span_cut(self, now_s: float, group_id: int, span: Span) -> None:
         planned = self._spans[group_id]
         planned.token = span.token
         planned.steps = span.steps
 
-    def transfer_started(self, transfer_id: int, rs: RequestState, src: int, dst: int, num_bytes: int) -> None:
+    def transfer_started(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int, num_bytes: int) -> None:
         box = self._box(src)
         box.ops.append({"op": "export", "id": rs.request_id, "true_bytes": int(num_bytes)})
         box.exports.append(transfer_id)
         self._transfers[transfer_id] = (rs.request_id, dst)
 
-    def kv_landed(self, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
+    def kv_landed(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
         self._forget(src, rs.request_id)
 
-    def request_left(self, group_id: int, rs: RequestState, how: str) -> None:
+    def transfer_cancelled(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
+        self._transfers.pop(transfer_id, None)
+        self._refs.pop(transfer_id, None)
+        self._cancelled.add(transfer_id)
+
+    def request_left(self, now_s: float, group_id: int, rs: RequestState, how: str) -> None:
         self._forget(group_id, rs.request_id)
 
+    def request_placed(self, now_s: float, rs: RequestState, group_id: int) -> None:
+        pass
+
+    def request_finished(self, now_s: float, rs: RequestState) -> None:
+        pass
+
+    def ship_spans(self, group_id: int, request_id: int, spans: list[dict[str, Any]]) -> None:
+        """A finished request's spans for ``group_id``'s actor to emit (tracing's ``remote``)."""
+        self._box(group_id).ops.append({"op": "trace", "id": request_id, "spans": spans})
+
     def _forget(self, group_id: int, request_id: int) -> None:
+        if group_id in self._dead:
+            return                                              # its KV died with it
         ops = self._box(group_id).ops
         if ops and ops[-1]["op"] == "forget":
             ops[-1]["ids"].append(request_id)
@@ -116,21 +144,37 @@ class LiveExecutor:
 
     # --- driver hooks -------------------------------------------------------------------------
     def before_span_end(self, now_s: float, group_id: int, token: int) -> None:
+        self._now = now_s
         planned = self._spans.get(group_id)
         if planned is None or planned.token != token:
             return                                              # a stale end: the span was cut
         del self._spans[group_id]
         if planned.kind is SpanKind.PREFILL:
             op = {"op": "prefill", "requests": [self._prefill_item(rs) for rs in planned.batch]}
-        else:
+        elif planned.kind is SpanKind.DECODE or not planned.chunks:
             op = {"op": "decode", "steps": planned.steps, "joiners": [rs.request_id for rs in planned.batch]}
+        else:   # chunked prefill: one decode step of the running batch, then the prefill chunks
+            if planned.steps:
+                self._box(group_id).ops.append(
+                    {"op": "decode", "steps": planned.steps, "joiners": [rs.request_id for rs in planned.batch]})
+            op = {"op": "prefill", "requests": [dict(self._prefill_item(rs), start=start, end=end)
+                                                for rs, start, end in planned.chunks]}
         self._box(group_id).ops.append(op)
-
-    def before_kv_arrival(self, now_s: float, transfer_id: int) -> None:
-        rid, dst = self._transfers.pop(transfer_id)
-        if transfer_id not in self._refs:        # its export is still in an outbox or in flight
+        if self.real_tokens:
+            # the tokens must be back before the core counts them (and maybe completes the
+            # request): an actor that died doing the span is then found before, not after
             self._send()
             self._collect()
+
+    def before_kv_arrival(self, now_s: float, transfer_id: int) -> None:
+        self._now = now_s
+        if transfer_id in self._transfers and transfer_id not in self._refs:
+            self._send()                         # its export is still in an outbox or in flight
+            self._collect()
+        entry = self._transfers.pop(transfer_id, None)
+        if entry is None:
+            return                               # cancelled: an endpoint's actor died
+        rid, dst = entry
         box = self._box(dst)
         last = self.tokens[rid][-1] if self.real_tokens else 0
         bundle, index = self._refs.pop(transfer_id)             # the scheduler's reference goes with it
@@ -142,6 +186,7 @@ class LiveExecutor:
         self.stats.transfers += 1
 
     def after_plan(self, now_s: float) -> None:
+        self._now = now_s
         if self.real_tokens:
             self._send()
             self._collect()
@@ -158,20 +203,39 @@ class LiveExecutor:
             return
         self._pending_ops = 0
         for gid, box in self._outbox.items():
-            self._inflight.append((box, self.actors[gid].step.remote(pack("step", ops=box.ops), box.refs)))
+            self._inflight.append((gid, box, self.actors[gid].step.remote(pack("step", ops=box.ops), box.refs)))
             box.refs = []                       # the call holds them now
         self._outbox = {}
 
     def _collect(self) -> None:
-        """Wait for every call in flight and take in the reports (tokens, exported refs)."""
+        """Wait for every call in flight and take in the reports (tokens, exported refs).
+
+        A call whose actor died marks its group failed in the core (after every other report
+        is in, so ``delivered`` counts every token that really came back); a call that misses
+        ``call_timeout_s`` fails the run — never an unbounded wait.
+        """
         if not self._inflight:
             return
         t0 = time.perf_counter()
         inflight, self._inflight = self._inflight, []
-        results = ray.get([fut for _, fut in inflight])
+        ready, pending = ray.wait([fut for _, _, fut in inflight], num_returns=len(inflight),
+                                  timeout=self.call_timeout_s)
+        if pending:
+            raise RunFailed(f"{len(pending)} device-group actor call(s) did not answer within "
+                            f"{self.call_timeout_s:.0f} s (call_timeout_s)")
         self.stats.actor_calls += len(inflight)
         self.stats.flushes += 1
-        for (box, _), (report_bytes, refs) in zip(inflight, results):
+        died: list[int] = []
+        for gid, box, fut in inflight:
+            try:
+                report_bytes, refs = ray.get(fut)
+            except ray.exceptions.RayActorError:
+                if gid not in died:
+                    died.append(gid)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                raise RunFailed(f"device-group actor {gid} failed a step: {cause}") from None
             report = unpack(report_bytes, "step_report")
             for rid, toks in report["tokens"].items():
                 self.tokens.setdefault(int(rid), []).extend(toks)
@@ -181,8 +245,31 @@ class LiveExecutor:
             self.stats.bytes_moved += report["import_bytes"]
             self.stats.import_s += report["import_s"]
             for index, tid in enumerate(box.exports):
-                self._refs[tid] = (refs[0], index)
+                if tid not in self._cancelled:
+                    self._refs[tid] = (refs[0], index)
         self.stats.flush_s.append(time.perf_counter() - t0)
+        for gid in died:
+            self._group_died(gid)
+
+    RESTART_WAIT_S = 60.0
+
+    def _group_died(self, gid: int) -> None:
+        """Tell the core; wait (bounded) for Ray to restart the actor, else retire the group."""
+        if self.scheduler is None or gid in self._dead:
+            raise RunFailed(f"device-group actor {gid} died")
+        self._dead.add(gid)
+        self._outbox.pop(gid, None)
+        self._spans.pop(gid, None)
+        try:
+            ray.get(self.actors[gid].held.remote(), timeout=self.RESTART_WAIT_S)
+            back = True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            back = False                                        # restarts used up: retired
+        self.failures.append((self._now, gid, back))
+        delivered = {rid: len(toks) for rid, toks in self.tokens.items()} if self.real_tokens else None
+        self.scheduler.fail_group(self._now, gid, delivered, restarted=back)
+        if back:
+            self._dead.discard(gid)
 
     def finish(self) -> None:
         """Send and collect what is left; afterwards no actor should hold any request."""

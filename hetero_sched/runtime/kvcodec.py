@@ -4,7 +4,8 @@ One row per block; a block holds ``block_size`` tokens of K and V for the encode
 last block is zero-padded; the true token count is in the metadata. Columns:
 
 - ``block_index`` int32: the block's index in the request (rows are consecutive blocks);
-- ``checksum`` uint32: crc32c (``google_crc32c``) of the block's payload bytes, padding included;
+- ``checksum`` uint32: crc32c (``google_crc32c``) of the block's index (int32 little-endian)
+  followed by its payload bytes, padding included — a block moved to another index fails too;
 - ``payload``: Arrow's canonical fixed-shape tensor extension type, per-block shape
   ``[layers, 2, block_size, kv_heads, head_dim]`` (2 = K, V). bfloat16, which Arrow lacks, is
   stored as uint16 bit patterns with ``"dtype": "bfloat16"`` in the metadata.
@@ -14,6 +15,9 @@ Schema metadata: key ``b"hetero_sched.kv"`` → UTF-8 JSON (readable by any Arro
     {"format_version": 1, "model": "tiny", "dtype": "float64", "block_size": 16,
      "num_layers": 2, "layer_start": 0, "layer_stop": 2, "kv_heads": 2, "head_dim": 16,
      "num_tokens": 100, "request_id": 7, "checksum": "crc32c"}
+
+Key ``b"hetero_sched.kv.crc32c"`` → 8 hex digits, the crc32c of that JSON: a damaged request
+id or token count is caught like a damaged block, not decoded as some other request's KV.
 
 ``num_layers`` is the model's; the payload holds layers ``[layer_start, layer_stop)``.
 ``num_tokens`` is the whole request's; a batch may hold a slice of its blocks.
@@ -38,6 +42,7 @@ import pyarrow as pa
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"hetero_sched.kv"
+HEADER_CHECKSUM_KEY = b"hetero_sched.kv.crc32c"
 CHECKSUM = "crc32c"
 
 _DTYPES: dict[str, tuple[type, pa.DataType]] = {
@@ -213,8 +218,12 @@ def decode_kv(batch: pa.RecordBatch, *, verify: bool = True, widen: bool = False
     value_type = _DTYPES[meta.dtype][1]
     expected = {"block_index": pa.int32(), "checksum": pa.uint32(),
                 "payload": pa.fixed_shape_tensor(value_type, list(meta.block_shape))}
-    if batch.schema.names != list(expected):
-        raise KVCorruptionError(f"{where}: columns {batch.schema.names}, expected {list(expected)}")
+    try:
+        names = batch.schema.names
+    except UnicodeDecodeError as error:  # a damaged field name
+        raise KVCorruptionError(f"{where}: column names are not UTF-8") from error
+    if names != list(expected):
+        raise KVCorruptionError(f"{where}: columns {names}, expected {list(expected)}")
     for column_name, column_type in expected.items():
         column = batch.column(column_name)
         if column.type != column_type:
@@ -234,9 +243,10 @@ def decode_kv(batch: pa.RecordBatch, *, verify: bool = True, widen: bool = False
     if count and (data is None or data.size < offset + count * itemsize):
         raise KVCorruptionError(f"{where}: payload buffer holds fewer than {count} values")
     if verify:
+        _verify_header(batch.schema.metadata, where)
         expected_sums = batch.column("checksum").to_numpy(zero_copy_only=True)
         for row in range(batch.num_rows):
-            actual = google_crc32c.value(data.slice(offset + row * meta.block_bytes, meta.block_bytes))
+            actual = _block_checksum(int(indices[row]), data.slice(offset + row * meta.block_bytes, meta.block_bytes))
             if actual != expected_sums[row]:
                 raise KVCorruptionError(
                     f"{where}: block {indices[row]} is corrupt: crc32c {actual:#010x}, expected {int(expected_sums[row]):#010x}")
@@ -283,7 +293,9 @@ def from_ipc_buffer(buffer: pa.Buffer) -> pa.RecordBatch:
     """The one batch of an IPC stream made by :func:`to_ipc_buffer`; its arrays view ``buffer``."""
     try:
         batches = list(pa.ipc.open_stream(buffer))
-    except (pa.ArrowInvalid, OSError) as error:
+        for batch in batches:  # a damaged stream can hold offsets and lengths that point anywhere
+            batch.validate(full=True)
+    except (pa.ArrowException, OSError) as error:
         raise KVCorruptionError(f"KV IPC buffer is not a valid Arrow stream: {error}") from error
     if len(batches) != 1:
         raise KVCorruptionError(f"KV IPC buffer holds {len(batches)} record batches, expected 1")
@@ -292,18 +304,34 @@ def from_ipc_buffer(buffer: pa.Buffer) -> pa.RecordBatch:
 
 def _batch_from_blocks(blocks: np.ndarray, indices: np.ndarray, meta: KVMeta) -> pa.RecordBatch:
     """The RecordBatch of C-contiguous block-major ``blocks`` (referenced, not copied)."""
-    checksums = np.fromiter((google_crc32c.value(pa.py_buffer(block)) for block in blocks),
+    checksums = np.fromiter((_block_checksum(int(i), pa.py_buffer(block)) for i, block in zip(indices, blocks)),
                             dtype=np.uint32, count=len(blocks))
     value_type = _DTYPES[meta.dtype][1]
     flat = pa.Array.from_buffers(value_type, blocks.size, [None, pa.py_buffer(blocks)])
     storage = pa.FixedSizeListArray.from_arrays(flat, math.prod(meta.block_shape))
     payload = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(value_type, list(meta.block_shape)), storage)
+    meta_json = json.dumps(meta.to_dict(), sort_keys=True).encode()
     schema = pa.schema([pa.field("block_index", pa.int32(), nullable=False),
                         pa.field("checksum", pa.uint32(), nullable=False),
                         pa.field("payload", payload.type, nullable=False)],
-                       metadata={METADATA_KEY: json.dumps(meta.to_dict(), sort_keys=True).encode()})
+                       metadata={METADATA_KEY: meta_json, HEADER_CHECKSUM_KEY: _header_checksum(meta_json)})
     return pa.RecordBatch.from_arrays([pa.array(indices, pa.int32()), pa.array(checksums, pa.uint32()), payload],
                                       schema=schema)
+
+
+def _block_checksum(index: int, payload: Any) -> int:
+    return int(google_crc32c.extend(google_crc32c.value(index.to_bytes(4, "little", signed=True)), payload))
+
+
+def _header_checksum(meta_json: bytes) -> bytes:
+    return f"{google_crc32c.value(meta_json):08x}".encode()
+
+
+def _verify_header(metadata: Optional[dict[bytes, bytes]], where: str) -> None:
+    stated = (metadata or {}).get(HEADER_CHECKSUM_KEY)
+    actual = _header_checksum((metadata or {}).get(METADATA_KEY, b""))
+    if stated != actual:
+        raise KVCorruptionError(f"{where}: metadata is corrupt: crc32c {actual.decode()}, stated {stated!r}")
 
 
 _META_FIELDS: dict[str, type] = {"format_version": int, "model": str, "dtype": str, "block_size": int,

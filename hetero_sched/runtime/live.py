@@ -17,14 +17,15 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hetero_sched.core.events import DecisionLog
-from hetero_sched.errors import UserError
+from hetero_sched.errors import RunFailed, UserError
 from hetero_sched.experiment import Experiment, build_workload
 from hetero_sched.metrics import GroupUsage
 from hetero_sched.results import RunResult
 from hetero_sched.runtime.actors import DeviceGroupActor, SchedulerActor
 from hetero_sched.runtime.cluster import ensure_cluster, object_store_usage, placement_options
 from hetero_sched.runtime.messages import pack
-from hetero_sched.sim import ExperimentLike, make_result, resolve
+from hetero_sched.sim import ExperimentLike, make_result, resolve, tracing_summary
+from hetero_sched.tracing import ExportCounts, TraceSettings
 from hetero_sched.workload import Workload
 
 Clock = Literal["wall", "virtual"]
@@ -42,7 +43,8 @@ def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
     return exp.model_copy(update={"groups": groups})
 
 
-def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float) -> list[Any]:
+def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float,
+                       trace: Optional[TraceSettings] = None) -> list[Any]:
     """One actor per group replica, in the core's group order, placed by resources and labels."""
     actors = []
     for g in exp.groups:
@@ -51,7 +53,8 @@ def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float) ->
             name = g.name if g.replicas == 1 else f"{g.name}-{r}"
             cfg = pack("configure", group_id=len(actors), name=name, role=g.role, backend=backend,
                        model="tiny" if backend == "numpy" else exp.model, seed=exp.seed,
-                       bytes_scale=float(bytes_scale), block_size=g.block_size)
+                       bytes_scale=float(bytes_scale), block_size=g.block_size,
+                       trace=trace.to_dict() if trace is not None else {})
             actors.append(DeviceGroupActor.options(**options).remote(cfg))
     return actors
 
@@ -59,11 +62,14 @@ def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float) ->
 def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None, clock: Clock = "wall",
              backend: Backend = "modeled", time_scale: float = 1.0, bytes_scale: float = 1e-3,
              workload: Optional[Workload] = None,
-             progress: Optional[Callable[[int, int], None]] = None) -> RunResult:
+             progress: Optional[Callable[[int, int], None]] = None,
+             trace: Optional[TraceSettings] = None) -> RunResult:
     """Run an experiment live; ``clock="virtual"`` gives exactly the simulator's decisions.
 
     ``bytes_scale``: real KV bytes moved per modeled byte (modeled backend). The numpy backend
-    runs the catalog's ``tiny`` Llama for real and moves its real KV.
+    runs the catalog's ``tiny`` Llama for real and moves its real KV. ``trace``: one trace per
+    request, spans emitted by the scheduler actor and by the group actors that did the work;
+    the run returns after every process exported its spans (``summary["tracing"]``).
     """
     if clock not in ("wall", "virtual"):
         raise UserError(f"--clock must be wall or virtual, got {clock!r}")
@@ -77,21 +83,22 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         workload = build_workload(exp.workload, exp.seed, base)
     with ensure_cluster(exp, address) as cluster_address:
         store_before = object_store_usage(cluster_address)
-        actors = start_group_actors(exp, backend, bytes_scale)
+        actors = start_group_actors(exp, backend, bytes_scale, trace)
         scheduler = SchedulerActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True)).remote()
         try:
             placement = ray.get([a.node_labels.remote() for a in actors], timeout=120)
             t0 = time.perf_counter()
             fut = scheduler.run.remote(exp.model_dump(mode="json"), workload, actors, backend=backend,
-                                       clock=clock, time_scale=time_scale)
+                                       clock=clock, time_scale=time_scale,
+                                       trace=trace.to_dict() if trace is not None else None)
             while True:
                 ready, _ = ray.wait([fut], timeout=0.25)
                 if progress is not None:
                     progress(ray.get(scheduler.progress.remote()), len(workload))
                 if ready:
                     break
-            out = ray.get(fut)
+            out = _result(fut)
             wall_s = time.perf_counter() - t0
             held = ray.get([a.held.remote() for a in actors])
             store_after = _settled_store(cluster_address, store_before)
@@ -117,9 +124,24 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         "lateness_ms_p50": float(np.percentile(late, 50) * 1e3 * time_scale),
         "lateness_ms_p99": float(np.percentile(late, 99) * 1e3 * time_scale),
     }
+    if trace is not None:
+        result.summary["tracing"] = tracing_summary(trace, [ExportCounts(**c) for c in out["span_counts"]])
     result.stamp["placement"] = [{"group": u.name, "node_labels": labels} for u, labels in zip(usage, placement)]
     result.tokens = {int(k): v for k, v in out["tokens"].items()}
     return result
+
+
+def _result(fut: ray.ObjectRef) -> dict[str, Any]:
+    """The scheduler actor's answer; its failure as one :class:`RunFailed` line, not a traceback."""
+    try:
+        return ray.get(fut)
+    except ray.exceptions.RayActorError as exc:
+        raise RunFailed(f"the scheduler actor died: {str(exc).splitlines()[0]}") from None
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, RunFailed):
+            raise RunFailed(str(cause)) from None
+        raise
 
 
 def _settled_store(address: str, baseline: tuple[int, int], wait_s: float = 5.0) -> tuple[int, int]:

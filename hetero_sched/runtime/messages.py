@@ -17,7 +17,8 @@ SCHEMA_VERSION = 1
 # kind -> required field -> accepted Python types
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "configure": {"group_id": (int,), "name": (str,), "role": (str,), "backend": (str,),
-                  "model": (str,), "seed": (int,), "bytes_scale": (float,), "block_size": (int,)},
+                  "model": (str,), "seed": (int,), "bytes_scale": (float,), "block_size": (int,),
+                  "trace": (dict,)},      # TraceSettings.to_dict(), or {} for tracing off
     # One call per actor per event time, carrying every operation that time produced, in order:
     #   {"op": "prefill", "requests": [{"id", "prompt", "generated": [ids], "cached", "hashes", "block"}]}
     #   {"op": "decode", "steps": k, "joiners": [ids]}
@@ -25,12 +26,14 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     #        (KV = item i of the bundle behind the k-th ref passed with the call)
     #   {"op": "export", "id", "true_bytes"}         (all exports of a step go out as one bundle)
     #   {"op": "forget", "ids": [ids]}
+    #   {"op": "trace", "id", "spans": [{"name", "parent": {"traceparent"}, "start_ns", "end_ns",
+    #        "attrs", "measure"}]}     (a finished request's spans this group emits; may be empty)
     "step": {"ops": (list,)},
     "step_report": {"tokens": (dict,), "margins": (dict,), "import_bytes": (int,), "import_s": (float,)},
 }
 
 OPS = {"prefill": ("requests",), "decode": ("steps", "joiners"), "import": ("id", "last", "ref", "index"),
-       "export": ("id", "true_bytes"), "forget": ("ids",)}
+       "export": ("id", "true_bytes"), "forget": ("ids",), "trace": ("id", "spans")}
 """Operations a ``step`` message may carry, with their required fields."""
 
 

@@ -16,6 +16,8 @@ from hetero_sched.policies import make_policy, policy_class
 from hetero_sched.predictor import predict_outputs
 from hetero_sched.results import RunResult, make_stamp
 from hetero_sched.sim.engine import run_events
+from hetero_sched.tracing import (ExportCounts, ProcessTracing, TraceSettings, attach_tracer, epoch_for,
+                                  total)
 from hetero_sched.workload import Workload
 
 ExperimentLike = Union[str, Path, dict, Experiment, None]
@@ -34,11 +36,15 @@ def build_scheduler(exp: Experiment, workload: Workload, base_dir: Optional[Path
     """The core for an experiment: groups, policy, predictions (relative paths from ``base_dir``)."""
     groups = build_groups(exp, base_dir or Path.cwd())
     params = dict(exp.policy.params)
-    if "seed" in _init_params(exp.policy.name) and "seed" not in params:
-        params["seed"] = exp.seed
+    accepted = _init_params(exp.policy.name)
+    slo = exp.slo_target       # policies that take these get the experiment's seed and SLO by default
+    for key, value in (("seed", exp.seed), ("ttft_slo_s", slo.ttft_s), ("tpot_slo_s", slo.tpot_s)):
+        if key in accepted and key not in params:
+            params[key] = value
     policy = make_policy(exp.policy.name, params)
     predicted = predict_outputs(exp.predictor_spec, workload, exp.seed)
-    return Scheduler(groups, policy, predicted.tolist(), exp.report_interval_s)
+    return Scheduler(groups, policy, predicted.tolist(), exp.report_interval_s, layerwise=exp.layerwise,
+                     max_inflight=exp.admission.max_inflight)
 
 
 def _init_params(policy_name: str) -> list[str]:
@@ -65,14 +71,33 @@ def make_result(exp: Experiment, records: list[tuple], decisions: DecisionLog, u
 
 
 def simulate(experiment: ExperimentLike = None, *, workload: Optional[Workload] = None,
-             progress: Optional[Callable[[int], None]] = None) -> RunResult:
+             progress: Optional[Callable[[int], None]] = None,
+             trace: Optional[TraceSettings] = None) -> RunResult:
     """Simulate an experiment (path, mapping, :class:`Experiment`, or None for the default).
 
     ``workload`` replaces the experiment's own (used by rate sweeps and goodput searches).
+    ``trace`` exports one OpenTelemetry trace per request, virtual times laid onto a wall-clock
+    epoch; the run returns once every span is exported or counted as dropped
+    (``summary["tracing"]``). Tracing only observes: the results are the same without it.
     """
     exp, base = resolve(experiment)
     if workload is None:
         workload = build_workload(exp.workload, exp.seed, base)
     scheduler = build_scheduler(exp, workload, base)
+    tracing = None
+    if trace is not None:
+        tracing = ProcessTracing(trace, instance="simulator")
+        last = float(workload.arrival_s[-1]) if len(workload) else 0.0
+        attach_tracer(scheduler, tracing, model=exp.model, epoch_ns=epoch_for(last))
     run_events(scheduler, workload.requests(), progress)
-    return finish_run(exp, scheduler, workload, "simulated")
+    result = finish_run(exp, scheduler, workload, "simulated")
+    if tracing is not None:
+        result.summary["tracing"] = tracing_summary(trace, [tracing.shutdown()])
+    return result
+
+
+def tracing_summary(settings: Optional[TraceSettings], counts: list[ExportCounts]) -> dict[str, Any]:
+    """Spans ended/exported/dropped over every process of a run, and where they went."""
+    t = total(counts)
+    return {"endpoint": settings.traces_url if settings else None, "spans_ended": t.ended,
+            "spans_exported": t.exported, "spans_dropped": t.dropped, "processes": len(counts)}

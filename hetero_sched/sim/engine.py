@@ -92,6 +92,10 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
                 queue.push(t, k, p)
             if hooks is not None:
                 hooks.after_plan(now)
+                while scheduler.needs_plan():       # a hook reported news (an actor died)
+                    for t, k, p in plan(now):
+                        queue.push(t, k, p)
+                    hooks.after_plan(now)
         events += 1
         if progress is not None and events % progress_every == 0:
             progress(len(scheduler.records))

@@ -1,0 +1,126 @@
+"""``disagg-slo``: SLO-aware routing with early rejection (Mooncake's Conductor).
+
+For an arriving request the policy predicts, for every prefill group ``p`` and decode group
+``d``:
+
+- TTFT at ``p`` = queue + own prefill: the queued prefill tokens at the cost of full
+  iterations (``max_batch_tokens`` each, linear share) plus this prompt's prefill time,
+  less its prefix-cache hit at ``p``;
+- the transfer ``p → d``: the prompt's unique KV bytes at the pair's uncontended bandwidth
+  plus one message;
+- TPOT at ``d``: one decode step with ``d``'s batch plus this request, over its reserved KV
+  (blocks in use + this prompt), plus the transfer spread over the predicted output tokens —
+  provided ``d`` has a free slot and KV headroom for the reservation (prompt + *predicted*
+  output, the same reservation the core makes).
+
+It routes to the prefill group with the lowest predicted queue + prefill + transfer among
+placements meeting both SLOs, and rejects the request at once, with the reason, when none
+does. The decode group is picked when prefill ends (fresher state), by the most reserved-KV
+headroom among those meeting the TPOT SLO (ties: lower predicted TPOT), else least loaded.
+Output lengths are the predictor's (``oracle: true`` in the experiment makes them exact).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+from hetero_sched.costmodel import step_time_s
+from hetero_sched.policies.base import Decision, GroupView, Placement, Reject, RequestInfo
+from hetero_sched.policies.disagg import Disagg
+from hetero_sched.policies.fallback import has_decode_room, reservation_blocks
+from hetero_sched.policies.registry import register
+
+
+def cached_tokens(request: RequestInfo, g: GroupView) -> int:
+    """Prompt tokens ``g``'s prefix cache would save ``request`` (at least one token is computed)."""
+    blocks = g.cached_prefix_blocks(request.prefix_hashes)
+    return min(blocks * request.prefix_block_tokens, request.prompt_tokens - 1) if blocks else 0
+
+
+def predicted_ttft_s(request: RequestInfo, g: GroupView) -> float:
+    """Queue wait plus the request's own prefill at prefill group ``g``."""
+    queue_s = 0.0
+    if g.prefill_queued_tokens:
+        full = g.max_batch_tokens
+        queue_s = g.prefill_queued_tokens / full * g.cost.prefill_time_s([full], [0])
+    hit = cached_tokens(request, g)
+    return queue_s + g.cost.prefill_time_s([request.prompt_tokens - hit], [hit])
+
+
+def transfer_s(request: RequestInfo, src: GroupView, dst: GroupView) -> float:
+    """The prompt's KV (plus the token prefill makes) from ``src`` to ``dst``, uncontended."""
+    rate = min(src.cost.egress_bytes_per_s, dst.cost.ingress_bytes_per_s)
+    nbytes = (request.prompt_tokens + 1) * src.cost.transfer_bytes_per_token
+    return nbytes / rate + src.cost.message_cost_s
+
+
+def predicted_tpot_s(request: RequestInfo, d: GroupView, transfer: float) -> Optional[float]:
+    """TPOT at decode group ``d``; None if it has no slot or KV headroom for the reservation now."""
+    if not has_decode_room(request, d):
+        return None
+    context = (d.kv_blocks_total - d.kv_blocks_free) * d.block_size + request.prompt_tokens + 1
+    step = step_time_s(d.cost.decode_step_lines(d.decode_load + 1), context)
+    return step + transfer / max(request.predicted_output - 1, 1)
+
+
+@register
+class DisaggSLO(Disagg):
+    """Predict TTFT and TPOT per placement; route to the fastest feasible one; reject early."""
+
+    name = "disagg-slo"
+
+    def __init__(self, ttft_slo_s: float = 2.0, tpot_slo_s: float = 0.05, fallback: bool = False,
+                 fallback_prefill_batches: float = 4.0) -> None:
+        if ttft_slo_s <= 0 or tpot_slo_s <= 0:
+            raise ValueError("ttft_slo_s and tpot_slo_s must be positive")
+        super().__init__(fallback=fallback, fallback_prefill_batches=fallback_prefill_batches)
+        self.ttft_slo_s = ttft_slo_s
+        self.tpot_slo_s = tpot_slo_s
+
+    def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
+        borrowed = self.borrowed_prefill(request, groups)
+        if borrowed is not None:
+            return borrowed
+        best: Optional[tuple[float, int]] = None
+        best_ttft = best_tpot = math.inf
+        for p in groups:
+            if not p.can_prefill:
+                continue
+            ttft = predicted_ttft_s(request, p)
+            best_ttft = min(best_ttft, ttft)
+            if ttft > self.ttft_slo_s:
+                continue
+            for d in groups:
+                if not d.can_decode:
+                    continue
+                move = transfer_s(request, p, d)
+                tpot = predicted_tpot_s(request, d, move)
+                if tpot is None:
+                    continue
+                best_tpot = min(best_tpot, tpot)
+                if tpot <= self.tpot_slo_s and (best is None or ttft + move < best[0]):
+                    best = (ttft + move, p.group_id)
+        if best is not None:
+            return Placement(best[1])
+        if best_ttft > self.ttft_slo_s:
+            return Reject(f"predicted TTFT {best_ttft:.4g} s exceeds the SLO {self.ttft_slo_s:g} s at every prefill group")
+        if best_tpot == math.inf:
+            return Reject("no decode group has a slot and KV headroom for the reservation")
+        return Reject(f"predicted TPOT {best_tpot:.4g} s exceeds the SLO {self.tpot_slo_s:g} s at every decode group")
+
+    def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
+        src = groups[request.prefill_group] if request.prefill_group is not None else None
+        best: Optional[tuple[int, float, int]] = None
+        for d in groups:
+            if not d.can_decode:
+                continue
+            tpot = predicted_tpot_s(request, d, transfer_s(request, src, d) if src is not None else 0.0)
+            if tpot is None or tpot > self.tpot_slo_s:
+                continue
+            key = (-(d.kv_blocks_free - reservation_blocks(request, d)), tpot, d.group_id)
+            if best is None or key < best:
+                best = key
+        if best is not None:
+            return best[2]
+        return super().place_decode(request, groups, now_s)    # fallback, else least loaded
