@@ -118,7 +118,8 @@ class SLOConfig(_Strict):
 class Experiment(_Strict):
     """A whole experiment: cluster, model, workload, policy, SLOs, predictor, overrides."""
 
-    name: str = "experiment"
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="letters, digits, '.', '_', '-' (it names the run folder)")
     seed: int = Field(0, ge=0)  # numpy seeds are non-negative
     model: str = "llama-3.1-70b"
     groups: list[GroupConfig] = Field(min_length=1)

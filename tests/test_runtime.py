@@ -135,14 +135,14 @@ def test_wall_clock_run_tracks_the_simulator(ray_cluster):
 
 
 def test_control_messages_are_validated():
-    data = pack("step", ops=[{"op": "forget", "ids": [1, 2]}])
+    data = pack("step", ops=[{"op": "forget", "ids": [1, 2]}], expect=0)
     assert unpack(data, "step")["ops"][0]["ids"] == [1, 2]
     with pytest.raises(MessageError, match="expected a step_report message"):
         unpack(data, "step_report")
     with pytest.raises(MessageError, match="decode op 0 lacks 'steps'"):
-        pack("step", ops=[{"op": "decode", "joiners": []}])
+        pack("step", ops=[{"op": "decode", "joiners": []}], expect=0)
     with pytest.raises(MessageError, match="not one of"):
-        pack("step", ops=[{"op": "explode"}])
+        pack("step", ops=[{"op": "explode"}], expect=0)
     with pytest.raises(MessageError, match="schema version"):
         unpack(msgpack.packb({"v": 99, "kind": "step", "ops": []}), "step")
     with pytest.raises(MessageError, match="not valid msgpack"):

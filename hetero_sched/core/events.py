@@ -82,6 +82,7 @@ class DecisionKind:
     ROLE: Final = "role"              # a drained group takes its new role
     FAIL: Final = "fail"              # a group's device failed: what it held is re-placed
     RESTORE: Final = "restore"        # a failed group is back in service (empty)
+    KV_BAD: Final = "kv_bad"          # KV reached its decode group damaged or lost: sent again
 
 
 DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
@@ -100,6 +101,7 @@ DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
     DecisionKind.ROLE: (("role", int), ("drain_s", float)),
     DecisionKind.FAIL: (("resumed", int),),
     DecisionKind.RESTORE: (),
+    DecisionKind.KV_BAD: (),
 }
 """The values of a decision's ``detail`` tuple, per kind: name and type."""
 

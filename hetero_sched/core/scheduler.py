@@ -93,6 +93,8 @@ class Scheduler:
         self._next_transfer_id = 0
         self._dirty: set[int] = set()
         self._network_version = -1
+        self._timers: list[Timer] = []
+        """Timers made between plans (a re-sent transfer), handed out by the next :meth:`plan`."""
         self._failed: set[int] = set()
         """Groups out of service after a failure (policies see them unable to take either role)."""
         self.hooks: Optional[ExecutorHooks] = None
@@ -212,9 +214,42 @@ class Scheduler:
             assert retained is not None
             self._route_decode(now_s, rs, self.groups[retained])
 
+    def whereabouts(self) -> dict[int, str]:
+        """Where each request the core still holds sits (for the "unfinished request" error)."""
+        out: dict[int, str] = {}
+        for g in self.groups:
+            for rs in g.prefill_queue:
+                out[rs.request_id] = f"{g.name} prefill queue"
+            for rs in g.decode_queue:
+                out[rs.request_id] = f"{g.name} decode queue ({rs.phase.value})"
+            for rs in g.ready:
+                out[rs.request_id] = f"{g.name} ready"
+            for rs in g.running.values():
+                out[rs.request_id] = f"{g.name} running"
+            if g.span is not None:
+                for rs in g.span.batch:
+                    out.setdefault(rs.request_id, f"{g.name} span {g.span.kind.value}")
+        for tid, (rs, src, dst, _) in self._transfers.items():
+            out[rs.request_id] = f"transfer {tid} {self.groups[src].name}->{self.groups[dst].name}"
+        return out
+
     def needs_plan(self) -> bool:
         """Whether something changed since the last :meth:`plan` (a driver's hook reported news)."""
-        return bool(self._dirty) or self.network.version != self._network_version
+        return bool(self._dirty or self._timers) or self.network.version != self._network_version
+
+    def kv_damaged(self, now_s: float, transfer_id: int) -> None:
+        """The KV of ``transfer_id`` reached its decode group damaged (checksum) or lost: send it
+        again. The prefill side keeps its copy until KV lands intact (contract §7), and the
+        decode reservation stays, so nothing is decoded from bad KV and nothing is prefilled again.
+        """
+        entry = self._transfers.pop(transfer_id, None)
+        if entry is None:
+            return
+        rs, src_id, dst_id, _ = entry
+        self.decisions.add(now_s, D.KV_BAD, dst_id, rs.request_id)
+        if self.hooks is not None:
+            self.hooks.transfer_cancelled(now_s, transfer_id, rs, src_id, dst_id)
+        self._start_transfer(now_s, rs, dst_id, self._timers, admitted=False)
 
     def restore_group(self, now_s: float, group_id: int) -> None:
         """A failed group's device is back (restarted, empty): it serves its role again."""
@@ -255,7 +290,8 @@ class Scheduler:
     # --- planning ---------------------------------------------------------------------------
     def plan(self, now_s: float) -> list[Timer]:
         """Decisions at ``now_s`` after all of its events: admissions, transfers, spans, cuts."""
-        timers: list[Timer] = []
+        timers: list[Timer] = self._timers
+        self._timers = []
         if not self._dirty and self.network.version == self._network_version:
             return timers
         log = self.decisions   # the log itself: compiled, its bound .add would be a slow Python call
@@ -420,7 +456,8 @@ class Scheduler:
         self.views[target].num_decode_queued += 1
         self._dirty.add(target)
 
-    def _start_transfer(self, now_s: float, rs: RequestState, dst_id: int, timers: list[Timer]) -> None:
+    def _start_transfer(self, now_s: float, rs: RequestState, dst_id: int, timers: list[Timer],
+                        admitted: bool = True) -> None:
         src_id = rs.prefill_group
         assert src_id is not None
         src = self.groups[src_id]
@@ -439,7 +476,8 @@ class Scheduler:
             net_bytes, extra = layerwise_tail(net_bytes, rs.prefill_s, lw.num_layers, rate, msg)
             delay = msg + extra
         self._transfers[tid] = (rs, src_id, dst_id, delay)
-        self.decisions.add(now_s, D.ADMIT, dst_id, rs.request_id, rs.decode_blocks)
+        if admitted:
+            self.decisions.add(now_s, D.ADMIT, dst_id, rs.request_id, rs.decode_blocks)
         self.decisions.add(now_s, D.TRANSFER, src_id, rs.request_id, dst_id, nbytes)
         if self.hooks is not None:
             self.hooks.transfer_started(now_s, tid, rs, src_id, dst_id, nbytes)

@@ -9,15 +9,18 @@ it with the same event loop as the simulator, on a virtual or a wall clock.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Optional
 
+import numpy as np
 import ray
 
 from hetero_sched.experiment import parse_experiment
 from hetero_sched.runtime.backends import make_backend
 from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.executor import LiveExecutor
+from hetero_sched.runtime.kvcodec import KVCorruptionError, flip_payload_bit
 from hetero_sched.runtime.livemetrics import LiveMetrics
 from hetero_sched.runtime.messages import pack, unpack
 from hetero_sched.sim import build_scheduler
@@ -37,6 +40,12 @@ class DeviceGroupActor:
                                     bytes_scale=cfg["bytes_scale"], block_size=cfg["block_size"])
         self.tracing: Optional[ProcessTracing] = (
             ProcessTracing(TraceSettings.from_dict(cfg["trace"]), instance=self.name) if cfg["trace"] else None)
+        self.incarnation = int.from_bytes(os.urandom(4), "big")
+        """New each time Ray (re)starts this actor: a restart loses everything it held."""
+        faults = cfg["faults"]
+        self._corrupt_every = int(faults.get("corrupt_every", 0))
+        self._fault_rng = np.random.default_rng(int(faults.get("seed", 0)))
+        self._exports = 0
         self._measured: dict[int, dict[str, list[dict[str, Any]]]] = {}
         """Tracing: what this actor measured per request, until the request's spans arrive."""
 
@@ -54,6 +63,9 @@ class DeviceGroupActor:
         if self.tracing is not None:
             self.tracing.shutdown()
 
+    def incarnation_id(self) -> int:
+        return self.incarnation
+
     def node_labels(self) -> dict[str, str]:
         """Where this actor landed (its node's labels), for placement checks."""
         return {k: str(v) for k, v in ray.get_runtime_context().get_node_labels().items()}
@@ -65,13 +77,20 @@ class DeviceGroupActor:
         one node — with every checksum verified. All exports of a step are ``ray.put`` as one
         bundle this actor owns: one object per step, not per request (a put costs ~1 ms).
         """
-        ops = unpack(msg, "step")["ops"]
+        step = unpack(msg, "step")
+        if step["expect"] != self.incarnation:
+            # restarted since these ops were planned: the state they act on died with the old
+            # process, so run none of them and say so (the scheduler resumes those requests)
+            return pack("step_report", tokens={}, margins={}, import_bytes=0, import_s=0.0, bad_kv=[],
+                        incarnation=self.incarnation), []
+        ops = step["ops"]
         tokens: dict[int, list[int]] = {}
         margins: dict[int, float] = {}
         exports = []
         import_bytes = 0
         import_s = 0.0
-        bundles = ray.get(refs) if refs else []
+        bad_kv: list[int] = []
+        bundles = [self._fetch(ref) for ref in refs]
         backend = self.backend
         traced = self.tracing is not None
         for op in ops:
@@ -87,7 +106,14 @@ class DeviceGroupActor:
                 t, m = backend.decode(op["joiners"], op["steps"])
             elif kind == "import":
                 t0 = time.perf_counter()
-                moved = backend.import_kv(op["id"], bundles[op["ref"]][op["index"]], op["last"])
+                bundle = bundles[op["ref"]]
+                try:
+                    if bundle is None:
+                        raise KVCorruptionError(f"KV of request {op['id']}: its object was lost")
+                    moved = backend.import_kv(op["id"], bundle[op["index"]], op["last"])
+                except KVCorruptionError:
+                    bad_kv.append(op["id"])         # never decoded from: the scheduler sends it again
+                    continue
                 dt = time.perf_counter() - t0
                 import_bytes += moved
                 import_s += dt
@@ -97,6 +123,9 @@ class DeviceGroupActor:
             elif kind == "export":
                 t0 = time.perf_counter()
                 batch = backend.export_kv(op["id"], op["true_bytes"])
+                self._exports += 1
+                if self._corrupt_every and self._exports % self._corrupt_every == 0:
+                    batch = flip_payload_bit(batch, int(self._fault_rng.integers(1 << 40)))   # injected fault
                 exports.append(batch)
                 if traced:
                     dt = time.perf_counter() - t0
@@ -117,8 +146,16 @@ class DeviceGroupActor:
                 margins[rid] = min(margin, margins.get(rid, margin))
         del bundles
         report = pack("step_report", tokens=tokens, margins=margins, import_bytes=import_bytes,
-                      import_s=import_s)
+                      import_s=import_s, bad_kv=bad_kv, incarnation=self.incarnation)
         return report, ([ray.put(exports)] if exports else [])
+
+    @staticmethod
+    def _fetch(ref: ray.ObjectRef) -> Optional[list[Any]]:
+        """A KV bundle, or None if it is gone (its owner, the exporting actor, died)."""
+        try:
+            return ray.get(ref, timeout=60)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.GetTimeoutError):
+            return None
 
     def held(self) -> int:
         """Requests whose KV this group still holds (0 after a clean run)."""
@@ -136,10 +173,12 @@ class SchedulerActor:
         return self._done
 
     def run(self, experiment: dict[str, Any], workload: Any, actors: list[Any], *, backend: str,
-            clock: str, time_scale: float, trace: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+            clock: str, time_scale: float, trace: Optional[dict[str, Any]] = None,
+            verify_imports: bool = False) -> dict[str, Any]:
         exp = parse_experiment(experiment)
         scheduler = build_scheduler(exp, workload, base_dir=None)
-        executor = LiveExecutor(actors, real_tokens=backend == "numpy", send_every_step=clock == "wall")
+        executor = LiveExecutor(actors, real_tokens=backend == "numpy", send_every_step=clock == "wall",
+                                verify_imports=verify_imports)
         executor.scheduler = scheduler
         scheduler.hooks = executor
         wall: Optional[WallClock] = WallClock(time_scale) if clock == "wall" else None
@@ -173,6 +212,7 @@ class SchedulerActor:
             "stats": {"actor_calls": executor.stats.actor_calls, "transfers": executor.stats.transfers,
                       "bytes_moved": executor.stats.bytes_moved, "import_s": executor.stats.import_s,
                       "flushes": executor.stats.flushes, "min_margin": executor.stats.min_margin,
+                      "kv_damaged": executor.stats.kv_damaged,
                       "call_s": executor.stats.flush_s,
                       "lateness_s": wall.lateness_s if wall is not None else [],
                       "wall_s": time.perf_counter() - t0,

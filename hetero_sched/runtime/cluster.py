@@ -65,7 +65,7 @@ HEAD_NUM_CPUS = 2
 OBJECT_STORE_BYTES = 256 * 2**20
 """Per node: small, so a head and several workers fit in a 2-core / 24 GB machine."""
 NODE_WAIT_S = 60.0
-ACTOR_RESTARTS = 3
+ACTOR_RESTARTS = 10
 """Times Ray restarts a device-group actor that died before its group is retired."""
 PROBE_TIMEOUT_S = 3.0
 _EPS = 1e-6

@@ -39,6 +39,7 @@ class _Outbox:
     ops: list[dict[str, Any]] = field(default_factory=list)
     refs: list[ray.ObjectRef] = field(default_factory=list)     # KV bundles the import ops read
     exports: list[int] = field(default_factory=list)            # transfer ids of export ops, in order
+    imports: dict[int, int] = field(default_factory=dict)       # request id -> transfer id of its import op
 
 
 @dataclass
@@ -52,6 +53,8 @@ class ExecutorStats:
     import_s: float = 0.0
     min_margin: Optional[float] = None
     flush_s: list[float] = field(default_factory=list)
+    kv_damaged: int = 0
+    """Imports whose KV failed its checksum (or was lost) and were sent again."""
 
 
 class LiveExecutor:
@@ -61,7 +64,8 @@ class LiveExecutor:
     call_timeout_s = 120.0
     """Deadline for any batch of actor calls: a dead or stuck actor fails the run, it never hangs it."""
 
-    def __init__(self, actors: list[Any], real_tokens: bool, send_every_step: bool) -> None:
+    def __init__(self, actors: list[Any], real_tokens: bool, send_every_step: bool,
+                 verify_imports: bool = False) -> None:
         """When to send and when to wait.
 
         With real tokens (numpy backend) the next decisions need what the actors return, so
@@ -69,8 +73,11 @@ class LiveExecutor:
         sent after every plan when ``send_every_step`` (wall clock: actors work in real time,
         overlapping the scheduler's waiting) or coalesced until an import needs KV not yet
         exported (virtual clock), and answers are collected only when a ref is needed, when
-        many are outstanding, and at the end.
+        many are outstanding, and at the end. ``verify_imports`` (always with real tokens) waits
+        for each import's checksum verdict before the core lets the request decode, so damaged KV
+        is sent again from the prefill side's copy instead of being decoded from.
         """
+        self.verify_imports = verify_imports or real_tokens
         self.actors = actors
         self.real_tokens = real_tokens
         self.send_every_step = send_every_step
@@ -84,6 +91,8 @@ class LiveExecutor:
         self._refs: dict[int, tuple[ray.ObjectRef, int]] = {}        # transfer -> (KV bundle, index in it)
         self._cancelled: set[int] = set()                           # transfers an endpoint failure ended
         self._dead: set[int] = set()                                # groups whose actor died (not back yet)
+        self._restarting: dict[int, ray.ObjectRef] = {}            # dead group -> ping of its restarted actor
+        self._incarnations: list[int] = ray.get([a.incarnation_id.remote() for a in actors], timeout=self.call_timeout_s)
         self._now = 0.0
         self.scheduler: Any = None
         """The core, told when an actor dies (``fail_group``) and when it is back (``restore_group``)."""
@@ -183,10 +192,15 @@ class LiveExecutor:
             k = len(box.refs)
             box.refs.append(bundle)
         box.ops.append({"op": "import", "id": rid, "last": last, "ref": k, "index": index})
+        box.imports[rid] = transfer_id
         self.stats.transfers += 1
+        if self.verify_imports:
+            self._send()
+            self._collect()
 
     def after_plan(self, now_s: float) -> None:
         self._now = now_s
+        self._check_restarts()
         if self.real_tokens:
             self._send()
             self._collect()
@@ -203,7 +217,7 @@ class LiveExecutor:
             return
         self._pending_ops = 0
         for gid, box in self._outbox.items():
-            self._inflight.append((gid, box, self.actors[gid].step.remote(pack("step", ops=box.ops), box.refs)))
+            self._inflight.append((gid, box, self.actors[gid].step.remote(pack("step", ops=box.ops, expect=self._incarnations[gid]), box.refs)))
             box.refs = []                       # the call holds them now
         self._outbox = {}
 
@@ -226,6 +240,7 @@ class LiveExecutor:
         self.stats.actor_calls += len(inflight)
         self.stats.flushes += 1
         died: list[int] = []
+        damaged: list[int] = []
         for gid, box, fut in inflight:
             try:
                 report_bytes, refs = ray.get(fut)
@@ -237,6 +252,10 @@ class LiveExecutor:
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 raise RunFailed(f"device-group actor {gid} failed a step: {cause}") from None
             report = unpack(report_bytes, "step_report")
+            if report["incarnation"] != self._incarnations[gid]:
+                if gid not in died:                             # restarted between two calls
+                    died.append(gid)
+                continue
             for rid, toks in report["tokens"].items():
                 self.tokens.setdefault(int(rid), []).extend(toks)
             for m in report["margins"].values():
@@ -247,29 +266,82 @@ class LiveExecutor:
             for index, tid in enumerate(box.exports):
                 if tid not in self._cancelled:
                     self._refs[tid] = (refs[0], index)
+            damaged.extend(box.imports[rid] for rid in report["bad_kv"])
         self.stats.flush_s.append(time.perf_counter() - t0)
         for gid in died:
             self._group_died(gid)
+        for tid in damaged:
+            self.stats.kv_damaged += 1
+            if self.scheduler is None:
+                raise RunFailed(f"KV of transfer {tid} failed its checksum")
+            self.scheduler.kv_damaged(self._now, tid)
 
     RESTART_WAIT_S = 60.0
 
     def _group_died(self, gid: int) -> None:
-        """Tell the core; wait (bounded) for Ray to restart the actor, else retire the group."""
+        """Tell the core, and get the group back once Ray has restarted its actor.
+
+        If other live groups can take its role, the core resumes its requests there at once
+        and the group rejoins when a ping answers (checked after every plan, never waited
+        for). If it was the last of its role, the run waits (bounded) for the restart first,
+        so its requests are resumed rather than rejected. No restart: the group is retired.
+        """
         if self.scheduler is None or gid in self._dead:
             raise RunFailed(f"device-group actor {gid} died")
         self._dead.add(gid)
         self._outbox.pop(gid, None)
         self._spans.pop(gid, None)
-        try:
-            ray.get(self.actors[gid].held.remote(), timeout=self.RESTART_WAIT_S)
-            back = True
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            back = False                                        # restarts used up: retired
-        self.failures.append((self._now, gid, back))
+        groups = self.scheduler.groups
+        g = groups[gid]
+        peers = [o for o in groups if o is not g and o.alive
+                 and ((g.role.can_prefill and o.can_prefill) or (g.role.can_decode and o.can_decode))]
+        back = False if peers else self._wait_restart(gid)
+        if back:
+            self._incarnations[gid] = ray.get(self.actors[gid].incarnation_id.remote(), timeout=self.call_timeout_s)
+        self.failures.append((self._now, gid, back or bool(peers)))
         delivered = {rid: len(toks) for rid, toks in self.tokens.items()} if self.real_tokens else None
         self.scheduler.fail_group(self._now, gid, delivered, restarted=back)
         if back:
             self._dead.discard(gid)
+        elif peers:
+            self._restarting[gid] = self.actors[gid].held.remote()
+
+    def _check_restarts(self) -> None:
+        """Groups whose restarted actor answers its ping rejoin (never waits)."""
+        if not self._restarting:
+            return
+        ready, _ = ray.wait(list(self._restarting.values()), num_returns=len(self._restarting), timeout=0)
+        for gid, ping in list(self._restarting.items()):
+            if ping not in ready:
+                continue
+            try:
+                ray.get(ping)
+            except ray.exceptions.ActorUnavailableError:
+                self._restarting[gid] = self.actors[gid].held.remote()      # still restarting
+                continue
+            except ray.exceptions.RayActorError:
+                del self._restarting[gid]                                   # restarts used up: retired
+                self.failures[:] = [(t, g, ok and g != gid) for t, g, ok in self.failures]
+                continue
+            del self._restarting[gid]
+            self._incarnations[gid] = ray.get(self.actors[gid].incarnation_id.remote(), timeout=self.call_timeout_s)
+            self._dead.discard(gid)
+            self.scheduler.restore_group(self._now, gid)
+
+    def _wait_restart(self, gid: int) -> bool:
+        """Whether Ray brought the actor back within ``RESTART_WAIT_S`` (False: restarts used up)."""
+        deadline = time.monotonic() + self.RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actors[gid].held.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                return True
+            except ray.exceptions.ActorUnavailableError:         # restarting: ask again shortly
+                time.sleep(0.2)
+            except ray.exceptions.ActorDiedError:
+                return False
+            except ray.exceptions.GetTimeoutError:
+                return False
+        return False
 
     def finish(self) -> None:
         """Send and collect what is left; afterwards no actor should hold any request."""

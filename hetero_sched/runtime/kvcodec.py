@@ -376,3 +376,23 @@ def _read_meta(metadata: Optional[dict[bytes, bytes]], num_rows: int) -> KVMeta:
     if problem:
         raise KVCorruptionError(f"{where}: {problem}")
     return meta
+
+
+def flip_payload_bit(batch: pa.RecordBatch, position: int) -> pa.RecordBatch:
+    """``batch`` with one bit of its KV payload flipped (``position`` wraps around the payload).
+
+    Fault injection for the chaos tests and benchmark: the copy models bytes damaged between
+    the encoding side and the decoding side, which :func:`decode_kv` must catch by checksum.
+    """
+    i = batch.schema.get_field_index("payload")
+    column = batch.column(i)
+    storage = column.storage
+    values = storage.values
+    data = bytearray(values.buffers()[1].to_pybytes())
+    bit = position % (len(data) * 8)
+    data[bit // 8] ^= 1 << (bit % 8)
+    new_values = pa.Array.from_buffers(values.type, len(values), [None, pa.py_buffer(bytes(data))])
+    new_storage = pa.FixedSizeListArray.from_arrays(new_values, storage.type.list_size)
+    columns = list(batch.columns)
+    columns[i] = pa.ExtensionArray.from_storage(column.type, new_storage)
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)

@@ -8,6 +8,7 @@ Brings up (or connects to) a cluster that can host the experiment, places one
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -44,7 +45,7 @@ def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
 
 
 def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float,
-                       trace: Optional[TraceSettings] = None) -> list[Any]:
+                       trace: Optional[TraceSettings] = None, faults: Optional[dict[str, int]] = None) -> list[Any]:
     """One actor per group replica, in the core's group order, placed by resources and labels."""
     actors = []
     for g in exp.groups:
@@ -54,7 +55,7 @@ def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float,
             cfg = pack("configure", group_id=len(actors), name=name, role=g.role, backend=backend,
                        model="tiny" if backend == "numpy" else exp.model, seed=exp.seed,
                        bytes_scale=float(bytes_scale), block_size=g.block_size,
-                       trace=trace.to_dict() if trace is not None else {})
+                       trace=trace.to_dict() if trace is not None else {}, faults=dict(faults or {}))
             actors.append(DeviceGroupActor.options(**options).remote(cfg))
     return actors
 
@@ -63,27 +64,29 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
              backend: Backend = "modeled", time_scale: float = 1.0, bytes_scale: float = 1e-3,
              workload: Optional[Workload] = None,
              progress: Optional[Callable[[int, int], None]] = None,
-             trace: Optional[TraceSettings] = None) -> RunResult:
+             trace: Optional[TraceSettings] = None, faults: Optional[dict[str, int]] = None) -> RunResult:
     """Run an experiment live; ``clock="virtual"`` gives exactly the simulator's decisions.
 
     ``bytes_scale``: real KV bytes moved per modeled byte (modeled backend). The numpy backend
     runs the catalog's ``tiny`` Llama for real and moves its real KV. ``trace``: one trace per
     request, spans emitted by the scheduler actor and by the group actors that did the work;
     the run returns after every process exported its spans (``summary["tracing"]``).
+    ``faults`` injects faults for chaos testing: ``{"corrupt_every": k, "seed": s}`` flips one
+    bit of every k-th KV export's payload (each is caught by checksum and sent again).
     """
     if clock not in ("wall", "virtual"):
         raise UserError(f"--clock must be wall or virtual, got {clock!r}")
     if backend not in ("modeled", "numpy"):
         raise UserError(f"--backend must be modeled or numpy, got {backend!r}")
-    if not time_scale > 0 or not bytes_scale > 0:
-        raise UserError("--time-scale and --bytes-scale must be > 0")
+    if not 0 < time_scale < math.inf or not 0 < bytes_scale < math.inf:
+        raise UserError("--time-scale and --bytes-scale must be finite and > 0")
     exp, base = resolve(experiment)
     exp = _with_absolute_paths(exp, base)
     if workload is None:
         workload = build_workload(exp.workload, exp.seed, base)
     with ensure_cluster(exp, address) as cluster_address:
         store_before = object_store_usage(cluster_address)
-        actors = start_group_actors(exp, backend, bytes_scale, trace)
+        actors = start_group_actors(exp, backend, bytes_scale, trace, faults)
         scheduler = SchedulerActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True)).remote()
         try:
@@ -91,7 +94,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
             t0 = time.perf_counter()
             fut = scheduler.run.remote(exp.model_dump(mode="json"), workload, actors, backend=backend,
                                        clock=clock, time_scale=time_scale,
-                                       trace=trace.to_dict() if trace is not None else None)
+                                       trace=trace.to_dict() if trace is not None else None,
+                                       verify_imports=bool(faults))
             while True:
                 ready, _ = ray.wait([fut], timeout=0.25)
                 if progress is not None:
@@ -100,7 +104,7 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
                     break
             out = _result(fut)
             wall_s = time.perf_counter() - t0
-            held = ray.get([a.held.remote() for a in actors])
+            held = [_held(a) for a in actors]
             store_after = _settled_store(cluster_address, store_before)
         except ray.exceptions.GetTimeoutError:
             raise UserError("the cluster could not place every device-group actor within 120 s "
@@ -129,6 +133,14 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
     result.stamp["placement"] = [{"group": u.name, "node_labels": labels} for u, labels in zip(usage, placement)]
     result.tokens = {int(k): v for k, v in out["tokens"].items()}
     return result
+
+
+def _held(actor: Any) -> int:
+    """Requests whose KV an actor still holds after the run (0 if it died since: so did its KV)."""
+    try:
+        return int(ray.get(actor.held.remote(), timeout=60))
+    except ray.exceptions.RayActorError:
+        return 0
 
 
 def _result(fut: ray.ObjectRef) -> dict[str, Any]:

@@ -12,13 +12,14 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # kind -> required field -> accepted Python types
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "configure": {"group_id": (int,), "name": (str,), "role": (str,), "backend": (str,),
                   "model": (str,), "seed": (int,), "bytes_scale": (float,), "block_size": (int,),
-                  "trace": (dict,)},      # TraceSettings.to_dict(), or {} for tracing off
+                  "trace": (dict,),       # TraceSettings.to_dict(), or {} for tracing off
+                  "faults": (dict,)},     # fault injection (chaos tests): {"corrupt_every": k, "seed": s} or {}
     # One call per actor per event time, carrying every operation that time produced, in order:
     #   {"op": "prefill", "requests": [{"id", "prompt", "generated": [ids], "cached", "hashes", "block"}]}
     #   {"op": "decode", "steps": k, "joiners": [ids]}
@@ -28,8 +29,10 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     #   {"op": "forget", "ids": [ids]}
     #   {"op": "trace", "id", "spans": [{"name", "parent": {"traceparent"}, "start_ns", "end_ns",
     #        "attrs", "measure"}]}     (a finished request's spans this group emits; may be empty)
-    "step": {"ops": (list,)},
-    "step_report": {"tokens": (dict,), "margins": (dict,), "import_bytes": (int,), "import_s": (float,)},
+    "step": {"ops": (list,), "expect": (int,)},   # expect: the actor incarnation the ops were meant for
+    "step_report": {"tokens": (dict,), "margins": (dict,), "import_bytes": (int,), "import_s": (float,),
+                    "bad_kv": (list,),    # requests whose imported KV failed its checksum or was lost
+                    "incarnation": (int,)},  # differs from the step's "expect": restarted, ops not run
 }
 
 OPS = {"prefill": ("requests",), "decode": ("steps", "joiners"), "import": ("id", "last", "ref", "index"),

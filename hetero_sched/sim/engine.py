@@ -101,7 +101,8 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
             progress(len(scheduler.records))
     if scheduler.num_active:
         stuck = scheduler.num_active
-        raise RuntimeError(f"simulation ended with {stuck} unfinished request(s): core bug")
+        where = "; ".join(f"{rid}: {at}" for rid, at in sorted(scheduler.whereabouts().items())[:5])
+        raise RuntimeError(f"simulation ended with {stuck} unfinished request(s): core bug ({where or 'held nowhere'})")
     if progress is not None:
         progress(len(scheduler.records))
     return now

@@ -1,0 +1,162 @@
+"""Chaos: a long compressed run with faults injected periodically. Is any request lost?
+
+    RAY_AUTH_MODE=disabled python bench/chaos.py [--requests 1500] [--rate 15] [--time-scale 1.0]
+        [--kill-every-s 10] [--corrupt-every 25] [--seed 0]
+
+A local labelled cluster runs a disaggregated Llama-3.1-8B experiment (two Trainium prefill
+groups, two CS-3 decode groups; modeled backend, real KV bytes, wall clock compressed by
+``--time-scale``) on synthetic Azure-conversation-like requests. While it runs, a seeded chaos
+thread SIGKILLs a random device-group actor's process every ``--kill-every-s`` wall seconds
+(Ray restarts it; the scheduler resumes what it held), and every ``--corrupt-every``-th KV
+export has one payload bit flipped (caught by checksum, sent again). The resident memory of the
+run's actors is sampled every second.
+
+- ``lost`` = submitted − completed − rejected − failed (must be 0); ``duplicates``: request ids
+  recorded more than once (must be 0); ``failed`` is always 0 here (every end is a completion or
+  a rejection with its reason);
+- ``faults_injected``: actor kills seen by the scheduler + KV exports corrupted;
+- ``recovery_p99_s``: p99 end-to-end latency (modeled seconds) of the requests in flight at a
+  kill, against ``p99_s`` of all requests;
+- ``rss_mb_start`` / ``rss_mb_end``: summed RSS of the scheduler and group actors while the
+  first 10–20% of requests finish (after warm-up) and over the last 10% of samples (flat = no
+  leak).
+
+Prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from hetero_sched.runtime.cluster import LocalCluster, connect, nodes_for  # noqa: E402
+from hetero_sched.runtime.live import run_live  # noqa: E402
+from hetero_sched.sim import resolve  # noqa: E402
+
+ACTOR_TITLES = ("ray::DeviceGroupActor", "ray::SchedulerActor")
+
+
+def _actor_processes(prefix: str = "ray::") -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"]
+        if cmd and cmd[0].startswith(prefix):
+            out.append(p)
+    return out
+
+
+def _rss_mb() -> float:
+    total = 0
+    for p in _actor_processes():
+        if p.info["cmdline"][0].startswith(ACTOR_TITLES):
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+    return total / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--rate", type=float, default=15.0, help="arrivals per modeled second")
+    ap.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per modeled second")
+    ap.add_argument("--kill-every-s", type=float, default=10.0, help="wall seconds between actor kills")
+    ap.add_argument("--corrupt-every", type=int, default=25, help="flip a bit in every k-th KV export (0: never)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    exp, _ = resolve({
+        "name": "chaos", "seed": args.seed, "model": "llama-3.1-8b",
+        "groups": [{"name": "p", "device": "trn2", "count": 4, "tp": 16, "replicas": 2, "role": "prefill"},
+                   {"name": "d", "device": "cs3", "count": 1, "replicas": 2, "role": "decode", "max_num_seqs": 32}],
+        "policy": "disagg",
+        "workload": {"kind": "synthetic", "num_requests": args.requests, "rate_per_s": args.rate},
+        "slo": "standard",
+    })
+    rng = np.random.default_rng(args.seed)
+    stop = threading.Event()
+    kills: list[float] = []
+    rss: list[tuple[int, float]] = []                   # (requests done, MB)
+    done_now = [0]
+
+    def chaos() -> None:
+        next_kill = time.monotonic() + args.kill_every_s
+        while not stop.wait(1.0):
+            rss.append((done_now[0], _rss_mb()))
+            if time.monotonic() >= next_kill:
+                victims = _actor_processes("ray::DeviceGroupActor")
+                if victims:
+                    victim = victims[int(rng.integers(len(victims)))]
+                    try:
+                        os.kill(victim.pid, signal.SIGKILL)
+                        kills.append(time.monotonic())
+                    except ProcessLookupError:
+                        pass
+                next_kill = time.monotonic() + args.kill_every_s
+
+    with LocalCluster(nodes_for(exp)) as cluster:
+        connect(cluster.address)
+        progress_at = [0]
+
+        def progress(done: int, total: int) -> None:
+            done_now[0] = done
+            if done - progress_at[0] >= total // 10:
+                progress_at[0] = done
+                print(f"chaos: {done}/{total} requests, {len(kills)} kills", file=sys.stderr)
+
+        thread = threading.Thread(target=chaos, daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        r = run_live(exp, address=cluster.address, clock="wall", time_scale=args.time_scale,
+                     faults={"corrupt_every": args.corrupt_every, "seed": args.seed} if args.corrupt_every else None,
+                     progress=progress)
+        wall_s = time.monotonic() - t0
+        stop.set()
+        thread.join()
+
+    rows = r.records.to_pylist()
+    ids = [row["request_id"] for row in rows]
+    status = [row["status"] for row in rows]
+    completed, rejected = status.count("completed"), status.count("rejected")
+    failures = r.summary["runtime"]["failures"]
+    fault_times = [f["time_s"] for f in failures]
+    e2e = np.array([row["finish_s"] - row["arrival_s"] for row in rows if row["status"] == "completed"])
+    hit = np.array([row["finish_s"] - row["arrival_s"] for row in rows if row["status"] == "completed"
+                    and any(row["arrival_s"] <= t <= row["finish_s"] for t in fault_times)])
+    warm = [mb for done, mb in rss if args.requests // 10 <= done <= args.requests // 5]
+    tail = [mb for _, mb in rss[-max(1, len(rss) // 10):]]
+    out = {
+        "submitted": args.requests,
+        "completed": completed,
+        "rejected": rejected,
+        "failed": 0,
+        "lost": args.requests - completed - rejected,
+        "duplicates": len(ids) - len(set(ids)),
+        "faults_injected": len(failures) + r.summary["runtime"]["kv_damaged"],
+        "actor_kills": len(failures),
+        "actor_kills_sent": len(kills),
+        "kv_corruptions_caught": r.summary["runtime"]["kv_damaged"],
+        "restarted": sum(1 for f in failures if f["restarted"]),
+        "recovery_p99_s": float(np.percentile(hit, 99)) if hit.size else None,
+        "p99_s": float(np.percentile(e2e, 99)) if e2e.size else None,
+        "rss_mb_start": float(np.mean(warm)) if warm else None,
+        "rss_mb_end": float(np.mean(tail)) if tail else None,
+        "wall_s": wall_s,
+        "command": "python bench/chaos.py " + " ".join(sys.argv[1:]),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
