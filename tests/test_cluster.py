@@ -20,7 +20,7 @@ import ray
 
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import Experiment, load_experiment, parse_experiment
-from hetero_sched.runtime.cluster import (HEAD_LABELS, LocalCluster, NodeSpec, check_capacity, connect,
+from hetero_sched.runtime.cluster import (ACTOR_RESTARTS, HEAD_LABELS, LocalCluster, NodeSpec, check_capacity, connect,
                                           ensure_cluster, nodes_for, placement_options)
 
 TRN2 = {"name": "trn2-prefill", "device": "trn2", "count": 16, "tp": 64, "replicas": 4, "role": "prefill"}
@@ -71,9 +71,10 @@ def test_nodes_for_sums_groups_of_one_device_and_pool() -> None:
 
 def test_placement_options() -> None:
     trn2, h100 = experiment(TRN2, H100).groups
-    assert placement_options(trn2) == {"num_cpus": 0, "resources": {"neuron_cores": 64.0},
+    restarts = {"max_restarts": ACTOR_RESTARTS, "max_task_retries": 0}    # a crashed actor comes back
+    assert placement_options(trn2) == {"num_cpus": 0, "resources": {"neuron_cores": 64.0}, **restarts,
                                        "label_selector": {"hetero.device": "trn2", "hetero.pool": "prefill"}}
-    assert placement_options(h100) == {"num_cpus": 0, "num_gpus": 2.0, "resources": {},
+    assert placement_options(h100) == {"num_cpus": 0, "num_gpus": 2.0, "resources": {}, **restarts,
                                        "label_selector": {"hetero.device": "h100", "hetero.pool": "both"}}
 
 
