@@ -276,8 +276,31 @@ def horizon_rate(arrival_unit: np.ndarray, deadline_s: np.ndarray, work: np.ndar
     return lo
 
 
+class RateCost:
+    """A request rate read as tokens/s and per dollar (the bound and goodput share these)."""
+
+    rate_per_s: float
+    mean_output_tokens: float
+    dollars_per_hour: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Output tokens/s at this rate."""
+        return self.rate_per_s * self.mean_output_tokens
+
+    @property
+    def requests_per_dollar(self) -> float:
+        """Requests per dollar of cluster time."""
+        return self.rate_per_s * 3600.0 / self.dollars_per_hour if self.dollars_per_hour else math.inf
+
+    @property
+    def tokens_per_dollar(self) -> float:
+        """Output tokens per dollar of cluster time."""
+        return self.requests_per_dollar * self.mean_output_tokens
+
+
 @dataclass(frozen=True)
-class Bound:
+class Bound(RateCost):
     """The goodput bound of a cluster for a workload and SLO, and what limits it."""
 
     rate_per_s: float
@@ -294,16 +317,6 @@ class Bound:
     mean_output_tokens: float
     dollars_per_hour: float
     groups: tuple[GroupCapacity, ...]
-
-    @property
-    def tokens_per_s(self) -> float:
-        """The bound in output tokens/s."""
-        return self.rate_per_s * self.mean_output_tokens
-
-    @property
-    def requests_per_dollar(self) -> float:
-        """The bound per dollar: requests served per dollar of cluster time."""
-        return self.rate_per_s * 3600.0 / self.dollars_per_hour if self.dollars_per_hour else math.inf
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (for JSON and Parquet)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hetero_sched.bound import Bound, Roles, upper_bound
+from hetero_sched.bound import Bound, RateCost, Roles, upper_bound
 from hetero_sched.catalog import resolve_catalog
 from hetero_sched.experiment import Experiment
 from hetero_sched.metrics import SLO, SLO_TIERS, goodput_search
@@ -43,8 +43,11 @@ def tier_slo(tier: str) -> SLO:
 
 
 @dataclass(frozen=True)
-class GoodputResult:
-    """Goodput of one experiment at one SLO tier, with its bound and the search's points."""
+class GoodputResult(RateCost):
+    """Goodput of one experiment at one SLO tier, with its bound and the search's points.
+
+    ``tokens_per_s`` / ``requests_per_dollar`` / ``tokens_per_dollar`` count only requests
+    served within the SLO (the rate is the goodput)."""
 
     tier: str
     rate_per_s: float
@@ -57,21 +60,6 @@ class GoodputResult:
     """(rate, attainment) of every simulation of the search, in the order run."""
     at_goodput: dict[str, Any] = field(default_factory=dict)
     """The summary of the simulation at the goodput rate (utilization, bottleneck)."""
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Goodput in output tokens/s."""
-        return self.rate_per_s * self.mean_output_tokens
-
-    @property
-    def requests_per_dollar(self) -> float:
-        """Requests served within the SLO per dollar of cluster time."""
-        return self.rate_per_s * 3600.0 / self.dollars_per_hour if self.dollars_per_hour else math.inf
-
-    @property
-    def tokens_per_dollar(self) -> float:
-        """Output tokens served within the SLO per dollar of cluster time."""
-        return self.requests_per_dollar * self.mean_output_tokens
 
     @property
     def pct_of_bound(self) -> Optional[float]:

@@ -40,6 +40,8 @@ class LiveMetrics:
         self.interval_s = interval_s
         self.window = window
         self._last = -float("inf")
+        self._counted = 0                                   # records already counted by status
+        self._finished = {"completed": 0, "rejected": 0}
         self._defaults = {"experiment": experiment}
         keys = ("experiment",)
         self.queue_depth = Gauge("hetero_queue_depth", "Requests per queue of a device group",
@@ -78,9 +80,11 @@ class LiveMetrics:
             self.kv_blocks.set(g.kv.num_free, {**tags, "state": "free"})
             self.link_backlog.set(s.network.backlog_bytes(g.group_id), tags)
         self.inflight.set(s.num_active)
-        statuses = [r[6] for r in s.records]
-        self.finished.set(statuses.count("completed"), {"status": "completed"})
-        self.finished.set(statuses.count("rejected"), {"status": "rejected"})
+        for r in s.records[self._counted:]:                # only the new ones: runs can be long
+            self._finished[r[6]] += 1
+        self._counted = len(s.records)
+        for status, n in self._finished.items():
+            self.finished.set(n, {"status": status})
         recent = s.records[-self.window:]
         if recent:
             table = records_table(recent, None)
