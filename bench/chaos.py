@@ -1,22 +1,24 @@
 """Chaos: a long compressed run with faults injected periodically. Is any request lost?
 
     RAY_AUTH_MODE=disabled python bench/chaos.py [--requests 1500] [--rate 15] [--time-scale 1.0]
-        [--kill-every-s 10] [--corrupt-every 25] [--seed 0]
+        [--kill-every-s 10] [--scheduler-kill-every 4] [--corrupt-every 25] [--seed 0]
 
 A local labelled cluster runs a disaggregated Llama-3.1-8B experiment (two Trainium prefill
 groups, two CS-3 decode groups; modeled backend, real KV bytes, wall clock compressed by
 ``--time-scale``) on synthetic Azure-conversation-like requests. While it runs, a seeded chaos
 thread SIGKILLs a random device-group actor's process every ``--kill-every-s`` wall seconds
-(Ray restarts it; the scheduler resumes what it held), and every ``--corrupt-every``-th KV
+(Ray restarts it; the scheduler resumes what it held) — every ``--scheduler-kill-every``-th
+kill hits the scheduler actor instead (Ray restarts it; it recovers from its journal) — and every ``--corrupt-every``-th KV
 export has one payload bit flipped (caught by checksum, sent again). The resident memory of the
 run's actors is sampled every second.
 
 - ``lost`` = submitted − completed − rejected − failed (must be 0); ``duplicates``: request ids
   recorded more than once (must be 0); ``failed`` is always 0 here (every end is a completion or
   a rejection with its reason);
-- ``faults_injected``: actor kills seen by the scheduler + KV exports corrupted;
+- ``faults_injected``: group-actor kills seen by the scheduler + scheduler restarts + KV exports
+  corrupted;
 - ``recovery_p99_s``: p99 end-to-end latency (modeled seconds) of the requests in flight at a
-  kill, against ``p99_s`` of all requests;
+  kill (of a group actor or of the scheduler), against ``p99_s`` of all requests;
 - ``rss_mb_start`` / ``rss_mb_end``: summed RSS of the scheduler and group actors while the
   first 10–20% of requests finish (after warm-up) and over the last 10% of samples (flat = no
   leak).
@@ -72,6 +74,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=15.0, help="arrivals per modeled second")
     ap.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per modeled second")
     ap.add_argument("--kill-every-s", type=float, default=10.0, help="wall seconds between actor kills")
+    ap.add_argument("--scheduler-kill-every", type=int, default=4,
+                    help="every k-th kill hits the scheduler actor (0: never)")
     ap.add_argument("--corrupt-every", type=int, default=25, help="flip a bit in every k-th KV export (0: never)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -95,7 +99,9 @@ def main() -> None:
         while not stop.wait(1.0):
             rss.append((done_now[0], _rss_mb()))
             if time.monotonic() >= next_kill:
-                victims = _actor_processes("ray::DeviceGroupActor")
+                k = args.scheduler_kill_every
+                at_scheduler = k > 0 and (len(kills) + 1) % k == 0
+                victims = _actor_processes("ray::SchedulerActor" if at_scheduler else "ray::DeviceGroupActor")
                 if victims:
                     victim = victims[int(rng.integers(len(victims)))]
                     try:
@@ -130,7 +136,8 @@ def main() -> None:
     status = [row["status"] for row in rows]
     completed, rejected = status.count("completed"), status.count("rejected")
     failures = r.summary["runtime"]["failures"]
-    fault_times = [f["time_s"] for f in failures]
+    restarts = r.summary["runtime"]["scheduler_restarts_at_s"]
+    fault_times = [f["time_s"] for f in failures] + restarts
     e2e = np.array([row["finish_s"] - row["arrival_s"] for row in rows if row["status"] == "completed"])
     hit = np.array([row["finish_s"] - row["arrival_s"] for row in rows if row["status"] == "completed"
                     and any(row["arrival_s"] <= t <= row["finish_s"] for t in fault_times)])
@@ -143,8 +150,9 @@ def main() -> None:
         "failed": 0,
         "lost": args.requests - completed - rejected,
         "duplicates": len(ids) - len(set(ids)),
-        "faults_injected": len(failures) + r.summary["runtime"]["kv_damaged"],
+        "faults_injected": len(failures) + len(restarts) + r.summary["runtime"]["kv_damaged"],
         "actor_kills": len(failures),
+        "scheduler_restarts": len(restarts),
         "actor_kills_sent": len(kills),
         "kv_corruptions_caught": r.summary["runtime"]["kv_damaged"],
         "restarted": sum(1 for f in failures if f["restarted"]),

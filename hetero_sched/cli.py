@@ -148,7 +148,8 @@ def run(
     time_scale: float = typer.Option(1.0, help="Wall seconds per modeled second (wall clock)."),
     bytes_scale: float = typer.Option(1e-3, help="Real KV bytes moved per modeled byte (modeled backend)."),
     num_requests: Optional[int] = typer.Option(None, help="Replay only the first N requests of the workload."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>-<time>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>-<time>; in a Ray job ~/hetero-sched-runs/<name>-<time>)."),
+    call_timeout_s: float = typer.Option(120.0, help="An actor call not answered within this many seconds is stuck: the actor is restarted and its requests resumed."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder only."),
     trace: Optional[bool] = typer.Option(None, "--trace/--no-trace", help="One OpenTelemetry trace per request (default: on when an OTLP endpoint is configured)."),
     otlp_endpoint: Optional[str] = OTLP_ENDPOINT,
@@ -160,7 +161,9 @@ def run(
     Starts a local cluster of labelled nodes (Trainium nodes with neuron_cores, CS-3 nodes with
     a cs3 resource) unless --address or RAY_ADDRESS names one, places the actors by resources
     and labels, replays the workload, prints the summary and writes the run folder (as
-    `simulate` does, plus the runtime's overheads and where each actor ran).
+    `simulate` does, plus the runtime's overheads and where each actor ran). The scheduler
+    actor journals the run to scheduler.journal in the run folder; if it dies, Ray restarts it
+    and it recovers the run from there.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -181,8 +184,13 @@ def run(
         work = wl.head(work, num_requests)
     console = Console(stderr=True)
     tracing = _tracing(True if otlp_endpoint and trace is None else trace, otlp_endpoint, service_name, trace_sample)
+    folder = Path(out) if out is not None else _default_out(exp.name)
+    journal = folder / "scheduler.journal"
+    if journal.exists():
+        journal.unlink()                            # an earlier run's, in a reused --out folder
     kwargs = dict(address=address, clock=clock, backend=backend, time_scale=time_scale,
-                  bytes_scale=bytes_scale, workload=work, trace=tracing)
+                  bytes_scale=bytes_scale, workload=work, trace=tracing, journal=journal,
+                  call_timeout_s=call_timeout_s)
     if quiet:
         result = run_live(exp, **kwargs)  # type: ignore[arg-type]
     else:
@@ -191,7 +199,7 @@ def run(
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task("run", total=len(work), clock=clock)  # a field: a bad --clock is not a format string
             result = run_live(exp, progress=lambda done, total: bar.update(task, completed=done), **kwargs)  # type: ignore[arg-type]
-    folder = result.write(out or _default_out(exp.name))
+    folder = result.write(folder)
     if not quiet:
         rt = result.summary["runtime"]
         Console().print(summary_table(result.summary))

@@ -58,13 +58,32 @@ def test_round_trip(tmp_path):
     s = scan(tmp_path / "j")
     assert s.records == records and s.torn_bytes == 0
     r = replay(tmp_path / "j")
-    expected, finished = fold(records)
-    assert r.pending == expected and r.num_finished == finished and r.torn_records == 0
+    folded = fold(records)
+    assert r.pending == folded.pending and r.num_finished == len(folded.finished) and r.torn_records == 0
+    assert r.finished == folded.finished and {d["status"] for d in r.finished.values()} <= {"completed", "rejected", "failed"}
     accepted_order = [x.request_id for x in records if x.kind is RecordKind.ACCEPTED and x.request_id in r.pending]
     assert 0 < len(r.pending) < 300 and list(r.pending) == accepted_order
     some = next(p for p in r.pending.values() if p.stage is RecordKind.TRANSFERRED)
     assert some.state["group_id"] in range(8) and some.request.request_id in r.pending
     assert any(p.request.prefix_hashes for p in r.pending.values())  # tuples survive msgpack
+
+
+def test_delivered_tokens_accumulate_and_run_facts_merge(tmp_path):
+    req = Request(7, 1.0, 30, 5)
+    records = [JournalRecord.run(0.0, origin_unix_s=123.5), JournalRecord.accepted(req, 1.0),
+               JournalRecord.delivered(7, 2.0, [11]), JournalRecord.delivered(7, 3.0, [12, 13]),
+               JournalRecord.accepted(Request(8, 1.5, 4, 1), 1.5),
+               JournalRecord.finished(8, 2.5, "completed", row=[8, 1.5, "x"]),
+               JournalRecord.run(4.0, recoveries=1)]
+    write(tmp_path / "j", records, batch=3)
+    r = replay(tmp_path / "j")
+    state = r.pending[7].state
+    assert state["tokens"] == [11, 12, 13] and (state["first_s"], state["second_s"], state["last_s"]) == (2.0, 3.0, 3.0)
+    assert r.finished == {8: {"status": "completed", "reason": "", "row": [8, 1.5, "x"]}}
+    assert dict(r.run) == {"origin_unix_s": 123.5, "recoveries": 1}
+    assert dict(compact(tmp_path / "j").run) == dict(r.run)       # compaction keeps the run's facts
+    with pytest.raises(JournalError, match="not pending"):
+        fold([JournalRecord.delivered(9, 1.0, [1])])
 
 
 def test_torn_tail_of_a_truncated_file_is_ignored_and_repaired(tmp_path):
@@ -78,7 +97,7 @@ def test_torn_tail_of_a_truncated_file_is_ignored_and_repaired(tmp_path):
         path.write_bytes(full[:cut])
         r = replay(path)
         assert r.torn_records == 1
-        assert r.pending == fold(records[:-1] if cut > last else [])[0]
+        assert r.pending == fold(records[:-1] if cut > last else []).pending
     path.write_bytes(full[:last + 3])
     with Journal(path) as j:  # reopening truncates the tear, so appending cannot bury it
         assert j.recovered.torn_bytes == 3
@@ -203,7 +222,7 @@ def test_sigkill_mid_append_loses_no_committed_record(tmp_path):
         ids = [r.request_id for r in s.records if r.kind is RecordKind.ACCEPTED]
         assert ids == list(range(len(ids)))            # a prefix, in order, nothing invented
         assert len(ids) >= acknowledged                # every acknowledged commit is there
-        assert fold(s.records)[0].keys() == set(ids)
+        assert fold(s.records).pending.keys() == set(ids)
         torn += s.torn_records
         with Journal(path) as j:                       # and the journal is usable again
             assert j.recovered.records == s.records

@@ -117,6 +117,87 @@ def test_a_crashed_group_actor_loses_no_request_and_tokens_stay_exact(ray_cluste
     _reference_tokens(r, seed=1)                                  # every token equals the reference
 
 
+def _scheduler_pid() -> int | None:
+    """PID of the newest live scheduler actor (an earlier run's may still be listed for a moment)."""
+    import ray
+
+    found = [a for a in ray._private.state.actors().values()
+             if a["ActorClassName"] == "SchedulerActor" and a["State"] == "ALIVE" and a["Pid"]]
+    return int(max(found, key=lambda a: a["StartTime"])["Pid"]) if found else None
+
+
+@pytest.mark.ray
+def test_a_crashed_scheduler_actor_recovers_from_its_journal_and_serves_each_request_once(
+        ray_cluster: Any, tmp_path: Any) -> None:
+    """SIGKILL the scheduler actor at a seeded point of a 200-request numpy run: Ray restarts it,
+    it recovers from its journal (finished requests keep their results, accepted ones continue
+    after the tokens they delivered), and every request ends once, every token exact."""
+    from test_runtime import _reference_tokens, _tiny_experiment
+
+    from hetero_sched.runtime.journal import replay
+    from hetero_sched.runtime.live import run_live
+
+    n = 200
+    kill_at = int(np.random.default_rng(13).integers(n // 5, n // 2))
+    state: dict[str, Any] = {}
+
+    def progress(done: int, total: int) -> None:
+        if "killed" not in state and done >= kill_at:
+            pid = _scheduler_pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                state["killed"] = done
+
+    exp = _tiny_experiment(workload={"kind": "synthetic", "num_requests": n, "rate_per_s": 20.0,
+                                     "prompt": {"kind": "uniform", "low": 16, "high": 200},
+                                     "output": {"kind": "uniform", "low": 4, "high": 48}})
+    journal = tmp_path / "run" / "scheduler.journal"
+    r = run_live(exp, address=ray_cluster.address, clock="wall", backend="numpy", time_scale=1.0,
+                 progress=progress, journal=journal)
+    assert "killed" in state, "the run ended before the fault was injected"
+    rt = r.summary["runtime"]
+    (restart_s,) = rt["scheduler_restarts_at_s"]
+    assert 0 < restart_s < max(row["finish_s"] for row in r.records.to_pylist())
+    assert rt["recovered_requests"] > 0, "the crash hit accepted, unfinished requests"
+    rows = r.records.to_pylist()
+    assert sorted(row["request_id"] for row in rows) == list(range(n))       # each ends once
+    assert {row["status"] for row in rows} == {"completed"}
+    resumed = [row for row in rows if row["preemptions"] > 0]
+    assert resumed and any(row["token1_s"] < row["finish_s"] - 1.0 for row in resumed)
+    assert rt["kv_held_after_run"] == 0
+    _reference_tokens(r, seed=1)                                  # every token equals the reference
+    done = replay(journal)                                        # the journal agrees: all finished
+    assert done.pending == {} and done.num_finished == n and done.run["restarted_at_s"] == [restart_s]
+
+
+@pytest.mark.ray
+def test_a_stuck_actor_is_restarted_after_the_call_timeout_and_its_requests_resumed(ray_cluster: Any) -> None:
+    """The CS-3 decode actor hangs (alive, never answering) in a seeded step of a 200-request
+    numpy run: after ``call_timeout_s`` it is killed and restarted, its KV reservations freed on
+    both sides and its requests resumed — the run neither hangs nor fails, and stays token-exact."""
+    from test_runtime import _reference_tokens, _tiny_experiment
+
+    from hetero_sched.runtime.live import run_live
+
+    n = 200
+    hang_at = int(np.random.default_rng(14).integers(40, 120))
+    exp = _tiny_experiment(workload={"kind": "synthetic", "num_requests": n, "rate_per_s": 20.0,
+                                     "prompt": {"kind": "uniform", "low": 16, "high": 200},
+                                     "output": {"kind": "uniform", "low": 4, "high": 48}})
+    t0 = time.monotonic()
+    r = run_live(exp, address=ray_cluster.address, clock="wall", backend="numpy", time_scale=1.0,
+                 faults={"hang_group": "d", "hang_at_step": hang_at}, call_timeout_s=3.0)
+    rt = r.summary["runtime"]
+    assert rt["stuck_actors"] == 1
+    assert [(f["group"], f["restarted"]) for f in rt["failures"]] == [("d", True)]
+    rows = r.records.to_pylist()
+    assert sorted(row["request_id"] for row in rows) == list(range(n))
+    assert {row["status"] for row in rows} == {"completed"}
+    assert rt["kv_held_after_run"] == 0
+    assert time.monotonic() - t0 < 60
+    _reference_tokens(r, seed=1)
+
+
 # --- a group's device fails: the core resumes everything it held (simulated driver) ------------
 class _FailAt:
     """A driver hook that fails ``group`` at ``fail_s`` and restores it at ``restore_s``."""

@@ -98,12 +98,18 @@ class Scheduler:
         self._failed: set[int] = set()
         """Groups out of service after a failure (policies see them unable to take either role)."""
         self.hooks: Optional[ExecutorHooks] = None
+        self.resumed: dict[int, tuple[int, Optional[float], Optional[float], float]] = {}
+        """After a scheduler restart: what each request arriving again had already delivered
+        (tokens, first- and second-token times, last-token time), from the journal."""
 
     # --- events ----------------------------------------------------------------------------
     def on_arrival(self, now_s: float, request: Request) -> None:
         """A request arrives: ask the policy where it goes."""
         rs = RequestState(request, int(self.predicted_output[request.request_id]))
         self.num_active += 1
+        if self.resumed and request.request_id in self.resumed:
+            self._resume_delivered(now_s, rs)
+            return
         if self.max_inflight is not None and self.num_active > self.max_inflight:
             # overload: reject early, with a reason, rather than queue without bound
             self._reject(now_s, rs, f"overloaded: {self.max_inflight} requests already in flight "
@@ -263,6 +269,20 @@ class Scheduler:
         self._report(g, now_s)
         self.decisions.add(now_s, D.RESTORE, group_id, None)
         self._dirty.add(group_id)
+
+    def _resume_delivered(self, now_s: float, rs: RequestState) -> None:
+        """A request the previous scheduler accepted: continue after the tokens it delivered.
+
+        Like a preemption (prefilled again with prompt plus delivered tokens, on any group),
+        but never rejected by admission control: it was accepted once.
+        """
+        rs.generated, rs.token1_s, rs.token2_s, rs.last_token_s = self.resumed.pop(rs.request_id)
+        rs.preemptions = 1
+        self.decisions.add(now_s, D.PREEMPT, None, rs.request_id, rs.generated)
+        if rs.generated >= rs.request.output_tokens:
+            self._complete(now_s, rs, None)
+        else:
+            self._place(now_s, rs)
 
     def _resume(self, now_s: float, rs: RequestState, failed_id: int, delivered: Optional[dict[int, int]]) -> None:
         """Place ``rs`` again after ``failed_id`` failed: its KV there (and its reservations) are gone."""
@@ -522,7 +542,7 @@ class Scheduler:
         view.can_decode = g.can_decode
         self.decisions.add(now_s, D.ROLE, g.group_id, None, g.role.code, drain_s)
 
-    def _complete(self, now_s: float, rs: RequestState, group_id: int) -> None:
+    def _complete(self, now_s: float, rs: RequestState, group_id: Optional[int]) -> None:
         rs.phase = Phase.COMPLETED
         rs.finish_s = now_s
         self.decisions.add(now_s, D.COMPLETE, group_id, rs.request_id)

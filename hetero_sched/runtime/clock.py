@@ -16,13 +16,21 @@ import time
 class WallClock:
     """``clock(t_virtual) -> now_virtual`` that paces the loop in real time."""
 
-    def __init__(self, time_scale: float = 1.0) -> None:
+    def __init__(self, time_scale: float = 1.0, origin_unix_s: float | None = None) -> None:
+        """``origin_unix_s``: the Unix time of virtual time 0 (a restarted scheduler keeps its
+        run's timeline); None: the first event's planned time is when it is first asked."""
         if time_scale <= 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
         self.time_scale = time_scale
-        self._t0: float | None = None
+        self._t0: float | None = None if origin_unix_s is None else time.monotonic() - (time.time() - origin_unix_s)
         self.lateness_s: list[float] = []
         """Virtual seconds each event was applied after its planned time."""
+
+    def origin_unix_s(self, first_planned_s: float) -> float:
+        """The Unix time of virtual time 0, anchoring the clock (``first_planned_s`` is now) if unset."""
+        if self._t0 is None:
+            self._t0 = time.monotonic() - first_planned_s * self.time_scale
+        return time.time() - (time.monotonic() - self._t0)
 
     def __call__(self, planned_s: float) -> float:
         if self._t0 is None:

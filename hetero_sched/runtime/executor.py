@@ -21,6 +21,29 @@ from hetero_sched.core.group import Span, SpanKind
 from hetero_sched.core.request import RequestState
 from hetero_sched.errors import RunFailed
 from hetero_sched.runtime.messages import pack, unpack
+from hetero_sched.runtime.recovery import RunJournal
+
+
+def ask_all(actors: list[Any], method: str, timeout_s: float) -> list[Any]:
+    """Call ``method`` on every actor and return the answers, asking again any actor that is
+    restarting (Ray is bringing it back) until ``timeout_s``; a dead actor raises."""
+    deadline = time.monotonic() + timeout_s
+    answers: list[Any] = [None] * len(actors)
+    todo = list(range(len(actors)))
+    while todo:
+        futs = [getattr(actors[i], method).remote() for i in todo]
+        again = []
+        for i, fut in zip(todo, futs):
+            try:
+                answers[i] = ray.get(fut, timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise
+                again.append(i)
+        if again:
+            time.sleep(0.2)
+        todo = again
+    return answers
 
 
 @dataclass
@@ -55,17 +78,18 @@ class ExecutorStats:
     flush_s: list[float] = field(default_factory=list)
     kv_damaged: int = 0
     """Imports whose KV failed its checksum (or was lost) and were sent again."""
+    stuck: int = 0
+    """Actors killed (and restarted) because a call missed ``call_timeout_s``."""
 
 
 class LiveExecutor:
     """Implements the core's ``ExecutorHooks`` and the engine's ``DriverHooks`` with Ray actors."""
 
     MAX_PENDING_OPS = 4096
-    call_timeout_s = 120.0
-    """Deadline for any batch of actor calls: a dead or stuck actor fails the run, it never hangs it."""
 
     def __init__(self, actors: list[Any], real_tokens: bool, send_every_step: bool,
-                 verify_imports: bool = False) -> None:
+                 verify_imports: bool = False, journal: Optional[RunJournal] = None,
+                 call_timeout_s: float = 120.0) -> None:
         """When to send and when to wait.
 
         With real tokens (numpy backend) the next decisions need what the actors return, so
@@ -75,8 +99,13 @@ class LiveExecutor:
         exported (virtual clock), and answers are collected only when a ref is needed, when
         many are outstanding, and at the end. ``verify_imports`` (always with real tokens) waits
         for each import's checksum verdict before the core lets the request decode, so damaged KV
-        is sent again from the prefill side's copy instead of being decoded from.
+        is sent again from the prefill side's copy instead of being decoded from. ``journal``
+        hears every acceptance, delivered token and end, committed once per plan.
+        ``call_timeout_s``: an actor call not answered by then is stuck: its actor is killed and
+        restarted like a crashed one (its requests resumed, its KV reservations freed).
         """
+        self.journal = journal
+        self.call_timeout_s = call_timeout_s
         self.verify_imports = verify_imports or real_tokens
         self.actors = actors
         self.real_tokens = real_tokens
@@ -92,7 +121,7 @@ class LiveExecutor:
         self._cancelled: set[int] = set()                           # transfers an endpoint failure ended
         self._dead: set[int] = set()                                # groups whose actor died (not back yet)
         self._restarting: dict[int, ray.ObjectRef] = {}            # dead group -> ping of its restarted actor
-        self._incarnations: list[int] = ray.get([a.incarnation_id.remote() for a in actors], timeout=self.call_timeout_s)
+        self._incarnations: list[int] = ask_all(actors, "incarnation_id", self.call_timeout_s)
         self._now = 0.0
         self.scheduler: Any = None
         """The core, told when an actor dies (``fail_group``) and when it is back (``restore_group``)."""
@@ -133,10 +162,12 @@ class LiveExecutor:
         self._forget(group_id, rs.request_id)
 
     def request_placed(self, now_s: float, rs: RequestState, group_id: int) -> None:
-        pass
+        if self.journal is not None:
+            self.journal.accepted(now_s, rs)
 
     def request_finished(self, now_s: float, rs: RequestState) -> None:
-        pass
+        if self.journal is not None:
+            self.journal.finished(now_s, rs, self.scheduler.records[-1])
 
     def ship_spans(self, group_id: int, request_id: int, spans: list[dict[str, Any]]) -> None:
         """A finished request's spans for ``group_id``'s actor to emit (tracing's ``remote``)."""
@@ -200,6 +231,8 @@ class LiveExecutor:
 
     def after_plan(self, now_s: float) -> None:
         self._now = now_s
+        if self.journal is not None:
+            self.journal.commit()              # group commit: one write per plan
         self._check_restarts()
         if self.real_tokens:
             self._send()
@@ -225,18 +258,25 @@ class LiveExecutor:
         """Wait for every call in flight and take in the reports (tokens, exported refs).
 
         A call whose actor died marks its group failed in the core (after every other report
-        is in, so ``delivered`` counts every token that really came back); a call that misses
-        ``call_timeout_s`` fails the run — never an unbounded wait.
+        is in, so ``delivered`` counts every token that really came back). A call that misses
+        ``call_timeout_s`` is stuck: its actor is killed and Ray restarts it, so it is a death
+        like any other — never an unbounded wait.
         """
         if not self._inflight:
             return
         t0 = time.perf_counter()
         inflight, self._inflight = self._inflight, []
-        ready, pending = ray.wait([fut for _, _, fut in inflight], num_returns=len(inflight),
-                                  timeout=self.call_timeout_s)
+        futs = [fut for _, _, fut in inflight]
+        _, pending = ray.wait(futs, num_returns=len(futs), timeout=self.call_timeout_s)
         if pending:
-            raise RunFailed(f"{len(pending)} device-group actor call(s) did not answer within "
-                            f"{self.call_timeout_s:.0f} s (call_timeout_s)")
+            late = set(pending)
+            for gid in sorted({gid for gid, _, fut in inflight if fut in late}):
+                ray.kill(self.actors[gid], no_restart=False)
+                self.stats.stuck += 1
+            _, pending = ray.wait(futs, num_returns=len(futs), timeout=self.call_timeout_s)
+            if pending:
+                raise RunFailed(f"{len(pending)} device-group actor call(s) did not answer within "
+                                f"{self.call_timeout_s:.0f} s (call_timeout_s), even after a restart")
         self.stats.actor_calls += len(inflight)
         self.stats.flushes += 1
         died: list[int] = []
@@ -258,6 +298,8 @@ class LiveExecutor:
                 continue
             for rid, toks in report["tokens"].items():
                 self.tokens.setdefault(int(rid), []).extend(toks)
+                if self.journal is not None:
+                    self.journal.delivered(self._now, int(rid), toks)
             for m in report["margins"].values():
                 if self.stats.min_margin is None or m < self.stats.min_margin:
                     self.stats.min_margin = m
@@ -275,6 +317,8 @@ class LiveExecutor:
             if self.scheduler is None:
                 raise RunFailed(f"KV of transfer {tid} failed its checksum")
             self.scheduler.kv_damaged(self._now, tid)
+        if (died or damaged) and self.journal is not None:
+            self.journal.faults(self._now, self.failures, self.stats.kv_damaged)
 
     RESTART_WAIT_S = 60.0
 

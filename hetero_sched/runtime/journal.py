@@ -3,9 +3,11 @@
 An append-only file of msgpack records, each framed as ``<u32 length><u32 crc32c> payload``
 (little-endian; crc32c of the payload), after an 8-byte header ``b"HSJRNL"`` + u16 version.
 A payload is ``[kind, request_id, time_s, data]``: ``accepted`` carries the request's fields,
-milestones (``placed``, ``prefilled``, ``transferred``) what was decided, ``finished`` the
-status and reason. :func:`replay` folds the records into the unfinished requests and their last
-known state, which is what a restarted scheduler resumes from.
+milestones (``placed``, ``prefilled``, ``transferred``) what was decided, ``delivered`` tokens a
+request handed out (accumulated), ``finished`` the status and reason (and the request's result
+row), ``run`` (request id -1) facts about the run itself, such as its wall-clock origin.
+:func:`replay` folds the records into the unfinished requests and their last known state, which
+is what a restarted scheduler resumes from, and the finished ones.
 
 **Group commit.** :meth:`Journal.append` only encodes into a buffer; :meth:`Journal.commit`
 writes the whole buffer with one ``write`` and then applies the fsync policy, so one
@@ -74,6 +76,8 @@ class RecordKind(Enum):
     PREFILLED = 2
     TRANSFERRED = 3
     FINISHED = 4
+    DELIVERED = 5
+    RUN = 6
 
 
 class FsyncPolicy(Enum):
@@ -109,9 +113,23 @@ class JournalRecord:
         return cls(kind, request_id, time_s, data)
 
     @classmethod
-    def finished(cls, request_id: int, time_s: float, status: str, reason: str = "") -> "JournalRecord":
-        """The request ended (completed, rejected or failed, with the reason)."""
-        return cls(RecordKind.FINISHED, request_id, time_s, {"status": status, "reason": reason})
+    def finished(cls, request_id: int, time_s: float, status: str, reason: str = "",
+                 row: Optional[Sequence[Any]] = None) -> "JournalRecord":
+        """The request ended (completed, rejected or failed, with the reason; ``row``: its result)."""
+        data: dict[str, Any] = {"status": status, "reason": reason}
+        if row is not None:
+            data["row"] = list(row)
+        return cls(RecordKind.FINISHED, request_id, time_s, data)
+
+    @classmethod
+    def delivered(cls, request_id: int, time_s: float, tokens: Sequence[int]) -> "JournalRecord":
+        """Tokens the request handed out at ``time_s``, after those already journaled."""
+        return cls(RecordKind.DELIVERED, request_id, time_s, {"tokens": list(tokens)})
+
+    @classmethod
+    def run(cls, time_s: float, **facts: Any) -> "JournalRecord":
+        """A fact about the whole run (e.g. its wall-clock origin); later ones win."""
+        return cls(RecordKind.RUN, -1, time_s, facts)
 
     def encode(self) -> bytes:
         """The framed record: length, crc32c, msgpack payload."""
@@ -130,7 +148,9 @@ class PendingRequest:
     time_s: float
     """Scheduler time of that milestone."""
     state: Mapping[str, Any]
-    """Every milestone's data merged, later ones winning (e.g. ``group_id``, ``decode_group_id``)."""
+    """Every milestone's data merged, later ones winning (e.g. ``group_id``, ``decode_group_id``);
+    delivered tokens accumulate in ``tokens``, with ``first_s``/``second_s``/``last_s`` the times
+    the first, second and latest of them were journaled."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +178,10 @@ class Replay:
     num_records: int
     num_finished: int
     torn_records: int
+    finished: dict[int, Mapping[str, Any]] = field(default_factory=dict)
+    """The finished requests' ``finished`` data (status, reason, result row; ``tokens`` delivered), by id."""
+    run: Mapping[str, Any] = field(default_factory=dict)
+    """The run's facts (``run`` records merged)."""
 
 
 PathLike = Union[str, Path]
@@ -219,17 +243,30 @@ def scan(path: PathLike) -> JournalScan:
     return JournalScan(records, offsets, offset, 0)
 
 
+@dataclass(frozen=True)
+class Folded:
+    """What the records say, applied in order."""
+
+    pending: dict[int, PendingRequest]
+    finished: dict[int, Mapping[str, Any]]
+    run: dict[str, Any]
+
+
 def fold(records: Sequence[JournalRecord], offsets: Optional[Sequence[int]] = None,
-         path: PathLike = "journal") -> tuple[dict[int, PendingRequest], int]:
-    """Apply records in order: the unfinished requests and how many finished.
+         path: PathLike = "journal") -> Folded:
+    """Apply records in order: the unfinished requests, the finished ones, the run's facts.
 
     A milestone or finish for a request never accepted (or already finished), or a second
     acceptance of one still pending, is a :class:`JournalError` naming the record's offset.
     """
     pending: dict[int, PendingRequest] = {}
-    finished = 0
+    finished: dict[int, Mapping[str, Any]] = {}
+    run: dict[str, Any] = {}
     for i, rec in enumerate(records):
         where = f"{path}: record {i}" + (f" (offset {offsets[i]})" if offsets is not None else "")
+        if rec.kind is RecordKind.RUN:
+            run.update(rec.data)
+            continue
         current = pending.get(rec.request_id)
         if rec.kind is RecordKind.ACCEPTED:
             if current is not None:
@@ -247,11 +284,21 @@ def fold(records: Sequence[JournalRecord], offsets: Optional[Sequence[int]] = No
                                f"which is not pending")
         elif rec.kind is RecordKind.FINISHED:
             del pending[rec.request_id]
-            finished += 1
+            tokens = current.state.get("tokens")
+            finished[rec.request_id] = rec.data if tokens is None else {**rec.data, "tokens": tokens}
+        elif rec.kind is RecordKind.DELIVERED:
+            state = dict(current.state)
+            tokens = [*state.get("tokens", ()), *rec.data.get("tokens", ())]
+            if "first_s" not in state and tokens:
+                state["first_s"] = rec.time_s
+            if "second_s" not in state and len(tokens) >= 2:
+                state["second_s"] = rec.time_s
+            state.update(tokens=tokens, last_s=rec.time_s)
+            pending[rec.request_id] = PendingRequest(current.request, current.stage, current.time_s, state)
         else:
             pending[rec.request_id] = PendingRequest(current.request, rec.kind, rec.time_s,
                                                      {**current.state, **rec.data})
-    return pending, finished
+    return Folded(pending, finished, run)
 
 
 def replay(path: PathLike) -> Replay:
@@ -259,8 +306,8 @@ def replay(path: PathLike) -> Replay:
     if not Path(path).exists():
         return Replay({}, 0, 0, 0)
     s = scan(path)
-    pending, finished = fold(s.records, s.offsets, path)
-    return Replay(pending, len(s.records), finished, s.torn_records)
+    f = fold(s.records, s.offsets, path)
+    return Replay(f.pending, len(s.records), len(f.finished), s.torn_records, f.finished, f.run)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -368,7 +415,7 @@ class Journal:
 
 
 def compact(path: PathLike) -> Replay:
-    """Rewrite a (closed) journal with only the records of unfinished requests, in their order.
+    """Rewrite a (closed) journal with only the records of unfinished requests (and the run's), in order.
 
     Replaying the result gives the same pending requests. The new file is written and fsynced
     under a temporary name, renamed over the old one, and the directory fsynced: a crash leaves
@@ -376,8 +423,8 @@ def compact(path: PathLike) -> Replay:
     """
     path = Path(path)
     s = scan(path)
-    pending, finished = fold(s.records, s.offsets, path)
-    keep = [r for r in s.records if r.request_id in pending]
+    pending = fold(s.records, s.offsets, path).pending
+    keep = [r for r in s.records if r.request_id in pending or r.kind is RecordKind.RUN]
     tmp = path.with_name(path.name + ".compact")
     with open(tmp, "wb") as f:
         f.write(HEADER + b"".join(r.encode() for r in keep))
@@ -385,4 +432,5 @@ def compact(path: PathLike) -> Replay:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path)
-    return Replay(pending, len(keep), 0, s.torn_records)
+    run = fold(keep).run
+    return Replay(pending, len(keep), 0, s.torn_records, {}, run)

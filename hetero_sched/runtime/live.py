@@ -8,10 +8,12 @@ Brings up (or connects to) a cluster that can host the experiment, places one
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import ray
@@ -22,7 +24,7 @@ from hetero_sched.errors import RunFailed, UserError
 from hetero_sched.experiment import Experiment, build_workload
 from hetero_sched.metrics import GroupUsage
 from hetero_sched.results import RunResult
-from hetero_sched.runtime.actors import DeviceGroupActor, SchedulerActor
+from hetero_sched.runtime.actors import SCHEDULER_RESTARTS, DeviceGroupActor, SchedulerActor
 from hetero_sched.runtime.cluster import ensure_cluster, object_store_usage, placement_options
 from hetero_sched.runtime.messages import pack
 from hetero_sched.sim import ExperimentLike, make_result, resolve, tracing_summary
@@ -45,7 +47,8 @@ def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
 
 
 def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float,
-                       trace: Optional[TraceSettings] = None, faults: Optional[dict[str, int]] = None) -> list[Any]:
+                       trace: Optional[TraceSettings] = None, faults: Optional[dict[str, Any]] = None,
+                       fetch_timeout_s: float = 60.0) -> list[Any]:
     """One actor per group replica, in the core's group order, placed by resources and labels."""
     actors = []
     for g in exp.groups:
@@ -55,7 +58,8 @@ def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float,
             cfg = pack("configure", group_id=len(actors), name=name, role=g.role, backend=backend,
                        model="tiny" if backend == "numpy" else exp.model, seed=exp.seed,
                        bytes_scale=float(bytes_scale), block_size=g.block_size,
-                       trace=trace.to_dict() if trace is not None else {}, faults=dict(faults or {}))
+                       trace=trace.to_dict() if trace is not None else {}, faults=dict(faults or {}),
+                       fetch_timeout_s=float(fetch_timeout_s))
             actors.append(DeviceGroupActor.options(**options).remote(cfg))
     return actors
 
@@ -64,7 +68,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
              backend: Backend = "modeled", time_scale: float = 1.0, bytes_scale: float = 1e-3,
              workload: Optional[Workload] = None,
              progress: Optional[Callable[[int, int], None]] = None,
-             trace: Optional[TraceSettings] = None, faults: Optional[dict[str, int]] = None) -> RunResult:
+             trace: Optional[TraceSettings] = None, faults: Optional[dict[str, Any]] = None,
+             journal: Optional[Path] = None, call_timeout_s: float = 120.0) -> RunResult:
     """Run an experiment live; ``clock="virtual"`` gives exactly the simulator's decisions.
 
     ``bytes_scale``: real KV bytes moved per modeled byte (modeled backend). The numpy backend
@@ -72,7 +77,13 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
     request, spans emitted by the scheduler actor and by the group actors that did the work;
     the run returns after every process exported its spans (``summary["tracing"]``).
     ``faults`` injects faults for chaos testing: ``{"corrupt_every": k, "seed": s}`` flips one
-    bit of every k-th KV export's payload (each is caught by checksum and sent again).
+    bit of every k-th KV export's payload (each is caught by checksum and sent again);
+    ``{"hang_group": name, "hang_at_step": n}`` makes that group's actor hang in its n-th step.
+    ``call_timeout_s``: an actor call not answered by then is stuck; the actor is killed and
+    restarted, and what it held resumed, as if it had crashed.
+    ``journal``: where the scheduler actor journals the run (a new file on this machine; default:
+    a temporary one, removed afterwards). If the scheduler actor dies, Ray restarts it (up to
+    ``SCHEDULER_RESTARTS`` times) and it recovers the run from the journal.
     """
     if clock not in ("wall", "virtual"):
         raise UserError(f"--clock must be wall or virtual, got {clock!r}")
@@ -80,26 +91,35 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         raise UserError(f"--backend must be modeled or numpy, got {backend!r}")
     if not 0 < time_scale < math.inf or not 0 < bytes_scale < math.inf:
         raise UserError("--time-scale and --bytes-scale must be finite and > 0")
+    if not 0 < call_timeout_s < math.inf:
+        raise UserError(f"--call-timeout-s must be finite and > 0, got {call_timeout_s}")
     exp, base = resolve(experiment)
     exp = _with_absolute_paths(exp, base)
     if workload is None:
         workload = build_workload(exp.workload, exp.seed, base)
-    with ensure_cluster(exp, address) as cluster_address:
+    if journal is not None and Path(journal).exists():
+        raise UserError(f"journal {journal} already exists (a journal belongs to one run)")
+    with ensure_cluster(exp, address) as cluster_address, _journal_file(journal) as journal_path:
         store_before = object_store_usage(cluster_address)
-        actors = start_group_actors(exp, backend, bytes_scale, trace, faults)
-        scheduler = SchedulerActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=True)).remote()
+        actors = start_group_actors(exp, backend, bytes_scale, trace, faults, fetch_timeout_s=call_timeout_s / 2)
+        # pinned to this node, where its journal is; restarted (and its run retried) if it dies
+        scheduler = SchedulerActor.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+            max_restarts=SCHEDULER_RESTARTS, max_task_retries=SCHEDULER_RESTARTS).remote()
         try:
             placement = ray.get([a.node_labels.remote() for a in actors], timeout=120)
             t0 = time.perf_counter()
             fut = scheduler.run.remote(exp.model_dump(mode="json"), workload, actors, backend=backend,
                                        clock=clock, time_scale=time_scale,
                                        trace=trace.to_dict() if trace is not None else None,
-                                       verify_imports=bool(faults))
+                                       verify_imports=bool(faults), journal_path=str(journal_path),
+                                       call_timeout_s=call_timeout_s)
+            done = 0
             while True:
                 ready, _ = ray.wait([fut], timeout=0.25)
                 if progress is not None:
-                    progress(ray.get(scheduler.progress.remote()), len(workload))
+                    done = _progress(scheduler, done)
+                    progress(done, len(workload))
                 if ready:
                     break
             out = _result(fut)
@@ -135,6 +155,28 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
     return result
 
 
+@contextlib.contextmanager
+def _journal_file(path: Optional[Path]) -> Iterator[Path]:
+    """The run's journal path: the one given (kept), or a temporary one (removed afterwards)."""
+    if path is not None:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{Path(path).parent}: cannot hold the run's journal ({exc.strerror or exc})") from None
+        yield Path(path).resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="hetero-sched-journal-") as d:
+        yield Path(d) / "scheduler.journal"
+
+
+def _progress(scheduler: Any, last: int) -> int:
+    """Requests finished so far (``last`` while a restarted scheduler actor is not answering yet)."""
+    try:
+        return int(ray.get(scheduler.progress.remote(), timeout=5))
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return last
+
+
 def _held(actor: Any) -> int:
     """Requests whose KV an actor still holds after the run (0 if it died since: so did its KV)."""
     try:
@@ -148,7 +190,8 @@ def _result(fut: ray.ObjectRef) -> dict[str, Any]:
     try:
         return ray.get(fut)
     except ray.exceptions.RayActorError as exc:
-        raise RunFailed(f"the scheduler actor died: {str(exc).splitlines()[0]}") from None
+        raise RunFailed(f"the scheduler actor died and its {SCHEDULER_RESTARTS} restarts are used up: "
+                        f"{str(exc).splitlines()[0]}") from None
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, RunFailed):

@@ -12,14 +12,16 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # kind -> required field -> accepted Python types
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "configure": {"group_id": (int,), "name": (str,), "role": (str,), "backend": (str,),
                   "model": (str,), "seed": (int,), "bytes_scale": (float,), "block_size": (int,),
                   "trace": (dict,),       # TraceSettings.to_dict(), or {} for tracing off
-                  "faults": (dict,)},     # fault injection (chaos tests): {"corrupt_every": k, "seed": s} or {}
+                  "fetch_timeout_s": (float,),   # a KV bundle not readable by then counts as lost
+                  "faults": (dict,)},     # fault injection (chaos tests): {"corrupt_every": k, "seed": s,
+                                          #   "hang_group": name, "hang_at_step": n} or {}
     # One call per actor per event time, carrying every operation that time produced, in order:
     #   {"op": "prefill", "requests": [{"id", "prompt", "generated": [ids], "cached", "hashes", "block"}]}
     #   {"op": "decode", "steps": k, "joiners": [ids]}
