@@ -19,6 +19,7 @@ run's actors is sampled every second.
   corrupted;
 - ``recovery_p99_s``: p99 end-to-end latency (modeled seconds) of the requests in flight at a
   kill (of a group actor or of the scheduler), against ``p99_s`` of all requests;
+- ``group_down_s_mean``: modeled seconds a killed group was out of service (its actor's restart);
 - ``rss_mb_start`` / ``rss_mb_end``: summed RSS of the scheduler and group actors while the
   first 10–20% of requests finish (after warm-up) and over the last 10% of samples (flat = no
   leak).
@@ -141,6 +142,13 @@ def main() -> None:
     e2e = np.array([row["finish_s"] - row["arrival_s"] for row in rows if row["status"] == "completed"])
     hit = np.array([row["finish_s"] - row["arrival_s"] for row in rows if row["status"] == "completed"
                     and any(row["arrival_s"] <= t <= row["finish_s"] for t in fault_times)])
+    # how long each killed group was out of service (modeled seconds): a FAIL to its RESTORE
+    down, failed_at = [], {}
+    for t, kind, gid, _, _ in r.decisions:
+        if kind == "fail":
+            failed_at[gid] = t
+        elif kind == "restore" and gid in failed_at:
+            down.append(t - failed_at.pop(gid))
     warm = [mb for done, mb in rss if args.requests // 10 <= done <= args.requests // 5]
     tail = [mb for _, mb in rss[-max(1, len(rss) // 10):]]
     out = {
@@ -160,6 +168,9 @@ def main() -> None:
         "p99_s": float(np.percentile(e2e, 99)) if e2e.size else None,
         "rss_mb_start": float(np.mean(warm)) if warm else None,
         "rss_mb_end": float(np.mean(tail)) if tail else None,
+        "group_down_s_mean": float(np.mean(down)) if down else None,
+        "lateness_ms_p99": r.summary["runtime"]["lateness_ms_p99"],
+        "stuck_actors": r.summary["runtime"]["stuck_actors"],
         "wall_s": wall_s,
         "command": "python bench/chaos.py " + " ".join(sys.argv[1:]),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,4 +49,8 @@ def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Jaeger"]:
     j = start_jaeger(tmp_path_factory.mktemp("jaeger"))
     yield j
     j.process.terminate()
-    j.process.wait(timeout=10)
+    try:
+        j.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:      # a loaded machine: do not fail a test over a slow exit
+        j.process.kill()
+        j.process.wait(timeout=10)

@@ -37,6 +37,7 @@ from hetero_sched.cli import RUNS_DIR_ENV, _default_out
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import load_experiment
 from hetero_sched.runtime.cluster import LocalCluster, check_capacity, group_pool
+from hetero_sched.runtime.journal import replay
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
@@ -279,6 +280,8 @@ def test_job_submit_runs_an_experiment_on_the_labelled_nodes(laptop: Laptop, tmp
     assert folder.is_absolute() and folder.parent == runs
     written = json.loads((folder / "summary.json").read_text())
     assert written["summary"]["completed"] == written["summary"]["requests"] == 40
+    journal = replay(folder / "scheduler.journal")      # the scheduler journaled the run in its folder
+    assert journal.num_finished == 40 and journal.pending == {}
 
     exp, _ = load_experiment(CLUSTERS / "experiments" / "trn2-cs3.yaml")
     wanted = {g.name: (g.device, group_pool(g)) for g in exp.groups}

@@ -468,19 +468,20 @@ def test_fuzzed_simulate_flags(flag, value, folder):
 
 
 @FUZZ
-@given(flag=st.sampled_from(["--clock", "--backend", "--time-scale", "--bytes-scale", "--num-requests"]), value=_ODD_FLAG)
+@given(flag=st.sampled_from(["--clock", "--backend", "--time-scale", "--bytes-scale", "--num-requests",
+                             "--call-timeout-s"]), value=_ODD_FLAG)
 def test_fuzzed_run_flags_fail_before_ray(flag, value, folder):
     """Only values that must be rejected — Ray never starts here."""
     valid = {"--clock": lambda v: v in ("wall", "virtual"), "--backend": lambda v: v in ("modeled", "numpy"),
              "--num-requests": lambda v: v.strip().lstrip("+").isdigit() and int(v) >= 1}
     if flag in valid and valid[flag](value):
         return
-    if flag in ("--time-scale", "--bytes-scale") and _float(value) > 0:
+    if flag in ("--time-scale", "--bytes-scale", "--call-timeout-s") and _float(value) > 0:
         return  # positive (inf included: that one is the lead's, in live.py)
     exp = folder / "ok.yaml"
     exp.write_text(yaml.safe_dump(small_experiment()))
     assert_bad_input(run_cli("run", str(exp), flag, value), flag.lstrip("-"), flag.lstrip("-").replace("-", "_"),
-                     "clock", "backend", "scale")
+                     "clock", "backend", "scale", "timeout")
 
 
 @pytest.mark.parametrize("argv,mention", [

@@ -227,3 +227,33 @@ def test_sigkill_mid_append_loses_no_committed_record(tmp_path):
         with Journal(path) as j:                       # and the journal is usable again
             assert j.recovered.records == s.records
     print(f"torn tails seen: {torn} of 4 kills")
+
+
+def test_a_run_journal_gives_a_restarted_scheduler_the_whole_decision_log_and_busy_time(tmp_path):
+    """What ``RunJournal`` commits slice by slice, a restart reads back whole; the next life's log
+    and busy time are added to it (rejection reasons keep their rows)."""
+    from hetero_sched.core.events import DecisionKind as D, DecisionLog
+    from hetero_sched.runtime.recovery import RunJournal
+
+    log = DecisionLog()
+    j = RunJournal(tmp_path / "run.journal")
+    assert not j.is_restart
+    j.started(1000.0)
+    for i in range(30):
+        log.add(i * 0.1, D.PLACE, i % 3, i, 2)
+        if i % 7 == 0:
+            log.add_reject(i * 0.1, i, f"reason {i}")
+        if i % 4 == 0:
+            j.commit(i * 0.1, log, [i * 0.01, 0.0])
+    j.commit(3.0, log, [0.3, 0.1])
+    j.journal.close()                                         # the process dies here
+
+    again = RunJournal(tmp_path / "run.journal")
+    assert again.is_restart and again.recovered.origin_unix_s == 1000.0
+    assert again.recovered.decisions == log and again.recovered.busy_s == [0.3, 0.1]
+    second = DecisionLog()
+    second.add(5.0, D.PREEMPT, None, 3, 1)
+    second.add_reject(5.5, 4, "later")
+    whole = again.recovered.whole_log(second)
+    assert list(whole) == [*log, *second]
+    assert again.total_busy([1.0, 2.0]) == [1.3, 2.1]

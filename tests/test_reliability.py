@@ -141,17 +141,21 @@ def test_a_crashed_scheduler_actor_recovers_from_its_journal_and_serves_each_req
     kill_at = int(np.random.default_rng(13).integers(n // 5, n // 2))
     state: dict[str, Any] = {}
 
+    journal = tmp_path / "run" / "scheduler.journal"
+
     def progress(done: int, total: int) -> None:
-        if "killed" not in state and done >= kill_at:
-            pid = _scheduler_pid()
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                state["killed"] = done
+        # past the seeded point, at the first moment the journal shows a request that has
+        # delivered tokens and not finished (the tiny model serves fast: often none is)
+        if "killed" in state or done < kill_at:
+            return
+        pid = state.setdefault("pid", _scheduler_pid())
+        if pid is not None and any(p.state.get("tokens") for p in replay(journal).pending.values()):
+            os.kill(pid, signal.SIGKILL)
+            state["killed"] = done
 
     exp = _tiny_experiment(workload={"kind": "synthetic", "num_requests": n, "rate_per_s": 20.0,
                                      "prompt": {"kind": "uniform", "low": 16, "high": 200},
-                                     "output": {"kind": "uniform", "low": 4, "high": 48}})
-    journal = tmp_path / "run" / "scheduler.journal"
+                                     "output": {"kind": "uniform", "low": 16, "high": 96}})
     r = run_live(exp, address=ray_cluster.address, clock="wall", backend="numpy", time_scale=1.0,
                  progress=progress, journal=journal)
     assert "killed" in state, "the run ended before the fault was injected"
@@ -165,6 +169,12 @@ def test_a_crashed_scheduler_actor_recovers_from_its_journal_and_serves_each_req
     resumed = [row for row in rows if row["preemptions"] > 0]
     assert resumed and any(row["token1_s"] < row["finish_s"] - 1.0 for row in resumed)
     assert rt["kv_held_after_run"] == 0
+    # the decision log spans both lives: every request placed and completed, in time order
+    from hetero_sched.core.events import DecisionKind as D
+    completes = [d[3] for d in r.decisions if d[1] == D.COMPLETE]
+    assert sorted(completes) == list(range(n))
+    assert {d[3] for d in r.decisions if d[1] == D.PLACE} == set(range(n))
+    assert sum(1 for d in r.decisions if d[1] == D.PREEMPT and d[2] is None) == rt["recovered_requests"]
     _reference_tokens(r, seed=1)                                  # every token equals the reference
     done = replay(journal)                                        # the journal agrees: all finished
     assert done.pending == {} and done.num_finished == n and done.run["restarted_at_s"] == [restart_s]
@@ -270,6 +280,51 @@ def test_with_every_decode_group_failed_requests_are_rejected_with_a_reason() ->
     reasons = {r[7] for r in scheduler.records if r[6] == "rejected"}
     assert reasons == {"no live group can decode (failed: d)"}
     assert len(scheduler.records) == 300
+
+
+class _LateClockFailure:
+    """A wall clock that applies one event ``late_s`` late and finds decode group d-1 died meanwhile.
+
+    It strikes while KV moves into both d-1 and d-0: a transfer to d-0 may finish between the
+    event's planned time and the late time the failure is applied at, so cancelling d-1's
+    transfers finds it finished before the network's own event for it (still queued) has run.
+    """
+
+    def __init__(self, scheduler: Any, late_s: float) -> None:
+        self.scheduler, self.late_s = scheduler, late_s
+        self.now_s = 0.0
+        self.failed_s: float | None = None
+
+    def __call__(self, planned_s: float) -> float:
+        now_s = max(planned_s, self.now_s)
+        if self.failed_s is None and planned_s > 5.0 and self.scheduler.network.num_active:
+            moving = [w for w in self.scheduler.whereabouts().values() if w.startswith("transfer")]
+            if any(w.endswith("->d-1") for w in moving) and any(w.endswith("->d-0") for w in moving):
+                now_s = self.failed_s = planned_s + self.late_s
+                self.scheduler.fail_group(now_s, 3, restarted=True)
+        self.now_s = now_s
+        return now_s
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_a_late_failure_keeps_the_transfers_its_cancel_finds_finished(seed: int) -> None:
+    """Cancelling d-1's transfers advances the network to the late ``now``: a transfer to d-0
+    found finished there must still land (it used to vanish: its request never finished)."""
+    from hetero_sched.experiment import build_workload
+    from hetero_sched.sim import build_scheduler, resolve
+    from hetero_sched.sim.engine import run_events
+
+    exp = disagg_experiment(workload={"kind": "synthetic", "num_requests": 400, "rate_per_s": 20.0}, seed=seed)
+    exp["groups"][1] = dict(exp["groups"][1], replicas=2)                 # p-0 p-1 d-0 d-1
+    e, base = resolve(exp)
+    work = build_workload(e.workload, e.seed, base)
+    scheduler = build_scheduler(e, work, base)
+    clock = _LateClockFailure(scheduler, late_s=0.2)
+    run_events(scheduler, work.requests(), clock=clock)                   # raised: "unfinished request"
+    assert clock.failed_s is not None
+    assert sorted(r[0] for r in scheduler.records) == list(range(400))
+    for g in scheduler.groups:
+        assert g.kv.num_free == g.kv.num_blocks and g.in_transit == 0
 
 
 @pytest.mark.ray

@@ -55,3 +55,19 @@ def test_flows_of_one_pair_share_equally_with_other_pairs():
     assert net.finish_due(3.0) == [0, 1, 2]
     # the lone flow moved 3 B; now it is still capped by its egress of 1 B/s -> 97 s more
     assert math.isclose(net.next_finish_s(), 100.0)
+
+
+def test_cancel_keeps_transfers_it_finds_finished():
+    # A late clock cancels at 1.5 (an endpoint failed) before the event at 1.0 that would have
+    # handed out #1: cancel's advance finds #1 finished and must carry it to the next advance.
+    # (Before the fix it extended the list _advance had just replaced, so #1 vanished: the
+    # core kept it in flight forever, its KV never arriving.)
+    net = TransferNetwork([100.0, 100.0, 0, 0], [0, 0, 100.0, 100.0])
+    net.start(0.0, 1, 0, 2, 100.0)                 # alone on its path: ends at 1.0
+    net.start(0.0, 2, 1, 3, 1000.0)                # these two share 1->3: end at 20.0
+    net.start(0.0, 3, 1, 3, 1000.0)
+    net.cancel(1.5, 2)
+    net.cancel(1.5, 3)                             # a second cancel keeps the carry too
+    assert net.next_finish_s() == 1.5              # due at once
+    assert net.finish_due(1.5) == [1]
+    assert net.next_finish_s() is None

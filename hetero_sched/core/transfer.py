@@ -136,7 +136,9 @@ class TransferNetwork:
 
     def cancel(self, now_s: float, transfer_id: int) -> None:
         """Drop a transfer (an endpoint failed); the others keep their progress and share its rate."""
-        self._carry.extend(self._advance(now_s))
+        # _advance hands out (and resets) the carry plus what finished by now: keep all of it.
+        # Not ``self._carry.extend(self._advance(...))``: that extends the list _advance replaced.
+        self._carry = self._advance(now_s)
         if transfer_id in self._carry:
             self._carry.remove(transfer_id)
         for p in self._pairs.values():

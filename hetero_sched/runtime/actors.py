@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -27,6 +28,13 @@ from hetero_sched.runtime.recovery import Recovered, RunJournal
 from hetero_sched.sim import build_scheduler
 from hetero_sched.sim.engine import run_events
 from hetero_sched.tracing import ProcessTracing, TraceSettings, attach_tracer, emit_shipped, epoch_for
+
+
+def _restarted() -> bool:
+    """Whether Ray restarted this actor (Ray 2.60's own check warns about an API it uses)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.get_runtime_context().was_current_actor_reconstructed
 
 
 @ray.remote(num_cpus=0)
@@ -47,8 +55,7 @@ class DeviceGroupActor:
         faults = cfg["faults"]
         self._fetch_timeout_s = cfg["fetch_timeout_s"]
         self._steps = 0
-        self._hang_at = 0 if (faults.get("hang_group") != self.name
-                              or ray.get_runtime_context().was_current_actor_reconstructed) \
+        self._hang_at = 0 if faults.get("hang_group") != self.name or _restarted() \
             else int(faults.get("hang_at_step", 0))
         """Injected fault: this step never returns (once: not after Ray restarts the actor)."""
         self._corrupt_every = int(faults.get("corrupt_every", 0))
@@ -246,9 +253,12 @@ class SchedulerActor:
         finished = recovered.finished_ids
         requests = (r for r in workload.requests() if r.request_id not in finished) if finished else workload.requests()
         t0 = time.perf_counter()
-        run_events(scheduler, requests, progress, progress_every=50, hooks=executor, clock=wall)
+        end_s = run_events(scheduler, requests, progress, progress_every=50, hooks=executor, clock=wall)
         executor.finish()
+        busy = [g.busy_s for g in scheduler.groups]
         if journal is not None:
+            journal.commit(end_s, scheduler.decisions, busy)
+            busy = journal.total_busy(busy)
             journal.close()
         metrics.update(force=True)
         span_counts: list[dict[str, int]] = []
@@ -257,8 +267,8 @@ class SchedulerActor:
         return {
             "span_counts": span_counts,
             "records": [*recovered.rows, *scheduler.records],
-            "decisions": scheduler.decisions.state(),
-            "usage": [(g.name, g.device, g.role.value, g.busy_s, g.cost.dollars_per_hour) for g in scheduler.groups],
+            "decisions": recovered.whole_log(scheduler.decisions).state(),
+            "usage": [(g.name, g.device, g.role.value, b, g.cost.dollars_per_hour) for g, b in zip(scheduler.groups, busy)],
             "tokens": executor.tokens,
             "stats": {"actor_calls": executor.stats.actor_calls, "transfers": executor.stats.transfers,
                       "bytes_moved": executor.stats.bytes_moved, "import_s": executor.stats.import_s,

@@ -116,7 +116,7 @@ class LiveExecutor:
         self.stats = ExecutorStats()
         self._spans: dict[int, _PlannedSpan] = {}
         self._outbox: dict[int, _Outbox] = {}
-        self._transfers: dict[int, tuple[int, int]] = {}            # transfer -> (request, dst group)
+        self._transfers: dict[int, tuple[int, int, int]] = {}       # transfer -> (request, src, dst group)
         self._refs: dict[int, tuple[ray.ObjectRef, int]] = {}        # transfer -> (KV bundle, index in it)
         self._cancelled: set[int] = set()                           # transfers an endpoint failure ended
         self._dead: set[int] = set()                                # groups whose actor died (not back yet)
@@ -148,7 +148,7 @@ class LiveExecutor:
         box = self._box(src)
         box.ops.append({"op": "export", "id": rs.request_id, "true_bytes": int(num_bytes)})
         box.exports.append(transfer_id)
-        self._transfers[transfer_id] = (rs.request_id, dst)
+        self._transfers[transfer_id] = (rs.request_id, src, dst)
 
     def kv_landed(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
         self._forget(src, rs.request_id)
@@ -210,11 +210,11 @@ class LiveExecutor:
         self._now = now_s
         if transfer_id in self._transfers and transfer_id not in self._refs:
             self._send()                         # its export is still in an outbox or in flight
-            self._collect()
+            self._collect(self._transfers[transfer_id][1])
         entry = self._transfers.pop(transfer_id, None)
         if entry is None:
             return                               # cancelled: an endpoint's actor died
-        rid, dst = entry
+        rid, _, dst = entry
         box = self._box(dst)
         last = self.tokens[rid][-1] if self.real_tokens else 0
         bundle, index = self._refs.pop(transfer_id)             # the scheduler's reference goes with it
@@ -227,12 +227,12 @@ class LiveExecutor:
         self.stats.transfers += 1
         if self.verify_imports:
             self._send()
-            self._collect()
+            self._collect(dst)
 
     def after_plan(self, now_s: float) -> None:
         self._now = now_s
-        if self.journal is not None:
-            self.journal.commit()              # group commit: one write per plan
+        if self.journal is not None:            # group commit: one write per plan
+            self.journal.commit(now_s, self.scheduler.decisions, [g.busy_s for g in self.scheduler.groups])
         self._check_restarts()
         if self.real_tokens:
             self._send()
@@ -254,8 +254,9 @@ class LiveExecutor:
             box.refs = []                       # the call holds them now
         self._outbox = {}
 
-    def _collect(self) -> None:
-        """Wait for every call in flight and take in the reports (tokens, exported refs).
+    def _collect(self, group_id: Optional[int] = None) -> None:
+        """Wait for every call in flight (or every call to ``group_id``, when no decision needs the
+        others' answers yet: no real tokens) and take in the reports (tokens, exported refs).
 
         A call whose actor died marks its group failed in the core (after every other report
         is in, so ``delivered`` counts every token that really came back). A call that misses
@@ -265,8 +266,14 @@ class LiveExecutor:
         if not self._inflight:
             return
         t0 = time.perf_counter()
-        inflight, self._inflight = self._inflight, []
+        if group_id is None or self.real_tokens:
+            inflight, self._inflight = self._inflight, []
+        else:   # calls to one actor run in order: its answers need no other actor's
+            inflight = [c for c in self._inflight if c[0] == group_id]
+            self._inflight = [c for c in self._inflight if c[0] != group_id]
         futs = [fut for _, _, fut in inflight]
+        if not futs:
+            return
         _, pending = ray.wait(futs, num_returns=len(futs), timeout=self.call_timeout_s)
         if pending:
             late = set(pending)

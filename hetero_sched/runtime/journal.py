@@ -5,7 +5,8 @@ An append-only file of msgpack records, each framed as ``<u32 length><u32 crc32c
 A payload is ``[kind, request_id, time_s, data]``: ``accepted`` carries the request's fields,
 milestones (``placed``, ``prefilled``, ``transferred``) what was decided, ``delivered`` tokens a
 request handed out (accumulated), ``finished`` the status and reason (and the request's result
-row), ``run`` (request id -1) facts about the run itself, such as its wall-clock origin.
+row), ``run`` (request id -1) facts about the run itself, such as its wall-clock origin, and
+``decisions`` (request id -1) the next slice of the run's decision log, as packed columns.
 :func:`replay` folds the records into the unfinished requests and their last known state, which
 is what a restarted scheduler resumes from, and the finished ones.
 
@@ -78,6 +79,7 @@ class RecordKind(Enum):
     FINISHED = 4
     DELIVERED = 5
     RUN = 6
+    DECISIONS = 7
 
 
 class FsyncPolicy(Enum):
@@ -131,6 +133,12 @@ class JournalRecord:
         """A fact about the whole run (e.g. its wall-clock origin); later ones win."""
         return cls(RecordKind.RUN, -1, time_s, facts)
 
+    @classmethod
+    def decisions(cls, time_s: float, columns: Sequence[bytes], reasons: Mapping[int, str],
+                  **more: Any) -> "JournalRecord":
+        """The decision log's next rows: each column's packed bytes, rejection reasons by row."""
+        return cls(RecordKind.DECISIONS, -1, time_s, {"columns": list(columns), "reasons": dict(reasons), **more})
+
     def encode(self) -> bytes:
         """The framed record: length, crc32c, msgpack payload."""
         payload = msgpack.packb([self.kind.value, self.request_id, self.time_s, dict(self.data)],
@@ -182,6 +190,8 @@ class Replay:
     """The finished requests' ``finished`` data (status, reason, result row; ``tokens`` delivered), by id."""
     run: Mapping[str, Any] = field(default_factory=dict)
     """The run's facts (``run`` records merged)."""
+    decisions: list[Mapping[str, Any]] = field(default_factory=list)
+    """The decision log's slices (``decisions`` records), in order."""
 
 
 PathLike = Union[str, Path]
@@ -250,6 +260,7 @@ class Folded:
     pending: dict[int, PendingRequest]
     finished: dict[int, Mapping[str, Any]]
     run: dict[str, Any]
+    decisions: list[Mapping[str, Any]]
 
 
 def fold(records: Sequence[JournalRecord], offsets: Optional[Sequence[int]] = None,
@@ -262,10 +273,14 @@ def fold(records: Sequence[JournalRecord], offsets: Optional[Sequence[int]] = No
     pending: dict[int, PendingRequest] = {}
     finished: dict[int, Mapping[str, Any]] = {}
     run: dict[str, Any] = {}
+    decisions: list[Mapping[str, Any]] = []
     for i, rec in enumerate(records):
         where = f"{path}: record {i}" + (f" (offset {offsets[i]})" if offsets is not None else "")
         if rec.kind is RecordKind.RUN:
             run.update(rec.data)
+            continue
+        if rec.kind is RecordKind.DECISIONS:
+            decisions.append(rec.data)
             continue
         current = pending.get(rec.request_id)
         if rec.kind is RecordKind.ACCEPTED:
@@ -298,7 +313,7 @@ def fold(records: Sequence[JournalRecord], offsets: Optional[Sequence[int]] = No
         else:
             pending[rec.request_id] = PendingRequest(current.request, rec.kind, rec.time_s,
                                                      {**current.state, **rec.data})
-    return Folded(pending, finished, run)
+    return Folded(pending, finished, run, decisions)
 
 
 def replay(path: PathLike) -> Replay:
@@ -307,7 +322,7 @@ def replay(path: PathLike) -> Replay:
         return Replay({}, 0, 0, 0)
     s = scan(path)
     f = fold(s.records, s.offsets, path)
-    return Replay(f.pending, len(s.records), len(f.finished), s.torn_records, f.finished, f.run)
+    return Replay(f.pending, len(s.records), len(f.finished), s.torn_records, f.finished, f.run, f.decisions)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -424,7 +439,7 @@ def compact(path: PathLike) -> Replay:
     path = Path(path)
     s = scan(path)
     pending = fold(s.records, s.offsets, path).pending
-    keep = [r for r in s.records if r.request_id in pending or r.kind is RecordKind.RUN]
+    keep = [r for r in s.records if r.request_id in pending or r.kind in (RecordKind.RUN, RecordKind.DECISIONS)]
     tmp = path.with_name(path.name + ".compact")
     with open(tmp, "wb") as f:
         f.write(HEADER + b"".join(r.encode() for r in keep))
@@ -432,5 +447,5 @@ def compact(path: PathLike) -> Replay:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path)
-    run = fold(keep).run
-    return Replay(pending, len(keep), 0, s.torn_records, {}, run)
+    kept = fold(keep)
+    return Replay(pending, len(keep), 0, s.torn_records, {}, kept.run, kept.decisions)

@@ -2,8 +2,9 @@
 
 The scheduler actor journals (``runtime/journal.py``: msgpack, append-only, group commit) what
 it must not forget if its process dies: the run's wall-clock origin, every request it accepted
-(with the request's fields), the tokens each request delivered (numpy backend: real tokens), and
-every request's end with its result row. One commit per plan: a step's records cost one write.
+(with the request's fields), the tokens each request delivered (numpy backend: real tokens),
+every request's end with its result row, and the decision log and group busy times as they
+grow. One commit per plan: a step's records cost one write.
 
 When Ray restarts the scheduler actor, ``run`` is called again (``max_task_retries``) and finds
 the journal: requests with a result keep it and are not served again; accepted-but-unfinished
@@ -16,12 +17,28 @@ step of the old scheduler can act on the new run's state.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+from hetero_sched.core.events import DecisionLog
 from hetero_sched.core.request import RequestState
 from hetero_sched.runtime.journal import FsyncPolicy, Journal, JournalRecord, fold
+
+_TYPECODES = "dbqqdddd"
+"""The decision log's columns (time, kind, group, request, four details), as array typecodes."""
+
+
+def _columns(state: Mapping[str, Any]) -> list[array]:
+    """A ``DecisionLog.state()``'s columns, in ``_TYPECODES`` order."""
+    return [state["time_s"], state["kind"], state["group_id"], state["request_id"], *state["details"]]
+
+
+def _log(columns: list[array], reasons: dict[int, str]) -> DecisionLog:
+    """The decision log of ``_columns``-ordered columns."""
+    return DecisionLog.from_state({"time_s": columns[0], "kind": columns[1], "group_id": columns[2],
+                                   "request_id": columns[3], "details": columns[4:], "reasons": reasons})
 
 
 @dataclass
@@ -43,6 +60,21 @@ class Recovered:
     """Group-actor deaths seen before (time, group, restarted), for the run summary."""
     kv_damaged: int = 0
     """KV imports sent again before."""
+    decisions: DecisionLog = field(default_factory=DecisionLog)
+    """The decision log up to the last commit before the restart."""
+    busy_s: list[float] = field(default_factory=list)
+    """Each group's busy time up to then (empty: none)."""
+
+    def whole_log(self, current: DecisionLog) -> DecisionLog:
+        """The run's decision log: what the earlier lives journaled, then ``current``'s."""
+        if not len(self.decisions):
+            return current
+        before, now = self.decisions.state(), current.state()
+        base = len(before["time_s"])
+        cols = [array(a.typecode, a) for a in _columns(before)]
+        for col, more in zip(cols, _columns(now)):
+            col.extend(more)
+        return _log(cols, {**before["reasons"], **{base + i: r for i, r in now["reasons"].items()}})
 
     @property
     def finished_ids(self) -> set[int]:
@@ -68,8 +100,13 @@ class RunJournal:
             origin_unix_s=folded.run.get("origin_unix_s"),
             restarted_at_s=list(folded.run.get("restarted_at_s", ())),
             failures=[(float(t), int(g), bool(ok)) for t, g, ok in folded.run.get("failures", ())],
-            kv_damaged=int(folded.run.get("kv_damaged", 0)))
+            kv_damaged=int(folded.run.get("kv_damaged", 0)),
+            decisions=_joined(folded.decisions),
+            busy_s=list(folded.decisions[-1]["busy_s"]) if folded.decisions else [])
         self.is_restart = bool(self.journal.recovered.records)
+        self._base = len(self.recovered.decisions)
+        self._logged = 0
+        """Rows of this life's decision log already journaled."""
 
     def started(self, origin_unix_s: Optional[float]) -> None:
         """A fresh run's facts (its wall-clock origin), durable before any request."""
@@ -100,8 +137,35 @@ class RunJournal:
         self.journal.append(JournalRecord.finished(rs.request_id, now_s, row[6], row[7] or "", row))
         self._accepted.discard(rs.request_id)
 
-    def commit(self) -> None:
+    def commit(self, now_s: float, log: DecisionLog, busy_s: Sequence[float]) -> None:
+        """Write what this step journaled, with the decision log's new rows and the groups' busy
+        time (the run's totals), in one write."""
+        state = log.state()
+        start, end = self._logged, len(state["time_s"])
+        if end > start:
+            reasons = state["reasons"]
+            self.journal.append(JournalRecord.decisions(
+                now_s, [col[start:].tobytes() for col in _columns(state)],
+                {str(self._base + i): reasons[i] for i in range(start, end) if i in reasons},   # msgpack: str keys
+                busy_s=self.total_busy(busy_s)))
+            self._logged = end
         self.journal.commit()
+
+    def total_busy(self, busy_s: Sequence[float]) -> list[float]:
+        """Each group's busy time over the whole run, given this life's."""
+        before = self.recovered.busy_s or [0.0] * len(busy_s)
+        return [a + b for a, b in zip(before, busy_s)]
 
     def close(self) -> None:
         self.journal.close()
+
+
+def _joined(slices: Sequence[Mapping[str, Any]]) -> DecisionLog:
+    """The decision log the journaled slices make up, in order."""
+    cols = [array(code) for code in _TYPECODES]
+    reasons: dict[int, str] = {}
+    for s in slices:
+        for col, raw in zip(cols, s["columns"]):
+            col.frombytes(raw)
+        reasons.update({int(i): r for i, r in s["reasons"].items()})
+    return _log(cols, reasons)
