@@ -79,6 +79,7 @@ def main() -> None:
                     help="every k-th kill hits the scheduler actor (0: never)")
     ap.add_argument("--corrupt-every", type=int, default=25, help="flip a bit in every k-th KV export (0: never)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the run folder here (requests, decisions, summary)")
     args = ap.parse_args()
 
     exp, _ = resolve({
@@ -132,6 +133,8 @@ def main() -> None:
         stop.set()
         thread.join()
 
+    if args.out:
+        r.write(args.out)
     rows = r.records.to_pylist()
     ids = [row["request_id"] for row in rows]
     status = [row["status"] for row in rows]

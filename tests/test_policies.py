@@ -312,3 +312,10 @@ def test_bad_policy_parameters_and_transfer_options_are_one_line_errors():
         make_policy("disagg-slo", {"ttft": 1.0})
     with pytest.raises(UserError, match="transfer.mode"):
         parse_experiment(disagg_experiment(transfer={"mode": "sideways"}))
+
+
+def test_a_role_switch_to_an_unknown_role_is_a_one_line_user_error() -> None:
+    from hetero_sched.errors import UserError
+
+    with pytest.raises(UserError, match="switch to role 'both'"):
+        RoleSwitch(1, "both")

@@ -116,6 +116,11 @@ class RoleSwitch:
     group_id: int
     role: str
 
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):      # a user policy's mistake: one line, not a traceback
+            raise UserError(f"a policy asked group {self.group_id} to switch to role {self.role!r} "
+                            "(roles: prefill, decode)")
+
 
 class Policy(ABC):
     """A scheduling policy: one abstract method, optional hooks.

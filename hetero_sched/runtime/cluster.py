@@ -212,6 +212,20 @@ class LocalCluster:
             args["_system_config"] = {"metrics_report_interval_ms": 1000}
         return args
 
+    def add_node(self, node: NodeSpec) -> Any:
+        """Start one more labelled worker node; returns its handle for :meth:`remove_node`."""
+        if self._cluster is None:
+            raise RuntimeError("local cluster is not running")
+        handle = self._cluster.add_node(wait=False, **self._node_args(node, head=False))
+        self._cluster.wait_for_nodes(timeout=NODE_WAIT_S)
+        return handle
+
+    def remove_node(self, handle: Any) -> None:
+        """Kill a worker node's processes at once, as a node failure would (not gracefully)."""
+        if self._cluster is None:
+            raise RuntimeError("local cluster is not running")
+        self._cluster.remove_node(handle, allow_graceful=False)
+
     def shutdown(self) -> None:
         """Disconnect a driver attached to this cluster and stop its processes (idempotent)."""
         cluster, self._cluster = self._cluster, None

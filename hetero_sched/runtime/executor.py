@@ -119,6 +119,7 @@ class LiveExecutor:
         self._transfers: dict[int, tuple[int, int, int]] = {}       # transfer -> (request, src, dst group)
         self._refs: dict[int, tuple[ray.ObjectRef, int]] = {}        # transfer -> (KV bundle, index in it)
         self._cancelled: set[int] = set()                           # transfers an endpoint failure ended
+        self._verifying: dict[int, tuple[int, ray.ObjectRef]] = {}  # transfer -> (dst, call importing it)
         self._dead: set[int] = set()                                # groups whose actor died (not back yet)
         self._restarting: dict[int, ray.ObjectRef] = {}            # dead group -> ping of its restarted actor
         self._incarnations: list[int] = ask_all(actors, "incarnation_id", self.call_timeout_s)
@@ -157,6 +158,7 @@ class LiveExecutor:
         self._transfers.pop(transfer_id, None)
         self._refs.pop(transfer_id, None)
         self._cancelled.add(transfer_id)
+        self._verifying.pop(transfer_id, None)
 
     def request_left(self, now_s: float, group_id: int, rs: RequestState, how: str) -> None:
         self._forget(group_id, rs.request_id)
@@ -206,14 +208,30 @@ class LiveExecutor:
             self._send()
             self._collect()
 
-    def before_kv_arrival(self, now_s: float, transfer_id: int) -> None:
+    VERIFY_POLL_S = 0.005
+    """How soon (virtual seconds) a KV arrival whose checksum verdict is not in yet is looked at again."""
+
+    def before_kv_arrival(self, now_s: float, transfer_id: int) -> Optional[float]:
+        """Import the KV at its decode actor; None once it may be decoded from (verified, if asked).
+
+        Wall clock without real tokens: the verdict is not waited for — the arrival is put off by
+        ``VERIFY_POLL_S`` until the import's call has answered, and the loop goes on meanwhile.
+        """
         self._now = now_s
+        checking = self._verifying.pop(transfer_id, None)
+        if checking is not None:
+            dst, call = checking
+            if not ray.wait([call], timeout=0)[0]:
+                self._verifying[transfer_id] = checking
+                return now_s + self.VERIFY_POLL_S
+            self._collect(dst)          # damaged: kv_damaged sends it again, this arrival is void
+            return None
         if transfer_id in self._transfers and transfer_id not in self._refs:
             self._send()                         # its export is still in an outbox or in flight
             self._collect(self._transfers[transfer_id][1])
         entry = self._transfers.pop(transfer_id, None)
         if entry is None:
-            return                               # cancelled: an endpoint's actor died
+            return None                          # cancelled: an endpoint's actor died
         rid, _, dst = entry
         box = self._box(dst)
         last = self.tokens[rid][-1] if self.real_tokens else 0
@@ -226,8 +244,12 @@ class LiveExecutor:
         box.imports[rid] = transfer_id
         self.stats.transfers += 1
         if self.verify_imports:
-            self._send()
+            sent = self._send()
+            if self.send_every_step and not self.real_tokens:
+                self._verifying[transfer_id] = (dst, sent[dst])
+                return now_s + self.VERIFY_POLL_S
             self._collect(dst)
+        return None
 
     def after_plan(self, now_s: float) -> None:
         self._now = now_s
@@ -244,15 +266,18 @@ class LiveExecutor:
 
     MAX_INFLIGHT = 256
 
-    def _send(self) -> None:
+    def _send(self) -> dict[int, ray.ObjectRef]:
         """One ``step`` call per actor with work (calls to one actor run in the order sent)."""
+        sent: dict[int, ray.ObjectRef] = {}
         if not self._outbox:
-            return
+            return sent
         self._pending_ops = 0
         for gid, box in self._outbox.items():
-            self._inflight.append((gid, box, self.actors[gid].step.remote(pack("step", ops=box.ops, expect=self._incarnations[gid]), box.refs)))
+            sent[gid] = self.actors[gid].step.remote(pack("step", ops=box.ops, expect=self._incarnations[gid]), box.refs)
+            self._inflight.append((gid, box, sent[gid]))
             box.refs = []                       # the call holds them now
         self._outbox = {}
+        return sent
 
     def _collect(self, group_id: Optional[int] = None) -> None:
         """Wait for every call in flight (or every call to ``group_id``, when no decision needs the

@@ -178,10 +178,11 @@ def _progress(scheduler: Any, last: int) -> int:
 
 
 def _held(actor: Any) -> int:
-    """Requests whose KV an actor still holds after the run (0 if it died since: so did its KV)."""
+    """Requests whose KV an actor still holds after the run (0 if it died since: so did its KV,
+    or is still waiting to be restarted, e.g. its node is gone)."""
     try:
-        return int(ray.get(actor.held.remote(), timeout=60))
-    except ray.exceptions.RayActorError:
+        return int(ray.get(actor.held.remote(), timeout=10))
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return 0
 
 

@@ -22,12 +22,14 @@ class DriverHooks(Protocol):
     """Where a live driver does real work in virtual time (the simulator passes none).
 
     ``before_span_end`` runs the span on its actor (which reports instead of sleeping);
-    ``before_kv_arrival`` makes sure the KV bytes really landed; ``after_plan`` flushes the
-    batched calls a plan produced. Stale span ends are passed too: the hooks ignore them.
+    ``before_kv_arrival`` makes sure the KV bytes really landed — or returns a later time to be
+    asked again then, when their check is still under way (the arrival waits, the loop goes on);
+    ``after_plan`` flushes the batched calls a plan produced. Stale span ends are passed too: the
+    hooks ignore them.
     """
 
     def before_span_end(self, now_s: float, group_id: int, token: int) -> None: ...
-    def before_kv_arrival(self, now_s: float, transfer_id: int) -> None: ...
+    def before_kv_arrival(self, now_s: float, transfer_id: int) -> Optional[float]: ...
     def after_plan(self, now_s: float) -> None: ...
 
 
@@ -80,9 +82,11 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
             if nxt is not None:
                 queue.push(nxt.arrival_s, Kind.ARRIVAL, nxt)
         elif kind == Kind.KV_ARRIVAL:
-            if hooks is not None:
-                hooks.before_kv_arrival(now, payload)
-            on_kv_arrival(now, payload)
+            again = hooks.before_kv_arrival(now, payload) if hooks is not None else None
+            if again is None:
+                on_kv_arrival(now, payload)
+            else:
+                queue.push(again, Kind.KV_ARRIVAL, payload)
         else:
             for t, k, p in on_transfer(now, payload):
                 queue.push(t, k, p)
