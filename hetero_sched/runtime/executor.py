@@ -127,7 +127,8 @@ class LiveExecutor:
         self.scheduler: Any = None
         """The core, told when an actor dies (``fail_group``) and when it is back (``restore_group``)."""
         self.failures: list[tuple[float, int, bool]] = []
-        """(time, group, restarted) for every actor death seen."""
+        """(time, group, restarted) for every actor death seen; ``restarted`` turns True when the
+        group is back in service (a group whose actor never returns, e.g. its node is gone, stays False)."""
 
     def _box(self, group_id: int) -> _Outbox:
         box = self._outbox.get(group_id)
@@ -374,7 +375,7 @@ class LiveExecutor:
         back = False if peers else self._wait_restart(gid)
         if back:
             self._incarnations[gid] = ray.get(self.actors[gid].incarnation_id.remote(), timeout=self.call_timeout_s)
-        self.failures.append((self._now, gid, back or bool(peers)))
+        self.failures.append((self._now, gid, back))
         delivered = {rid: len(toks) for rid, toks in self.tokens.items()} if self.real_tokens else None
         self.scheduler.fail_group(self._now, gid, delivered, restarted=back)
         if back:
@@ -397,9 +398,12 @@ class LiveExecutor:
                 continue
             except ray.exceptions.RayActorError:
                 del self._restarting[gid]                                   # restarts used up: retired
-                self.failures[:] = [(t, g, ok and g != gid) for t, g, ok in self.failures]
                 continue
             del self._restarting[gid]
+            last = max(i for i, f in enumerate(self.failures) if f[1] == gid)
+            self.failures[last] = (self.failures[last][0], gid, True)
+            if self.journal is not None:
+                self.journal.faults(self._now, self.failures, self.stats.kv_damaged)
             self._incarnations[gid] = ray.get(self.actors[gid].incarnation_id.remote(), timeout=self.call_timeout_s)
             self._dead.discard(gid)
             self.scheduler.restore_group(self._now, gid)
