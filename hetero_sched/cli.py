@@ -186,8 +186,10 @@ def run(
     tracing = _tracing(True if otlp_endpoint and trace is None else trace, otlp_endpoint, service_name, trace_sample)
     folder = Path(out) if out is not None else _default_out(exp.name)
     journal = folder / "scheduler.journal"
-    if journal.exists():
-        journal.unlink()                            # an earlier run's, in a reused --out folder
+    try:
+        journal.unlink(missing_ok=True)             # an earlier run's, in a reused --out folder
+    except OSError as exc:
+        raise UserError(f"{journal}: cannot replace the run's journal ({exc.strerror or exc})") from None
     kwargs = dict(address=address, clock=clock, backend=backend, time_scale=time_scale,
                   bytes_scale=bytes_scale, workload=work, trace=tracing, journal=journal,
                   call_timeout_s=call_timeout_s)

@@ -95,3 +95,9 @@ def test_bad_flags_and_missing_file(tmp_path, monkeypatch, capsys):
     assert code == 2 and "Traceback" not in err
     code, _, err = run_cli(monkeypatch, capsys, "simulate", str(tmp_path / "nope.yaml"))
     assert code == 2 and "no such experiment file" in err
+
+
+def test_run_into_a_folder_whose_journal_cannot_be_replaced_is_one_line_before_ray(tmp_path, monkeypatch, capsys):
+    (tmp_path / "run" / "scheduler.journal").mkdir(parents=True)      # a directory where the journal goes
+    code, out, err = run_cli(monkeypatch, capsys, "run", "--out", str(tmp_path / "run"), "-q")
+    assert code == 2 and err.count("\n") == 1 and "cannot replace the run's journal" in err

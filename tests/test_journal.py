@@ -86,12 +86,16 @@ def test_delivered_tokens_accumulate_and_run_facts_merge(tmp_path):
         fold([JournalRecord.delivered(9, 1.0, [1])])
 
 
-def test_torn_tail_of_a_truncated_file_is_ignored_and_repaired(tmp_path):
-    records = history(40)
+def written(tmp_path: Path, n: int = 40) -> tuple[Path, list[JournalRecord], bytes, list[int]]:
+    """A journal of ``history(n)``: its path, records, bytes and record offsets."""
+    records = history(n)
     path = tmp_path / "j"
     write(path, records)
-    full = path.read_bytes()
-    offsets = scan(path).offsets
+    return path, records, path.read_bytes(), scan(path).offsets
+
+
+def test_torn_tail_of_a_truncated_file_is_ignored_and_repaired(tmp_path):
+    path, records, full, offsets = written(tmp_path)
     last = offsets[-1]
     for cut in [*range(last + 1, len(full)), *range(1, len(HEADER))]:  # every tear of the last record
         path.write_bytes(full[:cut])
@@ -106,11 +110,7 @@ def test_torn_tail_of_a_truncated_file_is_ignored_and_repaired(tmp_path):
 
 
 def test_mid_file_damage_is_an_error_naming_the_offset(tmp_path):
-    records = history(40)
-    path = tmp_path / "j"
-    write(path, records)
-    full = path.read_bytes()
-    offsets = scan(path).offsets
+    path, records, full, offsets = written(tmp_path)
     for k in (0, 7, len(records) - 2):
         for at in (offsets[k], offsets[k] + 5, offsets[k + 1] - 1):  # length, crc... payload
             bad = bytearray(full)

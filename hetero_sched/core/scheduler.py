@@ -277,12 +277,7 @@ class Scheduler:
         but never rejected by admission control: it was accepted once.
         """
         rs.generated, rs.token1_s, rs.token2_s, rs.last_token_s = self.resumed.pop(rs.request_id)
-        rs.preemptions = 1
-        self.decisions.add(now_s, D.PREEMPT, None, rs.request_id, rs.generated)
-        if rs.generated >= rs.request.output_tokens:
-            self._complete(now_s, rs, None)
-        else:
-            self._place(now_s, rs)
+        self._start_over(now_s, rs, None)
 
     def _resume(self, now_s: float, rs: RequestState, failed_id: int, delivered: Optional[dict[int, int]]) -> None:
         """Place ``rs`` again after ``failed_id`` failed: its KV there (and its reservations) are gone."""
@@ -300,10 +295,15 @@ class Scheduler:
         rs.decode_group = None
         rs.transfer_id = None
         rs.cached_tokens = 0
+        self._start_over(now_s, rs, failed_id)
+
+    def _start_over(self, now_s: float, rs: RequestState, group_id: Optional[int]) -> None:
+        """A preemption that lost ``rs``'s KV (at ``group_id``; None: the scheduler's restart):
+        complete it if every token was already delivered, else place it to be prefilled again."""
         rs.preemptions += 1
-        self.decisions.add(now_s, D.PREEMPT, failed_id, rs.request_id, rs.generated)
-        if rs.generated >= rs.request.output_tokens:            # every token was already delivered
-            self._complete(now_s, rs, failed_id)
+        self.decisions.add(now_s, D.PREEMPT, group_id, rs.request_id, rs.generated)
+        if rs.generated >= rs.request.output_tokens:
+            self._complete(now_s, rs, group_id)
         else:
             self._place(now_s, rs)
 

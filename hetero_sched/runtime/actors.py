@@ -17,10 +17,12 @@ from typing import Any, Optional
 import numpy as np
 import ray
 
+from hetero_sched.errors import RunFailed
 from hetero_sched.experiment import parse_experiment
 from hetero_sched.runtime.backends import make_backend
 from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.executor import LiveExecutor, ask_all
+from hetero_sched.runtime.journal import JournalError
 from hetero_sched.runtime.kvcodec import KVCorruptionError, flip_payload_bit
 from hetero_sched.runtime.livemetrics import LiveMetrics
 from hetero_sched.runtime.messages import pack, unpack
@@ -214,7 +216,10 @@ class SchedulerActor:
             call_timeout_s: float = 120.0) -> dict[str, Any]:
         exp = parse_experiment(experiment)
         scheduler = build_scheduler(exp, workload, base_dir=None)
-        journal = RunJournal(journal_path) if journal_path else None
+        try:
+            journal = RunJournal(journal_path) if journal_path else None
+        except JournalError as exc:                  # damaged on disk: say so, in one line
+            raise RunFailed(f"the run's journal cannot be recovered: {exc}") from None
         recovered = journal.recovered if journal is not None else Recovered()
         kv_dropped = 0
         if journal is not None and journal.is_restart:      # the handshake: drop the old run's KV
