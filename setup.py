@@ -14,11 +14,15 @@ from setuptools import setup
 COMPILED = [
     "hetero_sched/core/events.py",
     "hetero_sched/core/kvblocks.py",
+    "hetero_sched/core/kvmemory.py",
     "hetero_sched/core/request.py",
+    "hetero_sched/core/spans.py",
+    "hetero_sched/core/batch.py",
     "hetero_sched/core/transfer.py",
     "hetero_sched/core/group.py",
     "hetero_sched/core/scheduler.py",
-    "hetero_sched/sim/engine.py",
+    "hetero_sched/engine/devices.py",
+    "hetero_sched/engine/loop.py",
 ]
 
 ext_modules = []

@@ -44,7 +44,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from hetero_sched.runtime.cluster import LocalCluster, connect, nodes_for  # noqa: E402
 from hetero_sched.runtime.live import run_live  # noqa: E402
-from hetero_sched.sim import resolve  # noqa: E402
+from hetero_sched.engine.assembly import resolve  # noqa: E402
 
 ACTOR_TITLES = ("ray::DeviceGroupActor", "ray::SchedulerActor")
 

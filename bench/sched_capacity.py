@@ -75,8 +75,8 @@ def main() -> None:
             rt = live.summary["runtime"]
             assert live.summary["completed"] == args.requests
             max_rate = args.requests / rt["wall_s"]
-            print(f"burst: {args.requests} requests in {rt['wall_s']:.2f} s, {rt['actor_calls']} calls "
-                  f"in {rt['flushes']} steps", file=sys.stderr)
+            print(f"burst: {args.requests} requests in {rt['wall_s']:.2f} s, {rt['actor_calls']} calls, "
+                  f"{rt['span_reports']} span reports", file=sys.stderr)
 
             paced = experiment(folder, args.wall_requests, args.rate)
             wall = run_live(paced, address=cluster.address, clock="wall", bytes_scale=1e-9)
@@ -91,7 +91,7 @@ def main() -> None:
         "overhead_us_p50": round(float(np.percentile(overhead_us, 50)), 1),
         "overhead_us_p99": round(float(np.percentile(overhead_us, 99)), 1),
         "burst_requests": args.requests, "burst_wall_s": round(rt["wall_s"], 3),
-        "burst_actor_calls": rt["actor_calls"], "burst_steps": rt["flushes"],
+        "burst_actor_calls": rt["actor_calls"], "burst_span_reports": rt["span_reports"],
         "wall_rate_rps": args.rate, "wall_requests": args.wall_requests,
         "wall_completed": wall.summary["completed"],
     }))

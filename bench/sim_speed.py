@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from hetero_sched.experiment import load_experiment
-from hetero_sched.sim import build_scheduler, finish_run
-from hetero_sched.sim.engine import run_events
+from hetero_sched.engine.assembly import build_scheduler, finish_run
+from hetero_sched.engine.loop import run_events
 from hetero_sched.workload import load_trace, synthetic
 
 AZURE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure2023_conv.csv"

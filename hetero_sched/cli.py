@@ -110,7 +110,8 @@ def simulate(
 
     from hetero_sched.experiment import build_workload
     from hetero_sched.report import summary_table
-    from hetero_sched.sim import resolve, simulate as run_sim
+    from hetero_sched.engine.assembly import resolve
+    from hetero_sched.sim import simulate as run_sim
 
     tracing = _tracing(True, otlp_endpoint, service_name, trace_sample) if trace or otlp_endpoint else None
     exp, base = resolve(experiment)
@@ -149,7 +150,10 @@ def run(
     bytes_scale: float = typer.Option(1e-3, help="Real KV bytes moved per modeled byte (modeled backend)."),
     num_requests: Optional[int] = typer.Option(None, help="Replay only the first N requests of the workload."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>-<time>; in a Ray job ~/hetero-sched-runs/<name>-<time>)."),
-    call_timeout_s: float = typer.Option(120.0, help="An actor call not answered within this many seconds is stuck: the actor is restarted and its requests resumed."),
+    pace: str = typer.Option("modeled", help="modeled: devices hold each span for the cost model's duration; real: a span takes the backend's compute time (numpy backend, wall clock)."),
+    device_speed: float = typer.Option(1.0, help="Every device's speed against the cost model (0.8: 20% slower): what-if runs and tests."),
+    device_jitter: float = typer.Option(0.0, help="Relative standard deviation of each span's duration on every device (seeded)."),
+    call_timeout_s: float = typer.Option(120.0, help="A device report this many seconds past its span's expected end (or any actor call this late) means the actor is stuck: it is restarted and its requests resumed."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder only."),
     trace: Optional[bool] = typer.Option(None, "--trace/--no-trace", help="One OpenTelemetry trace per request (default: on when an OTLP endpoint is configured)."),
     otlp_endpoint: Optional[str] = OTLP_ENDPOINT,
@@ -161,9 +165,10 @@ def run(
     Starts a local cluster of labelled nodes (Trainium nodes with neuron_cores, CS-3 nodes with
     a cs3 resource) unless --address or RAY_ADDRESS names one, places the actors by resources
     and labels, replays the workload, prints the summary and writes the run folder (as
-    `simulate` does, plus the runtime's overheads and where each actor ran). The scheduler
-    actor journals the run to scheduler.journal in the run folder; if it dies, Ray restarts it
-    and it recovers the run from there.
+    `simulate` does, plus the runtime's overheads and where each actor ran). Each device actor
+    runs the spans the scheduler plans on its own clock and reports them; the results are what
+    the devices reported. The scheduler actor journals the run to scheduler.journal in the run
+    folder; if it dies, Ray restarts it and it recovers the run from there.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -171,7 +176,7 @@ def run(
     from hetero_sched.experiment import build_workload
     from hetero_sched.report import summary_table
     from hetero_sched.runtime.live import run_live
-    from hetero_sched.sim import resolve
+    from hetero_sched.engine.assembly import resolve
     from hetero_sched import workload as wl
 
     if num_requests is not None and num_requests < 1:
@@ -191,8 +196,8 @@ def run(
     except OSError as exc:
         raise UserError(f"{journal}: cannot replace the run's journal ({exc.strerror or exc})") from None
     kwargs = dict(address=address, clock=clock, backend=backend, time_scale=time_scale,
-                  bytes_scale=bytes_scale, workload=work, trace=tracing, journal=journal,
-                  call_timeout_s=call_timeout_s)
+                  bytes_scale=bytes_scale, pace=pace, device_speed=device_speed, device_jitter=device_jitter,
+                  workload=work, trace=tracing, journal=journal, call_timeout_s=call_timeout_s)
     if quiet:
         result = run_live(exp, **kwargs)  # type: ignore[arg-type]
     else:
@@ -205,7 +210,8 @@ def run(
     if not quiet:
         rt = result.summary["runtime"]
         Console().print(summary_table(result.summary))
-        Console().print(f"  runtime           {rt['actor_calls']:,} actor calls in {rt['flushes']:,} batched steps (p50 {rt['flush_ms_p50']:.2f} ms), "
+        Console().print(f"  runtime           {rt['span_reports']:,} span reports, {rt['actor_calls']:,} actor calls, "
+                        f"report delay p50 {rt['report_delay_ms_p50']:.2f} ms, "
                         f"{rt['transfers']:,} KV transfers, {rt['bytes_moved'] / 2**20:,.1f} MiB moved, "
                         f"lateness p99 {rt['lateness_ms_p99']:.1f} ms, KV held after run: {rt['kv_held_after_run']}")
     _print_tracing(result.summary)

@@ -12,13 +12,14 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, NoReturn, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, NoReturn, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from hetero_sched.core.request import Request
 from hetero_sched.errors import UserError
 
 MAX_TOKENS = 1_000_000_000
@@ -28,23 +29,6 @@ MAX_REQUESTS = 100_000_000
 """Largest synthetic workload (the simulator is sized for millions, ~1.5 GB per million)."""
 MAX_SPAN_S = 1e9
 """Longest arrival span (~32 years): later times lose the sub-microsecond resolution spans need."""
-
-
-class Request(NamedTuple):
-    """One inference request as the workload states it (true lengths; policies see predictions).
-
-    A NamedTuple, not a frozen dataclass: just as immutable, and a million of them are made
-    per run at C speed.
-    """
-
-    request_id: int
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    prefix_hashes: Optional[tuple[int, ...]] = None
-    """Hashes of the prompt's prefix blocks (e.g. Mooncake's), ``prefix_block_tokens`` each."""
-    prefix_block_tokens: int = 512
-    max_tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pytest
 import ray
 
 import hetero_sched as hs
+from hetero_sched.core.events import DecisionKind as D
 from hetero_sched.catalog import get_model
 from hetero_sched.runtime.cluster import object_store_usage
 from hetero_sched.runtime.live import run_live
@@ -33,6 +34,8 @@ def _check_placement(result, exp):
 
 @pytest.mark.parametrize("make,n", [(disagg_experiment, 300), (colocated_experiment, 150)])
 def test_virtual_clock_run_equals_the_simulator(ray_cluster, make, n):
+    """Every span ends by its device's report (the tests below show a device that reports
+    otherwise changes the run): devices at the model's pace give the simulator's run exactly."""
     exp = make()
     exp["workload"] = dict(exp["workload"], num_requests=n)
     live = run_live(exp, address=ray_cluster.address, clock="virtual")
@@ -40,6 +43,8 @@ def test_virtual_clock_run_equals_the_simulator(ray_cluster, make, n):
     assert len(live.decisions) == len(sim.decisions) > n
     assert live.decisions == sim.decisions
     assert live.records.equals(sim.records)
+    spans = sum(1 for d in sim.decisions if d[1] in (D.PREFILL, D.DECODE, D.CHUNK))
+    assert live.summary["runtime"]["span_reports"] == spans
     assert live.summary["runtime"]["kv_held_after_run"] == 0
     _check_placement(live, exp)
     if make is disagg_experiment:
@@ -122,16 +127,59 @@ def test_object_store_returns_to_baseline_and_no_actor_is_left(ray_cluster):
     assert alive == []
 
 
-def test_wall_clock_run_tracks_the_simulator(ray_cluster):
+# --- the devices drive the run: what they report is what the run is --------------------------
+def _small(n=200, rate=20.0):
     exp = disagg_experiment()
-    exp["workload"] = dict(exp["workload"], num_requests=60, rate_per_s=10.0)
-    live = run_live(exp, address=ray_cluster.address, clock="wall", time_scale=1.0)
+    exp["workload"] = dict(exp["workload"], num_requests=n, rate_per_s=rate)
+    return exp
+
+
+def test_a_slower_device_slows_exactly_what_it_runs(ray_cluster):
+    """Virtual clock, the CS-3 decode device 20% slower than the model: every decode step takes
+    1.25x, so TPOT grows by that while prefill (TTFT) is untouched — the run is what the devices
+    reported, not the core's arithmetic (at speed 1 the same run equals the simulator)."""
+    exp = _small()
     sim = hs.simulate(exp)
-    assert live.summary["completed"] == 60
-    # wall clock adds real overheads, but the shape of the run stays the simulator's
-    assert live.summary["ttft_s"]["p50"] == pytest.approx(sim.summary["ttft_s"]["p50"], rel=0.5, abs=0.02)
-    assert live.summary["runtime"]["lateness_ms_p50"] >= 0.0
-    assert live.summary["runtime"]["kv_held_after_run"] == 0
+    slow = run_live(exp, address=ray_cluster.address, clock="virtual", device_speed={"d": 0.8})
+    assert slow.decisions != sim.decisions
+    assert slow.summary["completed"] == 200
+    assert slow.records.column("token1_s").to_pylist() == sim.records.column("token1_s").to_pylist()
+    ratio = slow.summary["tpot_s"]["p50"] / sim.summary["tpot_s"]["p50"]
+    assert 1.2 < ratio < 1.3
+    assert slow.summary["runtime"]["device_pace"] == pytest.approx({"p-0": 1.0, "p-1": 1.0, "d": 1.25})
+
+
+def test_a_device_that_stops_short_changes_the_run_and_loses_no_token(ray_cluster):
+    """A decode device that stops every span of two or more steps one step short: the core
+    applies the steps it reported — more, shorter spans — and every request still gets exactly
+    its tokens (a request whose last step did not run is not complete)."""
+    exp = _small()
+    sim = hs.simulate(exp)
+    short = run_live(exp, address=ray_cluster.address, clock="virtual",
+                     faults={"short_group": "d", "short_steps": 1})
+    rows = short.records.to_pylist()
+    assert {r["status"] for r in rows} == {"completed"}
+    assert all(r["generated"] == r["output_tokens"] for r in rows)
+    spans = lambda r: sum(1 for d in r.decisions if d[1] == D.DECODE)  # noqa: E731
+    assert spans(short) > spans(sim)
+    assert short.summary["runtime"]["kv_held_after_run"] == 0
+
+
+def test_wall_clock_results_are_what_the_devices_reported(ray_cluster):
+    """Wall clock: the decode device held at half the model's speed reports spans twice as long
+    as modeled and TPOT at least doubles (overheads only add to it); prefill devices at full
+    speed report the model's durations; the core learns of each span end within milliseconds."""
+    exp = _small(n=60, rate=10.0)
+    sim = hs.simulate(exp)
+    live = run_live(exp, address=ray_cluster.address, clock="wall", device_speed={"d": 0.5})
+    s, l, rt = sim.summary, live.summary, live.summary["runtime"]
+    assert l["completed"] == 60 and rt["kv_held_after_run"] == 0
+    pace = rt["device_pace"]
+    assert 1.9 < pace["d"] < 2.3 and 0.97 < pace["p-0"] < 1.15
+    assert 1.9 < l["tpot_s"]["p50"] / s["tpot_s"]["p50"] < 6.0
+    assert l["ttft_s"]["p50"] == pytest.approx(s["ttft_s"]["p50"], rel=0.5)
+    assert rt["span_reports"] >= 2 * 60
+    assert 0.0 < rt["report_delay_ms_p50"] < 25.0
 
 
 def test_control_messages_are_validated():
@@ -139,8 +187,10 @@ def test_control_messages_are_validated():
     assert unpack(data, "step")["ops"][0]["ids"] == [1, 2]
     with pytest.raises(MessageError, match="expected a step_report message"):
         unpack(data, "step_report")
-    with pytest.raises(MessageError, match="decode op 0 lacks 'steps'"):
-        pack("step", ops=[{"op": "decode", "joiners": []}], expect=0)
+    with pytest.raises(MessageError, match="import op 0 lacks 'last'"):
+        pack("step", ops=[{"op": "import", "id": 1, "ref": 0, "index": 0}], expect=0)
+    with pytest.raises(MessageError, match="span field 'steps'"):
+        pack("span", span={"span_id": 1, "kind": "decode"}, expect=0)
     with pytest.raises(MessageError, match="not one of"):
         pack("step", ops=[{"op": "explode"}], expect=0)
     with pytest.raises(MessageError, match="schema version"):

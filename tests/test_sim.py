@@ -14,7 +14,7 @@ from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.costmodel import FittedCost
 from hetero_sched.errors import UserError
 from hetero_sched.policies import make_policy
-from hetero_sched.sim.engine import run_events
+from hetero_sched.engine.loop import run_events
 from hetero_sched.workload import Request, Workload
 
 from helpers import colocated_experiment, disagg_experiment

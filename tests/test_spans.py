@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from hetero_sched.core.group import GroupLimits, GroupState, Role, active_line, decode_span_duration, steps_until
+from hetero_sched.core.group import GroupLimits, GroupState, Role
+from hetero_sched.core.spans import active_line, decode_span_duration, steps_until
 from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.policies import make_policy
-from hetero_sched.sim.engine import run_events
+from hetero_sched.engine.loop import run_events
 from hetero_sched.workload import Request
 
 

@@ -15,8 +15,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import hetero_sched as hs
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import build_workload
-from hetero_sched.sim import build_scheduler, resolve
-from hetero_sched.sim.engine import run_events
+from hetero_sched.engine.assembly import build_scheduler, resolve
+from hetero_sched.engine.loop import run_events
 from hetero_sched.tracing import ProcessTracing, TraceSettings, attach_tracer, trace_settings
 
 from helpers import colocated_experiment, disagg_experiment

@@ -1,11 +1,27 @@
-"""A request's mutable progress through the core (the workload's :class:`Request` stays frozen)."""
+"""Requests: what a workload states (:class:`Request`, frozen) and a request's progress
+through the core (:class:`RequestState`, mutable, owned by the scheduler)."""
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
+from typing import NamedTuple, Optional
 
-from hetero_sched.workload import Request
+
+class Request(NamedTuple):
+    """One inference request as the workload states it (true lengths; policies see predictions).
+
+    A NamedTuple, not a frozen dataclass: just as immutable, and a million of them are made
+    per run at C speed.
+    """
+
+    request_id: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    prefix_hashes: Optional[tuple[int, ...]] = None
+    """Hashes of the prompt's prefix blocks (e.g. Mooncake's), ``prefix_block_tokens`` each."""
+    prefix_block_tokens: int = 512
+    max_tokens: Optional[int] = None
 
 
 class Phase(Enum):
@@ -28,7 +44,7 @@ class RequestState:
         "prefill_group", "decode_group", "prefill_blocks", "decode_blocks", "reserved_tokens",
         "join_step", "join_span", "finish_step", "exhaust_step", "cached_tokens",
         "token1_s", "token2_s", "last_token_s", "max_gap_s", "finish_s",
-        "preemptions", "reject_reason", "transfer_id", "prefill_done", "prefill_s",
+        "preemptions", "reject_reason", "transfer_id", "prefill_done", "prefill_s", "prefilled_s",
     )
 
     def __init__(self, request: Request, predicted_output: int) -> None:
@@ -60,6 +76,8 @@ class RequestState:
         """Chunked prefill: tokens of the current prefill computed so far (beyond the cached prefix)."""
         self.prefill_s = 0.0
         """Duration of the span that finished its last prefill (what layer-wise streaming overlaps)."""
+        self.prefilled_s: Optional[float] = None
+        """When the core applied its last prefill (a transfer starting then was streamed during it)."""
 
     @property
     def prefill_tokens(self) -> int:

@@ -1,12 +1,14 @@
 """The scheduler: turns events into decisions by asking a policy, and plans spans.
 
-Plain Python, no Ray, no clock: every handler takes ``now_s``. A driver (the simulator's event
-loop, or the runtime's scheduler actor) feeds it events in the contract's order and, once all
-events of a time are in, calls :meth:`Scheduler.plan`, which returns the timers to set — span
-ends, transfer progress — as ``(time_s, Kind, payload)``. That is the plan/execute/apply split:
-the scheduler plans and applies; the driver's executor (virtual time, a sleep, a numpy model)
-decides *when* each timer fires. Stale timers (a span that was cut, a transfer re-rated) carry
-an old token and are ignored here, so drivers never cancel anything.
+Plain Python, no Ray, no clock: every handler takes ``now_s``. A driver (the engine's event
+loop, in the simulator or the runtime) feeds it events in the contract's order and, once all
+events of a time are in, calls :meth:`Scheduler.plan`, which returns what to do next as
+``(time_s, Kind, payload)``: spans to run (``SPAN_END`` with the :class:`Span`, at its expected
+end: the driver hands it to the group's *device*) and transfer progress. That is the
+plan/execute/apply split: the scheduler plans; a device executes and reports
+(:class:`~hetero_sched.core.spans.SpanReport`); the scheduler applies the report
+(:meth:`Scheduler.on_span_end`). Stale timers (a transfer re-rated) carry an old version and
+are ignored here, so drivers never cancel anything.
 
 Every decision is added to :attr:`Scheduler.decisions` (a
 :class:`~hetero_sched.core.events.DecisionLog`); a finished request becomes one row of
@@ -16,14 +18,15 @@ Every decision is added to :attr:`Scheduler.decisions` (a
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Sequence
 
 from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
-from hetero_sched.core.group import GroupState, Role, Span, SpanKind, SpanOutcome
-from hetero_sched.core.request import Phase, RequestState
+from hetero_sched.core.group import GroupState, Role
+from hetero_sched.core.hooks import ExecutorHooks
+from hetero_sched.core.request import Phase, Request, RequestState
+from hetero_sched.core.spans import SpanKind, SpanOutcome, SpanReport
 from hetero_sched.core.transfer import LayerwiseStreaming, TransferNetwork, layerwise_tail
 from hetero_sched.policies.base import GroupView, Placement, Policy, Reject, RequestInfo
-from hetero_sched.workload import Request
 
 Timer = tuple[float, int, Any]
 """``(time_s, Kind.*, payload)``: something the driver must call back at ``time_s``."""
@@ -34,29 +37,6 @@ RECORD_COLUMNS = (
     "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions", "generated",
 )
 """One row per finished request. Times are absolute (same clock as ``arrival_s``)."""
-
-
-class ExecutorHooks(Protocol):
-    """What an executor or an observer needs to hear from the core (plain simulation passes none).
-
-    The core calls these as it decides: the runtime turns them into batched actor calls, the
-    request tracer into spans (``hetero_sched.tracing``). Every call carries the time it
-    happened, so an observer needs no clock of its own.
-    """
-
-    def request_placed(self, now_s: float, rs: RequestState, group_id: int) -> None:
-        """``rs`` joined ``group_id``'s prefill queue (on arrival, or again after a preemption)."""
-    def span_planned(self, now_s: float, group_id: int, span: Span) -> None: ...
-    def span_cut(self, now_s: float, group_id: int, span: Span) -> None: ...
-    def transfer_started(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int,
-                         num_bytes: int) -> None: ...
-    def kv_landed(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None: ...
-    def request_left(self, now_s: float, group_id: int, rs: RequestState, how: str) -> None:
-        """``rs`` left ``group_id`` (completed / preempted / failed): its KV there can go."""
-    def request_finished(self, now_s: float, rs: RequestState) -> None:
-        """``rs`` ended (completed or rejected); its record is written."""
-    def transfer_cancelled(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
-        """A transfer will never land: an endpoint's device failed (``fail_group``)."""
 
 
 class Scheduler:
@@ -117,12 +97,25 @@ class Scheduler:
             return
         self._place(now_s, rs)
 
-    def on_span_end(self, now_s: float, group_id: int, token: int) -> None:
-        """A group's span ended (ignored if it was cut or replaced since)."""
+    def on_span_end(self, now_s: float, report: SpanReport) -> None:
+        """A group's device reports that its span ended: apply what it did (ignored if that span
+        is no longer the group's: its device died since).
+
+        Raises ValueError for a report no device may send (more steps than planned, or none).
+        """
+        group_id = report.group_id
         g = self.groups[group_id]
-        if g.span is None or g.span.token != token:
+        span = g.span
+        if span is None or span.span_id != report.span_id:
             return
-        out = g.finish(now_s)
+        planned = span.planned_steps
+        if span.kind is SpanKind.DECODE and not 1 <= report.steps <= planned \
+                or span.kind is not SpanKind.DECODE and report.steps != planned:
+            raise ValueError(f"group {g.name} reported {report.steps} step(s) for a {span.kind.value} span "
+                             f"planned with {planned}")
+        out = g.finish(now_s, report)
+        if self.hooks is not None:
+            self.hooks.span_applied(now_s, group_id, span, report)
         self._apply(now_s, g, out)
         if now_s - self.views[group_id].reported_s >= self.report_interval_s:
             self._report(g, now_s)
@@ -184,17 +177,13 @@ class Scheduler:
             if hooks is not None:
                 hooks.transfer_cancelled(now_s, tid, rs, src_id, dst_id)
             if src_id == group_id:                             # the KV's source is gone
-                dst = self.groups[dst_id]
-                dst.kv.free(rs.decode_blocks)
-                dst.in_transit -= 1
+                self.groups[dst_id].cancel_admission(rs)
                 self._dirty.add(dst_id)
                 again[rs.request_id] = rs
             else:                                              # the destination is gone
                 reroute[rs.request_id] = rs
         for other in self.groups:                              # prefilled there, waiting elsewhere
-            stranded = [rs for rs in other.decode_queue if rs.prefill_group == group_id]
-            for rs in stranded:
-                other.decode_queue.remove(rs)
+            for rs in other.unqueue_decode(group_id):
                 self.views[other.group_id].num_decode_queued -= 1
                 again[rs.request_id] = rs
         for rs in lost:
@@ -224,17 +213,7 @@ class Scheduler:
         """Where each request the core still holds sits (for the "unfinished request" error)."""
         out: dict[int, str] = {}
         for g in self.groups:
-            for rs in g.prefill_queue:
-                out[rs.request_id] = f"{g.name} prefill queue"
-            for rs in g.decode_queue:
-                out[rs.request_id] = f"{g.name} decode queue ({rs.phase.value})"
-            for rs in g.ready:
-                out[rs.request_id] = f"{g.name} ready"
-            for rs in g.running.values():
-                out[rs.request_id] = f"{g.name} running"
-            if g.span is not None:
-                for rs in g.span.batch:
-                    out.setdefault(rs.request_id, f"{g.name} span {g.span.kind.value}")
+            out.update(g.requests_held())
         for tid, (rs, src, dst, _) in self._transfers.items():
             out[rs.request_id] = f"transfer {tid} {self.groups[src].name}->{self.groups[dst].name}"
         return out
@@ -340,13 +319,13 @@ class Scheduler:
                             log.add(now_s, D.DECODE, gid, None, span.batch_size, span.steps, dur)
                         else:
                             log.add(now_s, D.CHUNK, gid, None, span.batch_size, len(span.chunks), span.new_tokens, dur)
-                        timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
+                        timers.append((span.end_s, Kind.SPAN_END, span))
                         if self.hooks is not None:
                             self.hooks.span_planned(now_s, gid, span)
                 elif g.wants_interrupt() and g.cut(now_s):
                     span = g.span
                     log.add(now_s, D.CUT, gid, None, span.steps, span.end_s)
-                    timers.append((span.end_s, Kind.SPAN_END, (gid, span.token)))
+                    timers.append((span.end_s, Kind.SPAN_END, span))
                     if self.hooks is not None:
                         self.hooks.span_cut(now_s, gid, span)
         if self.network.version != self._network_version:
@@ -360,7 +339,7 @@ class Scheduler:
     def _info(self, rs: RequestState) -> RequestInfo:
         r = rs.request
         return RequestInfo(rs.request_id, r.arrival_s, rs.prefill_tokens, rs.predicted_output,
-                           r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group)
+                           r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group, rs.generated)
 
     def _place(self, now_s: float, rs: RequestState) -> None:
         if self._failed and not any(v.can_prefill for v in self.views):
@@ -424,18 +403,15 @@ class Scheduler:
             for rs in out.failed:
                 hooks.request_left(now_s, g.group_id, rs, "failed")
         for rs in out.prefilled:
+            rs.prefilled_s = now_s
             if rs.generated >= rs.request.output_tokens:
                 if hooks is not None:
                     hooks.request_left(now_s, g.group_id, rs, "completed")
-                g.kv.free(rs.decode_blocks)     # decoding here: its reservation; else: none
-                rs.decode_blocks = 0
+                g.release_decode_kv(rs)         # decoding here: its reservation; else: none
                 g.release_prefill_kv(rs)
                 self._complete(now_s, rs, g.group_id)
             elif (g.colocated or g.local_decodes) and rs.decode_group == g.group_id and rs.decode_blocks:
-                # it decodes where it prefilled (colocated, or a fallback placement)
-                rs.phase = Phase.DECODING
-                rs.decode_group = g.group_id
-                g.ready.append(rs)
+                g.decode_here(rs)               # colocated, or a fallback placement
             else:
                 self._route_decode(now_s, rs, g)
         for rs in out.completed:
@@ -488,7 +464,7 @@ class Scheduler:
         net_bytes = float(nbytes)
         delay = src.cost.message_cost_s
         lw = self.layerwise
-        if lw is not None and rs.last_token_s == now_s:
+        if lw is not None and rs.prefilled_s == now_s:
             # the decode side was ready when the prefill ended, so the stream ran during it
             dst = self.groups[dst_id]
             msg = src.cost.message_cost_s if lw.layer_message_s is None else lw.layer_message_s

@@ -15,6 +15,13 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 
+def uncontended_transfer_s(num_bytes: float, egress_bytes_per_s: float, ingress_bytes_per_s: float,
+                           message_s: float) -> float:
+    """A transfer's time with the link to itself: its bytes at the pair's bandwidth, plus the
+    message's fixed cost (what a policy can predict; the network shares links max-min)."""
+    return num_bytes / min(egress_bytes_per_s, ingress_bytes_per_s) + message_s
+
+
 def max_min_rates(flows: Sequence[tuple[int, int]], egress: Sequence[float],
                   ingress: Sequence[float], counts: Optional[Sequence[int]] = None) -> list[float]:
     """Max-min fair per-flow rates of flow classes ``(src, dst)`` over endpoint capacities.

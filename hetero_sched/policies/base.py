@@ -12,7 +12,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, NamedTuple, Optional, Sequence, Union
 
-from hetero_sched.costmodel import GroupCost
+from hetero_sched.core.kvblocks import blocks_for
+from hetero_sched.core.kvmemory import prefix_hit_tokens, reservation_tokens
+from hetero_sched.core.transfer import uncontended_transfer_s
+from hetero_sched.costmodel import GroupCost, step_time_s
 from hetero_sched.errors import UserError
 
 
@@ -28,6 +31,8 @@ class RequestInfo(NamedTuple):
     prefix_block_tokens: int = 512
     prefill_group: Optional[int] = None
     """Where it was prefilled (set when :meth:`Policy.place_decode` is asked)."""
+    generated: int = 0
+    """Tokens it had generated before this prefill (after a preemption; part of ``prompt_tokens``)."""
 
 
 class GroupView:
@@ -88,6 +93,35 @@ class GroupView:
     def decode_load(self) -> int:
         """Sequences decoding here or waiting for a decode slot."""
         return self.num_decoding + self.num_decode_queued
+
+    # --- the core's own formulas, for policies to predict with (never re-derived) -----------
+    def reservation_blocks(self, request: RequestInfo) -> int:
+        """KV blocks decode admission here would reserve for ``request`` once prefilled."""
+        tokens = reservation_tokens(request.prompt_tokens - request.generated, request.predicted_output,
+                                    request.generated + 1, self.kv_blocks_total * self.block_size)
+        return blocks_for(tokens, self.block_size)
+
+    def has_decode_room(self, request: RequestInfo) -> bool:
+        """A free decode slot and KV for ``request``'s reservation, as of the last report."""
+        return self.decode_load < self.max_num_seqs and self.kv_blocks_free >= self.reservation_blocks(request)
+
+    def cached_tokens(self, request: RequestInfo) -> int:
+        """Prompt tokens this group's prefix cache would save ``request`` now (as the core counts them)."""
+        if not request.prefix_hashes:
+            return 0
+        return prefix_hit_tokens(self.cached_prefix_blocks(request.prefix_hashes), request.prefix_block_tokens,
+                                 request.prompt_tokens - request.generated, request.prompt_tokens)
+
+    def decode_step_s(self, batch_size: int, context_tokens: float) -> float:
+        """One decode step's time here with ``batch_size`` sequences and ``context_tokens`` in all."""
+        return step_time_s(self.cost.decode_step_lines(batch_size), context_tokens)
+
+    def transfer_s(self, request: RequestInfo, dst: "GroupView") -> float:
+        """``request``'s KV (prompt plus the token its prefill makes) from here to ``dst``, with
+        the link to itself (the core shares links max-min between concurrent transfers)."""
+        num_bytes = (request.prompt_tokens + 1) * self.cost.transfer_bytes_per_token
+        return uncontended_transfer_s(num_bytes, self.cost.egress_bytes_per_s, dst.cost.ingress_bytes_per_s,
+                                      self.cost.message_cost_s)
 
 
 @dataclass(frozen=True, slots=True)

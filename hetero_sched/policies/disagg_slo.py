@@ -25,17 +25,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Union
 
-from hetero_sched.costmodel import step_time_s
 from hetero_sched.policies.base import Decision, GroupView, Placement, Reject, RequestInfo
 from hetero_sched.policies.disagg import Disagg
-from hetero_sched.policies.fallback import has_decode_room, reservation_blocks
 from hetero_sched.policies.registry import register
-
-
-def cached_tokens(request: RequestInfo, g: GroupView) -> int:
-    """Prompt tokens ``g``'s prefix cache would save ``request`` (at least one token is computed)."""
-    blocks = g.cached_prefix_blocks(request.prefix_hashes)
-    return min(blocks * request.prefix_block_tokens, request.prompt_tokens - 1) if blocks else 0
 
 
 def predicted_ttft_s(request: RequestInfo, g: GroupView) -> float:
@@ -44,24 +36,20 @@ def predicted_ttft_s(request: RequestInfo, g: GroupView) -> float:
     if g.prefill_queued_tokens:
         full = g.max_batch_tokens
         queue_s = g.prefill_queued_tokens / full * g.cost.prefill_time_s([full], [0])
-    hit = cached_tokens(request, g)
+    hit = g.cached_tokens(request)
     return queue_s + g.cost.prefill_time_s([request.prompt_tokens - hit], [hit])
 
 
-def transfer_s(request: RequestInfo, src: GroupView, dst: GroupView) -> float:
-    """The prompt's KV (plus the token prefill makes) from ``src`` to ``dst``, uncontended."""
-    rate = min(src.cost.egress_bytes_per_s, dst.cost.ingress_bytes_per_s)
-    nbytes = (request.prompt_tokens + 1) * src.cost.transfer_bytes_per_token
-    return nbytes / rate + src.cost.message_cost_s
-
-
 def predicted_tpot_s(request: RequestInfo, d: GroupView, transfer: float) -> Optional[float]:
-    """TPOT at decode group ``d``; None if it has no slot or KV headroom for the reservation now."""
-    if not has_decode_room(request, d):
+    """TPOT at decode group ``d``; None if it has no slot or KV headroom for the reservation now.
+
+    One decode step with ``d``'s batch plus this request over its reserved KV (blocks in use
+    plus this prompt), plus the transfer spread over the predicted output tokens.
+    """
+    if not d.has_decode_room(request):
         return None
     context = (d.kv_blocks_total - d.kv_blocks_free) * d.block_size + request.prompt_tokens + 1
-    step = step_time_s(d.cost.decode_step_lines(d.decode_load + 1), context)
-    return step + transfer / max(request.predicted_output - 1, 1)
+    return d.decode_step_s(d.decode_load + 1, context) + transfer / max(request.predicted_output - 1, 1)
 
 
 @register
@@ -94,7 +82,7 @@ class DisaggSLO(Disagg):
             for d in groups:
                 if not d.can_decode:
                     continue
-                move = transfer_s(request, p, d)
+                move = p.transfer_s(request, d)
                 tpot = predicted_tpot_s(request, d, move)
                 if tpot is None:
                     continue
@@ -115,10 +103,10 @@ class DisaggSLO(Disagg):
         for d in groups:
             if not d.can_decode:
                 continue
-            tpot = predicted_tpot_s(request, d, transfer_s(request, src, d) if src is not None else 0.0)
+            tpot = predicted_tpot_s(request, d, src.transfer_s(request, d) if src is not None else 0.0)
             if tpot is None or tpot > self.tpot_slo_s:
                 continue
-            key = (-(d.kv_blocks_free - reservation_blocks(request, d)), tpot, d.group_id)
+            key = (-(d.kv_blocks_free - d.reservation_blocks(request)), tpot, d.group_id)
             if best is None or key < best:
                 best = key
         if best is not None:

@@ -11,23 +11,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from hetero_sched.core.kvblocks import blocks_for
 from hetero_sched.policies.base import GroupView, Placement, RequestInfo
-
-
-def reservation_blocks(request: RequestInfo, g: GroupView) -> int:
-    """KV blocks a decode reservation of ``request`` takes at ``g`` (prompt + predicted output)."""
-    return blocks_for(request.prompt_tokens + max(request.predicted_output, 2), g.block_size)
-
-
-def has_decode_room(request: RequestInfo, g: GroupView) -> bool:
-    """A free decode slot and KV for the request's reservation, as of ``g``'s last report."""
-    return g.decode_load < g.max_num_seqs and g.kv_blocks_free >= reservation_blocks(request, g)
 
 
 def decode_pool_saturated(request: RequestInfo, groups: Sequence[GroupView]) -> bool:
     """No decode group has a slot and KV room for ``request`` now (it would wait)."""
-    return not any(g.can_decode and has_decode_room(request, g) for g in groups)
+    return not any(g.can_decode and g.has_decode_room(request) for g in groups)
 
 
 def prefill_pool_saturated(groups: Sequence[GroupView], batches: float) -> bool:
@@ -41,7 +30,7 @@ def fallback_decode(request: RequestInfo, groups: Sequence[GroupView]) -> Option
     if src is None or not decode_pool_saturated(request, groups):
         return None
     g = groups[src]
-    if g.is_draining or g.can_decode or not has_decode_room(request, g):
+    if g.is_draining or g.can_decode or not g.has_decode_room(request):
         return None
     return src
 
@@ -52,7 +41,7 @@ def fallback_prefill(request: RequestInfo, groups: Sequence[GroupView], batches:
         return None
     best: Optional[GroupView] = None
     for g in groups:
-        if g.can_decode and not g.can_prefill and has_decode_room(request, g) \
+        if g.can_decode and not g.can_prefill and g.has_decode_room(request) \
                 and (best is None or g.kv_blocks_free > best.kv_blocks_free):
             best = g
     return None if best is None else Placement(best.group_id, best.group_id)

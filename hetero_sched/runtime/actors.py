@@ -8,11 +8,14 @@ it with the same event loop as the simulator, on a virtual or a wall clock.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 import time
 import warnings
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
 
 import numpy as np
 import ray
@@ -21,14 +24,15 @@ from hetero_sched.errors import RunFailed
 from hetero_sched.experiment import parse_experiment
 from hetero_sched.runtime.backends import make_backend
 from hetero_sched.runtime.clock import WallClock
-from hetero_sched.runtime.executor import LiveExecutor, ask_all
+from hetero_sched.runtime.devices import RayDevices, ask_all
 from hetero_sched.runtime.journal import JournalError
 from hetero_sched.runtime.kvcodec import KVCorruptionError, flip_payload_bit
 from hetero_sched.runtime.livemetrics import LiveMetrics
 from hetero_sched.runtime.messages import pack, unpack
+from hetero_sched.runtime.pacing import DevicePace, Timeline, measured_report
 from hetero_sched.runtime.recovery import Recovered, RunJournal
-from hetero_sched.sim import build_scheduler
-from hetero_sched.sim.engine import run_events
+from hetero_sched.engine.assembly import build_scheduler
+from hetero_sched.engine.loop import run_events
 from hetero_sched.tracing import ProcessTracing, TraceSettings, attach_tracer, emit_shipped, epoch_for
 
 
@@ -39,9 +43,37 @@ def _restarted() -> bool:
         return ray.get_runtime_context().was_current_actor_reconstructed
 
 
+@dataclass
+class _Running:
+    """The span a device is running: its timeline, and where a cut asked it to stop."""
+
+    span_id: int
+    timeline: Timeline
+    steps: int
+    """Steps it makes (virtual clock: after the cuts so far; wall clock: planned, then cut)."""
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    margins: dict[int, float] = field(default_factory=dict)
+    cut: Optional[asyncio.Event] = None
+    stop_at_s: Optional[float] = None
+
+
+def _void_report(incarnation: int, span_id: int = -1) -> bytes:
+    """A report of nothing: the span was not run (another incarnation) or a cut was only noted."""
+    return pack("span_report", span_id=span_id, start_s=0.0, end_s=0.0, steps=0, first_step_end_s=0.0,
+                max_step_s=0.0, tokens={}, margins={}, exports=[], compute_s=0.0, incarnation=incarnation)
+
+
 @ray.remote(num_cpus=0)
 class DeviceGroupActor:
-    """Executes one group's spans and KV hand-offs (calls run in order: one at a time)."""
+    """One device group: runs the spans the scheduler sends on its own clock and reports them.
+
+    An async actor, so a cut (or a KV import) can reach it while a span runs. On the wall clock
+    ``run_span`` holds the span — for the cost model's duration at this device's pace, or for
+    as long as the backend really computes (``pace: real``) — and answers when it ends; a
+    ``cut`` makes it stop at its first step boundary after the cut. On the virtual clock it
+    answers at once with the span's timeline on the device's clock (computing numpy tokens
+    eagerly), and a cut answers with the revised one (rolling the extra steps back).
+    """
 
     def __init__(self, config: bytes) -> None:
         cfg = unpack(config, "configure")
@@ -50,26 +82,76 @@ class DeviceGroupActor:
         self._backend_args = dict(kind=cfg["backend"], model=cfg["model"], seed=cfg["seed"],
                                   bytes_scale=cfg["bytes_scale"], block_size=cfg["block_size"])
         self.backend = make_backend(**self._backend_args)
+        self.computes = cfg["backend"] == "numpy"
+        self.clock = cfg["clock"]
+        self.time_scale = cfg["time_scale"]
+        self.real_pace = cfg["pace"] == "real"
+        faults = cfg["faults"]
+        self.pace = DevicePace(cfg["device_speed"], cfg["device_jitter"], cfg["seed"],
+                               int(faults.get("short_steps", 0)) if faults.get("short_group") == self.name else 0)
         self.tracing: Optional[ProcessTracing] = (
             ProcessTracing(TraceSettings.from_dict(cfg["trace"]), instance=self.name) if cfg["trace"] else None)
         self.incarnation = int.from_bytes(os.urandom(4), "big")
         """New each time Ray (re)starts this actor: a restart loses everything it held."""
-        faults = cfg["faults"]
         self._fetch_timeout_s = cfg["fetch_timeout_s"]
-        self._steps = 0
+        self._origin_unix_s = time.time()
+        self._spans = 0
         self._hang_at = 0 if faults.get("hang_group") != self.name or _restarted() \
-            else int(faults.get("hang_at_step", 0))
-        """Injected fault: this step never returns (once: not after Ray restarts the actor)."""
+            else int(faults.get("hang_at_span", 0))
+        """Injected fault: this span's report never comes (once: not after Ray restarts the actor)."""
         self._corrupt_every = int(faults.get("corrupt_every", 0))
         self._fault_rng = np.random.default_rng(int(faults.get("seed", 0)))
         self._exports = 0
+        self._running: Optional[_Running] = None
+        self._next_seq = 0
+        self._turns = asyncio.Condition()
+        """Ray does not keep an async actor's calls in order, but what one call does must
+        happen before the next (a span's joiners need the imports sent before it): calls carry
+        a sequence number (per incarnation), and each acts in its turn (:meth:`_in_turn`)."""
         self._measured: dict[int, dict[str, list[dict[str, Any]]]] = {}
         """Tracing: what this actor measured per request, until the request's spans arrive."""
 
     def _measure(self, request_id: int, kind: str, seconds: float, **attrs: Any) -> None:
         self._measured.setdefault(request_id, {}).setdefault(kind, []).append({"seconds": seconds, **attrs})
 
-    def flush_traces(self) -> dict[str, int]:
+    async def begin(self, origin_unix_s: float) -> int:
+        """The run's clock: run time 0 is ``origin_unix_s`` (wall clock); ordered calls count
+        from 0 again. Returns the incarnation."""
+        self._origin_unix_s = origin_unix_s
+        self._next_seq = 0
+        return self.incarnation
+
+    @contextlib.asynccontextmanager
+    async def _in_turn(self, seq: int) -> AsyncIterator[None]:
+        """Act as the ``seq``-th ordered call: after every earlier one has acted."""
+        async with self._turns:
+            await self._turns.wait_for(lambda: self._next_seq == seq)
+        try:
+            yield
+        finally:
+            async with self._turns:
+                self._next_seq = seq + 1
+                self._turns.notify_all()
+
+    def _now(self) -> float:
+        return (time.time() - self._origin_unix_s) / self.time_scale
+
+    async def _sleep_until(self, t_s: float, interrupt: Optional[asyncio.Event] = None) -> bool:
+        """Wait until run time ``t_s``; True if ``interrupt`` was set first."""
+        delay = self._origin_unix_s + t_s * self.time_scale - time.time()
+        if interrupt is None:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return False
+        if interrupt.is_set():
+            return True
+        try:
+            await asyncio.wait_for(interrupt.wait(), timeout=max(delay, 0.0))
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def flush_traces(self) -> dict[str, int]:
         """Export every span this actor ended (bounded wait); its counts, for the run summary."""
         if self.tracing is None:
             return {}
@@ -80,115 +162,224 @@ class DeviceGroupActor:
         if self.tracing is not None:
             self.tracing.shutdown()
 
-    def incarnation_id(self) -> int:
+    async def incarnation_id(self) -> int:
         return self.incarnation
 
-    def recover(self) -> int:
+    async def recover(self) -> int:
         """The handshake with a restarted scheduler: how many requests' KV this group held for
         the dead one. All of it is dropped (the new scheduler prefills those requests again) and
         the incarnation renewed, so a late step of the old scheduler runs none of its ops."""
         held = self.backend.held()
         self.backend = make_backend(**self._backend_args)
         self._measured.clear()
+        self._running = None
+        self._next_seq = 0
         self.incarnation = int.from_bytes(os.urandom(4), "big")
         return held
 
-    def node_labels(self) -> dict[str, str]:
+    async def node_labels(self) -> dict[str, str]:
         """Where this actor landed (its node's labels), for placement checks."""
         return {k: str(v) for k, v in ray.get_runtime_context().get_node_labels().items()}
 
-    def step(self, msg: bytes, refs: list[ray.ObjectRef]) -> tuple[bytes, list[ray.ObjectRef]]:
-        """Carry out one time step's operations, in order; return the report and the export bundle.
+    async def held(self) -> int:
+        """Requests whose KV this group still holds (0 after a clean run)."""
+        return self.backend.held()
+
+    # --- spans --------------------------------------------------------------------------------
+    async def run_span(self, msg: bytes) -> tuple[bytes, list[ray.ObjectRef]]:
+        """Run one span; answer with its report (and the KV bundle it exported, if any)."""
+        m = unpack(msg, "span")
+        if m["expect"] != self.incarnation:
+            # restarted since this span was planned: the state it acts on died with the old
+            # process, so run none of it and say so (the scheduler resumes those requests)
+            return _void_report(self.incarnation), []
+        virtual = self.clock == "virtual"
+        async with self._in_turn(m["seq"]):   # after the calls sent before it: its KV and joiners are here
+            span = m["span"]
+            factor = self.pace.factor(self.group_id, span["span_id"])
+            tl = Timeline.of(span, float(span["start_s"]) if virtual else self._now(), factor, self.pace.short_steps)
+            run = _Running(span["span_id"], tl, tl.steps, cut=None if virtual else asyncio.Event())
+            self._running = run
+            t0 = time.perf_counter()
+            stepwise = not virtual and span["kind"] == "decode" and self.computes
+            exports = self._compute(span, run, 1 if stepwise else tl.steps)
+        self._spans += 1
+        if self._spans == self._hang_at:
+            await asyncio.Event().wait()          # injected fault: this report never comes
+        if virtual:
+            times = tl.report(run.steps)
+        elif span["kind"] == "decode":
+            times = await self._wall_decode(span, run)
+        else:
+            if not self.real_pace:
+                await self._sleep_until(tl.end_s())
+            times = tl.report(run.steps, end_s=self._now())
+        if not virtual:
+            self._running = None
+        compute_s = time.perf_counter() - t0
+        refs = [ray.put([batch for _, batch in exports])] if exports else []
+        return self._report(run, times, [rid for rid, _ in exports], compute_s), refs
+
+    def _report(self, run: _Running, times: dict[str, float], exports: list[int], compute_s: float) -> bytes:
+        return pack("span_report", span_id=run.span_id, **times, tokens=run.tokens, margins=run.margins,
+                    exports=exports, compute_s=compute_s, incarnation=self.incarnation)
+
+    def _compute(self, span: dict[str, Any], run: _Running, steps: int) -> list[tuple[int, Any]]:
+        """The span's work on the backend (all of it at once); the KV batches it exports."""
+        kind = span["kind"]
+        if kind in ("decode", "mixed") and steps:
+            self._note(run, *self.backend.decode(span["joiners"], steps))
+        exports: list[tuple[int, Any]] = []
+        if kind in ("prefill", "mixed") and span["requests"]:
+            t0 = time.perf_counter()
+            self._note(run, *self.backend.prefill(span["requests"]))
+            dt = time.perf_counter() - t0
+            for item in span["requests"]:
+                if self.tracing is not None:
+                    self._measure(item["id"], "prefill", dt, **{"hetero.compute_s": dt})
+                if item.get("export"):
+                    exports.append((item["id"], self._export(item["id"], item["true_bytes"])))
+        return exports
+
+    @staticmethod
+    def _note(run: _Running, tokens: dict[int, list[int]], margins: dict[int, float]) -> None:
+        for rid, toks in tokens.items():
+            run.tokens.setdefault(rid, []).extend(toks)
+        for rid, margin in margins.items():
+            run.margins[rid] = min(margin, run.margins.get(rid, margin))
+
+    async def _wall_decode(self, span: dict[str, Any], run: _Running) -> dict[str, float]:
+        """Decode steps in real time: computed one at a time (numpy; the first already is), each
+        held until its modeled end unless the pace is real; or, with nothing to compute, one
+        interruptible hold. A cut stops it at the first step boundary after the cut."""
+        tl = run.timeline
+        cut = run.cut
+        assert cut is not None
+        if not self.computes:
+            if await self._sleep_until(tl.end_s(), cut):
+                run.steps = tl.stop_at(max(run.stop_at_s or 0.0, self._now()))
+                await self._sleep_until(tl.step_end_s(run.steps))
+            return tl.report(run.steps, end_s=self._now())
+        ends: list[float] = []
+        stop: Optional[int] = None
+        for j in range(1, tl.steps + 1):
+            if j > 1:
+                self._note(run, *self.backend.decode([], 1))
+            if self.real_pace:
+                await asyncio.sleep(0)            # let a cut in between steps
+            else:
+                await self._sleep_until(tl.step_end_s(j))
+            ends.append(self._now())
+            if cut.is_set() and stop is None:     # a cut came during this step: where to stop
+                stop = j if self.real_pace else max(j, tl.stop_at(run.stop_at_s or 0.0))
+            if stop is not None and j >= stop:
+                break
+        run.steps = len(ends)
+        return measured_report(tl.start_s, ends, "decode")
+
+    async def cut(self, msg: bytes) -> tuple[bytes, list[ray.ObjectRef]]:
+        """Stop the running span at its first step boundary at or after ``at_s`` (and after now)."""
+        m = unpack(msg, "cut")
+        run = self._running
+        if m["expect"] != self.incarnation:
+            return _void_report(self.incarnation), []
+        if self.clock == "virtual":
+            async with self._in_turn(m["seq"]):
+                return self._virtual_cut(m["span_id"], float(m["at_s"]))
+        if run is None or run.span_id != m["span_id"]:
+            return _void_report(self.incarnation), []        # over already: its report says how it ended
+        if self.clock == "wall":
+            run.stop_at_s = max(float(m["at_s"]), self._now())
+            if run.cut is not None:
+                run.cut.set()
+            return _void_report(self.incarnation), []
+        return _void_report(self.incarnation), []
+
+    def _virtual_cut(self, span_id: int, at_s: float) -> tuple[bytes, list[ray.ObjectRef]]:
+        """The span's revised timeline, its steps past the cut undone (virtual clock)."""
+        run = self._running
+        if run is None or run.span_id != span_id:
+            return _void_report(self.incarnation), []
+        steps = run.timeline.stop_at(at_s)
+        if steps < run.steps:
+            if self.computes:
+                self.backend.rollback(run.steps - steps)
+                for toks in run.tokens.values():
+                    del toks[steps:]
+            run.steps = steps
+        return self._report(run, run.timeline.report(run.steps), [], 0.0), []
+
+    # --- KV hand-offs ---------------------------------------------------------------------------
+    def _export(self, request_id: int, true_bytes: int) -> Any:
+        t0 = time.perf_counter()
+        batch = self.backend.export_kv(request_id, true_bytes)
+        self._exports += 1
+        if self._corrupt_every and self._exports % self._corrupt_every == 0:
+            batch = flip_payload_bit(batch, int(self._fault_rng.integers(1 << 40)))   # injected fault
+        if self.tracing is not None:
+            dt = time.perf_counter() - t0
+            self._measure(request_id, "encode", dt, **{"hetero.kv.encode_s": dt,
+                                                       "hetero.kv.bytes_moved": int(batch.nbytes)})
+        return batch
+
+    async def step(self, msg: bytes, refs: list[ray.ObjectRef]) -> tuple[bytes, list[ray.ObjectRef]]:
+        """Carry out KV hand-offs and bookkeeping, in order; report imports, return exports.
 
         ``refs`` are KV bundles (lists of per-request Arrow batches) read here — zero-copy on
-        one node — with every checksum verified. All exports of a step are ``ray.put`` as one
-        bundle this actor owns: one object per step, not per request (a put costs ~1 ms).
+        one node — with every checksum verified. A step's exports are ``ray.put`` as one bundle
+        this actor owns: one object per step, not per request (a put costs ~1 ms).
         """
         step = unpack(msg, "step")
-        self._steps += 1
-        if self._steps == self._hang_at:
-            time.sleep(1e6)                       # injected fault: stuck, not dead
         if step["expect"] != self.incarnation:
-            # restarted since these ops were planned: the state they act on died with the old
-            # process, so run none of them and say so (the scheduler resumes those requests)
-            return pack("step_report", tokens={}, margins={}, import_bytes=0, import_s=0.0, bad_kv=[],
+            return pack("step_report", import_bytes=0, import_s=0.0, imported=[], bad_kv=[], exports=[],
                         incarnation=self.incarnation), []
-        ops = step["ops"]
-        tokens: dict[int, list[int]] = {}
-        margins: dict[int, float] = {}
-        exports = []
+        async with self._in_turn(step["seq"]):     # in the order sent, spans included
+            return await self._step(step, refs)
+
+    async def _step(self, step: dict[str, Any], refs: list[ray.ObjectRef]) -> tuple[bytes, list[ray.ObjectRef]]:
+        imported: list[int] = []
+        bad_kv: list[int] = []
+        exports: list[tuple[int, Any]] = []
         import_bytes = 0
         import_s = 0.0
-        bad_kv: list[int] = []
-        bundles = [self._fetch(ref) for ref in refs]
-        backend = self.backend
-        traced = self.tracing is not None
-        for op in ops:
+        bundles = [await self._fetch(ref) for ref in refs]
+        for op in step["ops"]:
             kind = op["op"]
-            if kind == "prefill":
-                t0 = time.perf_counter()
-                t, m = backend.prefill(op["requests"])
-                if traced:
-                    dt = time.perf_counter() - t0
-                    for item in op["requests"]:
-                        self._measure(item["id"], "prefill", dt, **{"hetero.compute_s": dt})
-            elif kind == "decode":
-                t, m = backend.decode(op["joiners"], op["steps"])
-            elif kind == "import":
+            if kind == "import":
                 t0 = time.perf_counter()
                 bundle = bundles[op["ref"]]
                 try:
                     if bundle is None:
                         raise KVCorruptionError(f"KV of request {op['id']}: its object was lost")
-                    moved = backend.import_kv(op["id"], bundle[op["index"]], op["last"])
+                    moved = self.backend.import_kv(op["id"], bundle[op["index"]], op["last"])
                 except KVCorruptionError:
                     bad_kv.append(op["id"])         # never decoded from: the scheduler sends it again
                     continue
                 dt = time.perf_counter() - t0
+                imported.append(op["id"])
                 import_bytes += moved
                 import_s += dt
-                if traced:
+                if self.tracing is not None:
                     self._measure(op["id"], "decode", dt, **{"hetero.kv.decode_s": dt, "hetero.kv.bytes_moved": moved})
-                continue
             elif kind == "export":
-                t0 = time.perf_counter()
-                batch = backend.export_kv(op["id"], op["true_bytes"])
-                self._exports += 1
-                if self._corrupt_every and self._exports % self._corrupt_every == 0:
-                    batch = flip_payload_bit(batch, int(self._fault_rng.integers(1 << 40)))   # injected fault
-                exports.append(batch)
-                if traced:
-                    dt = time.perf_counter() - t0
-                    self._measure(op["id"], "encode", dt, **{"hetero.kv.encode_s": dt,
-                                                            "hetero.kv.bytes_moved": int(batch.nbytes)})
-                continue
+                exports.append((op["id"], self._export(op["id"], op["true_bytes"])))
             elif kind == "trace":
                 measured = self._measured.pop(op["id"], {})
                 if self.tracing is not None:
                     emit_shipped(self.tracing.tracer, op["spans"], measured)
-                continue
             else:
-                backend.forget(op["ids"])
-                continue
-            for rid, toks in t.items():
-                tokens.setdefault(rid, []).extend(toks)
-            for rid, margin in m.items():
-                margins[rid] = min(margin, margins.get(rid, margin))
+                self.backend.forget(op["ids"])
         del bundles
-        report = pack("step_report", tokens=tokens, margins=margins, import_bytes=import_bytes,
-                      import_s=import_s, bad_kv=bad_kv, incarnation=self.incarnation)
-        return report, ([ray.put(exports)] if exports else [])
+        report = pack("step_report", import_bytes=import_bytes, import_s=import_s, imported=imported,
+                      bad_kv=bad_kv, exports=[rid for rid, _ in exports], incarnation=self.incarnation)
+        return report, ([ray.put([batch for _, batch in exports])] if exports else [])
 
-    def _fetch(self, ref: ray.ObjectRef) -> Optional[list[Any]]:
+    async def _fetch(self, ref: ray.ObjectRef) -> Optional[list[Any]]:
         """A KV bundle, or None if it is gone (its owner, the exporting actor, died) or unreadable."""
         try:
-            return ray.get(ref, timeout=self._fetch_timeout_s)
-        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.GetTimeoutError):
+            return await asyncio.wait_for(ref, timeout=self._fetch_timeout_s)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, asyncio.TimeoutError):
             return None
-
-    def held(self) -> int:
-        """Requests whose KV this group still holds (0 after a clean run)."""
-        return self.backend.held()
 
 
 SCHEDULER_RESTARTS = 10
@@ -212,8 +403,7 @@ class SchedulerActor:
 
     def run(self, experiment: dict[str, Any], workload: Any, actors: list[Any], *, backend: str,
             clock: str, time_scale: float, trace: Optional[dict[str, Any]] = None,
-            verify_imports: bool = False, journal_path: Optional[str] = None,
-            call_timeout_s: float = 120.0) -> dict[str, Any]:
+            journal_path: Optional[str] = None, call_timeout_s: float = 120.0) -> dict[str, Any]:
         exp = parse_experiment(experiment)
         scheduler = build_scheduler(exp, workload, base_dir=None)
         try:
@@ -224,17 +414,18 @@ class SchedulerActor:
         kv_dropped = 0
         if journal is not None and journal.is_restart:      # the handshake: drop the old run's KV
             kv_dropped = sum(ask_all(actors, "recover", call_timeout_s))
-        executor = LiveExecutor(actors, real_tokens=backend == "numpy", send_every_step=clock == "wall",
-                                verify_imports=verify_imports, journal=journal, call_timeout_s=call_timeout_s)
-        executor.scheduler = scheduler
-        executor.tokens.update(recovered.tokens)
-        executor.failures[:] = recovered.failures
-        executor.stats.kv_damaged = recovered.kv_damaged
-        scheduler.hooks = executor
-        scheduler.resumed = dict(recovered.resumed)
         first = float(workload.arrival_s[0]) if len(workload) else 0.0
         wall: Optional[WallClock] = WallClock(time_scale, recovered.origin_unix_s) if clock == "wall" else None
         origin = wall.origin_unix_s(first) if wall is not None else None
+        ask_all(actors, "begin", call_timeout_s, origin if origin is not None else time.time())
+        devices = RayDevices(actors, wall=wall, real_tokens=backend == "numpy", journal=journal,
+                             call_timeout_s=call_timeout_s)
+        devices.scheduler = scheduler
+        devices.tokens.update(recovered.tokens)
+        devices.failures[:] = recovered.failures
+        devices.stats.kv_damaged = recovered.kv_damaged
+        scheduler.hooks = devices
+        scheduler.resumed = dict(recovered.resumed)
         restarts: list[float] = []
         if journal is not None and journal.is_restart:
             now = (time.time() - origin) / time_scale if origin is not None else first
@@ -246,7 +437,7 @@ class SchedulerActor:
             # Wall clock: virtual 0 at its wall time (spans at real times); virtual: the last arrival is now.
             last = float(workload.arrival_s[-1]) if len(workload) else 0.0
             epoch = int(origin * 1e9) if origin is not None else epoch_for(last)
-            attach_tracer(scheduler, tracing, model=exp.model, epoch_ns=epoch, remote=executor.ship_spans)
+            attach_tracer(scheduler, tracing, model=exp.model, epoch_ns=epoch, remote=devices.ship_spans)
 
         metrics = LiveMetrics(scheduler, exp.slo_target, experiment=exp.name)
         before = len(recovered.rows)
@@ -258,8 +449,8 @@ class SchedulerActor:
         finished = recovered.finished_ids
         requests = (r for r in workload.requests() if r.request_id not in finished) if finished else workload.requests()
         t0 = time.perf_counter()
-        end_s = run_events(scheduler, requests, progress, progress_every=50, hooks=executor, clock=wall)
-        executor.finish()
+        end_s = run_events(scheduler, requests, progress, progress_every=50, devices=devices, clock=wall)
+        devices.finish()
         busy = [g.busy_s for g in scheduler.groups]
         if journal is not None:
             journal.commit(end_s, scheduler.decisions, busy)
@@ -269,21 +460,22 @@ class SchedulerActor:
         span_counts: list[dict[str, int]] = []
         if tracing is not None:        # a run ends only once its spans are exported (or counted dropped)
             span_counts = [dataclasses.asdict(tracing.shutdown()), *ray.get([a.flush_traces.remote() for a in actors], timeout=120)]
+        st = devices.stats
         return {
             "span_counts": span_counts,
             "records": [*recovered.rows, *scheduler.records],
             "decisions": recovered.whole_log(scheduler.decisions).state(),
             "usage": [(g.name, g.device, g.role.value, b, g.cost.dollars_per_hour) for g, b in zip(scheduler.groups, busy)],
-            "tokens": executor.tokens,
-            "stats": {"actor_calls": executor.stats.actor_calls, "transfers": executor.stats.transfers,
-                      "bytes_moved": executor.stats.bytes_moved, "import_s": executor.stats.import_s,
-                      "flushes": executor.stats.flushes, "min_margin": executor.stats.min_margin,
-                      "kv_damaged": executor.stats.kv_damaged, "stuck_actors": executor.stats.stuck,
-                      "call_s": executor.stats.flush_s,
+            "tokens": devices.tokens,
+            "stats": {"actor_calls": st.actor_calls, "span_reports": st.span_reports, "transfers": st.transfers,
+                      "bytes_moved": st.bytes_moved, "import_s": st.import_s, "min_margin": st.min_margin,
+                      "kv_damaged": st.kv_damaged, "stuck_actors": st.stuck,
+                      "report_delay_s": st.report_delay_s,
+                      "device_pace": {scheduler.groups[g].name: float(np.median(r)) for g, r in sorted(st.pace.items())},
                       "lateness_s": wall.lateness_s if wall is not None else [],
                       "wall_s": time.perf_counter() - t0,
                       "scheduler_restarts_at_s": restarts,
                       "recovered_requests": len(recovered.resumed), "kv_dropped_at_restart": kv_dropped,
                       "failures": [{"time_s": t, "group": scheduler.groups[g].name, "restarted": back}
-                                   for t, g, back in executor.failures]},
+                                   for t, g, back in devices.failures]},
         }

@@ -1,8 +1,11 @@
 """What a device-group actor computes: nothing but KV bytes (modeled) or a real tiny Llama (numpy).
 
-A backend is the executor half of plan/execute/apply: the core already decided what runs
-and for how long; the backend does the work a real group would do with its KV — compute it
-(numpy), hand it over as Arrow blocks, read it back (checksums verified) and decode from it.
+A backend is the compute half of a device: the core planned a span, the actor runs it — the
+backend does the work a real group would do with its KV (compute it, hand it over as Arrow
+blocks, read it back with checksums verified, decode from it) — and the actor reports when it
+started and ended. **To plug in a real engine** (a GPU engine, a Neuron or Cerebras client),
+implement :class:`Backend` — one class, no change to the core — and register it in
+:func:`make_backend`; with ``pace: real`` its compute time *is* the device's time.
 """
 
 from __future__ import annotations
@@ -21,10 +24,22 @@ Margins = dict[int, float]
 
 
 class Backend(Protocol):
-    """The per-group executor of spans and KV hand-offs."""
+    """One device group's engine, driven by its actor one span (or one step) at a time.
+
+    Requests are named by id; token ids are ints. ``prefill`` runs whole prompts (or chunks
+    ``[start, end)`` of them: chunked prefill) and returns each finished prompt's first token;
+    ``decode(joiners, steps)`` adds ``joiners`` (whose KV this backend holds: prefilled here or
+    imported) to the running batch and makes ``steps`` tokens for every running request;
+    ``rollback(steps)`` undoes the last ``steps`` decode steps (a virtual-clock cut: the actor
+    computed a span eagerly and learns later where it stopped). ``export_kv`` / ``import_kv``
+    move a request's KV as one Arrow RecordBatch (``runtime/kvcodec.py``); ``forget`` drops
+    requests that left the group. Margins (top-1 minus top-2 logit) are for token-exactness
+    checks; a backend without them returns ``{}``.
+    """
 
     def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]: ...
     def decode(self, joiners: list[int], steps: int) -> tuple[Tokens, Margins]: ...
+    def rollback(self, steps: int) -> None: ...
     def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch: ...
     def import_kv(self, request_id: int, batch: pa.RecordBatch, last_token: int) -> int: ...
     def forget(self, request_ids: list[int]) -> None: ...
@@ -50,6 +65,9 @@ class ModeledBackend:
 
     def decode(self, joiners: list[int], steps: int) -> tuple[Tokens, Margins]:
         return {}, {}
+
+    def rollback(self, steps: int) -> None:
+        return None
 
     def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch:
         nbytes = max(1024, int(true_bytes * self.bytes_scale))
@@ -95,6 +113,9 @@ class NumpyBackend:
         self._running: list[int] = []
         self._prefix: dict[int, np.ndarray] = {}
         self._partial: dict[int, np.ndarray] = {}         # KV of chunked prefills under way
+        self._undo: dict[int, tuple[int, int, list[int]]] = {}
+        """Per running request, since the last ``decode`` call began: (KV length, last token,
+        tokens made) — what ``rollback`` restores."""
 
     def prefill(self, requests: list[dict[str, Any]]) -> tuple[Tokens, Margins]:
         """Prefill whole prompts, or chunks ``[start, end)`` of them (chunked prefill).
@@ -132,13 +153,29 @@ class NumpyBackend:
         self._running.extend(joiners)
         tokens: Tokens = {}
         margins: Margins = {}
+        self._undo = {}
         for rid in self._running:
-            res = self.lm.decode(self._kv[rid], self._last[rid], steps)
+            kv = self._kv[rid]
+            self._undo[rid] = (kv.shape[2], self._last[rid], [])
+            if not steps:
+                continue
+            res = self.lm.decode(kv, self._last[rid], steps)
             self._kv[rid] = res.kv
             self._last[rid] = res.tokens[-1]
+            self._undo[rid][2].extend(res.tokens)
             tokens[rid] = res.tokens
             margins[rid] = min(res.margins)
         return tokens, margins
+
+    def rollback(self, steps: int) -> None:
+        """Undo the last ``steps`` steps of the last ``decode`` call."""
+        for rid, (length, last, made) in self._undo.items():
+            keep = len(made) - steps
+            if keep < 0 or rid not in self._kv:
+                raise ValueError(f"cannot roll back {steps} steps of request {rid} (made {len(made)})")
+            self._kv[rid] = self._kv[rid][:, :, :length + keep]
+            self._last[rid] = made[keep - 1] if keep else last
+            del made[keep:]
 
     def export_kv(self, request_id: int, true_bytes: int) -> pa.RecordBatch:
         return encode_kv(self._kv[request_id], model=self.model, dtype="float64",

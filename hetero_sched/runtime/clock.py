@@ -1,11 +1,12 @@
 """The wall clock: the live runtime's time, as opposed to the simulator's virtual time.
 
-The event loop asks the clock for "now" before applying an event planned at virtual time
-``t``: the wall clock sleeps until ``t × time_scale`` wall seconds after the start, then
-returns the time it really is (in virtual seconds). Everything the loop and the actors do —
-actor calls, numpy compute, KV bytes through the object store — makes that later than
-``t``: that lateness is the runtime's overhead, and the core sees it, as a real scheduler
-would. A span is thus one interruptible sleep (a cut simply moves its end).
+Run time ``t`` (seconds) is ``t × time_scale`` wall seconds after the run's origin. The event
+loop asks the clock for "now" before applying a timer planned at ``t`` (an arrival, a modeled
+KV transfer's end): the clock sleeps until then and returns the time it really is. Spans are
+not timers on this clock: devices hold them on their own clocks and report when they ended
+(``runtime/devices.py``), and the devices' ``wait`` sleeps until the next timer or report.
+Whatever makes the loop late — actor calls, KV bytes through the object store, the loop's
+own work — shows as lateness, and the core sees it, as a real scheduler would.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ class WallClock:
         if self._t0 is None:
             self._t0 = time.monotonic() - first_planned_s * self.time_scale
         return time.time() - (time.monotonic() - self._t0)
+
+    def now(self) -> float:
+        """The run time it is now (anchoring the clock here if unset)."""
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        return (time.monotonic() - self._t0) / self.time_scale
+
+    def seconds_until(self, t_s: float) -> float:
+        """Wall seconds from now until run time ``t_s`` (negative: past)."""
+        if self._t0 is None:
+            self._t0 = time.monotonic() - t_s * self.time_scale
+        return self._t0 + t_s * self.time_scale - time.monotonic()
 
     def __call__(self, planned_s: float) -> float:
         if self._t0 is None:

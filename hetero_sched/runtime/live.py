@@ -13,7 +13,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 
 import numpy as np
 import ray
@@ -27,12 +27,27 @@ from hetero_sched.results import RunResult
 from hetero_sched.runtime.actors import SCHEDULER_RESTARTS, DeviceGroupActor, SchedulerActor
 from hetero_sched.runtime.cluster import ensure_cluster, object_store_usage, placement_options
 from hetero_sched.runtime.messages import pack
-from hetero_sched.sim import ExperimentLike, make_result, resolve, tracing_summary
+from hetero_sched.engine.assembly import ExperimentLike, make_result, resolve, tracing_summary
 from hetero_sched.tracing import ExportCounts, TraceSettings
 from hetero_sched.workload import Workload
 
 Clock = Literal["wall", "virtual"]
 Backend = Literal["modeled", "numpy"]
+Pace = Literal["modeled", "real"]
+PerGroup = Union[float, Mapping[str, float]]
+"""A device knob for every group (a number) or by group name (a group's ``name``, or a replica's
+``name-i``; groups not named keep the default)."""
+
+
+def _per_group(value: PerGroup, group: str, replica: str, default: float, what: str) -> float:
+    if isinstance(value, Mapping):
+        v = value.get(replica, value.get(group, default))
+    else:
+        v = value
+    v = float(v)
+    if not math.isfinite(v) or v < 0 or (what == "device_speed" and v == 0):
+        raise UserError(f"{what} for {replica} must be finite and {'> 0' if what == 'device_speed' else '>= 0'}, got {v}")
+    return v
 
 
 def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
@@ -46,9 +61,10 @@ def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
     return exp.model_copy(update={"groups": groups})
 
 
-def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float,
-                       trace: Optional[TraceSettings] = None, faults: Optional[dict[str, Any]] = None,
-                       fetch_timeout_s: float = 60.0) -> list[Any]:
+def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float, *, clock: Clock = "wall",
+                       time_scale: float = 1.0, pace: Pace = "modeled", device_speed: PerGroup = 1.0,
+                       device_jitter: PerGroup = 0.0, trace: Optional[TraceSettings] = None,
+                       faults: Optional[dict[str, Any]] = None, fetch_timeout_s: float = 60.0) -> list[Any]:
     """One actor per group replica, in the core's group order, placed by resources and labels."""
     actors = []
     for g in exp.groups:
@@ -57,7 +73,10 @@ def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float,
             name = g.name if g.replicas == 1 else f"{g.name}-{r}"
             cfg = pack("configure", group_id=len(actors), name=name, role=g.role, backend=backend,
                        model="tiny" if backend == "numpy" else exp.model, seed=exp.seed,
-                       bytes_scale=float(bytes_scale), block_size=g.block_size,
+                       bytes_scale=float(bytes_scale), block_size=g.block_size, clock=clock,
+                       time_scale=float(time_scale), pace=pace,
+                       device_speed=_per_group(device_speed, g.name, name, 1.0, "device_speed"),
+                       device_jitter=_per_group(device_jitter, g.name, name, 0.0, "device_jitter"),
                        trace=trace.to_dict() if trace is not None else {}, faults=dict(faults or {}),
                        fetch_timeout_s=float(fetch_timeout_s))
             actors.append(DeviceGroupActor.options(**options).remote(cfg))
@@ -66,21 +85,32 @@ def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float,
 
 def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None, clock: Clock = "wall",
              backend: Backend = "modeled", time_scale: float = 1.0, bytes_scale: float = 1e-3,
+             pace: Pace = "modeled", device_speed: PerGroup = 1.0, device_jitter: PerGroup = 0.0,
              workload: Optional[Workload] = None,
              progress: Optional[Callable[[int, int], None]] = None,
              trace: Optional[TraceSettings] = None, faults: Optional[dict[str, Any]] = None,
              journal: Optional[Path] = None, call_timeout_s: float = 120.0) -> RunResult:
-    """Run an experiment live; ``clock="virtual"`` gives exactly the simulator's decisions.
+    """Run an experiment live: device-group actors run the spans the core plans and report them.
 
+    ``clock="virtual"``: devices report their spans' times on a virtual clock at once — at the
+    default pace the decision log is the simulator's exactly, *through the reports*; a device
+    that reports otherwise changes the run. ``clock="wall"``: devices hold each span on their
+    own clock and report when it ended; results are what they reported.
+    ``device_speed`` / ``device_jitter`` (a number, or by group name): how a modeled device
+    departs from the cost model — 0.8 runs 20% slower; jitter is the relative standard
+    deviation of each span's duration (seeded). ``pace="real"`` (numpy backend, wall clock):
+    a span takes the backend's real compute time, not the modeled one.
     ``bytes_scale``: real KV bytes moved per modeled byte (modeled backend). The numpy backend
     runs the catalog's ``tiny`` Llama for real and moves its real KV. ``trace``: one trace per
     request, spans emitted by the scheduler actor and by the group actors that did the work;
     the run returns after every process exported its spans (``summary["tracing"]``).
-    ``faults`` injects faults for chaos testing: ``{"corrupt_every": k, "seed": s}`` flips one
-    bit of every k-th KV export's payload (each is caught by checksum and sent again);
-    ``{"hang_group": name, "hang_at_step": n}`` makes that group's actor hang in its n-th step.
-    ``call_timeout_s``: an actor call not answered by then is stuck; the actor is killed and
-    restarted, and what it held resumed, as if it had crashed.
+    ``faults`` injects faults for tests and chaos runs: ``{"corrupt_every": k, "seed": s}`` flips
+    one bit of every k-th KV export's payload (each is caught by checksum and sent again);
+    ``{"hang_group": name, "hang_at_span": n}`` makes that group's actor never report its n-th
+    span; ``{"short_group": name, "short_steps": k}`` makes it stop every decode span of two or
+    more steps k steps short. ``call_timeout_s``: a report that late past its span's expected
+    end (or any answer that late) means the actor is stuck; it is killed and restarted, and
+    what it held resumed, as if it had crashed.
     ``journal``: where the scheduler actor journals the run (a new file on this machine; default:
     a temporary one, removed afterwards). If the scheduler actor dies, Ray restarts it (up to
     ``SCHEDULER_RESTARTS`` times) and it recovers the run from the journal.
@@ -93,6 +123,11 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         raise UserError("--time-scale and --bytes-scale must be finite and > 0")
     if not 0 < call_timeout_s < math.inf:
         raise UserError(f"--call-timeout-s must be finite and > 0, got {call_timeout_s}")
+    if pace not in ("modeled", "real"):
+        raise UserError(f"--pace must be modeled or real, got {pace!r}")
+    if pace == "real" and (backend != "numpy" or clock != "wall"):
+        raise UserError("--pace real needs --backend numpy and --clock wall (a modeled device computes nothing "
+                        "to time, and virtual time has no real durations)")
     exp, base = resolve(experiment)
     exp = _with_absolute_paths(exp, base)
     if workload is None:
@@ -101,7 +136,9 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         raise UserError(f"journal {journal} already exists (a journal belongs to one run)")
     with ensure_cluster(exp, address) as cluster_address, _journal_file(journal) as journal_path:
         store_before = object_store_usage(cluster_address)
-        actors = start_group_actors(exp, backend, bytes_scale, trace, faults, fetch_timeout_s=call_timeout_s / 2)
+        actors = start_group_actors(exp, backend, bytes_scale, clock=clock, time_scale=time_scale, pace=pace,
+                                    device_speed=device_speed, device_jitter=device_jitter, trace=trace,
+                                    faults=faults, fetch_timeout_s=call_timeout_s / 2)
         # pinned to this node, where its journal is; restarted (and its run retried) if it dies
         scheduler = SchedulerActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
@@ -112,8 +149,7 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
             fut = scheduler.run.remote(exp.model_dump(mode="json"), workload, actors, backend=backend,
                                        clock=clock, time_scale=time_scale,
                                        trace=trace.to_dict() if trace is not None else None,
-                                       verify_imports=bool(faults), journal_path=str(journal_path),
-                                       call_timeout_s=call_timeout_s)
+                                       journal_path=str(journal_path), call_timeout_s=call_timeout_s)
             done = 0
             while True:
                 ready, _ = ray.wait([fut], timeout=0.25)
@@ -137,14 +173,15 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
                          f"live-{clock}")
     stats = out["stats"]
     late = np.array(stats.pop("lateness_s") or [0.0])
-    calls = np.array(stats.pop("call_s") or [0.0])
+    delay = np.array(stats.pop("report_delay_s") or [0.0])
     result.summary["runtime"] = {
-        "clock": clock, "backend": backend, "time_scale": time_scale, "bytes_scale": bytes_scale,
+        "clock": clock, "backend": backend, "pace": pace, "time_scale": time_scale, "bytes_scale": bytes_scale,
         "wall_s": wall_s, **stats, "kv_held_after_run": int(sum(held)),
         "object_store_before": {"mib": store_before[0], "objects": store_before[1]},
         "object_store_after": {"mib": store_after[0], "objects": store_after[1]},
-        "flush_ms_p50": float(np.percentile(calls, 50) * 1e3),
-        "flush_ms_p99": float(np.percentile(calls, 99) * 1e3),
+        # wall clock: how long after a span's reported end the core applied it (report latency)
+        "report_delay_ms_p50": float(np.percentile(delay, 50) * 1e3 * time_scale),
+        "report_delay_ms_p99": float(np.percentile(delay, 99) * 1e3 * time_scale),
         "lateness_ms_p50": float(np.percentile(late, 50) * 1e3 * time_scale),
         "lateness_ms_p99": float(np.percentile(late, 99) * 1e3 * time_scale),
     }

@@ -12,33 +12,62 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+_REPORT: dict[str, tuple[type, ...]] = {
+    "span_id": (int,), "start_s": (float, int), "end_s": (float, int), "steps": (int,),
+    "first_step_end_s": (float, int), "max_step_s": (float, int),
+    "tokens": (dict,), "margins": (dict,),   # numpy backend: request id -> token ids made / margin
+    "exports": (list,),                      # request ids whose KV this span exported (one bundle)
+    "compute_s": (float, int),               # wall seconds the backend computed (tracing)
+    "incarnation": (int,)}                   # differs from the message's "expect": restarted, not run
 
 # kind -> required field -> accepted Python types
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "configure": {"group_id": (int,), "name": (str,), "role": (str,), "backend": (str,),
                   "model": (str,), "seed": (int,), "bytes_scale": (float,), "block_size": (int,),
+                  "clock": (str,),        # "virtual": report modeled times at once; "wall": hold spans
+                  "time_scale": (float,), # wall seconds per run second
+                  "pace": (str,),         # "modeled": hold each span for its modeled time; "real": compute time
+                  "device_speed": (float,), "device_jitter": (float,),   # the device vs the cost model
                   "trace": (dict,),       # TraceSettings.to_dict(), or {} for tracing off
                   "fetch_timeout_s": (float,),   # a KV bundle not readable by then counts as lost
-                  "faults": (dict,)},     # fault injection (chaos tests): {"corrupt_every": k, "seed": s,
-                                          #   "hang_group": name, "hang_at_step": n} or {}
-    # One call per actor per event time, carrying every operation that time produced, in order:
-    #   {"op": "prefill", "requests": [{"id", "prompt", "generated": [ids], "cached", "hashes", "block"}]}
-    #   {"op": "decode", "steps": k, "joiners": [ids]}
+                  "faults": (dict,)},     # fault injection (tests): {"corrupt_every": k, "seed": s,
+                                          #   "hang_group": name, "hang_at_span": n, "short_steps": k} or {}
+    # One span to run: {"span_id", "kind": prefill|decode|mixed, "steps", "start_s" (planned),
+    #   "duration_s" (modeled), "line": [a, s], "context0", "batch_size", "joiners": [ids],
+    #   "requests": [{"id", "prompt", "generated": [ids], "cached", "hashes", "block",
+    #                 "export": bool, "true_bytes", ("start", "end": chunk)}]}
+    # answered by a span_report (wall clock: when the span ends; virtual: at once, provisional).
+    "span": {"span": (dict,), "expect": (int,), "seq": (int,)},
+    "span_report": _REPORT,
+    # Stop the running span at its first step boundary at or after at_s (run time); answered by
+    # the revised span_report (virtual clock) or an empty span_report with span_id -1 (wall).
+    "cut": {"span_id": (int,), "at_s": (float, int), "expect": (int,), "seq": (int,)},   # seq: -1 unordered (wall)
+    # KV hand-offs and bookkeeping, in order:
     #   {"op": "import", "id", "last": token id, "ref": k, "index": i}
     #        (KV = item i of the bundle behind the k-th ref passed with the call)
     #   {"op": "export", "id", "true_bytes"}         (all exports of a step go out as one bundle)
     #   {"op": "forget", "ids": [ids]}
     #   {"op": "trace", "id", "spans": [{"name", "parent": {"traceparent"}, "start_ns", "end_ns",
     #        "attrs", "measure"}]}     (a finished request's spans this group emits; may be empty)
-    "step": {"ops": (list,), "expect": (int,)},   # expect: the actor incarnation the ops were meant for
-    "step_report": {"tokens": (dict,), "margins": (dict,), "import_bytes": (int,), "import_s": (float,),
+    # expect: the actor incarnation the ops were meant for; seq: the call's place in the order
+    # the actor must act in (Ray does not order an async actor's calls), from 0 per incarnation
+    "step": {"ops": (list,), "expect": (int,), "seq": (int,)},
+    "step_report": {"import_bytes": (int,), "import_s": (float,),
+                    "imported": (list,),  # requests whose KV landed intact
                     "bad_kv": (list,),    # requests whose imported KV failed its checksum or was lost
-                    "incarnation": (int,)},  # differs from the step's "expect": restarted, ops not run
+                    "exports": (list,),   # request ids exported (one bundle, returned beside)
+                    "incarnation": (int,)},
 }
 
-OPS = {"prefill": ("requests",), "decode": ("steps", "joiners"), "import": ("id", "last", "ref", "index"),
-       "export": ("id", "true_bytes"), "forget": ("ids",), "trace": ("id", "spans")}
+SPAN_FIELDS = {"span_id": (int,), "kind": (str,), "steps": (int,), "start_s": (float, int),
+               "duration_s": (float, int), "line": (list,), "context0": (int,), "batch_size": (int,),
+               "joiners": (list,), "requests": (list,)}
+"""Fields of a ``span`` message's span."""
+
+OPS = {"import": ("id", "last", "ref", "index"), "export": ("id", "true_bytes"), "forget": ("ids",),
+       "trace": ("id", "spans")}
 """Operations a ``step`` message may carry, with their required fields."""
 
 
@@ -75,6 +104,10 @@ def _validate(msg: dict[str, Any], kind: str) -> None:
             raise MessageError(f"{kind} message: missing field {name!r}")
         if not isinstance(msg[name], types) or isinstance(msg[name], bool):
             raise MessageError(f"{kind} message: field {name!r} has type {type(msg[name]).__name__}")
+    if kind == "span":
+        for name, types in SPAN_FIELDS.items():
+            if not isinstance(msg["span"].get(name), types) or isinstance(msg["span"].get(name), bool):
+                raise MessageError(f"span message: span field {name!r} missing or mistyped")
     if kind == "step":
         for i, op in enumerate(msg["ops"]):
             if not isinstance(op, dict) or op.get("op") not in OPS:

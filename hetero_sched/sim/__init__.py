@@ -1,73 +1,17 @@
-"""The simulator: the functional core driven by a discrete-event loop in virtual time."""
+"""The simulator: the engine with virtual devices, in virtual time, in one process."""
 
 from __future__ import annotations
 
-import inspect
-from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional
 
-from hetero_sched.catalog import resolve_assumptions
-from hetero_sched.core.events import DecisionLog
-from hetero_sched.core.scheduler import Scheduler
-from hetero_sched.experiment import (Experiment, build_groups, build_workload, load_experiment,
-                                     parse_experiment)
-from hetero_sched.metrics import GroupUsage, records_table, summarize
-from hetero_sched.policies import make_policy, policy_class
-from hetero_sched.predictor import predict_outputs
-from hetero_sched.results import RunResult, make_stamp
-from hetero_sched.sim.engine import run_events
-from hetero_sched.tracing import (ExportCounts, ProcessTracing, TraceSettings, attach_tracer, epoch_for,
-                                  total)
+from hetero_sched.engine.assembly import ExperimentLike, build_scheduler, finish_run, resolve, tracing_summary
+from hetero_sched.engine.loop import run_events
+from hetero_sched.experiment import build_workload
+from hetero_sched.results import RunResult
+from hetero_sched.tracing import ProcessTracing, TraceSettings, attach_tracer, epoch_for
 from hetero_sched.workload import Workload
 
-ExperimentLike = Union[str, Path, dict, Experiment, None]
-
-
-def resolve(experiment: ExperimentLike) -> tuple[Experiment, Path]:
-    """An experiment from a path, a mapping, an :class:`Experiment` or None (the shipped default)."""
-    if isinstance(experiment, Experiment):
-        return experiment, Path.cwd()
-    if isinstance(experiment, dict):
-        return parse_experiment(experiment), Path.cwd()
-    return load_experiment(experiment)
-
-
-def build_scheduler(exp: Experiment, workload: Workload, base_dir: Optional[Path]) -> Scheduler:
-    """The core for an experiment: groups, policy, predictions (relative paths from ``base_dir``)."""
-    groups = build_groups(exp, base_dir or Path.cwd())
-    params = dict(exp.policy.params)
-    accepted = _init_params(exp.policy.name)
-    slo = exp.slo_target       # policies that take these get the experiment's seed and SLO by default
-    for key, value in (("seed", exp.seed), ("ttft_slo_s", slo.ttft_s), ("tpot_slo_s", slo.tpot_s)):
-        if key in accepted and key not in params:
-            params[key] = value
-    policy = make_policy(exp.policy.name, params)
-    predicted = predict_outputs(exp.predictor_spec, workload, exp.seed)
-    return Scheduler(groups, policy, predicted.tolist(), exp.report_interval_s, layerwise=exp.layerwise,
-                     max_inflight=exp.admission.max_inflight)
-
-
-def _init_params(policy_name: str) -> list[str]:
-    return list(inspect.signature(policy_class(policy_name).__init__).parameters)
-
-
-def finish_run(exp: Experiment, scheduler: Scheduler, workload: Workload, clock: str) -> RunResult:
-    """A finished simulation → a stamped :class:`RunResult`."""
-    usage = [GroupUsage(g.name, g.device, g.role.value, g.busy_s, g.cost.dollars_per_hour)
-             for g in scheduler.groups]
-    return make_result(exp, scheduler.records, scheduler.decisions, usage, workload, clock)
-
-
-def make_result(exp: Experiment, records: list[tuple], decisions: DecisionLog, usage: list[GroupUsage],
-                workload: Workload, clock: str) -> RunResult:
-    """Records → metrics → a stamped :class:`RunResult` (shared by the simulator and the runtime)."""
-    slo = exp.slo_target
-    table = records_table(records, slo)
-    summary = summarize(table, slo, usage)
-    summary["experiment"] = exp.name
-    summary["policy"] = exp.policy.name
-    stamp = make_stamp(resolve_assumptions(exp.overrides), workload.source, clock)
-    return RunResult(exp.model_dump(mode="json"), summary, table, decisions, stamp)
+__all__ = ["simulate"]
 
 
 def simulate(experiment: ExperimentLike = None, *, workload: Optional[Workload] = None,
@@ -94,10 +38,3 @@ def simulate(experiment: ExperimentLike = None, *, workload: Optional[Workload] 
     if tracing is not None:
         result.summary["tracing"] = tracing_summary(trace, [tracing.shutdown()])
     return result
-
-
-def tracing_summary(settings: Optional[TraceSettings], counts: list[ExportCounts]) -> dict[str, Any]:
-    """Spans ended/exported/dropped over every process of a run, and where they went."""
-    t = total(counts)
-    return {"endpoint": settings.traces_url if settings else None, "spans_ended": t.ended,
-            "spans_exported": t.exported, "spans_dropped": t.dropped, "processes": len(counts)}

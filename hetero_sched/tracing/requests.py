@@ -37,7 +37,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from hetero_sched.core.group import GroupState, Span, SpanKind
+from hetero_sched.core.group import GroupState
+from hetero_sched.core.spans import Span, SpanKind, SpanReport
 from hetero_sched.core.request import RequestState
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -177,6 +178,22 @@ class RequestTracer:
                 if tl is not None and "prefill" in tl.open:
                     tl.specs[tl.open["prefill"]].end_s = span.end_s
                     tl.prefill_end_s = span.end_s
+
+    def span_applied(self, now_s: float, group_id: int, span: Span, report: SpanReport) -> None:
+        """The device's report is the fact: a prefill ends, and joiners' decode starts, when it says."""
+        if self.inner is not None:
+            self.inner.span_applied(now_s, group_id, span, report)
+        prefilled = [rs for rs, _, end in span.chunks if end >= rs.prefill_tokens] \
+            if span.kind is SpanKind.MIXED else span.batch if span.kind is SpanKind.PREFILL else []
+        for rs in prefilled:
+            tl = self._timelines.get(rs.request_id)
+            if tl is not None and "prefill" in tl.open:
+                tl.specs[tl.open["prefill"]].end_s = tl.prefill_end_s = report.end_s
+        if span.kind is not SpanKind.PREFILL:
+            for rs in span.batch:
+                tl = self._timelines.get(rs.request_id)
+                if tl is not None and "decode" in tl.open:
+                    tl.specs[tl.open["decode"]].start_s = report.start_s
 
     def transfer_started(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int,
                          num_bytes: int) -> None:

@@ -13,7 +13,7 @@ import sys
 from hetero_sched import workload as wl
 from hetero_sched.experiment import build_workload
 from hetero_sched.runtime.live import run_live
-from hetero_sched.sim import resolve
+from hetero_sched.engine.assembly import resolve
 
 
 def main() -> None:

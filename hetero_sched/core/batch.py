@@ -1,0 +1,139 @@
+"""A group's continuous decode batch, with progress counted lazily.
+
+The batch keeps one step counter, ``steps_done``. A request that joined at step ``j`` with
+``g`` tokens generated has ``g + steps_done - j`` now, so a span touches only the requests
+that join or leave, never the whole batch: completions wait in a heap keyed by the step they
+finish at, and the largest inter-token gap a request saw while in the batch is read from a
+monotone stack of per-span gaps.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left
+from typing import Optional
+
+from hetero_sched.core.request import Phase, RequestState
+
+
+class DecodeBatch:
+    """Requests decoding on one group: ready to join, and running (in join order)."""
+
+    def __init__(self) -> None:
+        self.ready: list[RequestState] = []                 # KV here (or prefilled here), joins next span
+        self.running: dict[int, RequestState] = {}          # insertion order = join order
+        self.steps_done = 0
+        self.context_tokens = 0
+        """KV tokens of the running requests, as of ``steps_done``."""
+        self._finish_heap: list[tuple[int, int, RequestState]] = []
+        self._spans_done = 0
+        self._gap_idx: list[int] = []     # monotone stack of (span index, gap): max gap since a span
+        self._gap_val: list[float] = []
+        self._last_decode_end: Optional[float] = None
+
+    def __len__(self) -> int:
+        return len(self.running) + len(self.ready)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.ready)
+
+    def made(self, rs: RequestState) -> int:
+        """Tokens ``rs`` made since it joined (progress is lazy)."""
+        return self.steps_done - rs.join_step
+
+    def join_ready(self, group_id: int) -> list[RequestState]:
+        """Move the requests ready to join into the batch; returns them."""
+        joiners = self.ready
+        self.ready = []
+        for rs in joiners:
+            rs.join_step = self.steps_done
+            rs.join_span = self._spans_done
+            self.context_tokens += rs.context_tokens
+            rs.finish_step = self.steps_done + rs.request.output_tokens - rs.generated
+            heapq.heappush(self._finish_heap, (rs.finish_step, rs.request_id, rs))
+            rs.phase = Phase.DECODING
+            rs.decode_group = group_id
+            self.running[rs.request_id] = rs
+        return joiners
+
+    def steps_to_next_finish(self) -> int:
+        """Steps until the earliest completion in the batch (its heap's head, maybe stale: sooner)."""
+        return self._finish_heap[0][0] - self.steps_done
+
+    def first_step(self, joiners: list[RequestState], token_s: float) -> float:
+        """A span's first decode tokens came out at ``token_s``: note the joiners' token 2 and
+        gaps; returns the gap since the previous decode span ended (0.0 if none)."""
+        for rs in joiners:
+            if rs.generated == 1:
+                rs.token2_s = token_s
+            gap = token_s - rs.last_token_s
+            if gap > rs.max_gap_s:
+                rs.max_gap_s = gap
+        return token_s - self._last_decode_end if self._last_decode_end is not None else 0.0
+
+    def advance(self, steps: int, joiners: list[RequestState], step_gap_s: float, boundary_gap_s: float,
+                now_s: float) -> None:
+        """``steps`` decode steps are done, the longest ``step_gap_s`` long, ending at ``now_s``."""
+        self.steps_done += steps
+        self.context_tokens += len(self.running) * steps
+        self._push_gap(self._spans_done, max(step_gap_s, boundary_gap_s))
+        self._spans_done += 1
+        for rs in joiners:
+            if step_gap_s > rs.max_gap_s:
+                rs.max_gap_s = step_gap_s
+        self._last_decode_end = now_s
+
+    def finished(self, group_id: int) -> list[RequestState]:
+        """Pop the running requests that made all their tokens (still here, not already gone)."""
+        done: list[RequestState] = []
+        heap = self._finish_heap
+        while heap and heap[0][0] <= self.steps_done:
+            step, _, rs = heapq.heappop(heap)
+            if rs.phase is Phase.DECODING and rs.decode_group == group_id and rs.finish_step == step \
+                    and rs.request_id in self.running and not (done and done[-1] is rs):
+                done.append(rs)             # (in the heap twice when it joined again: popped in a row)
+        return done
+
+    def last_joined(self) -> RequestState:
+        """The preemption victim: the request that joined last (LIFO, as vLLM)."""
+        return self.running[next(reversed(self.running))]
+
+    def leave(self, rs: RequestState, now_s: float) -> None:
+        """Take ``rs`` out of the batch at this step boundary, settling its lazy token count."""
+        del self.running[rs.request_id]
+        made = self.steps_done - rs.join_step
+        self.context_tokens -= rs.context_tokens + made
+        rs.generated += made
+        if made:
+            rs.last_token_s = now_s
+        gap = self._max_gap_since(rs.join_span + 1)
+        if gap > rs.max_gap_s:
+            rs.max_gap_s = gap
+
+    def drop_all(self) -> list[RequestState]:
+        """The device died: every request here, its tokens settled to the last finished span."""
+        lost = []
+        for rs in list(self.running.values()):
+            del self.running[rs.request_id]
+            rs.generated += self.steps_done - rs.join_step
+            lost.append(rs)
+        lost.extend(self.ready)
+        self.ready = []
+        self.context_tokens = 0
+        self._finish_heap = []
+        self._gap_idx = []
+        self._gap_val = []
+        self._last_decode_end = None
+        return lost
+
+    def _push_gap(self, span_index: int, gap: float) -> None:
+        while self._gap_val and self._gap_val[-1] <= gap:
+            self._gap_val.pop()
+            self._gap_idx.pop()
+        self._gap_idx.append(span_index)
+        self._gap_val.append(gap)
+
+    def _max_gap_since(self, span_index: int) -> float:
+        i = bisect_left(self._gap_idx, span_index)
+        return self._gap_val[i] if i < len(self._gap_val) else 0.0

@@ -1,0 +1,582 @@
+"""The engine's devices on Ray: each group's ``DeviceGroupActor`` runs its spans and reports.
+
+The engine (``engine/loop.py``) hands every planned span — and every cut of a running one —
+to :meth:`RayDevices.dispatch`, which sends it to the group's actor at once. The actor runs
+the span on its own clock and answers with a report; :meth:`RayDevices.wait`, called before
+the engine takes its next event, turns answers into ``SPAN_END`` events:
+
+- **virtual clock**: an actor answers a span at once with its timeline on the device's clock
+  (provisional: a cut answers with the revised one), so ``wait`` collects every answer
+  before time moves on — the run is the simulator's, but through what the devices said;
+- **wall clock**: an actor answers when the span has really ended; ``wait`` sleeps until the
+  next timer is due *or* a report comes in, and a report becomes an event *now*. A span whose
+  report is ``call_timeout_s`` past its expected end is stuck: its actor is restarted.
+
+KV moves as the core decides (these are the core's ``ExecutorHooks``): a prefill exports the
+KV of requests that will decode elsewhere as it ends (one bundle per span); when the core
+starts a transfer, the bundle's ref goes to the destination actor with an ``import`` at once,
+and the KV may be decoded from only when both the modeled transfer has finished and the
+destination reported it imported intact (:meth:`RayDevices.kv_ready`). ObjectRefs travel as
+call arguments; msgpack carries the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import ray
+
+from hetero_sched.core.events import EventQueue, Kind
+from hetero_sched.core.request import Phase, RequestState
+from hetero_sched.core.spans import Span, SpanKind, SpanReport, decode_span_duration
+from hetero_sched.engine.devices import Devices
+from hetero_sched.errors import RunFailed
+from hetero_sched.runtime.clock import WallClock
+from hetero_sched.runtime.messages import pack, unpack
+from hetero_sched.runtime.recovery import RunJournal
+
+
+def ask_all(actors: list[Any], method: str, timeout_s: float, *args: Any) -> list[Any]:
+    """Call ``method`` on every actor and return the answers, asking again any actor that is
+    restarting (Ray is bringing it back) until ``timeout_s``; a dead actor raises."""
+    deadline = time.monotonic() + timeout_s
+    answers: list[Any] = [None] * len(actors)
+    todo = list(range(len(actors)))
+    while todo:
+        futs = [getattr(actors[i], method).remote(*args) for i in todo]
+        again = []
+        for i, fut in zip(todo, futs):
+            try:
+                answers[i] = ray.get(fut, timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise
+                again.append(i)
+        if again:
+            time.sleep(0.2)
+        todo = again
+    return answers
+
+
+@dataclass
+class _Outbox:
+    """KV operations one actor will be asked to carry out at the next send."""
+
+    ops: list[dict[str, Any]] = field(default_factory=list)
+    refs: list[ray.ObjectRef] = field(default_factory=list)     # KV bundles the import ops read
+    imports: dict[int, int] = field(default_factory=dict)       # request id -> transfer id of its import
+    exports: list[int] = field(default_factory=list)            # transfer ids of export ops, in order
+
+
+@dataclass
+class _Call:
+    """A call in flight: what it was, so its answer (or its actor's death) can be applied."""
+
+    group_id: int
+    kind: str                          # "span" | "cut" | "step"
+    span: Optional[Span] = None
+    cuts: int = 0
+    box: Optional[_Outbox] = None
+
+
+@dataclass
+class DeviceStats:
+    """What the devices did, for the run summary and the benchmarks."""
+
+    actor_calls: int = 0
+    span_reports: int = 0
+    transfers: int = 0
+    bytes_moved: int = 0
+    import_s: float = 0.0
+    min_margin: Optional[float] = None
+    report_delay_s: list[float] = field(default_factory=list)
+    """Wall clock: how long after a span's reported end its report was applied."""
+    pace: dict[int, list[float]] = field(default_factory=dict)
+    """Per group: each span's reported duration over the cost model's for the steps it reported
+    (1.0: the device runs as modeled; 2.0: at half the speed)."""
+    kv_damaged: int = 0
+    """Imports whose KV failed its checksum (or was lost) and were sent again."""
+    stuck: int = 0
+    """Actors killed (and restarted) because a report missed its deadline."""
+
+
+class RayDevices(Devices):
+    """The engine's ``Devices`` and the core's ``ExecutorHooks``, over one actor per group."""
+
+    def __init__(self, actors: list[Any], *, wall: Optional[WallClock], real_tokens: bool,
+                 journal: Optional[RunJournal] = None, call_timeout_s: float = 120.0) -> None:
+        """``wall``: the run's wall clock (None: virtual time). ``real_tokens``: the backend makes
+        tokens (numpy), kept per request for the result and for prefilling again.
+        ``call_timeout_s``: a report this late past its span's expected end (or any answer
+        this late) means the actor is stuck: it is killed and restarted like a crashed one."""
+        self.actors = actors
+        self.wall = wall
+        self.real_tokens = real_tokens
+        self.journal = journal
+        self.call_timeout_s = call_timeout_s
+        self.scheduler: Any = None
+        """The core: told of deaths (``fail_group``), returns (``restore_group``), bad KV."""
+        self.tokens: dict[int, list[int]] = {}
+        self.stats = DeviceStats()
+        self.failures: list[tuple[float, int, bool]] = []
+        """(time, group, restarted) for every actor death seen; ``restarted`` turns True when the
+        group is back in service (a group whose actor never returns stays False)."""
+        self._incarnations: list[int] = ask_all(actors, "incarnation_id", call_timeout_s)
+        self._seqs = [0] * len(actors)
+        self._calls: dict[ray.ObjectRef, _Call] = {}
+        self._outbox: dict[int, _Outbox] = {}
+        self._exported: dict[int, tuple[ray.ObjectRef, int]] = {}   # request -> its prefill's export
+        self._transfers: dict[int, tuple[int, int, int]] = {}       # transfer -> (request, src, dst)
+        self._refs: dict[int, tuple[ray.ObjectRef, int]] = {}        # transfer -> (KV bundle, index)
+        self._verdicts: dict[int, bool] = {}                         # transfer -> imported intact
+        self._awaiting: set[int] = set()      # transfers done on the network, waiting for their import
+        self._dead: set[int] = set()
+        self._killed: set[int] = set()        # stuck actors killed, their death not seen yet
+        self._restarting: dict[int, ray.ObjectRef] = {}
+        self._now = 0.0
+        self._changed: Optional[float] = None
+        self._queue = EventQueue()
+        """The engine's event queue (reports become its events); set by :meth:`wait`."""
+
+    # --- engine: Devices ---------------------------------------------------------------------
+    def dispatch(self, now_s: float, span: Span, queue: EventQueue) -> None:
+        gid = span.group_id
+        self._now = now_s
+        actor = self.actors[gid]
+        self._send(gid)                        # its KV operations go first: the span may need them
+        if span.cuts == 0:
+            ref = actor.run_span.remote(pack("span", span=self._span_message(span), expect=self._incarnations[gid],
+                                             seq=self._next_seq(gid)))
+            self._calls[ref] = _Call(gid, "span", span, 0)
+        elif self.wall is None:        # virtual: in order; the answer is the revised timeline
+            ref = actor.cut.remote(pack("cut", span_id=span.span_id, at_s=float(now_s),
+                                        expect=self._incarnations[gid], seq=self._next_seq(gid)))
+            self._calls[ref] = _Call(gid, "cut", span, span.cuts)
+        else:                          # wall: at once, past whatever the actor is doing
+            actor.cut.remote(pack("cut", span_id=span.span_id, at_s=float(now_s),
+                                  expect=self._incarnations[gid], seq=-1))
+        self.stats.actor_calls += 1
+
+    def report(self, now_s: float, payload: Any) -> Optional[SpanReport]:
+        span, cuts, msg, refs = payload
+        gid = span.group_id
+        if (cuts is not None and cuts != span.cuts) or self.scheduler.groups[gid].span is not span:
+            return None                           # superseded by a cut, or its device died since
+        self._now = now_s
+        for rid, toks in msg["tokens"].items():
+            rid = int(rid)
+            self.tokens.setdefault(rid, []).extend(toks)
+            if self.journal is not None:
+                self.journal.delivered(now_s, rid, toks)
+        for margin in msg["margins"].values():
+            if self.stats.min_margin is None or margin < self.stats.min_margin:
+                self.stats.min_margin = margin
+        for index, rid in enumerate(msg["exports"]):
+            self._exported[int(rid)] = (refs[0], index)
+        self.stats.span_reports += 1
+        modeled = (decode_span_duration(span.line, span.context0, span.batch_size, int(msg["steps"]))
+                   if span.kind is SpanKind.DECODE else span.duration_s)
+        if modeled > 0:
+            self.stats.pace.setdefault(gid, []).append((msg["end_s"] - msg["start_s"]) / modeled)
+        if self.wall is not None:
+            self.stats.report_delay_s.append(now_s - msg["end_s"])
+        return SpanReport(gid, span.span_id, float(msg["start_s"]), float(msg["end_s"]), int(msg["steps"]),
+                          float(msg["first_step_end_s"]), float(msg["max_step_s"]))
+
+    def wait(self, queue: EventQueue) -> Optional[float]:
+        """Bring in the answers the next event may depend on; returns the time the core changed
+        at if an actor's death was applied meanwhile (the engine plans then), else None."""
+        self._changed = None
+        self._queue = queue
+        if self.wall is None:
+            while self._calls or self._outbox:
+                self._send()
+                self._collect(self._calls_list(), timeout_s=self.call_timeout_s)
+            return self._changed
+        while self._calls or self._outbox:
+            self._send()
+            next_s = queue.peek_time()
+            timeout = self._wall_timeout(next_s)
+            refs = self._calls_list()
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                if self._apply_answers(ready) or self._changed is not None:
+                    break
+            else:
+                self._check_deadlines()
+                if self._changed is not None or (next_s is not None and self._due(next_s)):
+                    break
+        return self._changed
+
+    def kv_ready(self, now_s: float, transfer_id: int) -> bool:
+        """True once the KV may be decoded from: imported intact, or cancelled (the core ignores
+        it), or damaged (the core sends it again). Else the destination has not answered yet:
+        virtual clock, wait for it; wall clock, the arrival is queued again when it answers."""
+        self._now = now_s
+        if transfer_id not in self._transfers:
+            return True
+        while transfer_id not in self._verdicts and self.wall is None:
+            if not self._calls and not self._outbox:
+                raise RunFailed(f"KV of transfer {transfer_id} was never imported")
+            self._send()
+            self._collect(self._calls_list(), timeout_s=self.call_timeout_s)
+            if transfer_id not in self._transfers:
+                return True
+        verdict = self._verdicts.pop(transfer_id, None)
+        if verdict is None:
+            self._awaiting.add(transfer_id)
+            return False
+        del self._transfers[transfer_id]
+        if not verdict:
+            self.stats.kv_damaged += 1
+            self.scheduler.kv_damaged(now_s, transfer_id)
+            if self.journal is not None:
+                self.journal.faults(now_s, self.failures, self.stats.kv_damaged)
+        return True
+
+    def after_plan(self, now_s: float) -> bool:
+        self._now = now_s
+        if self.journal is not None:            # group commit: one write per plan
+            self.journal.commit(now_s, self.scheduler.decisions, [g.busy_s for g in self.scheduler.groups])
+        self._check_restarts()
+        self._send()
+        return True                              # a restart may have changed the core: ask it
+
+    # --- core: ExecutorHooks --------------------------------------------------------------------
+    def request_placed(self, now_s: float, rs: RequestState, group_id: int) -> None:
+        if self.journal is not None:
+            self.journal.accepted(now_s, rs)
+
+    def request_finished(self, now_s: float, rs: RequestState) -> None:
+        if self.journal is not None:
+            self.journal.finished(now_s, rs, self.scheduler.records[-1])
+        if rs.phase is Phase.REJECTED and rs.prefill_group is not None:   # maybe prefilled first
+            self._exported.pop(rs.request_id, None)
+            self._forget(rs.prefill_group, rs.request_id)
+
+    def span_planned(self, now_s: float, group_id: int, span: Span) -> None:
+        return None
+
+    def span_cut(self, now_s: float, group_id: int, span: Span) -> None:
+        return None
+
+    def span_applied(self, now_s: float, group_id: int, span: Span, report: SpanReport) -> None:
+        return None
+
+    def transfer_started(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int,
+                         num_bytes: int) -> None:
+        self._transfers[transfer_id] = (rs.request_id, src, dst)
+        self.stats.transfers += 1
+        exported = self._exported.pop(rs.request_id, None)
+        if exported is not None:               # exported as its prefill ended: send it on now
+            self._refs[transfer_id] = exported
+            self._import(transfer_id)
+            return
+        box = self._box(src)                   # sent again (damaged) or from retained KV: export again
+        box.ops.append({"op": "export", "id": rs.request_id, "true_bytes": int(num_bytes)})
+        box.exports.append(transfer_id)
+
+    def kv_landed(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
+        self._forget(src, rs.request_id)
+
+    def transfer_cancelled(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
+        self._transfers.pop(transfer_id, None)
+        self._refs.pop(transfer_id, None)
+        self._verdicts.pop(transfer_id, None)
+        self._awaiting.discard(transfer_id)
+
+    def request_left(self, now_s: float, group_id: int, rs: RequestState, how: str) -> None:
+        self._exported.pop(rs.request_id, None)
+        self._forget(group_id, rs.request_id)
+
+    def ship_spans(self, group_id: int, request_id: int, spans: list[dict[str, Any]]) -> None:
+        """A finished request's spans for ``group_id``'s actor to emit (tracing's ``remote``)."""
+        if group_id not in self._dead:
+            self._box(group_id).ops.append({"op": "trace", "id": request_id, "spans": spans})
+
+    def finish(self) -> None:
+        """Send and collect what is left; afterwards no actor should hold any request."""
+        while self._outbox or self._calls:
+            self._send()
+            self._collect(self._calls_list(), timeout_s=self.call_timeout_s)
+
+    # --- messages -------------------------------------------------------------------------------
+    def _span_message(self, span: Span) -> dict[str, Any]:
+        kind = "decode" if span.kind is SpanKind.DECODE else "prefill" if span.kind is SpanKind.PREFILL else "mixed"
+        if span.kind is SpanKind.PREFILL:
+            requests = [self._prefill_item(span, rs) for rs in span.batch]
+            joiners: list[int] = []
+        else:
+            requests = [dict(self._prefill_item(span, rs), start=start, end=end) for rs, start, end in span.chunks]
+            joiners = [rs.request_id for rs in span.batch]
+        return {"span_id": span.span_id, "kind": kind, "steps": span.planned_steps,
+                "start_s": float(span.start_s), "duration_s": float(span.duration_s),
+                "line": [float(span.line[0]), float(span.line[1])], "context0": span.context0,
+                "batch_size": span.batch_size, "joiners": joiners, "requests": requests}
+
+    def _prefill_item(self, span: Span, rs: RequestState) -> dict[str, Any]:
+        r = rs.request
+        cost = self.scheduler.groups[span.group_id].cost
+        return {"id": rs.request_id, "prompt": r.prompt_tokens, "cached": rs.cached_tokens,
+                "generated": list(self.tokens.get(rs.request_id, ())) if self.real_tokens else [],
+                "hashes": list(r.prefix_hashes) if r.prefix_hashes else None, "block": r.prefix_block_tokens,
+                # decoded elsewhere: export the KV (prompt + the token this prefill makes) as it ends
+                "export": rs.decode_group != span.group_id,
+                "true_bytes": int((rs.prefill_tokens + 1) * cost.transfer_bytes_per_token)}
+
+    def _box(self, group_id: int) -> _Outbox:
+        box = self._outbox.get(group_id)
+        if box is None:
+            box = self._outbox[group_id] = _Outbox()
+        return box
+
+    def _forget(self, group_id: int, request_id: int) -> None:
+        if group_id in self._dead:
+            return                                              # its KV died with it
+        ops = self._box(group_id).ops
+        if ops and ops[-1]["op"] == "forget":
+            ops[-1]["ids"].append(request_id)
+        else:
+            ops.append({"op": "forget", "ids": [request_id]})
+
+    def _import(self, transfer_id: int) -> None:
+        """Send the transfer's KV to its destination actor (its ref is known)."""
+        rid, _, dst = self._transfers[transfer_id]
+        bundle, index = self._refs.pop(transfer_id)             # the scheduler's reference goes with it
+        box = self._box(dst)
+        k = next((i for i, r in enumerate(box.refs) if r == bundle), None)
+        if k is None:
+            k = len(box.refs)
+            box.refs.append(bundle)
+        last = self.tokens[rid][-1] if self.real_tokens else 0
+        box.ops.append({"op": "import", "id": rid, "last": last, "ref": k, "index": index})
+        box.imports[rid] = transfer_id
+
+    def _send(self, only: Optional[int] = None) -> None:
+        """One ``step`` call per actor with KV operations waiting (or for actor ``only``); calls
+        to one actor run in the order sent."""
+        if not self._outbox:
+            return
+        if only is None:
+            outbox, self._outbox = self._outbox, {}
+        elif only in self._outbox:
+            outbox = {only: self._outbox.pop(only)}
+        else:
+            return
+        for gid, box in outbox.items():
+            if gid in self._dead:
+                continue
+            ref = self.actors[gid].step.remote(pack("step", ops=box.ops, expect=self._incarnations[gid],
+                                                    seq=self._next_seq(gid)), box.refs)
+            box.refs = []                       # the call holds them now
+            self._calls[ref] = _Call(gid, "step", box=box)
+            self.stats.actor_calls += 1
+
+    def _next_seq(self, gid: int) -> int:
+        """The next ordered call's sequence number for ``gid``'s actor (from 0 per incarnation)."""
+        seq = self._seqs[gid]
+        self._seqs[gid] = seq + 1
+        return seq
+
+    def _calls_list(self) -> list[ray.ObjectRef]:
+        return list(self._calls)
+
+    # --- answers --------------------------------------------------------------------------------
+    def _collect(self, refs: list[ray.ObjectRef], timeout_s: float) -> None:
+        """Wait for ``refs`` (virtual clock, or the end of a run) and apply their answers; an
+        actor that does not answer within ``timeout_s`` is stuck: killed, restarted, failed."""
+        if not refs:
+            return
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            for gid in sorted({self._calls[r].group_id for r in pending}):
+                self._stuck(gid)
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            if pending:
+                raise RunFailed(f"{len(pending)} device-group actor call(s) did not answer within "
+                                f"{self.call_timeout_s:.0f} s (call_timeout_s), even after a restart")
+        self._apply_answers(refs)
+
+    def _apply_answers(self, refs: list[ray.ObjectRef]) -> bool:
+        """Apply answered calls, in the order given; True if an event for *now* was queued."""
+        died: list[int] = []
+        queued = False
+        for ref in refs:
+            call = self._calls.pop(ref)
+            gid = call.group_id
+            if gid in self._dead:
+                continue
+            try:
+                msg_bytes, out_refs = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                if gid not in died:
+                    died.append(gid)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                raise RunFailed(f"device-group actor {gid} failed: {cause}") from None
+            if call.kind == "step":
+                msg = unpack(msg_bytes, "step_report")
+                if msg["incarnation"] != self._incarnations[gid]:     # restarted between two calls
+                    if gid not in died:
+                        died.append(gid)
+                    continue
+                assert call.box is not None
+                queued |= self._step_answered(call.box, msg, out_refs)
+                continue
+            msg = unpack(msg_bytes, "span_report")
+            if msg["incarnation"] != self._incarnations[gid]:
+                if gid not in died:
+                    died.append(gid)
+                continue
+            if msg["span_id"] < 0:
+                continue                                            # a cut noted (wall clock)
+            span = call.span
+            assert span is not None
+            if self.wall is None:   # provisional until its time comes: a later cut supersedes it
+                self._queue.push(float(msg["end_s"]), Kind.SPAN_END, (span, call.cuts, msg, out_refs))
+            else:                   # final: the device is done with it, whatever the core cut since
+                self._queue.push(self.wall.now(), Kind.SPAN_END, (span, None, msg, out_refs))
+                queued = True
+        for gid in died:
+            self._group_died(gid)
+        return queued
+
+    def _step_answered(self, box: _Outbox, msg: dict[str, Any], out_refs: list[ray.ObjectRef]) -> bool:
+        """Exports go on to their destinations; import verdicts settle their KV arrivals."""
+        for index, tid in enumerate(box.exports):
+            if tid in self._transfers:
+                self._refs[tid] = (out_refs[0], index)
+                self._import(tid)
+        self.stats.bytes_moved += msg["import_bytes"]
+        self.stats.import_s += msg["import_s"]
+        pushed = False
+        for rid, ok in [*((r, True) for r in msg["imported"]), *((r, False) for r in msg["bad_kv"])]:
+            tid = box.imports.get(int(rid))
+            if tid is None or tid not in self._transfers:
+                continue
+            self._verdicts[tid] = ok
+            if tid in self._awaiting and self.wall is not None:
+                self._awaiting.discard(tid)
+                self._queue.push(self.wall.now(), Kind.KV_ARRIVAL, tid)
+                pushed = True
+        return pushed
+
+    # --- wall clock ----------------------------------------------------------------------------
+    def _wall_timeout(self, next_s: Optional[float]) -> Optional[float]:
+        assert self.wall is not None
+        timeouts = []
+        if next_s is not None:
+            timeouts.append(max(0.0, self.wall.seconds_until(next_s)))
+        for call in self._calls.values():
+            if call.kind == "span" and call.span is not None:
+                timeouts.append(max(0.0, self.wall.seconds_until(call.span.end_s) + self.call_timeout_s))
+        return min(timeouts) if timeouts else self.call_timeout_s
+
+    def _due(self, t_s: float) -> bool:
+        assert self.wall is not None
+        return self.wall.seconds_until(t_s) <= 0.0
+
+    def _check_deadlines(self) -> None:
+        """A span whose report is ``call_timeout_s`` past its expected end: its actor is stuck."""
+        assert self.wall is not None
+        late = sorted({c.group_id for c in self._calls.values()
+                       if c.kind == "span" and c.span is not None
+                       and self.wall.seconds_until(c.span.end_s) + self.call_timeout_s <= 0.0})
+        for gid in late:
+            self._stuck(gid)
+
+    # --- faults ---------------------------------------------------------------------------------
+    def _stuck(self, gid: int) -> None:
+        """Kill a stuck actor so Ray restarts it; its pending calls then fail like a crash's."""
+        if gid in self._killed:
+            return
+        self._killed.add(gid)
+        ray.kill(self.actors[gid], no_restart=False)
+        self.stats.stuck += 1
+
+    RESTART_WAIT_S = 60.0
+
+    def _group_died(self, gid: int) -> None:
+        """Tell the core, and get the group back once Ray has restarted its actor.
+
+        If other live groups can take its role, the core resumes its requests there at once
+        and the group rejoins when a ping answers (checked after every plan, never waited
+        for). If it was the last of its role, the run waits (bounded) for the restart first,
+        so its requests are resumed rather than rejected. No restart: the group is retired.
+        """
+        if self.scheduler is None or gid in self._dead:
+            raise RunFailed(f"device-group actor {gid} died")
+        now = self.wall.now() if self.wall is not None else self._now
+        self._dead.add(gid)
+        self._killed.discard(gid)
+        self._outbox.pop(gid, None)
+        for ref in [r for r, c in self._calls.items() if c.group_id == gid]:
+            del self._calls[ref]
+        groups = self.scheduler.groups
+        g = groups[gid]
+        peers = [o for o in groups if o is not g and o.alive
+                 and ((g.role.can_prefill and o.can_prefill) or (g.role.can_decode and o.can_decode))]
+        back = False if peers else self._wait_restart(gid)
+        if back:
+            self._incarnations[gid] = ray.get(self.actors[gid].incarnation_id.remote(), timeout=self.call_timeout_s)
+            self._seqs[gid] = 0
+        self.failures.append((now, gid, back))
+        delivered = {rid: len(toks) for rid, toks in self.tokens.items()} if self.real_tokens else None
+        self.scheduler.fail_group(now, gid, delivered, restarted=back)
+        self._changed = now
+        if back:
+            self._dead.discard(gid)
+        elif peers:
+            self._restarting[gid] = self.actors[gid].held.remote()
+        if self.journal is not None:
+            self.journal.faults(now, self.failures, self.stats.kv_damaged)
+
+    def _check_restarts(self) -> None:
+        """Groups whose restarted actor answers its ping rejoin (never waits)."""
+        if not self._restarting:
+            return
+        ready, _ = ray.wait(list(self._restarting.values()), num_returns=len(self._restarting), timeout=0)
+        for gid, ping in list(self._restarting.items()):
+            if ping not in ready:
+                continue
+            try:
+                ray.get(ping)
+            except ray.exceptions.ActorUnavailableError:
+                self._restarting[gid] = self.actors[gid].held.remote()      # still restarting
+                continue
+            except ray.exceptions.RayActorError:
+                del self._restarting[gid]                                   # restarts used up: retired
+                continue
+            del self._restarting[gid]
+            last = max(i for i, f in enumerate(self.failures) if f[1] == gid)
+            self.failures[last] = (self.failures[last][0], gid, True)
+            if self.journal is not None:
+                self.journal.faults(self._now, self.failures, self.stats.kv_damaged)
+            self._incarnations[gid] = ray.get(self.actors[gid].begin.remote(self._origin_unix_s()),
+                                              timeout=self.call_timeout_s)
+            self._seqs[gid] = 0
+            self._dead.discard(gid)
+            self.scheduler.restore_group(self._now, gid)
+
+    def _origin_unix_s(self) -> float:
+        return self.wall.origin_unix_s(0.0) if self.wall is not None else time.time()
+
+    def _wait_restart(self, gid: int) -> bool:
+        """Whether Ray brought the actor back within ``RESTART_WAIT_S`` (False: restarts used up)."""
+        deadline = time.monotonic() + self.RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actors[gid].begin.remote(self._origin_unix_s()),
+                        timeout=max(0.1, deadline - time.monotonic()))
+                return True
+            except ray.exceptions.ActorUnavailableError:         # restarting: ask again shortly
+                time.sleep(0.2)
+            except ray.exceptions.ActorDiedError:
+                return False
+            except ray.exceptions.GetTimeoutError:
+                return False
+        return False
