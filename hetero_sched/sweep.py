@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hetero_sched.catalog import get_device
+from hetero_sched.catalog import resolve_catalog
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import Experiment, build_groups, build_workload, parse_experiment
 from hetero_sched.policies import make_policy
@@ -203,7 +203,7 @@ def parse_sweep(data: Any, base_dir: Path, source: str = "sweep") -> Sweep:
         exp, exp_dir = load_experiment(exp_path)
         base = absolute_paths(exp.model_dump(mode="json"), exp_dir)
     else:
-        base = absolute_paths(parse_experiment(spec.experiment, f"{source}: experiment").model_dump(mode="json"),
+        base = absolute_paths(parse_experiment(spec.experiment, f"{source}: experiment", base_dir).model_dump(mode="json"),
                               base_dir)
     for path, value in spec.set.items():
         _field_path(source, f"set.{path}", path)
@@ -331,8 +331,9 @@ def run_point(point: Point, goodput: Optional[GoodputConfig], save_runs: bool) -
         bound = upper_bound(exp, workload, exp.slo_target, roles=(goodput.roles if goodput else None) or bound_roles(exp))
         row.update({"bound_rps": bound.rate_per_s, "bound_bottleneck": bound.bottleneck})
         systems, other = cs3_share(exp)
+        catalog = resolve_catalog(exp.overrides, exp.catalog_data)
         row.update({"cs3_systems": systems, "non_cs3_dollars_per_hour": other,
-                    "all_gpu": all(get_device(g.device).ray_resource == "GPU" for g in exp.groups),
+                    "all_gpu": all(catalog.device(g.device).ray_resource == "GPU" for g in exp.groups),
                     "mean_output_tokens": bound.mean_output_tokens})
         if save_runs:
             import tempfile
