@@ -117,10 +117,13 @@ class RooflineCost:
     stage_bytes_per_s: float
     kv_read_bytes_per_token: float
     """KV bytes read per context token per step: the group-held bytes (TP replicas included)."""
+    stage_kv_bytes_per_s: float
+    """Effective stage bandwidth of decode-time KV reads (peak × kv_read_efficiency)."""
     layer_latency_s: float
     allreduce_s_per_token_layer: float
     """TP all-reduce time per token per layer (two all-reduces; zero on one chip per stage)."""
     step_overhead_s: float
+    prefill_overhead_s: float
     pp_hop_s: float
     half_speed_batch: Optional[float]
     kv_capacity_tokens: int
@@ -149,7 +152,7 @@ class RooflineCost:
         read = self.model.weight_bytes_read(n_total) + self.kv_read_bytes_per_token * cached
         roof = max(flops / self.stage_flops_per_s, read / self.stage_bytes_per_s)
         fixed = self.num_layers * (self.layer_latency_s + self.allreduce_s_per_token_layer * n_total)
-        return roof + fixed + self.step_overhead_s + self.pp_hop_s * (self.pp - 1)
+        return roof + fixed + self.step_overhead_s + self.prefill_overhead_s + self.pp_hop_s * (self.pp - 1)
 
     def _layer_lines(self, seqs: float, tokens_per_seq: int = 1) -> tuple[Line, Line]:
         """Per-layer (compute, memory) lines of a micro-batch of ``seqs`` sequences, each running
@@ -159,7 +162,8 @@ class RooflineCost:
         f, b, n = self.stage_flops_per_s, self.stage_bytes_per_s, self.num_layers
         compute = (tokens * self.model.flops_per_token / n / f + common,
                    tokens_per_seq * self.model.attn_flops_per_context_token / n / f)
-        memory = (self.model.weight_bytes_read(tokens) / n / b + common, self.kv_read_bytes_per_token / n / b)
+        memory = (self.model.weight_bytes_read(tokens) / n / b + common,
+                  self.kv_read_bytes_per_token / n / self.stage_kv_bytes_per_s)
         return compute, memory
 
     def _lines_no_penalty(self, batch_size: int, tokens_per_seq: int = 1) -> list[Line]:
@@ -250,10 +254,12 @@ def _roofline(group: GroupSpec, spec: ModelSpec, dev: Any, cost: CostParams, pp:
         stage_layers_max=math.ceil(spec.num_layers / pp),
         stage_flops_per_s=dev.flops_per_s(spec.weight_dtype) * stage_chips * cost.compute_efficiency,
         stage_bytes_per_s=dev.memory_bytes_per_s * stage_chips * cost.memory_efficiency,
+        stage_kv_bytes_per_s=dev.memory_bytes_per_s * stage_chips * (cost.kv_read_efficiency or cost.memory_efficiency),
         kv_read_bytes_per_token=held_per_token,
         layer_latency_s=cost.layer_latency_s,
         allreduce_s_per_token_layer=allreduce,
         step_overhead_s=cost.step_overhead_s,
+        prefill_overhead_s=cost.prefill_overhead_s,
         pp_hop_s=cost.pp_hop_s,
         half_speed_batch=cost.half_speed_batch,
         **shared,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hetero_sched.catalog import GroupSpec, get_device, get_model, resolve_assumptions, resolve_catalog
-from hetero_sched.catalog.models import list_models
+from hetero_sched.catalog import list_models
 from hetero_sched.catalog.sources import Status
 from hetero_sched.errors import UserError
 

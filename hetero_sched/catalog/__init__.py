@@ -64,7 +64,7 @@ class Catalog:
 
 
 _ZERO_OK = ("step_overhead_s", "kv_reserve_fraction", "pp_hop_s", "message_cost_s", "link_efficiency",
-            "layer_latency_s", "shared_experts")
+            "layer_latency_s", "shared_experts", "prefill_overhead_s")
 
 
 def _number(key: str, value: Any, integer: bool = False) -> float:

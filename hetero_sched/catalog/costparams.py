@@ -37,6 +37,11 @@ class CostParams:
     """Device memory kept free of weights and KV (activations, runtime, fragmentation)."""
     message_cost_s: float = 50e-6
     """Fixed cost of one KV-transfer message."""
+    prefill_overhead_s: float = 0.0
+    """Fixed time per prefill iteration beyond the roofline (request setup, first-step scheduling)."""
+    kv_read_efficiency: Optional[float] = None
+    """Fraction of peak memory bandwidth that decode-time KV reads reach (None: memory_efficiency);
+    paged-attention kernels can fall far below the weight-read efficiency at long contexts."""
     half_speed_batch: Optional[float] = None
     """If set, per-user decode speed is ``s1 / (1 + (b − 1)/half_speed_batch)`` on top of the
     roofline: the stated concurrency assumption for devices without a public curve (CS-3)."""

@@ -82,6 +82,8 @@ class CostEntry(_Strict):
     pp_hop_s: Optional[Number] = None
     kv_reserve_fraction: Optional[Number] = None
     message_cost_s: Optional[Number] = None
+    prefill_overhead_s: Optional[Number] = None
+    kv_read_efficiency: Optional[Number] = None
     half_speed_batch: Optional[Number] = None
     no_half_speed_batch: bool = Field(False, description="true: no per-user slowdown beyond the roofline "
                                       "(clears half_speed_batch inherited through `like`)")
@@ -170,8 +172,8 @@ class CatalogData:
 
 # --- bounds ---------------------------------------------------------------------------------
 _ZERO_OK = {"step_overhead_s", "kv_reserve_fraction", "pp_hop_s", "message_cost_s", "layer_latency_s",
-            "link_efficiency"}
-_AT_MOST_ONE = {"compute_efficiency", "memory_efficiency", "link_efficiency"}
+            "link_efficiency", "prefill_overhead_s"}
+_AT_MOST_ONE = {"compute_efficiency", "memory_efficiency", "link_efficiency", "kv_read_efficiency"}
 _INTEGERS = {"cores_per_chip", "scale_up_chips"}
 
 
