@@ -67,7 +67,7 @@ class Sourced(_Strict):
         return self
 
 
-Number = Union[float, Sourced]
+Number = Union[Sourced, float]   # Sourced first: its error is the one reported for a mapping
 
 
 class CostEntry(_Strict):
