@@ -220,6 +220,19 @@ _MODEL_SOURCED = tuple(f.name for f in fields(ModelSpec) if f.type == "int")
 _DTYPE_DEFAULT = Source(Status.ASSUMED, "served at the checkpoint's 16-bit precision unless an experiment says otherwise")
 
 
+_COST_DEFAULTS = {
+    "link_efficiency": "default: all-reduce bus efficiency ~70% of peak link bandwidth",
+    "step_overhead_s": "default: no fixed time per forward pass beyond the per-layer latency",
+    "pp_hop_s": "default: one pipeline hop ~20 us",
+    "kv_reserve_fraction": "default: 10% of memory for activations, runtime and fragmentation",
+    "message_cost_s": "default: ~50 us per KV message",
+    "prefill_overhead_s": "default: no fixed time per prefill beyond the roofline",
+    "kv_read_efficiency": "default: KV reads reach the same bandwidth fraction as weight reads (memory_efficiency)",
+    "half_speed_batch": "default: no per-user slowdown beyond the roofline",
+}
+"""Where a cost parameter no data file gives comes from (the dataclass default)."""
+
+
 def _device(name: str, entry: DeviceEntry, base: Optional[tuple[DeviceSpec, CostParams]],
             origin: str) -> tuple[DeviceSpec, CostParams]:
     where = f"{origin}: device {name}"
@@ -254,6 +267,8 @@ def _device(name: str, entry: DeviceEntry, base: Optional[tuple[DeviceSpec, Cost
     if entry.cost.no_half_speed_batch:
         cost_values["half_speed_batch"] = None
         cost_sources["half_speed_batch"] = Source(Status.ASSUMED, f"{origin}: no batch penalty beyond the roofline")
+    for key, reason in _COST_DEFAULTS.items():
+        cost_sources.setdefault(key, Source(Status.ASSUMED, reason))
     needed = [k for k in ("dollars_per_hour", "compute_efficiency", "memory_efficiency", "layer_latency_s")
               if k not in cost_values]
     if needed:
