@@ -18,7 +18,7 @@ import functools
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -34,6 +34,9 @@ PRIOR = {"memory_efficiency": 0.8, "kv_read_efficiency": 0.8, "layer_latency_s":
          "prefill_overhead_s": 0.0}
 """(pp_hop_s is not pinned: a form that does not free it keeps the catalog's assumed hop.)"""
 """What a form that does not free a parameter holds it at (the assumed value, never a calibrated one)."""
+
+Vector = Union[Sequence[float], np.ndarray]
+"""A form's parameter coordinates."""
 
 MAX_FOLDS = 5
 GOAL_MEDIAN = 0.10
@@ -77,13 +80,13 @@ class FitForm:
     params: tuple[FitParam, ...]
     pinned: Mapping[str, float] = field(default_factory=dict)
 
-    def overrides(self, x: Sequence[float]) -> dict[str, float]:
+    def overrides(self, x: Vector) -> dict[str, float]:
         return {**self.pinned, **{k: p.from_x(float(v)) for p, v in zip(self.params, x) for k in p.keys}}
 
-    def acceptances(self, x: Sequence[float]) -> dict[str, float]:
+    def acceptances(self, x: Vector) -> dict[str, float]:
         return {p.acceptance_group: p.from_x(float(v)) for p, v in zip(self.params, x) if p.acceptance_group}
 
-    def values(self, x: Sequence[float]) -> dict[str, float]:
+    def values(self, x: Vector) -> dict[str, float]:
         return {p.name: p.from_x(float(v)) for p, v in zip(self.params, x)}
 
 
@@ -111,7 +114,7 @@ def predict_figure(fig: Figure, overrides: Optional[Mapping[str, Any]] = None,
     return predicted
 
 
-def _predict(form: FitForm, x: Sequence[float], fig: Figure) -> float:
+def _predict(form: FitForm, x: Vector, fig: Figure) -> float:
     acc = form.acceptances(x).get(fig.fit_group) if fig.fit_group else None
     return predict_figure(fig, form.overrides(x), acc if acc is not None else NEUTRAL["acceptance"])
 
@@ -151,7 +154,7 @@ def forms_for(figs: Sequence[Figure]) -> tuple[FitForm, ...]:
     # software stack has its own latencies. memory_efficiency also sets the KV-read efficiency.
     layer, step, hop = each("layer_latency_s"), each("step_overhead_s"), each("pp_hop_s")
     memory, prefill, kv = each("memory_efficiency", "kv_read_efficiency"), each("prefill_overhead_s"), each("kv_read_efficiency")
-    forms = (
+    forms: tuple[FitForm, ...] = (
         form("per-layer latency", layer),
         form("per-layer latency + memory efficiency", layer, memory),
         form("per-step overhead + memory efficiency", step, memory),

@@ -353,7 +353,7 @@ def fitted_cost(prof: Profile, where: str, shared: Mapping[str, Any]) -> FittedC
     try:
         a, b, c = (float(x) for x in params.pop("prefill"))
         pieces = tuple((int(p[0]), float(p[1]), float(p[2]), float(p[3])) for p in params.pop("decode_pieces"))
-        terms = {name: float(params.pop(name)) for name in FITTED_TERMS if name in params}
+        terms: dict[str, Any] = {name: float(params.pop(name)) for name in FITTED_TERMS if name in params}
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"profile {where}: bad or missing fitted parameter ({exc})") from None
     if params:
@@ -361,5 +361,6 @@ def fitted_cost(prof: Profile, where: str, shared: Mapping[str, Any]) -> FittedC
                         f"decode_pieces, {', '.join(FITTED_TERMS)}")
     if not pieces or any(v < 0 for k, v in terms.items() if k != "decode_context_offset"):
         raise UserError(f"profile {where}: needs decode_pieces and non-negative overhead terms")
-    return FittedCost(prefill_a_s=a, prefill_b_s_per_token=b, prefill_c_s_per_token2=c, decode_pieces=pieces,
-                      pp=prof.pp, **terms, **shared)
+    cost = FittedCost(prefill_a_s=a, prefill_b_s_per_token=b, prefill_c_s_per_token2=c, decode_pieces=pieces,
+                      pp=prof.pp, **shared)
+    return replace(cost, **terms)

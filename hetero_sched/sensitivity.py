@@ -185,7 +185,7 @@ def _outputs(sweep: Sweep, rows: Sequence[Mapping[str, Any]], labels: Sequence[s
     """Per design: each ratio, and each point's goodput and goodput per dollar per tier."""
     out: dict[str, Optional[float]] = {}
     for name, ratio in sweep.ratios:
-        out[f"ratio {name}"] = ratio_value(ratio, list(rows))
+        out[f"ratio {name}"] = ratio_value(ratio, rows)
     tiers = sweep.goodput.tiers if sweep.goodput else ()
     for row, label in zip(rows, labels):
         for tier in tiers:
@@ -263,7 +263,7 @@ def summarize(sweep: Sweep, params: Sequence[Parameter], all_designs: Sequence[D
     joint = [d.label for d in all_designs if d.kind == "joint"]
     for name in names:
         base = outputs["baseline"][name]
-        oat = []
+        oat: list[dict[str, Any]] = []
         for p in params:
             lo = outputs[f"{p.key}=low"][name]
             hi = outputs[f"{p.key}=high"][name]

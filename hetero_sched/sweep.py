@@ -36,17 +36,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from hetero_sched.catalog import resolve_catalog
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import Experiment, build_groups, build_workload, parse_experiment
 from hetero_sched.policies import make_policy
+from hetero_sched.validation import validate
 
 EXPERIMENT_FIELDS = tuple(Experiment.model_fields)
 POINTS_DIR = "points"
@@ -200,14 +201,7 @@ def parse_axis(source: str, name: str, spec: Union[list[Any], dict[str, Any]]) -
 
 def parse_sweep(data: Any, base_dir: Path, source: str = "sweep") -> Sweep:
     """Validate a sweep mapping (relative paths resolve against ``base_dir``)."""
-    from hetero_sched.experiment import _format_error
-
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping at the top level")
-    try:
-        spec = SweepFile.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(_format_error(source, exc)) from None
+    spec = validate(SweepFile, data, source)
     if spec.experiment is None or isinstance(spec.experiment, str):
         from hetero_sched.experiment import load_experiment
 
@@ -236,7 +230,7 @@ def parse_sweep(data: Any, base_dir: Path, source: str = "sweep") -> Sweep:
     return Sweep(spec.name, base, axes, spec.goodput, spec.save_runs, source, tuple(spec.ratios.items()))
 
 
-def ratio_value(ratio: RatioConfig, rows: Sequence[dict[str, Any]]) -> Optional[float]:
+def ratio_value(ratio: RatioConfig, rows: Sequence[Mapping[str, Any]]) -> Optional[float]:
     """The ratio over a sweep's rows (None when a side has no finished point or a zero denominator)."""
     def best(side: dict[str, list[str]]) -> Optional[float]:
         values = [r.get(ratio.metric) for r in rows if r.get("status") == "ok"

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from hetero_sched.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def format_validation_error(source: str, exc: ValidationError) -> str:
@@ -14,3 +20,13 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, (dict, list)) or value is None or err["type"] == "missing" else f" (got {value!r})"
     return f"{source}: {loc}: {msg}{shown}{more}"
+
+
+def validate(schema: type[M], data: Any, source: str, what: str = "a mapping") -> M:
+    """``data`` validated as ``schema``; anything wrong is one UserError line naming ``source``."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected {what} at the top level, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(source, exc)) from None

@@ -26,19 +26,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hetero_sched.catalog.costparams import CostParams
 from hetero_sched.catalog.devices import DeviceSpec
 from hetero_sched.catalog.models import DTYPE_BYTES, ModelSpec
 from hetero_sched.catalog.sources import Source, Status
 from hetero_sched.errors import UserError
-from hetero_sched.validation import format_validation_error
+from hetero_sched.validation import validate
 
 StatusName = Literal["published", "vendor-claim", "calibrated", "assumed", "projected"]
 
@@ -109,7 +109,7 @@ class DeviceEntry(_Strict):
     watts: Optional[Number] = None
     source: Optional[str] = Field(None, description="default source of this entry's bare numbers")
     status: Optional[StatusName] = Field(None, description="default status of this entry's bare numbers")
-    cost: CostEntry = Field(default_factory=lambda: CostEntry())
+    cost: CostEntry = Field(default_factory=lambda: CostEntry.model_validate({}))
 
 
 class ModelEntry(_Strict):
@@ -192,7 +192,8 @@ def _check_number(field: str, value: float) -> Optional[str]:
 def _resolve_number(field: str, raw: Number, default: Source, where: str) -> tuple[float, Source]:
     if isinstance(raw, Sourced):
         value = raw.value
-        src = Source(Status(raw.status), raw.source, tuple(raw.range) if raw.range else None, raw.range_reason)
+        src = Source(Status(raw.status), raw.source, (raw.range[0], raw.range[1]) if raw.range else None,
+                     raw.range_reason)
     else:
         value, src = float(raw), default
     problem = _check_number(field, value)
@@ -306,51 +307,33 @@ def _model(name: str, entry: ModelEntry, base: Optional[ModelSpec], origin: str)
         raise UserError(f"{origin}: {exc}") from None
 
 
-def parse_catalog(data: Any, origin: str, known_devices: Mapping[str, tuple[DeviceSpec, CostParams]],
-                  known_models: Mapping[str, ModelSpec], *, allow_redefine: bool = False) -> CatalogData:
-    """Validate one file's content and resolve its entries against what is known so far.
+def _base(kind: str, name: str, like: Optional[str], known: Mapping[str, Any], origin: str) -> Any:
+    """The ``like:`` entry a new one starts from (None), after checking the name is new."""
+    if name in known:
+        raise UserError(f"{origin}: {kind} {name!r} is already in the catalog; pick another name "
+                        f"(`like: {name}` starts from it) or change its numbers with overrides")
+    if like is None:
+        return None
+    if like not in known:
+        raise UserError(f"{origin}: {kind} {name}: like: unknown {kind} {like!r}; known: {', '.join(known)}")
+    return known[like]
 
-    ``known_*`` are the entries a ``like:`` may name (the shipped catalog, earlier files). A name
-    that is already known is an error unless ``allow_redefine`` (only the shipped files may not
-    clash either: each name is defined once).
-    """
-    if not isinstance(data, dict):
-        raise UserError(f"{origin}: expected a mapping with `devices:` and/or `models:`, got {type(data).__name__}")
-    try:
-        parsed = CatalogFile.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(origin, exc)) from None
+
+def parse_catalog(data: Any, origin: str, known_devices: Mapping[str, tuple[DeviceSpec, CostParams]],
+                  known_models: Mapping[str, ModelSpec]) -> CatalogData:
+    """Validate one file's content and resolve its entries against what is known so far
+    (``known_*``: the shipped catalog and earlier files — what a ``like:`` may name; every name is
+    defined once)."""
+    parsed = validate(CatalogFile, data, origin, "a mapping with `devices:` and/or `models:`")
     devs = dict(known_devices)
     mods = dict(known_models)
-    out_devices: list[DeviceSpec] = []
-    out_costs: list[CostParams] = []
-    out_models: list[ModelSpec] = []
     for name, entry in parsed.devices.items():
-        if name in devs and not allow_redefine:
-            raise UserError(f"{origin}: device {name!r} is already in the catalog; pick another name "
-                            f"(`like: {name}` starts from it) or change its numbers with overrides")
-        base = None
-        if entry.like is not None:
-            if entry.like not in devs:
-                raise UserError(f"{origin}: device {name}: like: unknown device {entry.like!r}; known: {', '.join(devs)}")
-            base = devs[entry.like]
-        spec, cost = _device(name, entry, base, origin)
-        devs[name] = (spec, cost)
-        out_devices.append(spec)
-        out_costs.append(cost)
+        devs[name] = _device(name, entry, _base("device", name, entry.like, devs, origin), origin)
     for name, mentry in parsed.models.items():
-        if name in mods and not allow_redefine:
-            raise UserError(f"{origin}: model {name!r} is already in the catalog; pick another name "
-                            f"(`like: {name}` starts from it)")
-        mbase = None
-        if mentry.like is not None:
-            if mentry.like not in mods:
-                raise UserError(f"{origin}: model {name}: like: unknown model {mentry.like!r}; known: {', '.join(mods)}")
-            mbase = mods[mentry.like]
-        model = _model(name, mentry, mbase, origin)
-        mods[name] = model
-        out_models.append(model)
-    return CatalogData(tuple(out_devices), tuple(out_costs), tuple(out_models))
+        mods[name] = _model(name, mentry, _base("model", name, mentry.like, mods, origin), origin)
+    new_devices = [devs[n] for n in parsed.devices]
+    return CatalogData(tuple(d for d, _ in new_devices), tuple(c for _, c in new_devices),
+                       tuple(mods[n] for n in parsed.models))
 
 
 def read_catalog_file(path: Union[str, Path]) -> Any:
@@ -382,8 +365,3 @@ def resolve_entries(items: Iterable[tuple[Any, str]], known_devices: Mapping[str
         mods.update({m.name: m for m in part.models})
         total = total + part
     return total
-
-
-def with_source(obj: Any, field: str, source: Source) -> Any:
-    """``obj`` (a frozen spec) with one field's source replaced."""
-    return replace(obj, sources={**obj.sources, field: source})

@@ -15,12 +15,12 @@ from importlib import resources
 from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hetero_sched.catalog.groups import GroupSpec
 from hetero_sched.errors import UserError
 from hetero_sched.speculation import Speculation
-from hetero_sched.validation import format_validation_error
+from hetero_sched.validation import validate
 
 FIGURES_FILE = "figures.yaml"
 
@@ -140,10 +140,7 @@ def _figure(entry: FigureEntry) -> Figure:
 
 def parse_figures(data: Any, origin: str) -> tuple[Figure, ...]:
     """Validate a figures file's content (UserError naming the file and field)."""
-    try:
-        parsed = FiguresFile.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(origin, exc)) from None
+    parsed = validate(FiguresFile, data, origin)
     names = [f.name for f in parsed.figures]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
