@@ -244,6 +244,8 @@ def run_sensitivity(sweep: Sweep, out: Union[str, Path], *, samples: int = 16, s
                           "design": d.label, "design_kind": d.kind, "design_param": d.param,
                           **{f"param {k}": v for k, v in d.values.items()}})
     summary = summarize(sweep, params, all_designs, outputs)
+    summary["failed_points"] = [{"design": r["design"], "point": {k: r[k] for k in base_points[0].axes}, "error": r["error"]}
+                                for r in table if r.get("status") != "ok"]
     path = out / TABLE
     pq.write_table(rows_table(table), path)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=float))

@@ -390,6 +390,10 @@ def run_point(point: Point, goodput: Optional[GoodputConfig], save_runs: bool) -
             row[f"goodput_points_{suffix}"] = json.dumps(g.points)
     except UserError as exc:
         row.update(status="error", error=str(exc))
+    except AssertionError as exc:
+        # A core invariant failed at this point: record it (the row says so) rather than lose every
+        # other point of a long sweep; it is a bug to report, not a result.
+        row.update(status="error", error=f"internal error: a core invariant failed ({exc})")
     return PointResult(row, files)
 
 
