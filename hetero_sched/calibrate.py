@@ -16,8 +16,8 @@ Measurements CSV (header required; ``label`` optional)::
     prefill,1,2048,0,41.2        # batch prompts of `tokens` new tokens, `context` cached each
     decode,8,1,16384,12.9        # mean step of `tokens` steps; `context` = total context at step 1
 
-:func:`calibrate_published` runs the roofline fit on the catalog's published *fit* figures
-(:mod:`hetero_sched.catalog.figures`) — the values stored in :mod:`hetero_sched.catalog.costparams`.
+The published figures (:mod:`hetero_sched.catalog.figures`) are fitted and cross-validated by
+:mod:`hetero_sched.accuracy` with the same least-squares engine (:func:`gauss_newton`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from hetero_sched.catalog import resolve_catalog
-from hetero_sched.catalog.figures import Figure, figures
 from hetero_sched.catalog.groups import GroupSpec
 from hetero_sched.catalog.profiles import Profile
 from hetero_sched.costmodel import GroupCost, build_group_cost, decode_time_s
@@ -168,24 +167,39 @@ class _Problem:
         return np.array(out)
 
 
-def _solve(prob: _Problem, x0: np.ndarray, idx: Sequence[int]) -> np.ndarray:
-    """Iterated exact-within-regime least squares on relative error."""
-    y = np.array([prob.points[i][0].seconds for i in idx])
+def gauss_newton(predict: Callable[[np.ndarray], np.ndarray], y: np.ndarray, x0: np.ndarray,
+                 lower: Optional[np.ndarray] = None, upper: Optional[np.ndarray] = None) -> np.ndarray:
+    """Least squares on *relative* error by Gauss-Newton with a forward-difference Jacobian.
+
+    The roofline is piecewise affine in its coordinates (``1/efficiency``, latencies), so each step
+    is an exact linear solve within the current regime; iteration settles the regime. Coordinates
+    stay positive (and within ``lower``..``upper`` where given), and a step moves each by at most a
+    factor of 4 (a trust region: far from the data a roofline is flat in some coordinates).
+    """
     x = x0.copy()
-    for _ in range(30):
-        f = prob.predict(x, idx)
-        jac = np.empty((len(idx), len(x)))
+    for _ in range(60):
+        f = predict(x)
+        jac = np.empty((len(y), len(x)))
         for j in range(len(x)):
             step = 1e-6 * max(abs(x[j]), 1e-9)
             xj = x.copy()
             xj[j] += step
-            jac[:, j] = (prob.predict(xj, idx) - f) / step
+            jac[:, j] = (predict(xj) - f) / step
         delta = np.linalg.lstsq(jac / y[:, None], (y - f) / y, rcond=None)[0]
-        new = np.maximum(x + delta, 1e-3 * np.abs(x) + 1e-15)
+        new = np.clip(x + delta, np.abs(x) / 4 + 1e-15, np.abs(x) * 4 + 1e-12)
+        if lower is not None:
+            new = np.maximum(new, lower)
+        if upper is not None:
+            new = np.minimum(new, upper)
         if np.allclose(new, x, rtol=1e-10, atol=1e-15):
             return new
         x = new
     return x
+
+
+def _solve(prob: _Problem, x0: np.ndarray, idx: Sequence[int]) -> np.ndarray:
+    y = np.array([prob.points[i][0].seconds for i in idx])
+    return gauss_newton(lambda x: prob.predict(x, idx), y, x0)
 
 
 def fit_roofline(measurements: Sequence[Measurement], group: GroupSpec, model: str,
@@ -283,35 +297,3 @@ def make_profile(result: FitResult, device: str, group: GroupSpec, model: str, s
                        "loo_s": p.loo_s} for p in result.points]}
     return Profile(kind=result.kind, device=device, base_device=group.device, model=model, tp=group.tp,
                    pp=group.pp, count=group.count, params=dict(result.params), fit=fit, source=source)
-
-
-# --- published figures --------------------------------------------------------------------------
-
-FIT_PARAMS = {"trn2": ("compute_efficiency", "layer_latency_s"),
-              "h100": ("compute_efficiency", "layer_latency_s"),
-              "cs3": ("layer_latency_s",)}
-"""What each device's published figures can pin down (two figures → two parameters)."""
-
-
-def figure_measurement(fig: Figure) -> Measurement:
-    """A published figure as a measurement (TTFT = one prefill; TPOT = mean step over the output)."""
-    if fig.metric == "ttft_s":
-        return Measurement("prefill", fig.batch, fig.prompt_tokens, 0, fig.value_s, fig.name)
-    steps = fig.output_tokens - 1
-    return Measurement("decode", fig.batch, steps, fig.batch * fig.prompt_tokens, fig.value_s, fig.name)
-
-
-def predict_figure(fig: Figure, overrides: Optional[Mapping[str, Any]] = None) -> float:
-    """The catalog cost model's prediction of a published figure."""
-    cost = build_group_cost(fig.group, fig.model, {**fig.overrides, **(overrides or {})})
-    return predict_s(cost, figure_measurement(fig))
-
-
-def calibrate_published() -> dict[str, FitResult]:
-    """Fit each device's free parameters on its published *fit* figures (part 4 of issue 2)."""
-    out = {}
-    for device, names in FIT_PARAMS.items():
-        figs = [f for f in figures("fit") if f.group.device == device]
-        out[device] = fit_roofline([figure_measurement(f) for f in figs], figs[0].group, figs[0].model, names,
-                                   per_point=[(f.overrides, f.group, f.model) for f in figs])
-    return out

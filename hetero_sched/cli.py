@@ -328,7 +328,7 @@ def calibrate(
                             help="Roofline parameters to fit, comma-separated."),
     pieces: str = typer.Option("", help="fitted: decode piece max-batch boundaries, e.g. 8,64."),
     out: Optional[Path] = typer.Option(None, help="Profile file to write (default DEVICE-profile.json)."),
-    published: bool = typer.Option(False, "--published", help="Fit on the catalog's published figures and show hold-outs."),
+    published: bool = typer.Option(False, "--published", help="Cross-validate the cost model on the published figures (hetero_sched/data/figures.yaml): the accuracy table, per-device median and worst error, the chosen form and its fitted values."),
 ) -> None:
     """Fit a device profile from measured step times; print per-point and leave-one-out error."""
     from rich.console import Console
@@ -336,7 +336,6 @@ def calibrate(
 
     from hetero_sched import calibrate as cal
     from hetero_sched.catalog import device_names
-    from hetero_sched.catalog.figures import published_figures
     from hetero_sched.catalog.profiles import save_profile
 
     console = Console()
@@ -352,15 +351,26 @@ def calibrate(
         console.print("fitted: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in result.params.items()))
 
     if published:
-        for dev, result in cal.calibrate_published().items():
-            report(f"{dev}: fit on published figures", result)
-        t = Table(title="Hold-out figures (never fitted on), catalog parameters")
-        for col in ("figure", "published ms", "predicted ms", "error", "source"):
+        from hetero_sched.accuracy import accuracy_rows, calibrate_published, summary_by_device
+
+        rows = accuracy_rows()
+        t = Table(title="Accuracy: every published figure predicted by a fit that did not see it (k-fold)")
+        for col in ("device", "figure", "fold", "published ms", "predicted ms", "error", "source"):
             t.add_column(col, overflow="fold")
-        for fig in published_figures():
-            if fig.role == "holdout":
-                pred = cal.predict_figure(fig)
-                t.add_row(fig.name, f"{fig.value_s * 1e3:.3f}", f"{pred * 1e3:.3f}", f"{pred / fig.value_s - 1:+.1%}", fig.source)
+        for r in rows:
+            t.add_row(r["device"], r["figure"], str(r["fold"]), f"{r['published'] * 1e3:.3f}",
+                      f"{r['predicted'] * 1e3:.3f}", f"{r['rel_err']:+.1%}", r["source"])
+        console.print(t)
+        results = calibrate_published()
+        t = Table(title="Per device: the model form chosen by cross-validation, median and worst |held-out error|")
+        for col in ("device", "figures", "median |error|", "worst |error|", "form", "fitted on all figures (k-fold range)"):
+            t.add_column(col, overflow="fold")
+        for dev, summ in summary_by_device(rows).items():
+            res = results[dev]
+            fitted = ", ".join(f"{k} = {_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+                               for (k, v), (lo, hi) in zip(res.values.items(), res.ranges().values()))
+            t.add_row(dev, str(int(summ["figures"])), f"{summ['median_abs_err']:.1%}", f"{summ['worst_abs_err']:.1%}",
+                      res.chosen.form.name, fitted)
         console.print(t)
         return
     if measurements is None or device is None:
@@ -417,6 +427,66 @@ def sweep(
         typer.echo(f"{len(outcome.rows)} points: {outcome.computed} run now, {outcome.reused} reused from {out}"
                    + (f"; {len(errors)} could not run (see the error column), e.g. {errors[0]['error']}" if errors else ""))
     typer.echo(str(outcome.table_path))
+
+
+@app.command()
+def sensitivity(
+    sweep_file: Path = typer.Argument(..., help="A sweep YAML (its points, goodput tiers and ratios) or an experiment YAML."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder: points/<id>/ per design point, sensitivity.parquet, sensitivity.json, tornado PNGs. Rerunning skips finished points."),
+    samples: int = typer.Option(16, min=0, max=10_000, help="Latin-hypercube designs varying every parameter jointly."),
+    seed: int = typer.Option(0, min=0, help="Seed of the Latin hypercube."),
+    params: str = typer.Option("", "--params", help="Only parameters whose key starts with one of these (comma-separated, e.g. cost.cs3.,speculative.)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster ('auto', host:port; default: $RAY_ADDRESS, else a local Ray)."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Run the design points one by one in this process."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the summary path only."),
+) -> None:
+    """Vary every assumed or fitted parameter over its range (one at a time and jointly) and report
+    intervals on goodput, goodput per dollar and the sweep's ratios, with a tornado plot per output.
+
+    Parameters are the catalog numbers with a stated range that the experiments' devices use
+    (`hetero-sched catalog` shows each range and its reason) and the speculative acceptance rate
+    of speculating groups. Design points run as Ray tasks like `sweep` (or in-process with --no-ray).
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from hetero_sched.sensitivity import SUMMARY, run_sensitivity, tornado_png
+    from hetero_sched.sweep import load_sweep_or_experiment
+
+    spec = load_sweep_or_experiment(sweep_file)
+    include = tuple(p.strip() for p in params.split(",") if p.strip())
+    kwargs = dict(samples=samples, seed=seed, include=include, address=address, use_ray=not no_ray)
+    if quiet:
+        outcome = run_sensitivity(spec, out, **kwargs)  # type: ignore[arg-type]
+    else:
+        columns = (TextColumn(f"sensitivity {spec.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("points"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("sens", total=None)
+            outcome = run_sensitivity(spec, out, progress=lambda d, t: bar.update(task, completed=d, total=t),
+                                      **kwargs)  # type: ignore[arg-type]
+    names = list(outcome.summary["outputs"])
+    pngs = []
+    for i, name in enumerate(names):
+        if outcome.summary["outputs"][name]["baseline"] is not None:
+            pngs.append(tornado_png(outcome.summary, name, Path(out) / f"tornado-{i:02d}.png"))
+    if not quiet:
+        t = Table(title=f"{spec.name}: baseline, joint 5-95% interval ({outcome.summary['outputs'][names[0]]['joint_samples']} "
+                        f"Latin-hypercube designs) and the parameter that moves it most")
+        for col in ("output", "baseline", "joint 5%", "joint 50%", "joint 95%", "largest one-at-a-time swing"):
+            t.add_column(col, overflow="fold")
+        for name in names:
+            e = outcome.summary["outputs"][name]
+            j = e["joint"] or {}
+            top = e["one_at_a_time"][0] if e["one_at_a_time"] else None
+            swing = (f"{top['param']}: {_fmt(top['at_low'])} .. {_fmt(top['at_high'])}" if top and top["swing"] is not None else "-")
+            t.add_row(name, _fmt(e["baseline"]), _fmt(j.get("p5")), _fmt(j.get("p50")), _fmt(j.get("p95")), swing)
+        Console(width=max(160, Console().width)).print(t)
+        typer.echo(f"{outcome.computed} points run now, {outcome.reused} reused from {out}")
+    for p in pngs:
+        typer.echo(str(p))
+    typer.echo(str(Path(out) / SUMMARY))
 
 
 @app.command()

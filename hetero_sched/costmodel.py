@@ -22,72 +22,37 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from hetero_sched.catalog import resolve_catalog
 from hetero_sched.catalog.costparams import CostParams
+from hetero_sched.catalog.datafile import CatalogData
 from hetero_sched.catalog.groups import GroupSpec
 from hetero_sched.catalog.models import DTYPE_BYTES, ModelSpec
 from hetero_sched.catalog.profiles import Profile, load_profile
 from hetero_sched.catalog.sources import Source, Status
+from hetero_sched.costlines import GroupCost, Line, step_time_s, upper_envelope
 from hetero_sched.errors import UserError
-
-Line = tuple[float, float]
-"""``(intercept_s, slope_s_per_context_token)`` of one decode-step line."""
-
-
-@runtime_checkable
-class GroupCost(Protocol):
-    """Closed-form timing and capacity of one device group serving one model."""
-
-    # Read-only members (properties), so frozen dataclasses implement the protocol.
-    @property
-    def kv_capacity_tokens(self) -> int:
-        """KV tokens the group can hold (device memory or SRAM minus weights and reserve)."""
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """True KV bytes per token held by the whole group (every layer, K and V)."""
-    @property
-    def transfer_bytes_per_token(self) -> int:
-        """Unique KV bytes per token that move between groups (TP-replicated heads sent once)."""
-    @property
-    def egress_bytes_per_s(self) -> float: ...
-    @property
-    def ingress_bytes_per_s(self) -> float: ...
-    @property
-    def message_cost_s(self) -> float:
-        """Fixed cost of one KV transfer message (setup, completion notification)."""
-    @property
-    def dollars_per_hour(self) -> float: ...
-
-    def prefill_time_s(self, new_tokens: Sequence[int], cached_tokens: Sequence[int]) -> float:
-        """Time of one prefill iteration over a batch of prompts.
-
-        ``new_tokens[i]`` tokens of prompt *i* are computed; its first ``cached_tokens[i]``
-        come from the prefix cache (attended to, not recomputed).
-        """
-        ...
-
-    def decode_step_lines(self, batch_size: int) -> tuple[Line, ...]:
-        """Decode step time as a max of lines in total context tokens, for this batch size."""
-        ...
-
-
-def step_time_s(lines: tuple[Line, ...], context_tokens: float) -> float:
-    """One decode step's time for ``context_tokens`` total context (the max of the lines)."""
-    return max(a + s * context_tokens for a, s in lines)
-
+from hetero_sched.speculation import Speculation, SpeculativeCost, speculative_capacity
 
 @dataclass(frozen=True)
 class FittedCost:
     """Per-(model, device, parallelism) fitted coefficients, as Vidur/DistServe-style simulators use.
 
-    prefill: ``a + b * sum(tokens) + c * sum(tokens**2)`` (+ ``per_step_s``);
-    decode: ``a + b * sum(context) + c * batch`` (+ ``per_step_s``), optionally piecewise by
-    batch size: ``decode_pieces`` is a tuple of ``(max_batch, a, b, c)`` sorted by ``max_batch``;
-    the first piece whose ``max_batch >= batch`` applies (the last covers anything larger).
+    prefill: ``a + b·Σn + c·Σn(n + 2h)``; decode: ``a + b·Σ(context + offset) + c·batch``,
+    optionally piecewise by batch size (``decode_pieces``: ``(max_batch, a, b, c)`` sorted by
+    ``max_batch``; the first piece whose ``max_batch >= batch`` applies, the last covers anything
+    larger). On top, the overhead terms peer simulators add outside their fitted polynomials:
+    ``per_step_s`` (every forward pass), ``prefill_per_stage_s`` / ``decode_per_stage_s`` (× ``pp``
+    pipeline stages) and ``per_context_token_s`` (× each request's known tokens: the prompt for a
+    prefill, prompt + generated for a decode step — DistServe's Ray overhead).
+
+    Context convention: this project's decode context of a sequence is its prompt plus the tokens
+    generated so far, i.e. the KV it holds plus the token being decoded — DistServe's
+    ``current_context_len + 1``. ``decode_context_offset`` adapts another convention (−1: a peer
+    that fitted on the KV length alone).
     """
 
     prefill_a_s: float
@@ -102,23 +67,33 @@ class FittedCost:
     message_cost_s: float = 0.0
     dollars_per_hour: float = 0.0
     per_step_s: float = 0.0
+    pp: int = 1
+    prefill_per_stage_s: float = 0.0
+    decode_per_stage_s: float = 0.0
+    per_context_token_s: float = 0.0
+    decode_context_offset: float = 0.0
 
     def prefill_time_s(self, new_tokens: Sequence[int], cached_tokens: Sequence[int]) -> float:
-        """``a + b·Σn + c·Σn(n+2h)`` — cached prefix tokens ``h`` add attention work, not linear work."""
+        """``a + b·Σn + c·Σn(n+2h)`` plus overheads — cached prefix tokens ``h`` add attention work."""
         total = sum(new_tokens)
         quad = sum(n * (n + 2 * h) for n, h in zip(new_tokens, cached_tokens))
-        return (self.per_step_s + self.prefill_a_s + self.prefill_b_s_per_token * total
-                + self.prefill_c_s_per_token2 * quad)
+        known = total + sum(cached_tokens)
+        return (self.per_step_s + self.prefill_per_stage_s * self.pp + self.prefill_a_s
+                + self.prefill_b_s_per_token * total + self.prefill_c_s_per_token2 * quad
+                + self.per_context_token_s * known)
 
-    def decode_step_lines(self, batch_size: int) -> tuple[Line, ...]:
-        """One line: the fitted decode model has no kink."""
+    def decode_step_lines(self, batch_size: int, tokens_per_seq: int = 1) -> tuple[Line, ...]:
+        """One line (the fitted decode model has no kink); a verification step of ``q`` tokens per
+        sequence costs the per-sequence term ``q`` times (the context is read once)."""
         piece = self.decode_pieces[-1]
         for candidate in self.decode_pieces:
             if batch_size <= candidate[0]:
                 piece = candidate
                 break
         _, a, b, c = piece
-        return ((self.per_step_s + a + c * batch_size, b),)
+        intercept = (self.per_step_s + self.decode_per_stage_s * self.pp + a
+                     + (c * tokens_per_seq + b * self.decode_context_offset - self.per_context_token_s) * batch_size)
+        return ((intercept, b + self.per_context_token_s),)
 
 
 ACTIVATION_BYTES = 2.0
@@ -142,10 +117,13 @@ class RooflineCost:
     stage_bytes_per_s: float
     kv_read_bytes_per_token: float
     """KV bytes read per context token per step: the group-held bytes (TP replicas included)."""
+    stage_kv_bytes_per_s: float
+    """Effective stage bandwidth of decode-time KV reads (peak × kv_read_efficiency)."""
     layer_latency_s: float
     allreduce_s_per_token_layer: float
     """TP all-reduce time per token per layer (two all-reduces; zero on one chip per stage)."""
     step_overhead_s: float
+    prefill_overhead_s: float
     pp_hop_s: float
     half_speed_batch: Optional[float]
     kv_capacity_tokens: int
@@ -174,23 +152,26 @@ class RooflineCost:
         read = self.model.weight_bytes_read(n_total) + self.kv_read_bytes_per_token * cached
         roof = max(flops / self.stage_flops_per_s, read / self.stage_bytes_per_s)
         fixed = self.num_layers * (self.layer_latency_s + self.allreduce_s_per_token_layer * n_total)
-        return roof + fixed + self.step_overhead_s + self.pp_hop_s * (self.pp - 1)
+        return roof + fixed + self.step_overhead_s + self.prefill_overhead_s + self.pp_hop_s * (self.pp - 1)
 
-    def _layer_lines(self, seqs: float) -> tuple[Line, Line]:
-        """Per-layer (compute, memory) lines of a micro-batch of ``seqs`` sequences, in its context."""
-        common = self.layer_latency_s + self.allreduce_s_per_token_layer * seqs
+    def _layer_lines(self, seqs: float, tokens_per_seq: int = 1) -> tuple[Line, Line]:
+        """Per-layer (compute, memory) lines of a micro-batch of ``seqs`` sequences, each running
+        ``tokens_per_seq`` tokens (a speculative verification step), in its context."""
+        tokens = seqs * tokens_per_seq
+        common = self.layer_latency_s + self.allreduce_s_per_token_layer * tokens
         f, b, n = self.stage_flops_per_s, self.stage_bytes_per_s, self.num_layers
-        compute = (seqs * self.model.flops_per_token / n / f + common,
-                   self.model.attn_flops_per_context_token / n / f)
-        memory = (self.model.weight_bytes_read(seqs) / n / b + common, self.kv_read_bytes_per_token / n / b)
+        compute = (tokens * self.model.flops_per_token / n / f + common,
+                   tokens_per_seq * self.model.attn_flops_per_context_token / n / f)
+        memory = (self.model.weight_bytes_read(tokens) / n / b + common,
+                  self.kv_read_bytes_per_token / n / self.stage_kv_bytes_per_s)
         return compute, memory
 
-    def _lines_no_penalty(self, batch_size: int) -> list[Line]:
+    def _lines_no_penalty(self, batch_size: int, tokens_per_seq: int = 1) -> list[Line]:
         micro = min(self.pp, batch_size)
         seqs = batch_size / micro
         hops = self.pp_hop_s * self.pp if self.pp > 1 else 0.0
         lines = []
-        for a, s in self._layer_lines(seqs):
+        for a, s in self._layer_lines(seqs, tokens_per_seq):
             # Latency path: a token crosses all stages (sum of stage times) plus the hops.
             lines.append((self.num_layers * a + hops + self.step_overhead_s, self.num_layers * s / micro))
             if self.pp > 1:
@@ -198,40 +179,22 @@ class RooflineCost:
                 lines.append((micro * self.stage_layers_max * a + self.step_overhead_s, self.stage_layers_max * s))
         return lines
 
-    def decode_step_lines(self, batch_size: int) -> tuple[Line, ...]:
+    def decode_step_lines(self, batch_size: int, tokens_per_seq: int = 1) -> tuple[Line, ...]:
         """Step time of ``batch_size`` sequences as a max of lines in their total context ``C``.
 
         Lines: compute roof and memory roof (each with the per-layer latency), and with
         ``pp > 1`` also the throughput bound of ``min(pp, batch)`` micro-batches on the slowest
         stage. ``half_speed_batch`` adds the stated per-user slowdown ``(b − 1)·t1/half``.
+        ``tokens_per_seq`` tokens per sequence: a speculative verification step.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        lines = self._lines_no_penalty(batch_size)
+        lines = self._lines_no_penalty(batch_size, tokens_per_seq)
         if self.half_speed_batch is not None and batch_size > 1:
             t1 = max(a for a, _ in self._lines_no_penalty(1))
             extra = (batch_size - 1) * t1 / self.half_speed_batch
             lines = [(a + extra, s) for a, s in lines]
-        return tuple(_upper_envelope(lines))
-
-
-def _upper_envelope(lines: Sequence[Line]) -> list[Line]:
-    """Drop lines that never attain the max for ``C >= 0`` (keeps kinks meaningful)."""
-    kept = [line for line in set(lines)
-            if any(math.isclose(step_time_s(tuple(lines), c), line[0] + line[1] * c, rel_tol=1e-12)
-                   for c in _candidate_contexts(lines))]
-    return sorted(kept, key=lambda l: (l[1], l[0]))
-
-
-def _candidate_contexts(lines: Sequence[Line]) -> list[float]:
-    cs = [0.0, 1e12]
-    for i, (a1, s1) in enumerate(lines):
-        for a2, s2 in lines[i + 1:]:
-            if s1 != s2:
-                c = (a2 - a1) / (s1 - s2)
-                if c > 0:
-                    cs.append(c)
-    return cs
+        return tuple(upper_envelope(lines))
 
 
 def kink_contexts(lines: tuple[Line, ...]) -> tuple[float, ...]:
@@ -278,17 +241,48 @@ def _apply_profile(cost: CostParams, profile: Profile, path: str | Path) -> Cost
     return replace(cost, **changes, sources=sources)
 
 
+def _roofline(group: GroupSpec, spec: ModelSpec, dev: Any, cost: CostParams, pp: int, held_per_token: float,
+              shared: Mapping[str, Any]) -> RooflineCost:
+    stage_chips = group.count // pp
+    if stage_chips > 1:
+        ring = 2.0 * (stage_chips - 1) / stage_chips
+        allreduce = 2 * ring * spec.hidden_size * ACTIVATION_BYTES / (dev.scale_up_bytes_per_s * cost.link_efficiency)
+    else:
+        allreduce = 0.0
+    return RooflineCost(
+        model=spec, num_layers=spec.num_layers, pp=pp,
+        stage_layers_max=math.ceil(spec.num_layers / pp),
+        stage_flops_per_s=dev.flops_per_s(spec.weight_dtype) * stage_chips * cost.compute_efficiency,
+        stage_bytes_per_s=dev.memory_bytes_per_s * stage_chips * cost.memory_efficiency,
+        stage_kv_bytes_per_s=dev.memory_bytes_per_s * stage_chips * (cost.kv_read_efficiency or cost.memory_efficiency),
+        kv_read_bytes_per_token=held_per_token,
+        layer_latency_s=cost.layer_latency_s,
+        allreduce_s_per_token_layer=allreduce,
+        step_overhead_s=cost.step_overhead_s,
+        prefill_overhead_s=cost.prefill_overhead_s,
+        pp_hop_s=cost.pp_hop_s,
+        half_speed_batch=cost.half_speed_batch,
+        **shared,
+    )
+
+
 def build_group_cost(group: GroupSpec, model: ModelSpec | str,
                      overrides: Optional[Mapping[str, Any]] = None,
-                     profile: Optional[str | Path] = None) -> GroupCost:
+                     profile: Optional[str | Path] = None, *,
+                     extra: CatalogData = CatalogData(),
+                     speculation: Optional[Speculation] = None,
+                     kv_capacity_tokens: Optional[int] = None) -> GroupCost:
     """The cost model of ``group`` serving ``model``: a :class:`RooflineCost`, or a
-    :class:`FittedCost` when ``profile`` is a fitted-coefficient profile.
+    :class:`FittedCost` when ``profile`` is a fitted-coefficient profile; wrapped in a
+    :class:`~hetero_sched.speculation.SpeculativeCost` when ``speculation`` is given.
 
-    Overrides are resolved against the catalog (:func:`hetero_sched.catalog.resolve_catalog`);
-    a roofline profile's parameters replace the catalog's (explicit overrides still win).
-    A model whose weights do not fit raises UserError saying how many devices it needs.
+    Overrides are resolved against the catalog plus the experiment's own entries ``extra``
+    (:func:`hetero_sched.catalog.resolve_catalog`); a roofline profile's parameters replace the
+    catalog's (explicit overrides still win). ``kv_capacity_tokens`` sets the group's KV capacity
+    directly instead of deriving it from memory (a peer's measured figure, say). A model whose
+    weights do not fit raises UserError saying how many devices it needs.
     """
-    cat = resolve_catalog(overrides)
+    cat = resolve_catalog(overrides, extra)
     dev = cat.device(group.device)
     cost = cat.cost(group.device)
     spec = cat.model(model) if isinstance(model, str) else model
@@ -304,21 +298,14 @@ def build_group_cost(group: GroupSpec, model: ModelSpec | str,
     replication = _held_kv_replication(spec, group.tp)
     held_per_token = spec.kv_bytes_per_token() * replication
     kv_tokens = int((usable - spec.weight_bytes) // held_per_token)
-    if kv_tokens < 1:
+    if kv_tokens < 1 and kv_capacity_tokens is None:
         need = spec.num_devices_for(dev.memory_bytes, cost.kv_reserve_fraction)
         raise UserError(
             f"{spec.name} ({spec.weight_dtype}, {spec.weight_bytes / 1e9:.0f} GB of weights) does not fit in "
             f"{group.count} x {group.device} ({dev.memory_bytes * group.count / 1e9:.0f} GB {dev.memory_kind}, "
             f"{cost.kv_reserve_fraction:.0%} reserved): it needs at least {need} {group.device}")
-
-    stage_chips = group.chips_per_stage
-    if stage_chips > 1:
-        ring = 2.0 * (stage_chips - 1) / stage_chips
-        allreduce = 2 * ring * spec.hidden_size * ACTIVATION_BYTES / (dev.scale_up_bytes_per_s * cost.link_efficiency)
-    else:
-        allreduce = 0.0
     shared: dict[str, Any] = dict(
-        kv_capacity_tokens=kv_tokens,
+        kv_capacity_tokens=kv_capacity_tokens if kv_capacity_tokens is not None else kv_tokens,
         kv_bytes_per_token=int(round(held_per_token)),
         transfer_bytes_per_token=int(round(spec.kv_bytes_per_token())),
         egress_bytes_per_s=dev.network_bytes_per_s * group.count,
@@ -326,24 +313,54 @@ def build_group_cost(group: GroupSpec, model: ModelSpec | str,
         message_cost_s=cost.message_cost_s,
         dollars_per_hour=cost.dollars_per_hour * group.count,
     )
+    target: GroupCost
     if prof is not None and prof.kind == "fitted":
         if prof.model != spec.name or prof.tp != group.tp or prof.pp != group.pp:
             raise UserError(f"profile {profile}: fitted for {prof.model} tp={prof.tp} pp={prof.pp}, "
                             f"not {spec.name} tp={group.tp} pp={group.pp}")
-        a, b, c = (float(x) for x in prof.params["prefill"])
-        pieces = tuple((int(p[0]), float(p[1]), float(p[2]), float(p[3])) for p in prof.params["decode_pieces"])
-        return FittedCost(prefill_a_s=a, prefill_b_s_per_token=b, prefill_c_s_per_token2=c,
-                          decode_pieces=pieces, per_step_s=float(prof.params.get("per_step_s", 0.0)), **shared)
-    return RooflineCost(
-        model=spec, num_layers=spec.num_layers, pp=group.pp,
-        stage_layers_max=math.ceil(spec.num_layers / group.pp),
-        stage_flops_per_s=dev.flops_per_s(spec.weight_dtype) * stage_chips * cost.compute_efficiency,
-        stage_bytes_per_s=dev.memory_bytes_per_s * stage_chips * cost.memory_efficiency,
-        kv_read_bytes_per_token=held_per_token,
-        layer_latency_s=cost.layer_latency_s,
-        allreduce_s_per_token_layer=allreduce,
-        step_overhead_s=cost.step_overhead_s,
-        pp_hop_s=cost.pp_hop_s,
-        half_speed_batch=cost.half_speed_batch,
-        **shared,
-    )
+        target = fitted_cost(prof, str(profile), shared)
+    else:
+        target = _roofline(group, spec, dev, cost, group.pp, held_per_token, shared)
+    if speculation is None:
+        return target
+    draft: Optional[GroupCost] = None
+    capacity = shared["kv_capacity_tokens"]
+    transfer = shared["transfer_bytes_per_token"]
+    held = shared["kv_bytes_per_token"]
+    if speculation.draft_model is not None:
+        dspec = cat.model(speculation.draft_model)
+        dheld = dspec.kv_bytes_per_token() * _held_kv_replication(dspec, group.tp)
+        # The draft lives on one pipeline stage (a small model is not split across systems).
+        draft = _roofline(group, dspec, dev, cost, 1, dheld, shared)
+        if kv_capacity_tokens is None:
+            capacity = speculative_capacity(capacity, held_per_token, dheld, dspec.weight_bytes)
+            if capacity < 1:
+                raise UserError(f"{spec.name} with draft {dspec.name} does not fit in {group.count} x {group.device}")
+        transfer += int(round(dspec.kv_bytes_per_token()))
+        held += int(round(dheld))
+    return SpeculativeCost(target, speculation, draft, kv_capacity_tokens=capacity, kv_bytes_per_token=held,
+                           transfer_bytes_per_token=transfer)
+
+
+FITTED_TERMS = ("per_step_s", "prefill_per_stage_s", "decode_per_stage_s", "per_context_token_s",
+                "decode_context_offset")
+"""Optional overhead terms of a fitted profile (see :class:`FittedCost`)."""
+
+
+def fitted_cost(prof: Profile, where: str, shared: Mapping[str, Any]) -> FittedCost:
+    """A :class:`FittedCost` from a fitted profile's parameters (UserError naming a bad one)."""
+    params = dict(prof.params)
+    try:
+        a, b, c = (float(x) for x in params.pop("prefill"))
+        pieces = tuple((int(p[0]), float(p[1]), float(p[2]), float(p[3])) for p in params.pop("decode_pieces"))
+        terms: dict[str, Any] = {name: float(params.pop(name)) for name in FITTED_TERMS if name in params}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"profile {where}: bad or missing fitted parameter ({exc})") from None
+    if params:
+        raise UserError(f"profile {where}: unknown fitted parameter {sorted(params)[0]!r}; known: prefill, "
+                        f"decode_pieces, {', '.join(FITTED_TERMS)}")
+    if not pieces or any(v < 0 for k, v in terms.items() if k != "decode_context_offset"):
+        raise UserError(f"profile {where}: needs decode_pieces and non-negative overhead terms")
+    cost = FittedCost(prefill_a_s=a, prefill_b_s_per_token=b, prefill_c_s_per_token2=c, decode_pieces=pieces,
+                      pp=prof.pp, **shared)
+    return replace(cost, **terms)

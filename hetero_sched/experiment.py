@@ -15,13 +15,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hetero_sched import workload as wl
-from hetero_sched.catalog import GroupSpec, resolve_catalog
+from hetero_sched.catalog import CatalogData, resolve_catalog
+from hetero_sched.catalog.datafile import read_catalog_file, resolve_entries
+from hetero_sched.catalog.shipped import shipped
 from hetero_sched.core.group import GroupLimits, GroupState, Role
 from hetero_sched.core.transfer import LayerwiseStreaming
 from hetero_sched.costmodel import build_group_cost
 from hetero_sched.errors import UserError
 from hetero_sched.metrics import SLO, SLO_TIERS
 from hetero_sched.predictor import PredictorSpec
+from hetero_sched.speculation import Speculation
+from hetero_sched.validation import format_validation_error
 
 
 _LIMITS = GroupLimits()
@@ -30,6 +34,30 @@ _LIMITS = GroupLimits()
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN/inf: never a valid setting
+
+
+class SpeculativeConfig(_Strict):
+    """Speculative decoding on a group (see :mod:`hetero_sched.speculation`)."""
+
+    draft_tokens: int = Field(ge=1, le=64, description="k: tokens drafted per sequence per step")
+    acceptance_rate: Optional[float] = Field(None, ge=0.0, le=1.0, description="i.i.d. per-token acceptance α")
+    tokens_per_step: Optional[float] = Field(None, ge=1.0, description="τ directly (vLLM's mean acceptance length)")
+    draft_model: Optional[str] = Field(None, description="a catalog model drafting on the same group")
+    draft_cost_fraction: Optional[float] = Field(None, ge=0.0, le=10.0, description="or: one draft token costs "
+                                                 "this fraction of a target decode step (MTP/EAGLE heads)")
+
+    def speculation(self) -> Speculation:
+        """The cost model's setting (UserError when it is inconsistent)."""
+        return Speculation(self.draft_tokens, self.acceptance_rate, self.tokens_per_step, self.draft_model,
+                           self.draft_cost_fraction)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SpeculativeConfig":
+        try:
+            self.speculation()
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("speculative: ")) from None
+        return self
 
 
 class GroupConfig(_Strict):
@@ -50,6 +78,9 @@ class GroupConfig(_Strict):
     block_size: int = Field(_LIMITS.block_size, ge=1)
     extend_tokens: int = Field(_LIMITS.extend_tokens, ge=1)
     prefix_cache_fraction: float = Field(_LIMITS.prefix_cache_fraction, ge=0.0, lt=1.0)
+    kv_capacity_tokens: Optional[int] = Field(None, ge=1, le=10**12, description="KV tokens the group holds "
+                                              "(default: derived from memory, weights and reserve)")
+    speculative: Optional[SpeculativeConfig] = None
 
     def limits(self) -> GroupLimits:
         return GroupLimits(self.max_batch_tokens, self.max_num_seqs, self.max_prefill_seqs,
@@ -131,6 +162,8 @@ class Experiment(_Strict):
     report_interval_s: float = Field(0.0, ge=0)
     transfer: TransferConfig = Field(default_factory=lambda: TransferConfig())
     admission: AdmissionConfig = Field(default_factory=lambda: AdmissionConfig())
+    catalog: list[dict[str, Any]] = Field(default_factory=list, description="the experiment's own devices and "
+                                          "models: catalog data files (paths) or inline {devices:, models:} mappings")
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("policy", mode="before")
@@ -148,6 +181,11 @@ class Experiment(_Strict):
         return v
 
     @property
+    def catalog_data(self) -> CatalogData:
+        """The experiment's own catalog entries (validated when the experiment was parsed)."""
+        return catalog_extension(self.catalog, "experiment")
+
+    @property
     def slo_target(self) -> SLO:
         return SLO_TIERS[self.slo] if isinstance(self.slo, str) else SLO(self.slo.ttft_s, self.slo.tpot_s, self.slo.name)
 
@@ -156,7 +194,7 @@ class Experiment(_Strict):
         """The layer-wise streaming option for the core (None: send KV after prefill)."""
         if self.transfer.mode != "layerwise":
             return None
-        layers = resolve_catalog(self.overrides).model(self.model).num_layers
+        layers = resolve_catalog(self.overrides, self.catalog_data).model(self.model).num_layers
         return LayerwiseStreaming(layers, self.transfer.layer_message_s)
 
     @property
@@ -167,24 +205,48 @@ class Experiment(_Strict):
         return PredictorSpec(p.kind, p.tokens, p.sigma)
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
-    err = max(exc.errors(), key=lambda e: len(e["loc"]))  # deepest: in a union, the branch that got furthest
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "(top level)"
-    msg = err["msg"].removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more error(s))" if exc.error_count() > 1 else ""
-    value = err.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None or err["type"] == "missing" else f" (got {value!r})"
-    return f"{source}: {loc}: {msg}{shown}{more}"
+_format_error = format_validation_error
+"""Kept under its old name for callers (sweep, planner)."""
 
 
-def parse_experiment(data: Any, source: str = "experiment") -> Experiment:
-    """Validate a mapping as an experiment (UserError naming the first bad field)."""
+def catalog_extension(items: list[dict[str, Any]], source: str) -> CatalogData:
+    """Resolve an experiment's ``catalog:`` entries (inline mappings) against the shipped catalog."""
+    if not items:
+        return CatalogData()
+    known = shipped()
+    devices = {name: (spec, known.costs[name]) for name, spec in known.devices.items()}
+    return resolve_entries([(item, f"{source}: catalog[{i}]") for i, item in enumerate(items)], devices, known.models)
+
+
+def inline_catalog(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``data`` with every catalog file path (relative to ``base_dir``) replaced by its content, so an
+    experiment carries its own devices and models wherever it goes (sweep points, Ray tasks)."""
+    items = data.get("catalog")
+    if not isinstance(items, list) or not any(isinstance(i, str) for i in items):
+        return data
+    inlined = []
+    for item in items:
+        if isinstance(item, str):
+            path = Path(item)
+            if not path.is_absolute() and not path.exists():
+                path = base_dir / path
+            item = read_catalog_file(path)
+        inlined.append(item)
+    return {**data, "catalog": inlined}
+
+
+def parse_experiment(data: Any, source: str = "experiment", base_dir: Optional[Path] = None) -> Experiment:
+    """Validate a mapping as an experiment (UserError naming the first bad field); catalog file
+    paths resolve against ``base_dir`` (default: the working directory)."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = inline_catalog(data, base_dir or Path.cwd())
     try:
-        return Experiment.model_validate(data)
+        exp = Experiment.model_validate(data)
     except ValidationError as exc:
         raise UserError(_format_error(source, exc)) from None
+    catalog_extension(exp.catalog, source)     # a bad device or model: one line, at parse time
+    return exp
 
 
 def load_experiment(path: Union[str, Path, None] = None) -> tuple[Experiment, Path]:
@@ -207,7 +269,7 @@ def load_experiment(path: Union[str, Path, None] = None) -> tuple[Experiment, Pa
         raise UserError(f"{p}:{where}: {problem}") from None
     except UnicodeDecodeError:
         raise UserError(f"{p}: not a text file") from None
-    return parse_experiment(data, str(p)), p.parent
+    return parse_experiment(data, str(p), p.parent), p.parent
 
 
 def build_workload(cfg: WorkloadConfig, seed: int, base_dir: Path) -> wl.Workload:
@@ -236,19 +298,22 @@ def build_workload(cfg: WorkloadConfig, seed: int, base_dir: Path) -> wl.Workloa
 
 def build_groups(exp: Experiment, base_dir: Path) -> list[GroupState]:
     """One core :class:`GroupState` per group replica, costs resolved with the overrides."""
-    catalog = resolve_catalog(exp.overrides)
+    extra = exp.catalog_data
+    catalog = resolve_catalog(exp.overrides, extra)
     catalog.model(exp.model)
     groups: list[GroupState] = []
     for i, g in enumerate(exp.groups):
         where = f"groups[{i}] ({g.name})"
         try:
-            spec = GroupSpec(g.device, g.count, g.tp, g.pp)
+            spec = catalog.group(g.device, g.count, g.tp, g.pp)
             profile = None
             if g.cost_profile is not None:
                 profile = Path(g.cost_profile)
                 if not profile.is_absolute() and not profile.exists():
                     profile = base_dir / profile
-            cost = build_group_cost(spec, exp.model, exp.overrides, profile=profile)
+            cost = build_group_cost(spec, exp.model, exp.overrides, profile=profile, extra=extra,
+                                    speculation=g.speculative.speculation() if g.speculative else None,
+                                    kv_capacity_tokens=g.kv_capacity_tokens)
             limits = g.limits()
             if cost.kv_capacity_tokens < limits.block_size:
                 raise UserError(f"no KV memory left after the weights of {exp.model}")

@@ -132,7 +132,7 @@ def measure_goodput(exp: Experiment, workload: Workload, tier: str, *, base_dir:
 
 def cs3_share(exp: Experiment) -> tuple[int, float]:
     """CS-3 systems in the cluster and the $/h of everything else (for the break-even price)."""
-    cat = resolve_catalog(exp.overrides)
+    cat = resolve_catalog(exp.overrides, exp.catalog_data)
     systems = 0
     other = 0.0
     for g in exp.groups:

@@ -36,17 +36,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from hetero_sched.catalog import get_device
+from hetero_sched.catalog import resolve_catalog
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import Experiment, build_groups, build_workload, parse_experiment
 from hetero_sched.policies import make_policy
+from hetero_sched.validation import validate
 
 EXPERIMENT_FIELDS = tuple(Experiment.model_fields)
 POINTS_DIR = "points"
@@ -63,6 +64,16 @@ class GoodputConfig(BaseModel):
     """Which roles the bound lets groups take (default: ``any`` for role-switching or fallback policies)."""
 
 
+class RatioConfig(BaseModel):
+    """A ratio the sweep defines: the best ``metric`` over the numerator's points divided by the
+    best over the denominator's (each side selects points by axis labels)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    numerator: dict[str, list[str]] = Field(min_length=1)
+    denominator: dict[str, list[str]] = Field(min_length=1)
+    metric: str = Field(min_length=1, description="a sweep.parquet column, e.g. goodput_tokens_per_s_high_speed")
+
+
 class SweepFile(BaseModel):
     """The sweep file's schema (validated; one-line errors)."""
 
@@ -73,6 +84,7 @@ class SweepFile(BaseModel):
     set: dict[str, Any] = Field(default_factory=dict)
     goodput: Optional[GoodputConfig] = None
     save_runs: bool = True
+    ratios: dict[str, RatioConfig] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,7 @@ class Sweep:
     goodput: Optional[GoodputConfig]
     save_runs: bool = True
     source: str = "sweep"
+    ratios: tuple[tuple[str, RatioConfig], ...] = ()
 
 
 @dataclass
@@ -188,14 +201,7 @@ def parse_axis(source: str, name: str, spec: Union[list[Any], dict[str, Any]]) -
 
 def parse_sweep(data: Any, base_dir: Path, source: str = "sweep") -> Sweep:
     """Validate a sweep mapping (relative paths resolve against ``base_dir``)."""
-    from hetero_sched.experiment import _format_error
-
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping at the top level")
-    try:
-        spec = SweepFile.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(_format_error(source, exc)) from None
+    spec = validate(SweepFile, data, source)
     if spec.experiment is None or isinstance(spec.experiment, str):
         from hetero_sched.experiment import load_experiment
 
@@ -203,7 +209,7 @@ def parse_sweep(data: Any, base_dir: Path, source: str = "sweep") -> Sweep:
         exp, exp_dir = load_experiment(exp_path)
         base = absolute_paths(exp.model_dump(mode="json"), exp_dir)
     else:
-        base = absolute_paths(parse_experiment(spec.experiment, f"{source}: experiment").model_dump(mode="json"),
+        base = absolute_paths(parse_experiment(spec.experiment, f"{source}: experiment", base_dir).model_dump(mode="json"),
                               base_dir)
     for path, value in spec.set.items():
         _field_path(source, f"set.{path}", path)
@@ -212,7 +218,30 @@ def parse_sweep(data: Any, base_dir: Path, source: str = "sweep") -> Sweep:
         except UserError as exc:
             raise UserError(f"{source}: set.{path}: {exc}") from None
     axes = tuple(parse_axis(source, name, values) for name, values in spec.axes.items())
-    return Sweep(spec.name, base, axes, spec.goodput, spec.save_runs, source)
+    for rname, ratio in spec.ratios.items():
+        for side in (ratio.numerator, ratio.denominator):
+            for axis_name, labels in side.items():
+                axis = next((a for a in axes if a.name == axis_name), None)
+                if axis is None:
+                    raise UserError(f"{source}: ratios.{rname}: no axis {axis_name!r} (axes: {', '.join(a.name for a in axes)})")
+                unknown = [lab for lab in labels if lab not in axis.labels]
+                if unknown:
+                    raise UserError(f"{source}: ratios.{rname}: axis {axis_name!r} has no value {unknown[0]!r}")
+    return Sweep(spec.name, base, axes, spec.goodput, spec.save_runs, source, tuple(spec.ratios.items()))
+
+
+def ratio_value(ratio: RatioConfig, rows: Sequence[Mapping[str, Any]]) -> Optional[float]:
+    """The ratio over a sweep's rows (None when a side has no finished point or a zero denominator)."""
+    def best(side: dict[str, list[str]]) -> Optional[float]:
+        values = [r.get(ratio.metric) for r in rows if r.get("status") == "ok"
+                  and all(str(r.get(axis)) in labels for axis, labels in side.items())]
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
+        return max(numbers) if numbers else None
+
+    num, den = best(ratio.numerator), best(ratio.denominator)
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
 
 
 def shipped_or_path(path: Union[str, Path]) -> Path:
@@ -231,6 +260,18 @@ def load_sweep(path: Union[str, Path]) -> Sweep:
     """Read and validate a sweep file (or a shipped example by name)."""
     p = shipped_or_path(path)
     return parse_sweep(_read_yaml(p, "sweep"), p.parent, str(p))
+
+
+def load_sweep_or_experiment(path: Union[str, Path]) -> Sweep:
+    """A sweep file, or an experiment file as a one-point sweep measuring goodput at its SLO tier
+    (``standard`` when the experiment's SLO is custom)."""
+    p = shipped_or_path(path)
+    data = _read_yaml(p, "sweep or experiment")
+    if isinstance(data, dict) and "groups" in data and "axes" not in data:
+        tier = data.get("slo") if data.get("slo") in ("standard", "high-speed") else "standard"
+        return parse_sweep({"name": data.get("name", "experiment"), "experiment": data, "goodput": {"tiers": [tier]}},
+                           p.parent, str(p))
+    return parse_sweep(data, p.parent, str(p))
 
 
 # --- expanding ----------------------------------------------------------------------------
@@ -331,8 +372,9 @@ def run_point(point: Point, goodput: Optional[GoodputConfig], save_runs: bool) -
         bound = upper_bound(exp, workload, exp.slo_target, roles=(goodput.roles if goodput else None) or bound_roles(exp))
         row.update({"bound_rps": bound.rate_per_s, "bound_bottleneck": bound.bottleneck})
         systems, other = cs3_share(exp)
+        catalog = resolve_catalog(exp.overrides, exp.catalog_data)
         row.update({"cs3_systems": systems, "non_cs3_dollars_per_hour": other,
-                    "all_gpu": all(get_device(g.device).ray_resource == "GPU" for g in exp.groups),
+                    "all_gpu": all(catalog.device(g.device).ray_resource == "GPU" for g in exp.groups),
                     "mean_output_tokens": bound.mean_output_tokens})
         if save_runs:
             import tempfile
@@ -348,6 +390,10 @@ def run_point(point: Point, goodput: Optional[GoodputConfig], save_runs: bool) -
             row[f"goodput_points_{suffix}"] = json.dumps(g.points)
     except UserError as exc:
         row.update(status="error", error=str(exc))
+    except AssertionError as exc:
+        # A core invariant failed at this point: record it (the row says so) rather than lose every
+        # other point of a long sweep; it is a bug to report, not a result.
+        row.update(status="error", error=f"internal error: a core invariant failed ({exc})")
     return PointResult(row, files)
 
 
@@ -390,16 +436,11 @@ def _connect_ray(address: Optional[str]) -> bool:
     return True
 
 
-def run_sweep(sweep: Sweep, out: Union[str, Path], *, address: Optional[str] = None, use_ray: bool = True,
-              progress: Optional[Callable[[int, int], None]] = None) -> SweepOutcome:
-    """Run every point not already finished under ``out``; write ``sweep.parquet``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    points = expand(sweep)
-    (out / "sweep.json").write_text(json.dumps({"name": sweep.name, "source": sweep.source,
-                                                "axes": [a.name for a in sweep.axes],
-                                                "goodput": sweep.goodput.model_dump(mode="json") if sweep.goodput else None,
-                                                "points": [p.point_id for p in points]}, indent=2))
+def run_points(points: Sequence[Point], out: Path, goodput: Optional[GoodputConfig], save_runs: bool, *,
+               address: Optional[str] = None, use_ray: bool = True,
+               progress: Optional[Callable[[int, int], None]] = None) -> tuple[dict[str, dict[str, Any]], int]:
+    """Run every point not already finished under ``out`` (Ray tasks, or in-process with ``use_ray``
+    false); returns every point's row by id and how many were run now."""
     rows: dict[str, dict[str, Any]] = {}
     todo = []
     for p in points:
@@ -417,7 +458,7 @@ def run_sweep(sweep: Sweep, out: Union[str, Path], *, address: Optional[str] = N
         started = _connect_ray(address)
         try:
             task = ray.remote(num_cpus=1)(run_point)
-            pending = {task.remote(p, sweep.goodput, sweep.save_runs): p for p in todo}
+            pending = {task.remote(p, goodput, save_runs): p for p in todo}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
@@ -433,17 +474,36 @@ def run_sweep(sweep: Sweep, out: Union[str, Path], *, address: Optional[str] = N
                 ray.shutdown()
     else:
         for p in todo:
-            result = run_point(p, sweep.goodput, sweep.save_runs)
+            result = run_point(p, goodput, save_runs)
             save_point(out, result)
             rows[p.point_id] = result.row
             done += 1
             if progress:
                 progress(done, len(points))
+    return rows, len(todo)
+
+
+def run_sweep(sweep: Sweep, out: Union[str, Path], *, address: Optional[str] = None, use_ray: bool = True,
+              progress: Optional[Callable[[int, int], None]] = None) -> SweepOutcome:
+    """Run every point not already finished under ``out``; write ``sweep.parquet``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = expand(sweep)
+    (out / "sweep.json").write_text(json.dumps({"name": sweep.name, "source": sweep.source,
+                                                "axes": [a.name for a in sweep.axes],
+                                                "goodput": sweep.goodput.model_dump(mode="json") if sweep.goodput else None,
+                                                "points": [p.point_id for p in points]}, indent=2))
+    rows, computed = run_points(points, out, sweep.goodput, sweep.save_runs, address=address, use_ray=use_ray,
+                                progress=progress)
     ordered = [rows[p.point_id] for p in points]
     add_breakeven(ordered, sweep.goodput.tiers if sweep.goodput else ())
+    for name, ratio in sweep.ratios:
+        value = ratio_value(ratio, ordered)
+        for r in ordered:
+            r[f"ratio_{name}"] = value
     path = out / TABLE
     pq.write_table(rows_table(ordered), path)
-    return SweepOutcome(path, ordered, len(todo), len(points) - len(todo))
+    return SweepOutcome(path, ordered, computed, len(points) - computed)
 
 
 def add_breakeven(rows: Sequence[dict[str, Any]], tiers: Sequence[str]) -> None:

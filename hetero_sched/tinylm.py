@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hetero_sched.catalog.models import ModelSpec, get_model
+from hetero_sched.catalog import get_model
+from hetero_sched.catalog.models import ModelSpec
 
 _RMS_EPS = 1e-6
 _ROPE_THETA = 10000.0

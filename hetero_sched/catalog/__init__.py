@@ -1,6 +1,8 @@
 """The catalog: devices, models, cost-model parameters — every number with its source.
 
-Overrides (DESIGN §10) are a flat dict of dotted keys resolved against the catalog::
+The catalog is data: the shipped devices and models are ``hetero_sched/data/catalog/*.yaml``, and an
+experiment adds its own with a ``catalog:`` section (:mod:`hetero_sched.catalog.datafile`), passed
+here as ``extra``. Overrides (DESIGN §10) are a flat dict of dotted keys resolved against it::
 
     {"device.trn2.memory_bytes_per_s": 2.5e12,      # also: hbm_bytes_per_s, sram_bytes
      "model.llama-3.1-70b.num_layers": 80,           # also: weight_dtype / kv_dtype ("fp8", ...)
@@ -19,14 +21,17 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 from hetero_sched.catalog import costparams, devices, models
-from hetero_sched.catalog.costparams import CostParams, get_cost_params
-from hetero_sched.catalog.devices import DeviceSpec, device_names, get_device, list_devices
+from hetero_sched.catalog.costparams import CostParams
+from hetero_sched.catalog.datafile import CatalogData
+from hetero_sched.catalog.devices import DeviceSpec
 from hetero_sched.catalog.groups import GroupSpec
-from hetero_sched.catalog.models import ModelSpec, get_model, list_models, model_names
+from hetero_sched.catalog.models import ModelSpec
+from hetero_sched.catalog.shipped import (device_names, get_cost_params, get_device, get_model, list_cost_params,
+                                          list_devices, list_models, model_names)
 from hetero_sched.catalog.sources import Source, Status, lookup
 from hetero_sched.errors import UserError
 
-__all__ = ["Catalog", "CostParams", "DeviceSpec", "GroupSpec", "ModelSpec", "Source", "Status",
+__all__ = ["Catalog", "CatalogData", "CostParams", "DeviceSpec", "GroupSpec", "ModelSpec", "Source", "Status",
            "device_names", "get_cost_params", "get_device", "get_model", "list_devices", "list_models",
            "model_names", "resolve_assumptions", "resolve_catalog"]
 
@@ -53,8 +58,13 @@ class Catalog:
         """Cost parameters of a device kind."""
         return lookup(self.costs, device, "cost-parameter device")
 
+    def group(self, device: str, count: int, tp: int, pp: int = 1) -> GroupSpec:
+        """A validated :class:`GroupSpec` of one of this catalog's devices (shipped or the experiment's)."""
+        return GroupSpec(device, count, tp, pp, device_spec=self.device(device))
 
-_ZERO_OK = ("step_overhead_s", "kv_reserve_fraction", "pp_hop_s", "message_cost_s", "link_efficiency")
+
+_ZERO_OK = ("step_overhead_s", "kv_reserve_fraction", "pp_hop_s", "message_cost_s", "link_efficiency",
+            "layer_latency_s", "shared_experts", "prefill_overhead_s")
 
 
 def _number(key: str, value: Any, integer: bool = False) -> float:
@@ -76,11 +86,15 @@ def _replace(obj: Any, field: str, value: Any, key: str) -> Any:
         raise UserError(f"override {key}: {exc}") from None
 
 
-def resolve_catalog(overrides: Optional[Overrides] = None) -> Catalog:
-    """The catalog with ``overrides`` applied; an unknown key or bad value is a UserError."""
-    devs = {d.name: d for d in devices.list_devices()}
-    mods = {m.name: m for m in models.list_models()}
-    costs = {c.device: c for c in costparams.list_cost_params()}
+def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = CatalogData()) -> Catalog:
+    """The shipped catalog plus ``extra`` entries, with ``overrides`` applied; an unknown key or
+    bad value is a UserError."""
+    devs = {d.name: d for d in list_devices()}
+    mods = {m.name: m for m in list_models()}
+    costs = {c.device: c for c in list_cost_params()}
+    devs.update({d.name: d for d in extra.devices})
+    mods.update({m.name: m for m in extra.models})
+    costs.update({c.device: c for c in extra.costs})
     for key, value in (overrides or {}).items():
         parts = str(key).split(".")
         if len(parts) < 3:
@@ -123,13 +137,15 @@ def _entries(prefix: str, obj: Any, names: Iterable[str]) -> dict[str, dict[str,
 
 def resolve_assumptions(overrides: Optional[Overrides] = None,
                         devices_used: Optional[Iterable[str]] = None,
-                        models_used: Optional[Iterable[str]] = None) -> dict[str, dict[str, Any]]:
+                        models_used: Optional[Iterable[str]] = None,
+                        extra: CatalogData = CatalogData()) -> dict[str, dict[str, Any]]:
     """Every catalog and cost-model number as ``{key: {value, status, source}}``.
 
-    Keys are the override keys (``device.trn2.bf16_flops_per_s`` ...). Restrict to the devices
-    and models an experiment uses with ``devices_used`` / ``models_used`` to keep stamps small.
+    Keys are the override keys (``device.trn2.bf16_flops_per_s`` ...); a number with a stated
+    plausible range also carries ``range`` and ``range_reason``. Restrict to the devices and models
+    an experiment uses with ``devices_used`` / ``models_used`` to keep stamps small.
     """
-    cat = resolve_catalog(overrides)
+    cat = resolve_catalog(overrides, extra)
     dev_names = list(devices_used) if devices_used is not None else list(cat.devices)
     mod_names = list(models_used) if models_used is not None else list(cat.models)
     out: dict[str, dict[str, Any]] = {}

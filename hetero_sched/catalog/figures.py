@@ -1,23 +1,81 @@
-"""Published performance figures: the ones calibration fits on, and the held-out ones tests check.
+"""Published performance figures: what the cost model is calibrated and cross-validated on.
 
-Each figure is one measured number with its workload and URL. ``role`` is ``fit`` (used by
-:func:`hetero_sched.calibrate.calibrate_published`) or ``holdout`` (never seen by the fit;
-``tests/test_costmodel.py`` checks the calibrated model against it, ±25%).
+The figures are data (``hetero_sched/data/figures.yaml``): each is one public number with what
+it measures — metric, input/output lengths, concurrency, parallelism, dtype, speculative or not —
+who measured it, when, and where it is published. :mod:`hetero_sched.calibrate` fits each device
+family's free parameters on them by k-fold cross-validation and reports every figure's held-out
+error (``hetero-sched calibrate --published``, ``bench/accuracy.py``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from importlib import resources
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hetero_sched.catalog.groups import GroupSpec
+from hetero_sched.errors import UserError
+from hetero_sched.speculation import Speculation
+from hetero_sched.validation import validate
 
-NXDI = "https://github.com/aws-neuron/aws-neuron-sdk/blob/master/libraries/nxd-inference/tutorials/"
-NIM = "https://docs.nvidia.com/nim/benchmarking/llm/1.0.0/performance"
-CEREBRAS_LAUNCH = "https://cerebras.ai/blog/introducing-cerebras-inference-ai-at-instant-speed"
-CEREBRAS_AA = "https://cerebras.ai/blog/llama3.1-model-quality-evaluation-cerebras-groq-together-and-fireworks"
-CEREBRAS_SPEC_DECODE = "https://news.ycombinator.com/item?id=41942822 (quotes the Oct 2024 release: 'This release also implements speculative decoding')"
-FP8 = {"model.llama-3.1-70b.weight_dtype": "fp8", "model.llama-3.1-70b.kv_dtype": "fp8"}
+FIGURES_FILE = "figures.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class SpeculativeFigure(_Strict):
+    """The speculative-decoding setting of a figure; ``acceptance_rate: fit`` makes it a fitted
+    parameter shared by every figure of the same ``fit_group``."""
+
+    draft_tokens: int = Field(ge=1, le=64)
+    acceptance_rate: Union[float, Literal["fit"], None] = None
+    tokens_per_step: Optional[float] = Field(None, ge=1.0)
+    fit_group: Optional[str] = None
+    draft_model: Optional[str] = None
+    draft_cost_fraction: Optional[float] = Field(None, ge=0.0, le=10.0)
+
+    @model_validator(mode="after")
+    def _fit_group(self) -> "SpeculativeFigure":
+        if (self.acceptance_rate == "fit") != (self.fit_group is not None):
+            raise ValueError("acceptance_rate: fit and fit_group go together")
+        return self
+
+
+class FigureEntry(_Strict):
+    """One published number (see the header of figures.yaml)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    device: str
+    count: int = Field(ge=1)
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    model: str
+    metric: Literal["ttft_s", "tpot_s"]
+    value: float = Field(gt=0)
+    prompt_tokens: int = Field(ge=1)
+    output_tokens: int = Field(ge=2)
+    concurrency: int = Field(1, ge=1)
+    closed_loop: bool = Field(False, description="a finished request is replaced at once (a concurrency-limited "
+                              "benchmark): the other requests' prefills stall each one's decoding")
+    weight_dtype: Optional[str] = None
+    kv_dtype: Optional[str] = None
+    statistic: str
+    speculative: Optional[SpeculativeFigure] = None
+    measured_by: str
+    date: str
+    title: str
+    source: str = Field(pattern=r"^https?://")
+    note: str = ""
+
+
+class FiguresFile(_Strict):
+    figures: list[FigureEntry]
 
 
 @dataclass(frozen=True)
@@ -25,7 +83,6 @@ class Figure:
     """One published number: ``ttft_s`` (one prefill) or ``tpot_s`` (mean decode step)."""
 
     name: str
-    role: str
     group: GroupSpec
     model: str
     metric: str
@@ -33,43 +90,69 @@ class Figure:
     output_tokens: int
     value_s: float
     source: str
+    title: str = ""
+    date: str = ""
+    measured_by: str = ""
+    statistic: str = ""
     batch: int = 1
+    closed_loop: bool = False
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    speculative: Optional[SpeculativeFigure] = None
     note: str = ""
 
+    @property
+    def device(self) -> str:
+        """The catalog device the figure is predicted with."""
+        return self.group.device
 
+    @property
+    def kind(self) -> str:
+        """The hardware family it counts for (``cs3-2024`` counts as ``cs3``)."""
+        return self.group.spec.kind
+
+    @property
+    def fit_group(self) -> Optional[str]:
+        """The fitted speculative acceptance this figure shares, if any."""
+        return self.speculative.fit_group if self.speculative is not None else None
+
+    def speculation(self, fitted_acceptance: Optional[float] = None) -> Optional[Speculation]:
+        """The cost model's setting; a fitted acceptance fills ``acceptance_rate: fit``."""
+        s = self.speculative
+        if s is None:
+            return None
+        alpha = fitted_acceptance if s.acceptance_rate == "fit" else s.acceptance_rate
+        if s.acceptance_rate == "fit" and fitted_acceptance is None:
+            raise UserError(f"figure {self.name}: its acceptance rate is fitted; give it")
+        assert alpha is None or isinstance(alpha, float)
+        return Speculation(s.draft_tokens, alpha, s.tokens_per_step, s.draft_model, s.draft_cost_fraction)
+
+
+def _figure(entry: FigureEntry) -> Figure:
+    overrides: dict[str, Any] = {}
+    if entry.weight_dtype:
+        overrides[f"model.{entry.model}.weight_dtype"] = entry.weight_dtype
+    if entry.kv_dtype:
+        overrides[f"model.{entry.model}.kv_dtype"] = entry.kv_dtype
+    return Figure(entry.name, GroupSpec(entry.device, entry.count, entry.tp, entry.pp), entry.model, entry.metric,
+                  entry.prompt_tokens, entry.output_tokens, entry.value, entry.source, entry.title, entry.date,
+                  entry.measured_by, entry.statistic, entry.concurrency, entry.closed_loop, overrides, entry.speculative, entry.note)
+
+
+def parse_figures(data: Any, origin: str) -> tuple[Figure, ...]:
+    """Validate a figures file's content (UserError naming the file and field)."""
+    parsed = validate(FiguresFile, data, origin)
+    names = [f.name for f in parsed.figures]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{origin}: figure names must be unique; repeated: {', '.join(dup)}")
+    try:
+        return tuple(_figure(e) for e in parsed.figures)
+    except UserError as exc:
+        raise UserError(f"{origin}: {exc}") from None
+
+
+@functools.cache
 def published_figures() -> tuple[Figure, ...]:
-    """Every figure, fit and hold-out (Llama-3.3-70B has Llama-3.1-70B's architecture)."""
-    trn2 = GroupSpec("trn2", 16, tp=64)
-    h100 = GroupSpec("h100", 2, tp=2)
-    return (
-        # --- fit -------------------------------------------------------------------------------
-        Figure("trn2-70b-ttft", "fit", trn2, "llama-3.1-70b", "ttft_s", 10_000, 1_501, 0.5756,
-               NXDI + "llama70b_perf_comparison.csv", note="Llama-3.3-70B BF16, TP64, batch 1, P50, vLLM + NxDI"),
-        Figure("trn2-70b-tpot", "fit", trn2, "llama-3.1-70b", "tpot_s", 10_000, 1_501, 0.0198,
-               NXDI + "llama70b_perf_comparison.csv", note="same run, TPOT P50"),
-        Figure("cs3-8b-speed", "fit", GroupSpec("cs3", 1, tp=1), "llama-3.1-8b", "tpot_s", 1_000, 500, 1 / 1800,
-               CEREBRAS_LAUNCH + " ; Artificial Analysis measured >1,800 tok/s: " + CEREBRAS_AA,
-               note="Aug 27 2024 launch, 16-bit weights; predates Cerebras' speculative decoding (Oct 2024: "
-                    + CEREBRAS_SPEC_DECODE + "); workload (1,000 in / 500 out) assumed"),
-        Figure("h100-70b-fp8-ttft", "fit", h100, "llama-3.1-70b", "ttft_s", 5_000, 500, 0.40677, NIM,
-               overrides=FP8, note="NIM 1.8.0, Llama-3.3-70B FP8, 2xH100 TP2, concurrency 1"),
-        Figure("h100-70b-fp8-itl", "fit", h100, "llama-3.1-70b", "tpot_s", 5_000, 500, 0.01858, NIM,
-               overrides=FP8, note="same run, inter-token latency"),
-        # --- hold-out --------------------------------------------------------------------------
-        Figure("trn2-405b-ttft", "holdout", trn2, "llama-3.1-405b", "ttft_s", 10_000, 1_785, 2.442,
-               NXDI + "llama405b_perf_comparison.csv", note="Llama-3.1-405B BF16, TP64, batch 1, P50"),
-        Figure("trn2-405b-tpot", "holdout", trn2, "llama-3.1-405b", "tpot_s", 10_000, 1_785, 0.0379,
-               NXDI + "llama405b_perf_comparison.csv", note="same run, TPOT P50"),
-        Figure("cs3-70b-speed", "holdout", GroupSpec("cs3", 4, tp=1, pp=4), "llama-3.1-70b", "tpot_s", 1_000, 500,
-               1 / 450, CEREBRAS_LAUNCH, note="same day as the 8B figure; 70B on four CS-3 ('as few as four systems')"),
-        Figure("h100-70b-fp8-ttft-short", "holdout", h100, "llama-3.1-70b", "ttft_s", 500, 2_000, 0.04777, NIM,
-               overrides=FP8, note="NIM 1.8.0, 500 in / 2,000 out, concurrency 1"),
-        Figure("h100-70b-fp8-itl-short", "holdout", h100, "llama-3.1-70b", "tpot_s", 500, 2_000, 0.01891, NIM,
-               overrides=FP8, note="same run, inter-token latency"),
-    )
-
-
-def figures(role: str) -> tuple[Figure, ...]:
-    """The figures of one role: ``fit`` or ``holdout``."""
-    return tuple(f for f in published_figures() if f.role == role)
+    """Every shipped figure (read once)."""
+    text = resources.files("hetero_sched").joinpath("data", FIGURES_FILE).read_text()
+    return parse_figures(yaml.safe_load(text), f"hetero_sched/data/{FIGURES_FILE}")

@@ -8,9 +8,11 @@ one trn2.48xlarge is ``GroupSpec("trn2", 16, tp=64)``; four CS-3 pipelining a 70
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
-from hetero_sched.catalog.devices import DeviceSpec, get_device
+from hetero_sched.catalog.devices import DeviceSpec
+from hetero_sched.catalog.shipped import get_device
 from hetero_sched.errors import UserError
 
 DEVICE_LABEL = "hetero.device"
@@ -29,9 +31,12 @@ class GroupSpec:
     count: int
     tp: int
     pp: int = 1
+    device_spec: Optional[DeviceSpec] = field(default=None, compare=False, repr=False)
+    """The device, when it is not a shipped one (an experiment's own catalog entry);
+    :meth:`hetero_sched.catalog.Catalog.group` fills it in."""
 
     def __post_init__(self) -> None:
-        spec = get_device(self.device)
+        spec = self.spec
         where = f"group {self.device} x{self.count} (tp={self.tp}, pp={self.pp})"
         for name in ("count", "tp", "pp"):
             value = getattr(self, name)
@@ -53,7 +58,7 @@ class GroupSpec:
     @property
     def spec(self) -> DeviceSpec:
         """The catalog device (no overrides applied)."""
-        return get_device(self.device)
+        return self.device_spec if self.device_spec is not None else get_device(self.device)
 
     @property
     def num_chips(self) -> int:
@@ -67,7 +72,7 @@ class GroupSpec:
 
     def ray_resources(self) -> dict[str, float]:
         """What the group's actor asks Ray for, e.g. ``{"neuron_cores": 64.0}``."""
-        spec = get_device(self.device)
+        spec = self.spec
         return {spec.ray_resource: float(self.count * spec.units_per_chip)}
 
     def node_labels(self) -> dict[str, str]:

@@ -3,20 +3,17 @@
 Parameter counts are computed from the architecture (and checked against the published totals
 in the tests), so an override of ``num_layers`` or ``hidden_size`` moves every derived number.
 Mixture-of-experts models distinguish total parameters (memory) from active ones (compute and
-per-token weight reads).
+per-token weight reads). The catalog's models are data (``hetero_sched/data/catalog/*.yaml``).
 """
 
 from __future__ import annotations
-
-import functools
-from types import MappingProxyType
 
 import math
 from functools import cached_property
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
-from hetero_sched.catalog.sources import Source, assumed, lookup, published
+from hetero_sched.catalog.sources import Source
 from hetero_sched.errors import UserError
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5}
@@ -39,6 +36,10 @@ class ModelSpec:
     vocab_size: int
     num_experts: int = 1
     experts_per_token: int = 1
+    shared_experts: int = 0
+    """MoE experts every token uses besides the routed ones (Llama 4's shared expert)."""
+    mlp_projections: int = 3
+    """Weight matrices per MLP: 3 for SwiGLU (gate, up, down), 2 for a GELU/ReLU MLP (OPT)."""
     tied_embeddings: bool = False
     weight_dtype: str = "bf16"
     kv_dtype: str = "bf16"
@@ -62,8 +63,8 @@ class ModelSpec:
 
     @cached_property
     def expert_params(self) -> int:
-        """One SwiGLU MLP (one expert): gate, up and down projections."""
-        return 3 * self.hidden_size * self.ffn_size
+        """One MLP (one expert): gate, up and down projections (SwiGLU), or up and down."""
+        return self.mlp_projections * self.hidden_size * self.ffn_size
 
     @cached_property
     def embedding_params(self) -> int:
@@ -74,13 +75,14 @@ class ModelSpec:
     def total_params(self) -> int:
         """Every weight held in memory."""
         router = self.hidden_size * self.num_experts if self.num_experts > 1 else 0
-        per_layer = self.attn_params_per_layer + self.num_experts * self.expert_params + router
+        experts = self.num_experts + self.shared_experts
+        per_layer = self.attn_params_per_layer + experts * self.expert_params + router
         return self.num_layers * per_layer + self.embedding_params
 
     @cached_property
     def active_params(self) -> int:
         """Weights one token multiplies with (no embedding lookup; the LM head counts)."""
-        per_layer = self.attn_params_per_layer + self.experts_per_token * self.expert_params
+        per_layer = self.attn_params_per_layer + (self.experts_per_token + self.shared_experts) * self.expert_params
         return self.num_layers * per_layer + self.vocab_size * self.hidden_size
 
     @cached_property
@@ -96,7 +98,8 @@ class ModelSpec:
         """
         if self.num_experts == 1:
             return self._dense_bytes_read
-        shared = self.num_layers * self.attn_params_per_layer + self.vocab_size * self.hidden_size
+        shared = (self.num_layers * (self.attn_params_per_layer + self.shared_experts * self.expert_params)
+                  + self.vocab_size * self.hidden_size)
         frac = self.experts_per_token / self.num_experts
         experts = self.num_experts * (1.0 - (1.0 - frac) ** max(num_tokens, 1.0))
         return (shared + self.num_layers * experts * self.expert_params) * DTYPE_BYTES[self.weight_dtype]
@@ -129,49 +132,3 @@ class ModelSpec:
 INT_FIELDS = tuple(f.name for f in fields(ModelSpec) if f.type == "int")
 """Model fields an experiment may override with an integer (``model.<name>.<field>``)."""
 STR_FIELDS = ("weight_dtype", "kv_dtype")
-
-
-def _hf(repo: str) -> Mapping[str, Source]:
-    src = published(f"https://huggingface.co/{repo}/blob/main/config.json")
-    dtype = assumed("served at the checkpoint's 16-bit precision unless an experiment says otherwise")
-    return {**{name: src for name in INT_FIELDS}, **{name: dtype for name in STR_FIELDS}}
-
-
-@functools.cache
-def _catalog() -> Mapping[str, ModelSpec]:
-    """Built once; read-only (frozen specs in a mapping proxy), so sharing it is safe."""
-    models = [
-        ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 32, 4096, 32, 8, 128, 14336, 128256,
-                  published_params=8.03e9, sources=_hf("meta-llama/Llama-3.1-8B-Instruct")),
-        ModelSpec("llama-3.1-70b", "meta-llama/Llama-3.1-70B-Instruct", 80, 8192, 64, 8, 128, 28672, 128256,
-                  published_params=70.6e9, sources=_hf("meta-llama/Llama-3.1-70B-Instruct")),
-        ModelSpec("llama-3.1-405b", "meta-llama/Llama-3.1-405B-Instruct", 126, 16384, 128, 8, 128, 53248, 128256,
-                  published_params=405.9e9, sources=_hf("meta-llama/Llama-3.1-405B-Instruct")),
-        ModelSpec("qwen3-32b", "Qwen/Qwen3-32B", 64, 5120, 64, 8, 128, 25600, 151936,
-                  published_params=32.8e9, sources=_hf("Qwen/Qwen3-32B")),
-        # gpt-oss-120b: 128 experts, top-4; half its layers use a 128-token sliding window, which we
-        # count as full attention (overstates KV; stated in docs/costmodel.md).
-        ModelSpec("gpt-oss-120b", "openai/gpt-oss-120b", 36, 2880, 64, 8, 64, 2880, 201088,
-                  num_experts=128, experts_per_token=4, published_params=116.8e9,
-                  sources=_hf("openai/gpt-oss-120b")),
-        # The live runtime's numpy tiny-Llama: small enough to run real KV through Ray on a laptop.
-        ModelSpec("tiny", "(hetero_sched.tinylm)", 2, 64, 4, 2, 16, 128, 256,
-                  sources={name: assumed("the project's own test model (hetero_sched/tinylm.py)")
-                           for name in INT_FIELDS + STR_FIELDS}),
-    ]
-    return MappingProxyType({m.name: m for m in models})
-
-
-def model_names() -> tuple[str, ...]:
-    """Names of the catalog's models."""
-    return tuple(_catalog())
-
-
-def list_models() -> tuple[ModelSpec, ...]:
-    """Every catalog model."""
-    return tuple(_catalog().values())
-
-
-def get_model(name: str) -> ModelSpec:
-    """The catalog model called ``name``; a typo gets a UserError listing the known names."""
-    return lookup(_catalog(), name, "model")

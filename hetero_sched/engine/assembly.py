@@ -68,7 +68,7 @@ def make_result(exp: Experiment, records: list[tuple], decisions: DecisionLog, u
     summary = summarize(table, slo, usage)
     summary["experiment"] = exp.name
     summary["policy"] = exp.policy.name
-    stamp = make_stamp(resolve_assumptions(exp.overrides), workload.source, clock)
+    stamp = make_stamp(resolve_assumptions(exp.overrides, extra=exp.catalog_data), workload.source, clock)
     return RunResult(exp.model_dump(mode="json"), summary, table, decisions, stamp)
 
 
