@@ -462,3 +462,25 @@ def report(
     Console(width=250).print(table)
     for p in written:
         typer.echo(str(p))
+
+
+@app.command()
+def tokenizer(
+    folder: Optional[Path] = typer.Argument(None, help="Write the tokenizer's files into this folder (created). Default: print the packaged copy's folder."),
+) -> None:
+    """The byte-level tokenizer of the tiny model (vocabulary 256, no special tokens), as Hugging Face files.
+
+    `transformers.AutoTokenizer.from_pretrained(FOLDER)` and load generators (aiperf --tokenizer
+    FOLDER) load it offline; the server counts prompt tokens with it. Prints the folder.
+    """
+    from hetero_sched.serve.tokenizer import packaged_tokenizer_dir, write_tokenizer
+
+    if folder is None:
+        typer.echo(str(packaged_tokenizer_dir()))
+        return
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder")
+    try:
+        typer.echo(str(write_tokenizer(folder)))
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write the tokenizer ({exc.strerror or exc})") from None
