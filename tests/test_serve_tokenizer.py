@@ -83,3 +83,17 @@ def test_cli_tokenizer_writes_and_locates(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("x")
     code, out, err = run(str(tmp_path / "file"))
     assert code == 2 and err.count("\n") == 1 and "not a folder" in err
+
+
+def test_hf_cache_copy_loads_offline_by_repo_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["hetero-sched", "tokenizer", str(tmp_path / "hub"), "--hf-cache"])
+    cli.main()
+    repo_id = capsys.readouterr().out.strip()
+    assert repo_id == "hetero-sched/byte-256"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import snapshot_download
+    from transformers import AutoTokenizer
+
+    snapshot = snapshot_download(repo_id, cache_dir=str(tmp_path / "hub"), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(snapshot)
+    assert len(tok) == 256 and tok.encode("hé") == list("hé".encode())

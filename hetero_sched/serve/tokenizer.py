@@ -18,6 +18,7 @@ exactly as Hugging Face renders it.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 from functools import cached_property
 from importlib import resources
@@ -39,6 +40,9 @@ PLACEHOLDER = b"token "
 placeholder reply gives back exactly as many tokens as were generated."""
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+HF_REPO_ID = "hetero-sched/byte-256"
+"""The repository id :func:`write_hf_cache` files the tokenizer under."""
 
 
 def _byte_chars() -> list[str]:
@@ -77,6 +81,23 @@ def write_tokenizer(folder: Path) -> Path:
     for name, text in tokenizer_files().items():
         (folder / name).write_text(text, encoding="utf-8")
     return folder
+
+
+def write_hf_cache(cache_dir: Path, repo_id: str = HF_REPO_ID) -> str:
+    """File the tokenizer in a Hugging Face hub cache folder as ``repo_id``; returns the id.
+
+    For tools that resolve only hub ids when offline: aiperf 0.13 loads a tokenizer in offline
+    workers through ``snapshot_download(local_files_only=True)``, which refuses a plain folder
+    (aiperf PR #1339). With ``HF_HUB_OFFLINE=1 HF_HUB_CACHE=cache_dir``, ``--tokenizer repo_id``
+    then loads these files with no network. The snapshot's name is a hash of the files.
+    """
+    files = tokenizer_files()
+    commit = hashlib.sha1("".join(files[name] for name in FILES).encode()).hexdigest()
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    write_tokenizer(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
+    return repo_id
 
 
 def packaged_tokenizer_dir() -> Path:
