@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import httpx
@@ -343,3 +346,13 @@ def test_ingress_actor_serves_on_loopback_and_a_disconnect_reaches_its_core(ray_
         ingress.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{ingress.url}/health")
+
+
+def test_shipped_openai_example_runs(serve):
+    s = serve()
+    example = Path(__file__).resolve().parents[1] / "examples" / "openai_client.py"
+    done = subprocess.run([sys.executable, str(example), "--base-url", f"{s.url}/v1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"completion: '{placeholder(16)}' (length)" in done.stdout
+    assert f"chat (streamed): '{placeholder(32)}'" in done.stdout and "'completion_tokens': 32" in done.stdout
