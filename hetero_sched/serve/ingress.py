@@ -1,14 +1,14 @@
 """Where the HTTP server runs: an async Ray actor on the driver's node (or, for tests, any event loop).
 
 Why a plain aiohttp server in a Ray actor rather than Ray Serve: measured on this 2-core machine
-with the same token source, Ray Serve's proxy -> replica hop added ~6 ms to TTFT and ~4 ms per
-request at one stream, and ~30 ms TTFT, a 68 ms p99 stream lateness and 35% of chunks glued
-together at eight concurrent 500-token/s streams, against < 1 ms, 0.3 ms, ~1 ms, 2 ms and
-< 1% for the actor (``bench/serve_ingress.py``; docs/serving.md has the table). A client of
-`hetero-sched serve` measures TTFT/ITL against the simulator, so the ingress must add as little
-as possible; one actor (one process, no proxy) is the least. It keeps what Ray gives: placement
-on the driver's node (so a loopback bind is reachable where the user ran the command), the
-actor's lifetime tied to the job, and the core talking to the scheduler actor over Ray calls.
+with the same token source (``bench/serve_ingress.py``, table in docs/serving.md), Ray Serve's
+proxy -> replica hop added ~6 ms to TTFT at one stream and ~30 ms at eight, and glued a third
+of the chunks together at eight streams; the actor added < 1 ms and ~1 ms, and glued < 1%.
+A client of `hetero-sched serve` measures TTFT/ITL against the simulator, so the ingress must
+add as little as possible; one actor (one process, no proxy) is the least. It keeps what Ray
+gives: placement on the driver's node (so a loopback bind is reachable where the user ran the
+command), the actor's lifetime tied to the job, and the core talking to the scheduler actor
+over Ray calls.
 
 ``start_ingress(core_factory, options)`` creates the actor, which builds its core by calling
 ``core_factory()`` inside the actor (so the core lives on the server's event loop), binds
