@@ -117,8 +117,8 @@ def start_ingress(core_factory: CoreFactory, options: ServeOptions = ServeOption
                   timeout_s: float = 120.0) -> Ingress:
     """Start the HTTP server actor on this driver's node (Ray must be initialized); returns once it listens."""
     here = ray.get_runtime_context().get_node_id()
-    actor = IngressActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
-        core_factory, options)
+    actor = IngressActor.options(  # type: ignore[attr-defined]  # ray.remote's class wrapper
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(core_factory, options)
     try:
         url = ray.get(actor.start.remote(), timeout=timeout_s)
     except BaseException:

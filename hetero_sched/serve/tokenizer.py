@@ -60,7 +60,7 @@ def _byte_chars() -> list[str]:
 def tokenizer_files() -> dict[str, str]:
     """The tokenizer's files, name -> text (deterministic: the shipped copies are exactly these)."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    tokenizer = {
+    tokenizer: dict[str, Any] = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
         "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
