@@ -538,3 +538,29 @@ def report(
     Console(width=250).print(table)
     for p in written:
         typer.echo(str(p))
+
+
+@app.command()
+def tokenizer(
+    folder: Optional[Path] = typer.Argument(None, help="Write the tokenizer's files into this folder (created). Default: print the packaged copy's folder."),
+    hf_cache: bool = typer.Option(False, "--hf-cache", help="Make FOLDER a Hugging Face hub cache holding the tokenizer as hetero-sched/byte-256 (for HF_HUB_OFFLINE=1 HF_HUB_CACHE=FOLDER); prints the id."),
+) -> None:
+    """The byte-level tokenizer of the tiny model (vocabulary 256, no special tokens), as Hugging Face files.
+
+    `transformers.AutoTokenizer.from_pretrained(FOLDER)` and load generators load it offline;
+    the server counts prompt tokens with it. Prints the folder (with --hf-cache: the repository
+    id to pass as --tokenizer, e.g. to aiperf, whose offline workers accept only hub ids).
+    """
+    from hetero_sched.serve.tokenizer import packaged_tokenizer_dir, write_hf_cache, write_tokenizer
+
+    if folder is None:
+        if hf_cache:
+            raise UserError("--hf-cache needs a FOLDER")
+        typer.echo(str(packaged_tokenizer_dir()))
+        return
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder")
+    try:
+        typer.echo(write_hf_cache(folder) if hf_cache else str(write_tokenizer(folder)))
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write the tokenizer ({exc.strerror or exc})") from None
