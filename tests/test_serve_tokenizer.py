@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hetero_sched import cli
-from hetero_sched.catalog.models import get_model
+from hetero_sched.catalog import get_model
 from hetero_sched.serve.tokenizer import (FILES, VOCAB_SIZE, ByteTokenizer, Detokenizer, packaged_tokenizer_dir,
                                           tokenizer_files, write_tokenizer)
 
