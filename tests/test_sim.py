@@ -81,6 +81,24 @@ def test_every_request_completes_or_is_rejected_with_a_reason(make):
     assert r.summary["preemptions"] > 0
 
 
+@pytest.mark.parametrize("seed", [6, 9, 19, 28])
+def test_a_request_grown_to_the_kv_capacity_never_stalls_a_colocated_group(seed):
+    """Chunked prefill on one small colocated group, predictions far too short: requests are
+    preempted over and over and prefilled again with what they generated. One that grows to
+    exactly the group's KV capacity used to be prefilled again with no room for a decode step,
+    and the group planned a span of zero steps (found by a sensitivity sweep). A placement now
+    needs room for the prefill's token *and* a decode step, so such a request is rejected with
+    its reason."""
+    exp = colocated_experiment(policy="colocated-chunked", predictor={"kind": "constant", "tokens": 4}, seed=seed)
+    exp["groups"][0] = dict(exp["groups"][0], kv_capacity_tokens=1400, replicas=1, max_num_seqs=8)
+    exp["workload"] = dict(exp["workload"], num_requests=150, rate_per_s=30.0,
+                           prompt={"kind": "uniform", "low": 100, "high": 600},
+                           output={"kind": "uniform", "low": 50, "high": 400})
+    r = hs.simulate(exp)
+    _check_conservation(r, 150)
+    assert r.summary["preemptions"] > 100
+
+
 def test_rejects_prompts_that_can_never_fit():
     exp = disagg_experiment()
     exp["workload"] = {"kind": "synthetic", "num_requests": 20, "rate_per_s": 5.0,

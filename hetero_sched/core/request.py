@@ -85,6 +85,13 @@ class RequestState:
         return self.request.prompt_tokens + self.generated
 
     @property
+    def decode_need_tokens(self) -> int:
+        """KV tokens a group must be able to hold to prefill and decode this request: the context
+        after the prefill's token, and room for one decode step if more tokens remain."""
+        more = 1 if self.generated + 1 < self.request.output_tokens else 0
+        return self.request.prompt_tokens + self.generated + 1 + more
+
+    @property
     def context_tokens(self) -> int:
         """KV tokens this request holds while decoding (prompt + generated)."""
         return self.request.prompt_tokens + self.generated

@@ -378,13 +378,13 @@ class Scheduler:
             return f"policy chose group {p.prefill_group}, which cannot prefill"
         g = self.groups[p.prefill_group]
         need = rs.context_tokens + 1
-        if not g.fits_ever(need):
+        if not g.fits_ever(rs.decode_need_tokens if g.colocated or local else need):
             return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {g.name}"
         if p.decode_group is not None:
             if not 0 <= p.decode_group < n or not self._serves(self.groups[p.decode_group].can_decode, local,
                                                                self.groups[p.decode_group]):
                 return f"policy chose group {p.decode_group}, which cannot decode"
-            if not self.groups[p.decode_group].fits_ever(need):
+            if not self.groups[p.decode_group].fits_ever(rs.decode_need_tokens):
                 return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {self.groups[p.decode_group].name}"
         return None
 
@@ -419,6 +419,9 @@ class Scheduler:
         for rs in out.preempted:
             self.decisions.add(now_s, D.PREEMPT, g.group_id, rs.request_id, rs.generated)
             if g.role is Role.BOTH:
+                if not g.fits_ever(rs.decode_need_tokens):      # grown past what it could ever decode on
+                    out.failed.append(rs)
+                    continue
                 g.enqueue_prefill(rs, front=True)
             else:
                 rs.decode_group = None
