@@ -131,7 +131,8 @@ def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> d
     return {
         "requests": n,
         "completed": completed,
-        "rejected": n - completed,
+        "rejected": status.count("rejected"),
+        "cancelled": status.count("cancelled"),
         "reject_reasons": reasons,
         "slo": {"name": slo.name, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "slo_attainment": attainment(table, slo),

@@ -14,7 +14,10 @@ from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.costmodel import FittedCost
 from hetero_sched.errors import UserError
 from hetero_sched.policies import make_policy
+from hetero_sched.engine.assembly import build_scheduler, resolve
+from hetero_sched.engine.devices import Devices
 from hetero_sched.engine.loop import run_events
+from hetero_sched.experiment import build_workload
 from hetero_sched.workload import Request, Workload
 
 from helpers import colocated_experiment, disagg_experiment
@@ -179,3 +182,47 @@ def test_decision_log_round_trips_and_compares():
     again.add(1.0, "complete", 1, 7)
     assert again != log
     assert log.columns()["detail"] == ["", "n=2 tokens=900 cached=0 dur=0.125", "reason=no capacity"]
+
+
+class _CancelAt(Devices):
+    """Virtual devices through which clients give up: request ``rid`` at time ``t``."""
+
+    def __init__(self, scheduler, cancels):
+        self.scheduler, self.cancels = scheduler, sorted(cancels)
+
+    def after_plan(self, now_s):
+        changed = False
+        while self.cancels and self.cancels[0][0] <= now_s:
+            _, rid = self.cancels.pop(0)
+            changed |= self.scheduler.cancel(now_s, rid)
+        return changed
+
+
+@pytest.mark.parametrize("make,rate,frac", [(disagg_experiment, 40.0, 1.0), (disagg_experiment, 60.0, 0.5),
+                                            (disagg_experiment, 80.0, 0.3), (colocated_experiment, 40.0, 1.0)])
+def test_a_cancelled_request_frees_everything_it_held_wherever_it_was(make, rate, frac):
+    """Clients giving up at random times — queued, prefilling, waiting for decode, in transfer,
+    decoding (the cases reach every phase): each such request ends ``cancelled`` and, at the
+    end, no group holds any KV or queue place; the others complete."""
+    exp = make(workload={"kind": "synthetic", "num_requests": 300, "rate_per_s": rate})
+    e, base = resolve(exp)
+    work = build_workload(e.workload, e.seed, base)
+    plain = hs.simulate(exp)
+    rows = {r["request_id"]: r for r in plain.records.to_pylist()}
+    rng = np.random.default_rng(1)
+    picked = sorted(int(i) for i in rng.choice(300, 60, replace=False))
+    cancels = [(float(rows[i]["arrival_s"] + rng.uniform(0, frac) * (rows[i]["finish_s"] - rows[i]["arrival_s"])), i)
+               for i in picked]
+    scheduler = build_scheduler(e, work, base)
+    run_events(scheduler, work.requests(), devices=_CancelAt(scheduler, cancels))
+    status = {r[0]: r[6] for r in scheduler.records}
+    assert sorted(status) == list(range(300))
+    cancelled = {i for i, s in status.items() if s == "cancelled"}
+    assert len(cancelled) >= 40 and cancelled <= set(picked)       # some finished before their client left
+    assert {s for i, s in status.items() if i not in cancelled} == {"completed"}
+    kinds = {d[1] for d in scheduler.decisions}
+    assert "cancel" in kinds
+    for g in scheduler.groups:
+        assert g.kv.num_free == g.kv.num_blocks and g.in_transit == 0 and not g.prefill_queue
+        assert not g.decode_queue and not g.batch.running
+    assert scheduler.num_active == 0

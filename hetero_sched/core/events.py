@@ -83,6 +83,7 @@ class DecisionKind:
     FAIL: Final = "fail"              # a group's device failed: what it held is re-placed
     RESTORE: Final = "restore"        # a failed group is back in service (empty)
     KV_BAD: Final = "kv_bad"          # KV reached its decode group damaged or lost: sent again
+    CANCEL: Final = "cancel"          # the client gave up: what it held is freed (group: where it left)
 
 
 DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
@@ -102,6 +103,7 @@ DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
     DecisionKind.FAIL: (("resumed", int),),
     DecisionKind.RESTORE: (),
     DecisionKind.KV_BAD: (),
+    DecisionKind.CANCEL: (),
 }
 """The values of a decision's ``detail`` tuple, per kind: name and type."""
 

@@ -103,6 +103,7 @@ class GroupState:
         self.draining_to: Optional[Role] = None
         """The role this group switches to once drained (None: not switching)."""
         self.drain_start_s = 0.0
+        self._cancelled: list[RequestState] = []        # decoding here, to leave at the next step boundary
 
     @property
     def kv(self) -> BlockAllocator:
@@ -140,6 +141,7 @@ class GroupState:
         self.prefill_queue.clear()
         self.decode_queue.clear()
         self._partial = []
+        self._cancelled = []
         self.pending_prefill_tokens = 0
         self.num_pending_prefill = 0
         self.in_transit = 0
@@ -282,6 +284,26 @@ class GroupState:
         rs.decode_group = self.group_id
         self.batch.ready.append(rs)
 
+    def unqueue_prefill(self, rs: RequestState) -> None:
+        """Take a request that has not started prefilling out of the prefill queue."""
+        self.prefill_queue.remove(rs)
+        self.pending_prefill_tokens -= rs.prefill_tokens
+        self.num_pending_prefill -= 1
+
+    def cancel_decode(self, rs: RequestState, now_s: float) -> bool:
+        """The client of ``rs`` (decoding here) gave up. True if it left at once — it was waiting
+        to join, or the group is between spans (at a step boundary): its reservation is freed;
+        False if a span is running: it leaves at that span's end (:meth:`finish`)."""
+        if rs in self.batch.ready:
+            self.batch.ready.remove(rs)
+            self.memory.release_decode(rs)
+            return True
+        if self.span is None:
+            self._leave(rs, now_s)
+            return True
+        self._cancelled.append(rs)
+        return False
+
     def release_prefill_kv(self, rs: RequestState) -> None:
         """Free the prompt KV a prefill group retained until decode had it."""
         self.memory.release_prompt(rs)
@@ -295,7 +317,7 @@ class GroupState:
         span = self.span
         if span is None or span.kind is not SpanKind.DECODE:
             return False
-        if self.batch.ready:
+        if self.batch.ready or self._cancelled:
             return True
         return bool(self.prefill_queue) and self._can_admit_prefill(self.prefill_queue[0], 0)
 
@@ -520,6 +542,12 @@ class GroupState:
         for rs in batch.finished(self.group_id):
             self._leave(rs, report.end_s)
             out.completed.append(rs)
+        if self._cancelled:                     # clients that gave up: out at this step boundary
+            for rs in self._cancelled:
+                if rs.request_id in batch.running:
+                    self._leave(rs, report.end_s)
+                    out.cancelled.append(rs)
+            self._cancelled = []
         self._handle_exhaustion(report.end_s, out)
 
     def _handle_exhaustion(self, now_s: float, out: SpanOutcome) -> None:

@@ -69,6 +69,8 @@ class Scheduler:
         self.decisions = DecisionLog()
         self.records: list[tuple] = []
         self.num_active = 0
+        self._active: dict[int, RequestState] = {}
+        """Requests accepted and not yet ended, by id (what :meth:`cancel` looks up)."""
         self._transfers: dict[int, tuple[RequestState, int, int, float]] = {}   # id -> (request, src, dst, delay)
         self._next_transfer_id = 0
         self._dirty: set[int] = set()
@@ -87,6 +89,7 @@ class Scheduler:
         """A request arrives: ask the policy where it goes."""
         rs = RequestState(request, int(self.predicted_output[request.request_id]))
         self.num_active += 1
+        self._active[request.request_id] = rs
         if self.resumed and request.request_id in self.resumed:
             self._resume_delivered(now_s, rs)
             return
@@ -208,6 +211,60 @@ class Scheduler:
             retained = rs.prefill_group
             assert retained is not None
             self._route_decode(now_s, rs, self.groups[retained])
+
+    def cancel(self, now_s: float, request_id: int) -> bool:
+        """The client gave up on a request (serving: it disconnected): free what it holds
+        everywhere — its queue place, its KV at every group, its transfer — and end it
+        ``cancelled``. A prefill under way finishes first (a span is not interrupted); a decoding
+        request leaves at its group's next step boundary (the running span is cut for it).
+        Returns False if the request already ended (or never arrived)."""
+        rs = self._active.get(request_id)
+        if rs is None or rs.cancelled:
+            return False
+        rs.cancelled = True
+        hooks = self.hooks
+        phase = rs.phase
+        if phase is Phase.WAITING_PREFILL and rs.prefill_group is not None:
+            g = self.groups[rs.prefill_group]
+            g.unqueue_prefill(rs)
+            view = self.views[g.group_id]
+            view.num_prefill_queued -= 1
+            view.prefill_queued_tokens -= rs.prefill_tokens
+            self._dirty.add(g.group_id)
+            self._end_cancelled(now_s, rs, None)
+        elif phase is Phase.WAITING_DECODE and rs.decode_group is not None:
+            self.groups[rs.decode_group].decode_queue.remove(rs)
+            self.views[rs.decode_group].num_decode_queued -= 1
+            self._release_source(now_s, rs)
+            self._end_cancelled(now_s, rs, None)
+        elif phase is Phase.TRANSFERRING and rs.transfer_id is not None and rs.transfer_id in self._transfers:
+            tid = rs.transfer_id
+            _, src_id, dst_id, _ = self._transfers.pop(tid)
+            self.network.cancel(now_s, tid)
+            if hooks is not None:
+                hooks.transfer_cancelled(now_s, tid, rs, src_id, dst_id)
+            self.groups[dst_id].cancel_admission(rs)
+            rs.decode_blocks = 0
+            self._dirty.add(dst_id)
+            self._release_source(now_s, rs)
+            self._end_cancelled(now_s, rs, None)
+        elif phase is Phase.DECODING and rs.decode_group is not None:
+            g = self.groups[rs.decode_group]
+            self._dirty.add(g.group_id)      # a running span is cut for it at the next plan
+            if g.cancel_decode(rs, now_s):
+                if hooks is not None:
+                    hooks.request_left(now_s, g.group_id, rs, "cancelled")
+                self._end_cancelled(now_s, rs, g.group_id)
+        return True                          # prefilling: it ends when its prefill does
+
+    def _release_source(self, now_s: float, rs: RequestState) -> None:
+        """Free the prompt KV the prefill group retained for ``rs`` (it will never be sent)."""
+        src = rs.prefill_group
+        if src is not None and rs.prefill_blocks:
+            self.groups[src].release_prefill_kv(rs)
+            if self.hooks is not None:
+                self.hooks.request_left(now_s, src, rs, "cancelled")
+            self._dirty.add(src)
 
     def whereabouts(self) -> dict[int, str]:
         """Where each request the core still holds sits (for the "unfinished request" error)."""
@@ -342,6 +399,9 @@ class Scheduler:
                            r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group, rs.generated)
 
     def _place(self, now_s: float, rs: RequestState) -> None:
+        if rs.cancelled:                    # its client gave up while it was being resumed
+            self._end_cancelled(now_s, rs, None)
+            return
         if self._failed and not any(v.can_prefill for v in self.views):
             self._reject(now_s, rs, "no live group can prefill (failed: "
                                     + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")")
@@ -402,9 +462,19 @@ class Scheduler:
                 hooks.request_left(now_s, g.group_id, rs, "preempted")
             for rs in out.failed:
                 hooks.request_left(now_s, g.group_id, rs, "failed")
+        for rs in out.cancelled:
+            if hooks is not None:
+                hooks.request_left(now_s, g.group_id, rs, "cancelled")
+            self._end_cancelled(now_s, rs, g.group_id)
         for rs in out.prefilled:
             rs.prefilled_s = now_s
-            if rs.generated >= rs.request.output_tokens:
+            if rs.cancelled:                # its client gave up during the prefill
+                if hooks is not None:
+                    hooks.request_left(now_s, g.group_id, rs, "cancelled")
+                g.release_decode_kv(rs)
+                g.release_prefill_kv(rs)
+                self._end_cancelled(now_s, rs, g.group_id)
+            elif rs.generated >= rs.request.output_tokens:
                 if hooks is not None:
                     hooks.request_left(now_s, g.group_id, rs, "completed")
                 g.release_decode_kv(rs)         # decoding here: its reservation; else: none
@@ -529,6 +599,15 @@ class Scheduler:
         if self.hooks is not None:
             self.hooks.request_finished(now_s, rs)
 
+    def _end_cancelled(self, now_s: float, rs: RequestState, group_id: Optional[int]) -> None:
+        rs.phase = Phase.CANCELLED
+        rs.reject_reason = "cancelled by the client"
+        rs.finish_s = now_s
+        self.decisions.add(now_s, D.CANCEL, group_id, rs.request_id)
+        self._record(rs, "cancelled")
+        if self.hooks is not None:
+            self.hooks.request_finished(now_s, rs)
+
     def _reject(self, now_s: float, rs: RequestState, reason: str) -> None:
         rs.phase = Phase.REJECTED
         rs.reject_reason = reason
@@ -546,6 +625,7 @@ class Scheduler:
             rs.token1_s, rs.token2_s, rs.finish_s, rs.max_gap_s, rs.preemptions, rs.generated,
         ))
         self.num_active -= 1
+        del self._active[rs.request_id]
 
     def _report(self, g: GroupState, now_s: float) -> None:
         v = self.views[g.group_id]

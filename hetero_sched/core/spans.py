@@ -99,6 +99,8 @@ class SpanOutcome:
         self.preempted: list[RequestState] = []
         self.failed: list[RequestState] = []
         """Requests that can never fit this group's KV (reject with a reason)."""
+        self.cancelled: list[RequestState] = []
+        """Requests whose client gave up, out of the batch at this step boundary."""
 
 
 def decode_span_duration(line: Line, context0: int, batch_size: int, steps: int) -> float:
