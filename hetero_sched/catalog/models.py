@@ -44,6 +44,9 @@ class ModelSpec:
     kv_dtype: str = "bf16"
     published_params: float = 0.0
     """The model card's total parameter count, for checking the computed one."""
+    max_context_tokens: int = field(kw_only=True)
+    """The context window: prompt plus output tokens one request may hold (the checkpoint's
+    ``max_position_embeddings``). A longer request is rejected at arrival, as vLLM does."""
     sources: Mapping[str, Source] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -142,20 +145,22 @@ def _catalog() -> Mapping[str, ModelSpec]:
     """Built once; read-only (frozen specs in a mapping proxy), so sharing it is safe."""
     models = [
         ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 32, 4096, 32, 8, 128, 14336, 128256,
-                  published_params=8.03e9, sources=_hf("meta-llama/Llama-3.1-8B-Instruct")),
+                  published_params=8.03e9, max_context_tokens=131_072, sources=_hf("meta-llama/Llama-3.1-8B-Instruct")),
         ModelSpec("llama-3.1-70b", "meta-llama/Llama-3.1-70B-Instruct", 80, 8192, 64, 8, 128, 28672, 128256,
-                  published_params=70.6e9, sources=_hf("meta-llama/Llama-3.1-70B-Instruct")),
+                  published_params=70.6e9, max_context_tokens=131_072, sources=_hf("meta-llama/Llama-3.1-70B-Instruct")),
         ModelSpec("llama-3.1-405b", "meta-llama/Llama-3.1-405B-Instruct", 126, 16384, 128, 8, 128, 53248, 128256,
-                  published_params=405.9e9, sources=_hf("meta-llama/Llama-3.1-405B-Instruct")),
+                  published_params=405.9e9, max_context_tokens=131_072, sources=_hf("meta-llama/Llama-3.1-405B-Instruct")),
+        # Qwen3-32B: 40,960 positions as shipped (32,768 native + room for output); 131,072 with
+        # YaRN rope scaling, which an experiment enables by overriding max_context_tokens.
         ModelSpec("qwen3-32b", "Qwen/Qwen3-32B", 64, 5120, 64, 8, 128, 25600, 151936,
-                  published_params=32.8e9, sources=_hf("Qwen/Qwen3-32B")),
+                  published_params=32.8e9, max_context_tokens=40_960, sources=_hf("Qwen/Qwen3-32B")),
         # gpt-oss-120b: 128 experts, top-4; half its layers use a 128-token sliding window, which we
         # count as full attention (overstates KV; stated in docs/costmodel.md).
         ModelSpec("gpt-oss-120b", "openai/gpt-oss-120b", 36, 2880, 64, 8, 64, 2880, 201088,
-                  num_experts=128, experts_per_token=4, published_params=116.8e9,
+                  num_experts=128, experts_per_token=4, published_params=116.8e9, max_context_tokens=131_072,
                   sources=_hf("openai/gpt-oss-120b")),
         # The live runtime's numpy tiny-Llama: small enough to run real KV through Ray on a laptop.
-        ModelSpec("tiny", "(hetero_sched.tinylm)", 2, 64, 4, 2, 16, 128, 256,
+        ModelSpec("tiny", "(hetero_sched.tinylm)", 2, 64, 4, 2, 16, 128, 256, max_context_tokens=32_768,  # TinyLM's RoPE table
                   sources={name: assumed("the project's own test model (hetero_sched/tinylm.py)")
                            for name in INT_FIELDS + STR_FIELDS}),
     ]
