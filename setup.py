@@ -17,6 +17,7 @@ COMPILED = [
     "hetero_sched/core/request.py",
     "hetero_sched/core/transfer.py",
     "hetero_sched/core/group.py",
+    "hetero_sched/core/rejection.py",
     "hetero_sched/core/scheduler.py",
     "hetero_sched/sim/engine.py",
 ]

@@ -203,6 +203,12 @@ class GroupState:
         self.context_tokens = 0
         self.span: Optional[Span] = None
         self.busy_s = 0.0
+        self.decode_seq_s = 0.0
+        """Σ decode batch size × span time: over the run's length, the mean decode batch."""
+        self.kv_block_s = 0.0
+        """Σ KV blocks in use × time (sampled whenever the scheduler touches the group)."""
+        self._kv_used = 0
+        self._kv_since_s = 0.0
         self._tokens = 0
         self._finish_heap: list[tuple[int, int, RequestState]] = []
         self._exhaust_heap: list[tuple[int, int, RequestState]] = []
@@ -293,6 +299,13 @@ class GroupState:
         if lines is None:
             lines = self._lines[batch_size] = self.cost.decode_step_lines(batch_size)
         return lines
+
+    def account_kv(self, now_s: float) -> None:
+        """Add the KV in use since the last call to :attr:`kv_block_s` (the scheduler calls it
+        after every change it makes here, so the integral is exact at its event times)."""
+        self.kv_block_s += self._kv_used * (now_s - self._kv_since_s)
+        self._kv_used = self.kv.num_used
+        self._kv_since_s = now_s
 
     def fits_ever(self, tokens: int) -> bool:
         """Whether ``tokens`` of KV could fit this group at all (when empty)."""
@@ -614,6 +627,8 @@ class GroupState:
         assert span is not None
         self.span = None
         self.busy_s += span.end_s - span.start_s
+        if span.kind is not SpanKind.PREFILL:
+            self.decode_seq_s += span.batch_size * (span.end_s - span.start_s)
         out = SpanOutcome()
         if span.kind is SpanKind.PREFILL:
             duration = span.end_s - span.start_s
