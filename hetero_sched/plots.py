@@ -7,7 +7,6 @@ it every function here raises a one-line UserError.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -115,21 +114,17 @@ def goodput_bars(rows: Sequence[dict[str, Any]], axes: Sequence[str], path: Path
     return _save(fig, path)
 
 
-_FIELD = re.compile(r"(\w+)=(\S+)")
-
-
 def busy_intervals(decisions: pa.Table) -> dict[int, list[tuple[float, float]]]:
     """Per group, the (start, end) of every span, cuts applied, from a decision log table."""
     spans: dict[int, list[list[float]]] = {}
-    for t, kind, gid, detail in zip(decisions.column("time_s").to_pylist(), decisions.column("kind").to_pylist(),
-                                    decisions.column("group_id").to_pylist(), decisions.column("detail").to_pylist()):
+    for t, kind, gid, dur, end in zip(*(decisions.column(c).to_pylist()
+                                        for c in ("time_s", "kind", "group_id", "duration_s", "end_s"))):
         if gid is None:
             continue
-        fields = dict(_FIELD.findall(detail or ""))
-        if "dur" in fields and kind not in ("transfer", "drain", "role"):
-            spans.setdefault(gid, []).append([t, t + float(fields["dur"])])
-        elif kind == "cut" and spans.get(gid) and "end" in fields:
-            spans[gid][-1][1] = float(fields["end"])
+        if dur is not None:
+            spans.setdefault(gid, []).append([t, t + dur])
+        elif kind == "cut" and spans.get(gid) and end is not None:
+            spans[gid][-1][1] = end
     return {g: [(a, b) for a, b in v] for g, v in spans.items()}
 
 

@@ -18,7 +18,7 @@ from helpers import colocated_experiment, disagg_experiment
 def test_busy_intervals_apply_cuts():
     t = pa.table({"time_s": [0.0, 1.0, 1.5, 2.0], "kind": ["prefill", "decode", "cut", "place"],
                   "group_id": [0, 1, 1, 0], "request_id": [None, None, None, 3],
-                  "detail": ["n=1 tokens=10 cached=0 dur=0.5", "b=2 k=10 dur=2.0", "k=4 end=1.8", "decode_group=1"]})
+                  "duration_s": [0.5, 2.0, None, None], "end_s": [None, None, 1.8, None]})
     assert busy_intervals(t) == {0: [(0.0, 0.5)], 1: [(1.0, 1.8)]}
 
 

@@ -81,14 +81,43 @@ def test_every_request_completes_or_is_rejected_with_a_reason(make):
     assert r.summary["preemptions"] > 0
 
 
-def test_rejects_prompts_that_can_never_fit():
-    exp = disagg_experiment()
-    exp["workload"] = {"kind": "synthetic", "num_requests": 20, "rate_per_s": 5.0,
-                       "prompt": 3_000_000, "output": 10}
-    r = hs.simulate(exp)
-    _check_conservation(r, 20)
-    assert r.summary["rejected"] == 20
-    assert "exceeds the KV capacity" in next(iter(r.summary["reject_reasons"]))
+def _seventy_b(**over):
+    """Llama-3.1-70B on one trn2.48xlarge prefill group and a 4-CS-3 decode group (52,768 KV tokens)."""
+    return disagg_experiment(model="llama-3.1-70b", groups=[
+        {"name": "p", "device": "trn2", "count": 16, "tp": 64, "role": "prefill"},
+        {"name": "d", "device": "cs3", "count": 4, "pp": 4, "role": "decode"}], **over)
+
+
+def test_requests_no_group_can_ever_serve_are_rejected_at_arrival_without_prefill():
+    """A prompt beyond the model's context window, or more KV than the largest decode group
+    holds, is rejected when it arrives — not prefilled first and rejected after (issue 16)."""
+    prompts = np.array([1000, 140_000, 60_000, 52_000, 1000])   # ok, > 131,072 window, > 52,768 KV, fits, ok
+    outputs = np.array([20, 20, 20, 20, 20])
+    w = Workload("long", np.arange(5, dtype=float), prompts, outputs)
+    r = hs.simulate(_seventy_b(oracle=True), workload=w)
+    _check_conservation(r, 5)
+    rows = {row["request_id"]: row for row in r.records.to_pylist()}
+    assert [rows[i]["reason_code"] for i in range(5)] == [None, "context_too_long", "kv_capacity", None, None]
+    assert "131,072-token context window" in rows[1]["reason"] and "d, 52,768 tokens" in rows[2]["reason"]
+    for i in (1, 2):
+        assert rows[i]["finish_s"] == rows[i]["arrival_s"] and rows[i]["prefill_group"] is None
+    prefilled = {rid for t, kind, _, rid, _ in r.decisions if kind == "place"}
+    assert prefilled == {0, 3, 4}
+    # the prompt plus *predicted* output is what a decode group must hold: 52,000 + 1,000 does not fit
+    r = hs.simulate(_seventy_b(predictor={"kind": "constant", "tokens": 1000}), workload=w)
+    assert r.records.column("reason_code").to_pylist()[3] == "kv_capacity"
+    # a policy that may decode on the prefill group (fallback) can hold 60,000 tokens there
+    fallback = _seventy_b(oracle=True, policy={"name": "disagg", "params": {"fallback": True}})
+    assert hs.simulate(fallback, workload=w).records.column("status").to_pylist()[2] == "completed"
+
+
+def test_summary_groups_rejections_by_code_and_keeps_each_reason():
+    prompts = np.array([140_000 + i for i in range(30)] + [60_000 + i for i in range(20)])
+    w = Workload("long", np.arange(50, dtype=float), prompts, np.full(50, 10))
+    r = hs.simulate(_seventy_b(oracle=True), workload=w)
+    assert r.summary["reject_reasons"] == {"context_too_long": 30, "kv_capacity": 20}
+    assert set(r.summary["reject_examples"]) == {"context_too_long", "kv_capacity"}
+    assert len(set(r.records.column("reason").to_pylist())) == 50     # the detail stays per request
 
 
 def test_prefix_cache_hits_save_prefill_compute():
@@ -153,6 +182,7 @@ def test_decision_log_round_trips_and_compares():
     log = DecisionLog()
     log.add(0.5, "place", 1, 7)
     log.add(0.5, "prefill", 1, None, 2, 900, 0, 0.125)
+    log.add_ids([7, 9])
     log.add_reject(0.75, 8, "no capacity")
     assert list(log) == [(0.5, "place", 1, 7, (None,)), (0.5, "prefill", 1, None, (2, 900, 0, 0.125)),
                          (0.75, "reject", None, 8, ("no capacity",))]
@@ -160,4 +190,12 @@ def test_decision_log_round_trips_and_compares():
     assert again == log
     again.add(1.0, "complete", 1, 7)
     assert again != log
-    assert log.columns()["detail"] == ["", "n=2 tokens=900 cached=0 dur=0.125", "reason=no capacity"]
+    other = DecisionLog.from_state(log.state())
+    other.span_ids[1] = 10                                  # span ids take part in equality
+    assert other != log
+    cols = log.columns()
+    # one typed column per detail field, None where the kind has no such field
+    assert cols["request_ids"] == [None, [7, 9], None]
+    assert cols["decode_group"] == [None, None, None] and cols["num_requests"] == [None, 2, None]
+    assert cols["prefill_tokens"] == [None, 900, None] and cols["duration_s"] == [None, 0.125, None]
+    assert cols["reason"] == [None, None, "no capacity"] and "detail" not in cols
