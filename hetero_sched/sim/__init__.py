@@ -10,7 +10,7 @@ from hetero_sched.catalog import resolve_assumptions, resolve_catalog
 from hetero_sched.core.events import DecisionLog
 from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.experiment import (Experiment, build_groups, build_workload, load_experiment,
-                                     parse_experiment)
+                                     parse_experiment, profile_stamp)
 from hetero_sched.metrics import GroupUsage, records_table, summarize
 from hetero_sched.policies import make_policy, policy_class
 from hetero_sched.predictor import predict_outputs
@@ -68,6 +68,7 @@ def make_result(exp: Experiment, records: list[tuple], decisions: DecisionLog, u
     summary["experiment"] = exp.name
     summary["policy"] = exp.policy.name
     stamp = make_stamp(resolve_assumptions(exp.overrides), workload.source, clock)
+    stamp["profiles"] = profile_stamp(exp)
     return RunResult(exp.model_dump(mode="json"), summary, table, decisions, stamp)
 
 
