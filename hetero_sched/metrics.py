@@ -158,6 +158,9 @@ def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> d
     cached = _np(table, "cached_tokens")[done]
     dollars_per_hour = sum(g.dollars_per_hour for g in groups)
     cost = dollars_per_hour * makespan / 3600
+    span = float(arrival.max() - start) if n > 1 else 0.0
+    warning = (short_trace_warning(n, (n - 1) / span, slo, float(_np(table, "output_tokens").mean()))
+               if span > 0 else None)
     return {
         "requests": n,
         "completed": completed,
@@ -184,7 +187,32 @@ def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> d
         "cluster_dollars_per_hour": dollars_per_hour,
         "dollars_per_million_output_tokens": (cost / out_tokens * 1e6) if out_tokens else None,
         "groups": [g.row(makespan) for g in groups],
+        "warnings": [warning] if warning else [],
     }
+
+
+STABLE_TRACE_DEADLINES = 6.0
+"""A trace should last at least this many SLO deadlines at the rate it is replayed at. On a
+shorter one, work spills past the last arrival into the drain and attainment (so goodput)
+reads high: the shipped experiment's standard-tier goodput is 89 / 66 / 63 / 55 / 55 / 54 / 53
+req/s at 400 / 1,000 / 2,000 / 5,000 / 10,000 / 20,000 / 50,000 requests (README)."""
+
+
+def short_trace_warning(num_requests: int, rate_per_s: float, slo: SLO,
+                        mean_output_tokens: Optional[float]) -> Optional[str]:
+    """A warning when ``num_requests`` at ``rate_per_s`` last less than
+    :data:`STABLE_TRACE_DEADLINES` times a mean request's SLO deadline (TTFT + TPOT per later
+    output token), with the number of requests a stable figure needs; else None."""
+    if not rate_per_s > 0 or not num_requests:
+        return None
+    deadline_s = slo.ttft_s + slo.tpot_s * max((mean_output_tokens or 1.0) - 1.0, 0.0)
+    span_s = num_requests / rate_per_s
+    if span_s >= STABLE_TRACE_DEADLINES * deadline_s:
+        return None
+    need = math.ceil(STABLE_TRACE_DEADLINES * deadline_s * rate_per_s)
+    return (f"{num_requests:,} requests last {span_s:,.1f} s at {rate_per_s:,.2f} req/s, under "
+            f"{STABLE_TRACE_DEADLINES:g}x the {deadline_s:,.1f} s a request may take within the {slo.name} SLO: "
+            f"work spills past the last arrival and attainment reads high; use at least {need:,} requests")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,19 @@ from hetero_sched.errors import UserError
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 
+def ensure_folder(path: str | Path, what: str) -> Path:
+    """``path`` as a folder to write into, created if missing; a file in the way or a folder that
+    cannot be made is one line naming ``what`` (a flag), before any work is done."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p}: is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what} {p}: cannot create the folder ({exc.strerror or exc})") from None
+    return p
+
+
 def git_revision() -> Optional[str]:
     """The git revision of the package's checkout (None when not in one)."""
     root = Path(hetero_sched.__file__).resolve().parent.parent
@@ -64,10 +77,9 @@ class RunResult:
 
     def write(self, out_dir: str | Path) -> Path:
         """Write ``requests.parquet``, ``decisions.parquet`` and ``summary.json`` into ``out_dir``."""
-        out = Path(out_dir)
+        out = ensure_folder(out_dir, "run folder")
         doc = {"summary": self.summary, "experiment": self.experiment, "stamp": self.stamp}
         try:
-            out.mkdir(parents=True, exist_ok=True)
             for name, table in (("requests.parquet", self.records), ("decisions.parquet", self.decisions_table())):
                 with open(out / name, "wb") as f:  # a file, not a path: pyarrow reads "A:/x" as a URI
                     pq.write_table(table, f)
