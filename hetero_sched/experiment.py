@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hetero_sched import workload as wl
-from hetero_sched.catalog import GroupSpec, device_names, resolve_catalog
+from hetero_sched.catalog import GroupSpec, device_names, model_names, resolve_catalog
 from hetero_sched.catalog.models import DTYPE_BYTES
 from hetero_sched.catalog.profiles import load_profile
 from hetero_sched.configfile import apply_sets, expect_mapping, format_error, read_yaml
@@ -259,6 +259,8 @@ def parse_experiment(data: Any, source: str = "experiment", base_dir: Optional[P
         exp = Experiment.model_validate(data)
     except ValidationError as exc:
         raise UserError(format_error(source, exc)) from None
+    if exp.model not in model_names():
+        raise UserError(f"{source}: model: unknown model {exp.model!r}; known models: {', '.join(model_names())}")
     return _calibrated_devices(exp, source, base_dir or Path.cwd())
 
 

@@ -47,6 +47,21 @@ def test_virtual_clock_run_equals_the_simulator(ray_cluster, make, n):
         assert live.summary["runtime"]["bytes_moved"] > 0
 
 
+def test_the_live_runtime_rejects_at_arrival_what_no_group_can_serve(ray_cluster):
+    """The arrival check is the core's, so the runtime applies it exactly as the simulator does."""
+    exp = disagg_experiment(model="llama-3.1-70b", oracle=True, groups=[
+        {"name": "p", "device": "trn2", "count": 16, "tp": 64, "role": "prefill"},
+        {"name": "d", "device": "cs3", "count": 4, "pp": 4, "role": "decode"}])
+    prompts = np.array([1000, 140_000, 60_000, 2000, 1500, 800])
+    w = Workload("long", np.arange(6, dtype=float) * 0.2, prompts, np.full(6, 12))
+    live = run_live(exp, address=ray_cluster.address, clock="virtual", workload=w)
+    sim = hs.simulate(exp, workload=w)
+    assert str(live.records.to_pylist()) == str(sim.records.to_pylist())   # (NaN TTFTs: compare as text)
+    assert live.decisions == sim.decisions
+    assert live.records.column("reason_code").to_pylist() == [None, "context_too_long", "kv_capacity", None, None, None]
+    assert live.summary["runtime"]["transfers"] == 4            # nothing of the two was prefilled or moved
+
+
 def _tiny_experiment(**over):
     exp = {"name": "kv", "seed": 1, "model": "tiny",
            "groups": [{"name": "p", "device": "trn2", "count": 4, "tp": 16, "role": "prefill"},
