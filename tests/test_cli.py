@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import hetero_sched as hs
+
 from hetero_sched import cli
+from hetero_sched.catalog import list_devices, list_models, resolve_assumptions
 
 from helpers import disagg_experiment
+from test_calibrate import _synthetic, _write_csv
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -204,9 +213,8 @@ def test_a_policy_module_next_to_the_experiment_is_importable(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path.parent)                                       # not the experiment's folder
     code, _, err = run_cli(monkeypatch, capsys, "simulate", str(cfg), "-q", "--out", str(tmp_path / "r"))
     assert code == 0, err
-    import pyarrow.parquet as pq
     assert set(pq.read_table(tmp_path / "r" / "requests.parquet").column("prefill_group").to_pylist()) == {1}
-    assert str(tmp_path) in __import__("os").environ["PYTHONPATH"]           # Ray workers it starts inherit it
+    assert str(tmp_path) in os.environ["PYTHONPATH"]           # Ray workers it starts inherit it
 
 
 def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, monkeypatch, capsys):
@@ -284,7 +292,6 @@ def test_catalog_bad_parallelism_names_the_flag(monkeypatch, capsys):
 
 
 def test_at_80_columns_names_are_never_cut(monkeypatch, capsys):
-    from hetero_sched.catalog import list_devices, list_models, resolve_assumptions
     monkeypatch.setenv("COLUMNS", "80")
     code, out, err = run_cli(monkeypatch, capsys, "catalog")
     assert code == 0, err
@@ -313,8 +320,7 @@ def test_trace_options_are_settable_and_messages_recommend_only_those(tmp_path, 
     code, _, err = run_cli(monkeypatch, capsys, "simulate", str(_bad(tmp_path, yaml.safe_dump(exp))), "-q",
                            "--out", str(tmp_path / "ok"))
     assert code == 0, err
-    arrivals = sorted(r["arrival_s"] for r in json.loads(json.dumps(
-        __import__("pyarrow.parquet").parquet.read_table(tmp_path / "ok" / "requests.parquet").to_pylist())))
+    arrivals = sorted(pq.read_table(tmp_path / "ok" / "requests.parquet").column("arrival_s").to_pylist())
     assert arrivals == [0.0, 1.0, 2.0]                              # ms, sorted
     ms = tmp_path / "c.csv"                                         # canonical columns, arrival in ms
     ms.write_text("arrival_ms,prompt_tokens,output_tokens\n0,5,3\n1500,6,7\n")
@@ -322,7 +328,6 @@ def test_trace_options_are_settable_and_messages_recommend_only_those(tmp_path, 
     code, _, err = run_cli(monkeypatch, capsys, "simulate", str(_bad(tmp_path, yaml.safe_dump(exp))), "-q",
                            "--out", str(tmp_path / "ms"))
     assert code == 0, err
-    import pyarrow.parquet as pq
     assert pq.read_table(tmp_path / "ms" / "requests.parquet").column("arrival_s").to_pylist() == [0.0, 1.5]
     exp["workload"]["spread_buckets"] = True                        # a Mooncake-only option on a generic trace
     code, _, err = run_cli(monkeypatch, capsys, "simulate", str(_bad(tmp_path, yaml.safe_dump(exp))), "-q")
@@ -330,7 +335,6 @@ def test_trace_options_are_settable_and_messages_recommend_only_those(tmp_path, 
 
 
 def test_fp8_weights_and_kv_are_experiment_fields(tmp_path):
-    import hetero_sched as hs
     base = hs.simulate(disagg_experiment(workload={"kind": "synthetic", "num_requests": 20, "rate_per_s": 5.0}))
     fp8 = hs.simulate(disagg_experiment(weight_dtype="fp8", kv_dtype="fp8",
                                         workload={"kind": "synthetic", "num_requests": 20, "rate_per_s": 5.0}))
@@ -345,7 +349,6 @@ def test_fp8_weights_and_kv_are_experiment_fields(tmp_path):
 
 
 def test_a_calibrated_device_name_is_usable_as_a_group_device(tmp_path, monkeypatch, capsys):
-    from test_calibrate import _synthetic, _write_csv
     csv_path = _write_csv(tmp_path / "m.csv", _synthetic(seed=11, noise=0.01))
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, "calibrate", str(csv_path), "--device", "my-h100", "--like", "h100")
@@ -396,8 +399,24 @@ def test_calibrate_refuses_fits_it_cannot_trust_unless_forced(tmp_path, monkeypa
     _one_line(code, err, "line 2, column 'ms'", "1 µs")
     folder = tmp_path / "profiles"                                  # --out a folder: the profile goes inside
     folder.mkdir()
-    from test_calibrate import _synthetic, _write_csv
     good = _write_csv(tmp_path / "good.csv", _synthetic(seed=3, noise=0.01))
     code, _, err = run_cli(monkeypatch, capsys, "calibrate", str(good), "--device", "h100", "--out", str(folder))
     assert code == 0, err
     assert (folder / "h100-profile.json").is_file()
+
+
+def test_the_readme_python_example_runs_on_a_fresh_install(tmp_path):
+    """The README's "From Python" block, run as written with pandas unavailable (not a
+    dependency: the block once called ``to_pandas()``)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"From Python:\n\n```python\n(.*?)```", readme, re.S).group(1)
+    prelude = ("import sys\n"                      # pandas cannot be imported, as on a fresh install
+               "class NoPandas:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'pandas':\n"
+               "            raise ModuleNotFoundError(\"No module named 'pandas'\")\n"
+               "sys.meta_path.insert(0, NoPandas())\n")
+    proc = subprocess.run([sys.executable, "-c", prelude + block], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "x" / "requests.parquet").is_file()

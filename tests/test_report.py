@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from hetero_sched import cli
+from hetero_sched import cli, plots
 from hetero_sched.plots import busy_intervals
 from hetero_sched.sweep import parse_sweep, run_sweep
 
@@ -70,8 +70,6 @@ def test_missing_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
 def _figures(monkeypatch):
     """Capture the figures the plot functions save (drawn, so ticks and legends are laid out)."""
     pytest.importorskip("matplotlib")
-    from hetero_sched import plots
-
     figs = []
 
     def keep(fig, path):

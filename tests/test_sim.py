@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 import textwrap
 
 import numpy as np
@@ -13,6 +15,7 @@ from hetero_sched.core.group import GroupLimits, GroupState, Role
 from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.costmodel import FittedCost
 from hetero_sched.errors import UserError
+from hetero_sched.metrics import GroupUsage
 from hetero_sched.policies import make_policy
 from hetero_sched.sim.engine import run_events
 from hetero_sched.workload import Request, Workload
@@ -133,7 +136,6 @@ def test_occupancy_beside_busy_time_by_hand():
     assert g.busy_s == 1.5 and g.decode_seq_s == 2 * 0.5 + 1 * 0.5
     # KV: reservations of 10 + 3 and 10 + 5 tokens = 2 blocks each, held from 0 to their finish
     assert g.kv_block_s == 2 * 1.0 + 2 * 1.5
-    from hetero_sched.metrics import GroupUsage
     row = GroupUsage("g", "x", "both", g.busy_s, 1.0, g.decode_seq_s, g.kv_block_s, 4, g.kv.num_blocks).row(1.5)
     assert row["mean_decode_batch"] == 1.0 and row["batch_occupancy"] == 0.25
     assert row["kv_occupancy"] == pytest.approx(5.0 / (1.5 * g.kv.num_blocks))
@@ -200,9 +202,8 @@ def recording_policy(tmp_path, monkeypatch):
     """A user policy module (``my_policies:LastPrefill``) and the list of requests it was shown."""
     (tmp_path / "my_policies.py").write_text(RECORDING_POLICY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(__import__("sys").modules, "my_policies", raising=False)
-    import my_policies
-    return my_policies.SEEN
+    monkeypatch.delitem(sys.modules, "my_policies", raising=False)
+    return importlib.import_module("my_policies").SEEN
 
 
 def test_user_policy_by_dotted_path(recording_policy):
