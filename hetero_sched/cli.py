@@ -325,28 +325,28 @@ def catalog(
     console = Console()
     cat = resolve_catalog()
     if device is None and model is None:
-        devs = list(cat.devices.values())
-        console.print(compact_table("Devices: compute and memory (per chip; CS-3: per system)",
-                             ("device", "BF16 TFLOP/s", "FP8 TFLOP/s", "memory GB", "memory", "memory TB/s"),
-                             [(d.name, f"{d.bf16_flops_per_s / 1e12:,.0f}", f"{d.fp8_flops_per_s / 1e12:,.0f}",
-                               f"{d.memory_bytes / 1e9:,.0f}", d.memory_kind, f"{d.memory_bytes_per_s / 1e12:,.1f}")
-                              for d in devs]))
-        console.print(compact_table("Devices: Ray resource, links, power, price",
-                             ("device", "Ray resource per chip", "scale-up GB/s", "network GB/s", "W", "$/h"),
-                             [(d.name, f"{d.units_per_chip} {d.ray_resource}", f"{d.scale_up_bytes_per_s / 1e9:,.0f}",
-                               f"{d.network_bytes_per_s / 1e9:,.0f}", f"{d.watts:,.0f}",
-                               f"{cat.cost(d.name).dollars_per_hour:.2f}") for d in devs]))
-        models = list(cat.models.values())
-        console.print(compact_table("Models: architecture",
-                             ("model", "layers", "hidden", "heads/kv", "head dim", "ffn", "experts"),
-                             [(m.name, str(m.num_layers), str(m.hidden_size), f"{m.num_heads}/{m.num_kv_heads}",
-                               str(m.head_dim), str(m.ffn_size), f"{m.experts_per_token} of {m.num_experts}")
-                              for m in models]))
-        console.print(compact_table("Models: size and context window (bf16)",
-                             ("model", "params B", "active B", "KV bytes/token", "weights GB", "context tokens"),
-                             [(m.name, f"{m.total_params / 1e9:.2f}", f"{m.active_params / 1e9:.2f}",
-                               f"{m.kv_bytes_per_token():,.0f}", f"{m.weight_bytes / 1e9:.1f}",
-                               f"{m.max_context_tokens:,}") for m in models]))
+        devs, models = list(cat.devices.values()), list(cat.models.values())
+        tables: list[tuple[str, tuple[str, ...], Callable[[Any], tuple[str, ...]], list[Any]]] = [
+            ("Devices: compute and memory (per chip; CS-3: per system)",
+             ("device", "BF16 TFLOP/s", "FP8 TFLOP/s", "memory GB", "memory", "memory TB/s"),
+             lambda d: (d.name, f"{d.bf16_flops_per_s / 1e12:,.0f}", f"{d.fp8_flops_per_s / 1e12:,.0f}",
+                        f"{d.memory_bytes / 1e9:,.0f}", d.memory_kind, f"{d.memory_bytes_per_s / 1e12:,.1f}"), devs),
+            ("Devices: Ray resource, links, power, price",
+             ("device", "Ray resource per chip", "scale-up GB/s", "network GB/s", "W", "$/h"),
+             lambda d: (d.name, f"{d.units_per_chip} {d.ray_resource}", f"{d.scale_up_bytes_per_s / 1e9:,.0f}",
+                        f"{d.network_bytes_per_s / 1e9:,.0f}", f"{d.watts:,.0f}",
+                        f"{cat.cost(d.name).dollars_per_hour:.2f}"), devs),
+            ("Models: architecture", ("model", "layers", "hidden", "heads/kv", "head dim", "ffn", "experts"),
+             lambda m: (m.name, str(m.num_layers), str(m.hidden_size), f"{m.num_heads}/{m.num_kv_heads}",
+                        str(m.head_dim), str(m.ffn_size), f"{m.experts_per_token} of {m.num_experts}"), models),
+            ("Models: size and context window (bf16)",
+             ("model", "params B", "active B", "KV bytes/token", "weights GB", "context tokens"),
+             lambda m: (m.name, f"{m.total_params / 1e9:.2f}", f"{m.active_params / 1e9:.2f}",
+                        f"{m.kv_bytes_per_token():,.0f}", f"{m.weight_bytes / 1e9:.1f}", f"{m.max_context_tokens:,}"),
+             models),
+        ]
+        for title, columns, row, items in tables:
+            console.print(compact_table(title, columns, [row(x) for x in items]))
         _print_sources(console, "Every number and its source (override any by its key)", resolve_assumptions())
         return
     if device is None or model is None:

@@ -247,6 +247,10 @@ def test_sweep_prints_its_results_and_validates_on_one_clean_line(tmp_path, monk
                              "--set", "workload.rate_per_s=5")
     assert code == 0, err
     assert "disagg-slo" in out and "attained" in out and out.strip().endswith("sweep.parquet")
+    monkeypatch.setenv("COLUMNS", "80")                          # report's tables fit the terminal
+    code, out, err = run_cli(monkeypatch, capsys, "report", str(tmp_path / "o"))
+    assert code == 0, err
+    assert max(len(line) for line in out.splitlines() if not line.endswith(".png")) <= 80 and "disagg-slo" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"experiment": disagg_experiment(), "axes": {"policy.name": ["disagg", "nope"]}}))
     code, _, err = run_cli(monkeypatch, capsys, "sweep", str(bad), "--out", str(tmp_path / "o2"), "--no-ray")
