@@ -9,8 +9,10 @@ import ray
 
 import hetero_sched as hs
 from hetero_sched.catalog import get_model
+from hetero_sched.errors import UserError
 from hetero_sched.runtime.cluster import object_store_usage
-from hetero_sched.runtime.live import run_live
+from hetero_sched.policies import PolicyFailed
+from hetero_sched.runtime.live import _result, run_live
 from hetero_sched.runtime.messages import MessageError, pack, unpack
 from hetero_sched.tinylm import TinyLM, prompt_token_ids
 from hetero_sched.workload import Workload
@@ -60,6 +62,17 @@ def test_the_live_runtime_rejects_at_arrival_what_no_group_can_serve(ray_cluster
     assert live.decisions == sim.decisions
     assert live.records.column("reason_code").to_pylist() == [None, "context_too_long", "kv_capacity", None, None, None]
     assert live.summary["runtime"]["transfers"] == 4            # nothing of the two was prefilled or moved
+
+
+def test_a_user_error_in_the_scheduler_actor_is_one_line(ray_cluster):
+    """A user's policy failing inside the scheduler actor (PolicyFailed, a UserError) reaches the
+    driver as that UserError — one line from the CLI — not as Ray's task traceback."""
+    @ray.remote(num_cpus=0)
+    def fails():
+        raise PolicyFailed("policy my_mod:P raised ValueError in place(): nope (--debug for the traceback)")
+
+    with pytest.raises(UserError, match=r"^policy my_mod:P raised ValueError in place\(\): nope"):
+        _result(fails.remote())
 
 
 def _tiny_experiment(**over):
