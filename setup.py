@@ -20,6 +20,7 @@ COMPILED = [
     "hetero_sched/core/batch.py",
     "hetero_sched/core/transfer.py",
     "hetero_sched/core/group.py",
+    "hetero_sched/core/rejection.py",
     "hetero_sched/core/scheduler.py",
     "hetero_sched/engine/devices.py",
     "hetero_sched/engine/loop.py",

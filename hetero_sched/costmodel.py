@@ -237,7 +237,8 @@ def _apply_profile(cost: CostParams, profile: Profile, path: str | Path) -> Cost
         if sources.get(name, Source(Status.ASSUMED, "")).status is Status.OVERRIDE:
             continue  # the experiment's explicit override wins over the profile
         changes[name] = float(value)
-        sources[name] = Source(Status.CALIBRATED, f"profile {path} ({profile.source})")
+        forced = f"; written with --force past: {'; '.join(profile.forced)}" if profile.forced else ""
+        sources[name] = Source(Status.CALIBRATED, f"profile {path} ({profile.source}{forced})")
     return replace(cost, **changes, sources=sources)
 
 

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -163,6 +164,39 @@ def test_laptop_sh_bad_input_is_one_line_and_status_2(args: list[str], message: 
     out = _run([LAPTOP, *args], env={**os.environ, "HETERO_LAPTOP_DIR": str(tmp_path / "none")})
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- launcher.sh (no Ray started)
+
+LAUNCHER = CLUSTERS / "launcher.sh"
+
+
+def test_launcher_sh_makes_the_login_shells_python_the_callers_virtual_environment(tmp_path: Path) -> None:
+    """What ``ray up`` / ``ray submit`` run on the head is the login shell's ``python``/``ray``:
+    ``launcher.sh env`` (run by ``launcher.sh up`` before ``ray up``) makes those the caller's
+    venv. Here in a scratch HOME; the full ``ray up`` run is ``tests/launcher`` (not run here:
+    it runs ``ray stop``)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("export KEEP_ME=1\n")
+    env = {**os.environ, "HOME": str(home), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    env.pop("HETERO_SCHED_PYTHON", None)
+    out = _run([LAUNCHER, "env"], env=env)
+    assert out.returncode == 0, out.stderr
+    login = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin"}   # a login shell knows nothing else
+    probe = _run(["bash", "--login", "-c", "-i", "source ~/.bashrc; python -c 'import sys, hetero_sched; "
+                  "print(sys.prefix)' && ray --version"], env=login)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines()[0] == str(venv) and "version" in probe.stdout
+    again = _run([LAUNCHER, "env"], env=env)                  # idempotent: one block, the user's lines kept
+    assert again.returncode == 0 and (home / ".bashrc").read_text().count("hetero-sched launcher >>>") == 1
+    assert "KEEP_ME" in (home / ".bashrc").read_text()
+    bare = tmp_path / "bare"                                     # an environment without hetero-sched
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    bad = _run([LAUNCHER, "env"], env={**env, "HETERO_SCHED_PYTHON": str(bare / "bin" / "python"), "PYTHONPATH": ""})
+    assert bad.returncode == 2 and "cannot import hetero_sched and ray" in bad.stderr
 
 
 # ---------------------------------------------------------------- laptop.sh for real

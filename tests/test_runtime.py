@@ -10,8 +10,10 @@ import ray
 import hetero_sched as hs
 from hetero_sched.core.events import DecisionKind as D
 from hetero_sched.catalog import get_model
+from hetero_sched.errors import UserError
 from hetero_sched.runtime.cluster import object_store_usage
-from hetero_sched.runtime.live import run_live
+from hetero_sched.policies import PolicyFailed
+from hetero_sched.runtime.live import _result, run_live
 from hetero_sched.runtime.messages import MessageError, pack, unpack
 from hetero_sched.tinylm import TinyLM, prompt_token_ids
 from hetero_sched.workload import Workload
@@ -50,6 +52,32 @@ def test_virtual_clock_run_equals_the_simulator(ray_cluster, make, n):
     if make is disagg_experiment:
         assert live.summary["runtime"]["transfers"] == n
         assert live.summary["runtime"]["bytes_moved"] > 0
+
+
+def test_the_live_runtime_rejects_at_arrival_what_no_group_can_serve(ray_cluster):
+    """The arrival check is the core's, so the runtime applies it exactly as the simulator does."""
+    exp = disagg_experiment(model="llama-3.1-70b", oracle=True, groups=[
+        {"name": "p", "device": "trn2", "count": 16, "tp": 64, "role": "prefill"},
+        {"name": "d", "device": "cs3", "count": 4, "pp": 4, "role": "decode"}])
+    prompts = np.array([1000, 140_000, 60_000, 2000, 1500, 800])
+    w = Workload("long", np.arange(6, dtype=float) * 0.2, prompts, np.full(6, 12))
+    live = run_live(exp, address=ray_cluster.address, clock="virtual", workload=w)
+    sim = hs.simulate(exp, workload=w)
+    assert str(live.records.to_pylist()) == str(sim.records.to_pylist())   # (NaN TTFTs: compare as text)
+    assert live.decisions == sim.decisions
+    assert live.records.column("reason_code").to_pylist() == [None, "context_too_long", "kv_capacity", None, None, None]
+    assert live.summary["runtime"]["transfers"] == 4            # nothing of the two was prefilled or moved
+
+
+def test_a_user_error_in_the_scheduler_actor_is_one_line(ray_cluster):
+    """A user's policy failing inside the scheduler actor (PolicyFailed, a UserError) reaches the
+    driver as that UserError — one line from the CLI — not as Ray's task traceback."""
+    @ray.remote(num_cpus=0)
+    def fails():
+        raise PolicyFailed("policy my_mod:P raised ValueError in place(): nope (--debug for the traceback)")
+
+    with pytest.raises(UserError, match=r"^policy my_mod:P raised ValueError in place\(\): nope"):
+        _result(fails.remote())
 
 
 def _tiny_experiment(**over):

@@ -38,7 +38,7 @@ from hetero_sched.catalog.devices import DeviceSpec
 from hetero_sched.catalog.models import DTYPE_BYTES, ModelSpec
 from hetero_sched.catalog.sources import Source, Status
 from hetero_sched.errors import UserError
-from hetero_sched.validation import validate
+from hetero_sched.configfile import validate
 
 StatusName = Literal["published", "vendor-claim", "calibrated", "assumed", "projected"]
 
@@ -132,6 +132,7 @@ class ModelEntry(_Strict):
     weight_dtype: Optional[str] = None
     kv_dtype: Optional[str] = None
     published_params: Optional[float] = Field(None, ge=0)
+    max_context_tokens: Optional[int] = Field(None, ge=2, le=1_000_000_000)
     source: Optional[str] = Field(None, description="where the architecture numbers come from (config.json)")
     status: Optional[StatusName] = None
 
@@ -293,7 +294,7 @@ def _model(name: str, entry: ModelEntry, base: Optional[ModelSpec], origin: str)
             if key in _MODEL_SOURCED:
                 sources[key] = default
     required = ("hf_id", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_size",
-                "vocab_size")
+                "vocab_size", "max_context_tokens")
     missing = [k for k in required if k not in values]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)} (give them, or `like: <model>`)")

@@ -96,6 +96,12 @@ class GroupState:
         self.span: Optional[Span] = None
         self.busy_s = 0.0
         self._next_span_id = 0
+        self.decode_seq_s = 0.0
+        """Σ decode batch size × span time: over the run's length, the mean decode batch."""
+        self.kv_block_s = 0.0
+        """Σ KV blocks in use × time (sampled whenever the scheduler touches the group)."""
+        self._kv_used = 0
+        self._kv_since_s = 0.0
         self._lines: dict[int, tuple[Line, ...]] = {}
         self.chunk_budget: Optional[int] = None
         """Tokens per iteration when prefill is chunked (Sarathi-Serve); None: whole prompts."""
@@ -157,6 +163,13 @@ class GroupState:
         self.alive = True
         self.can_prefill = self.role.can_prefill
         self.can_decode = self.role.can_decode
+
+    def account_kv(self, now_s: float) -> None:
+        """Add the KV in use since the last call to :attr:`kv_block_s` (the scheduler calls it
+        after every change it makes here, so the integral is exact at its event times)."""
+        self.kv_block_s += self._kv_used * (now_s - self._kv_since_s)
+        self._kv_used = self.kv.num_used
+        self._kv_since_s = now_s
 
     # --- roles ----------------------------------------------------------------------------
     def drained(self) -> bool:
@@ -504,6 +517,8 @@ class GroupState:
         assert span is not None
         self.span = None
         self.busy_s += report.end_s - report.start_s
+        if span.kind is not SpanKind.PREFILL:
+            self.decode_seq_s += span.batch_size * (report.end_s - report.start_s)
         out = SpanOutcome()
         if span.kind is SpanKind.PREFILL:
             duration = report.end_s - report.start_s

@@ -48,7 +48,8 @@ class RequestState:
         "prefill_group", "decode_group", "prefill_blocks", "decode_blocks", "reserved_tokens",
         "join_step", "join_span", "finish_step", "exhaust_step", "cached_tokens",
         "token1_s", "token2_s", "last_token_s", "max_gap_s", "finish_s",
-        "preemptions", "reject_reason", "transfer_id", "prefill_done", "prefill_s", "prefilled_s", "cancelled",
+        "preemptions", "reject_reason", "reject_code", "transfer_id", "prefill_done", "prefill_s", "prefilled_s",
+        "cancelled",
     )
 
     def __init__(self, request: Request, predicted_output: int) -> None:
@@ -75,6 +76,8 @@ class RequestState:
         self.finish_s: Optional[float] = None
         self.preemptions = 0
         self.reject_reason: Optional[str] = None
+        self.reject_code: Optional[str] = None
+        """A short :class:`~hetero_sched.policies.base.RejectCode` beside the reason."""
         self.transfer_id: Optional[int] = None
         self.prefill_done = 0
         """Chunked prefill: tokens of the current prefill computed so far (beyond the cached prefix)."""

@@ -23,10 +23,13 @@ from typing import Any, Optional, Sequence
 from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
 from hetero_sched.core.group import GroupState, Role
 from hetero_sched.core.hooks import ExecutorHooks
+from hetero_sched.core.rejection import capacity, infeasible
 from hetero_sched.core.request import Phase, Request, RequestState
 from hetero_sched.core.spans import SpanKind, SpanOutcome, SpanReport
 from hetero_sched.core.transfer import LayerwiseStreaming, TransferNetwork, layerwise_tail
-from hetero_sched.policies.base import GroupView, Placement, Policy, Reject, RequestInfo
+from hetero_sched.errors import UserError
+from hetero_sched.policies.base import (GroupView, Placement, Policy, PolicyFailed, Reject, RejectCode as R,
+                                        RequestInfo, RoleSwitch)
 
 Timer = tuple[float, int, Any]
 """``(time_s, Kind.*, payload)``: something the driver must call back at ``time_s``."""
@@ -34,9 +37,10 @@ Timer = tuple[float, int, Any]
 RECORD_COLUMNS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "predicted_output",
     "cached_tokens", "status", "reason", "prefill_group", "decode_group",
-    "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions", "generated",
+    "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions", "generated", "reason_code",
 )
-"""One row per finished request. Times are absolute (same clock as ``arrival_s``)."""
+"""One row per finished request. Times are absolute (same clock as ``arrival_s``); a rejection's
+``reason`` is a sentence, its ``reason_code`` one of :class:`~hetero_sched.policies.base.RejectCode`."""
 
 
 class Scheduler:
@@ -44,7 +48,7 @@ class Scheduler:
 
     def __init__(self, groups: Sequence[GroupState], policy: Policy, predicted_output: Sequence[int],
                  report_interval_s: float = 0.0, layerwise: Optional[LayerwiseStreaming] = None,
-                 max_inflight: Optional[int] = None) -> None:
+                 max_inflight: Optional[int] = None, max_context_tokens: Optional[int] = None) -> None:
         self.groups = list(groups)
         self.max_inflight = max_inflight
         """Admission control: an arrival finding this many requests in flight is rejected at once."""
@@ -57,8 +61,15 @@ class Scheduler:
                                 block_size=g.limits.block_size, max_batch_tokens=g.limits.max_batch_tokens,
                                 max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks)
                       for g in self.groups]
-        policy.check(self.views)
+        try:
+            policy.check(self.views)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PolicyFailed.raised(policy, "check", exc) from exc
         self._rebalances = policy.rebalances
+        self.capacity = capacity(self.groups, policy.rebalances or policy.serves_any_role, max_context_tokens)
+        """What no group can ever serve is rejected at arrival (:func:`infeasible`)."""
         budget = policy.chunk_budget_tokens
         if budget is not None:
             for g in self.groups:
@@ -93,10 +104,14 @@ class Scheduler:
         if self.resumed and request.request_id in self.resumed:
             self._resume_delivered(now_s, rs)
             return
+        never = infeasible(self.capacity, request.prompt_tokens, rs.predicted_output, request.max_tokens)
+        if never is not None:
+            self._reject(now_s, rs, never[1], never[0])
+            return
         if self.max_inflight is not None and self.num_active > self.max_inflight:
             # overload: reject early, with a reason, rather than queue without bound
             self._reject(now_s, rs, f"overloaded: {self.max_inflight} requests already in flight "
-                                    "(admission.max_inflight)")
+                                    "(admission.max_inflight)", R.OVERLOADED)
             return
         self._place(now_s, rs)
 
@@ -163,7 +178,9 @@ class Scheduler:
         g = self.groups[group_id]
         if not g.alive:
             return
+        g.account_kv(now_s)
         lost = g.fail(now_s)
+        g.account_kv(now_s)                                    # its KV is gone from now on
         self._failed.add(group_id)
         v = self.views[group_id]
         v.can_prefill = v.can_decode = False
@@ -372,10 +389,14 @@ class Scheduler:
                         dur = span.end_s - span.start_s
                         if span.kind is SpanKind.PREFILL:
                             log.add(now_s, D.PREFILL, gid, None, len(span.batch), span.new_tokens, span.cached_tokens, dur)
+                            log.add_ids([rs.request_id for rs in span.batch])
                         elif span.kind is SpanKind.DECODE:
                             log.add(now_s, D.DECODE, gid, None, span.batch_size, span.steps, dur)
+                            if span.batch:                     # the requests joining the batch
+                                log.add_ids([rs.request_id for rs in span.batch])
                         else:
                             log.add(now_s, D.CHUNK, gid, None, span.batch_size, len(span.chunks), span.new_tokens, dur)
+                            log.add_ids([c[0].request_id for c in span.chunks])
                         timers.append((span.end_s, Kind.SPAN_END, span))
                         if self.hooks is not None:
                             self.hooks.span_planned(now_s, gid, span)
@@ -385,6 +406,7 @@ class Scheduler:
                     timers.append((span.end_s, Kind.SPAN_END, span))
                     if self.hooks is not None:
                         self.hooks.span_cut(now_s, gid, span)
+                g.account_kv(now_s)
         if self.network.version != self._network_version:
             self._network_version = self.network.version
             nxt = self.network.next_finish_s()
@@ -404,15 +426,22 @@ class Scheduler:
             return
         if self._failed and not any(v.can_prefill for v in self.views):
             self._reject(now_s, rs, "no live group can prefill (failed: "
-                                    + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")")
+                         + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")", R.NO_LIVE_GROUP)
             return
-        decision = self.policy.place(self._info(rs), self.views, now_s)
+        try:   # typed object: compiled code would otherwise cast a bad return inside this try
+            decision: object = self.policy.place(self._info(rs), self.views, now_s)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PolicyFailed.raised(self.policy, "place", exc) from exc
         if isinstance(decision, Reject):
-            self._reject(now_s, rs, decision.reason)
+            self._reject(now_s, rs, decision.reason, decision.code)
             return
-        reason = self._check(decision, rs)
-        if reason is not None:
-            self._reject(now_s, rs, reason)
+        if not isinstance(decision, Placement):
+            raise PolicyFailed.returned(self.policy, "place", decision, "a Placement or a Reject")
+        check = self._check(decision, rs)
+        if check is not None:
+            self._reject(now_s, rs, check[1], check[0])
             return
         g = self.groups[decision.prefill_group]
         rs.decode_group = decision.decode_group
@@ -428,24 +457,26 @@ class Scheduler:
             self.hooks.request_placed(now_s, rs, g.group_id)
         self._dirty.add(g.group_id)
 
-    def _check(self, p: Placement, rs: RequestState) -> Optional[str]:
-        """Capacity check of a policy's placement (the policy decides, the scheduler verifies)."""
+    def _check(self, p: Placement, rs: RequestState) -> Optional[tuple[str, str]]:
+        """Capacity check of a policy's placement (the policy decides, the scheduler verifies):
+        ``(code, reason)`` if it cannot stand."""
         n = len(self.groups)
         # a group serving a request end to end (a heterogeneous fallback) may take either role
         local = p.decode_group == p.prefill_group
         if not 0 <= p.prefill_group < n or not self._serves(self.groups[p.prefill_group].can_prefill, local,
                                                             self.groups[p.prefill_group]):
-            return f"policy chose group {p.prefill_group}, which cannot prefill"
+            return (R.POLICY, f"policy chose group {p.prefill_group}, which cannot prefill")
         g = self.groups[p.prefill_group]
         need = rs.context_tokens + 1
         if not g.fits_ever(rs.decode_need_tokens if g.colocated or local else need):
-            return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {g.name}"
+            return (R.KV_CAPACITY, f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {g.name}")
         if p.decode_group is not None:
             if not 0 <= p.decode_group < n or not self._serves(self.groups[p.decode_group].can_decode, local,
                                                                self.groups[p.decode_group]):
-                return f"policy chose group {p.decode_group}, which cannot decode"
+                return (R.POLICY, f"policy chose group {p.decode_group}, which cannot decode")
             if not self.groups[p.decode_group].fits_ever(rs.decode_need_tokens):
-                return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {self.groups[p.decode_group].name}"
+                return (R.KV_CAPACITY, f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group "
+                                       f"{self.groups[p.decode_group].name}")
         return None
 
     @staticmethod
@@ -497,7 +528,7 @@ class Scheduler:
                 rs.decode_group = None
                 self._place(now_s, rs)
         for rs in out.failed:
-            self._reject(now_s, rs, f"KV of {rs.context_tokens} tokens outgrew group {g.name}")
+            self._reject(now_s, rs, f"KV of {rs.context_tokens} tokens outgrew group {g.name}", R.KV_CAPACITY)
 
     def _route_decode(self, now_s: float, rs: RequestState, src: GroupState) -> None:
         target = rs.decode_group
@@ -507,19 +538,31 @@ class Scheduler:
                 and not src.can_decode:
             src.release_prefill_kv(rs)
             self._reject(now_s, rs, "no live group can decode (failed: "
-                                    + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")")
+                         + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")", R.NO_LIVE_GROUP)
             return
         if target is None:
-            choice = self.policy.place_decode(self._info(rs), self.views, now_s)
+            try:
+                choice: object = self.policy.place_decode(self._info(rs), self.views, now_s)
+            except UserError:
+                raise
+            except Exception as exc:
+                raise PolicyFailed.raised(self.policy, "place_decode", exc) from exc
             if isinstance(choice, Reject):
                 src.release_prefill_kv(rs)
-                self._reject(now_s, rs, choice.reason)
+                self._reject(now_s, rs, choice.reason, choice.code)
                 return
+            if not isinstance(choice, int) or isinstance(choice, bool) or not 0 <= choice < len(self.groups):
+                raise PolicyFailed.returned(self.policy, "place_decode", choice,
+                                            f"a group id (0..{len(self.groups) - 1}) or a Reject")
             target = choice
         dst = self.groups[target]
-        if not self._serves(dst.can_decode, target == src.group_id, dst) or not dst.fits_ever(rs.context_tokens + 1):
+        if not self._serves(dst.can_decode, target == src.group_id, dst):
             src.release_prefill_kv(rs)
-            self._reject(now_s, rs, f"decode group {dst.name} cannot hold {rs.context_tokens} tokens")
+            self._reject(now_s, rs, f"policy chose group {dst.name}, which cannot decode", R.POLICY)
+            return
+        if not dst.fits_ever(rs.context_tokens + 1):
+            src.release_prefill_kv(rs)
+            self._reject(now_s, rs, f"decode group {dst.name} cannot hold {rs.context_tokens} tokens", R.KV_CAPACITY)
             return
         dst.enqueue_decode(rs)
         self.views[target].num_decode_queued += 1
@@ -566,7 +609,15 @@ class Scheduler:
 
     def _rebalance(self, now_s: float) -> None:
         """Start the role switches the policy asks for, keeping both roles served meanwhile."""
-        for switch in self.policy.rebalance(self.views, now_s):
+        try:
+            switches: list[object] = list(self.policy.rebalance(self.views, now_s))
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PolicyFailed.raised(self.policy, "rebalance", exc) from exc
+        for switch in switches:
+            if not isinstance(switch, RoleSwitch):
+                raise PolicyFailed.returned(self.policy, "rebalance", switch, "RoleSwitch items")
             if not 0 <= switch.group_id < len(self.groups):
                 continue
             g = self.groups[switch.group_id]
@@ -602,15 +653,17 @@ class Scheduler:
     def _end_cancelled(self, now_s: float, rs: RequestState, group_id: Optional[int]) -> None:
         rs.phase = Phase.CANCELLED
         rs.reject_reason = "cancelled by the client"
+        rs.reject_code = R.CANCELLED
         rs.finish_s = now_s
         self.decisions.add(now_s, D.CANCEL, group_id, rs.request_id)
         self._record(rs, "cancelled")
         if self.hooks is not None:
             self.hooks.request_finished(now_s, rs)
 
-    def _reject(self, now_s: float, rs: RequestState, reason: str) -> None:
+    def _reject(self, now_s: float, rs: RequestState, reason: str, code: str) -> None:
         rs.phase = Phase.REJECTED
         rs.reject_reason = reason
+        rs.reject_code = code
         rs.finish_s = now_s
         self.decisions.add_reject(now_s, rs.request_id, reason)
         self._record(rs, "rejected")
@@ -622,7 +675,7 @@ class Scheduler:
         self.records.append((
             rs.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens, rs.predicted_output,
             rs.cached_tokens, status, rs.reject_reason, rs.prefill_group, rs.decode_group,
-            rs.token1_s, rs.token2_s, rs.finish_s, rs.max_gap_s, rs.preemptions, rs.generated,
+            rs.token1_s, rs.token2_s, rs.finish_s, rs.max_gap_s, rs.preemptions, rs.generated, rs.reject_code,
         ))
         self.num_active -= 1
         del self._active[rs.request_id]

@@ -234,6 +234,8 @@ def _result(fut: ray.ObjectRef) -> dict[str, Any]:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, RunFailed):
             raise RunFailed(str(cause)) from None
+        if isinstance(cause, UserError):        # a user's policy failing in the scheduler actor: one line
+            raise UserError(str(cause)) from exc
         raise
 
 
