@@ -211,16 +211,16 @@ def test_wall_clock_results_are_what_the_devices_reported(ray_cluster):
 
 
 def test_control_messages_are_validated():
-    data = pack("step", ops=[{"op": "forget", "ids": [1, 2]}], expect=0)
+    data = pack("step", ops=[{"op": "forget", "ids": [1, 2]}], expect=0, seq=0)
     assert unpack(data, "step")["ops"][0]["ids"] == [1, 2]
     with pytest.raises(MessageError, match="expected a step_report message"):
         unpack(data, "step_report")
     with pytest.raises(MessageError, match="import op 0 lacks 'last'"):
-        pack("step", ops=[{"op": "import", "id": 1, "ref": 0, "index": 0}], expect=0)
+        pack("step", ops=[{"op": "import", "id": 1, "ref": 0, "index": 0}], expect=0, seq=0)
     with pytest.raises(MessageError, match="span field 'steps'"):
-        pack("span", span={"span_id": 1, "kind": "decode"}, expect=0)
+        pack("span", span={"span_id": 1, "kind": "decode"}, expect=0, seq=0)
     with pytest.raises(MessageError, match="not one of"):
-        pack("step", ops=[{"op": "explode"}], expect=0)
+        pack("step", ops=[{"op": "explode"}], expect=0, seq=0)
     with pytest.raises(MessageError, match="schema version"):
         unpack(msgpack.packb({"v": 99, "kind": "step", "ops": []}), "step")
     with pytest.raises(MessageError, match="not valid msgpack"):
