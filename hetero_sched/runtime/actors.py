@@ -123,7 +123,11 @@ class DeviceGroupActor:
 
     @contextlib.asynccontextmanager
     async def _in_turn(self, seq: int) -> AsyncIterator[None]:
-        """Act as the ``seq``-th ordered call: after every earlier one has acted."""
+        """Act as the ``seq``-th ordered call: after every earlier one has acted (``seq`` < 0: an
+        unordered call, which acts at once)."""
+        if seq < 0:
+            yield
+            return
         async with self._turns:
             await self._turns.wait_for(lambda: self._next_seq == seq)
         try:
@@ -331,18 +335,22 @@ class DeviceGroupActor:
         """
         step = unpack(msg, "step")
         if step["expect"] != self.incarnation:
-            return pack("step_report", import_bytes=0, import_s=0.0, imported=[], bad_kv=[], exports=[],
-                        incarnation=self.incarnation), []
+            return pack("step_report", import_bytes=0, import_s=0.0, fetch_s=0.0, queued_s=0.0, imported=[],
+                        bad_kv=[], exports=[], incarnation=self.incarnation), []
+        t0 = time.perf_counter()
         async with self._in_turn(step["seq"]):     # in the order sent, spans included
-            return await self._step(step, refs)
+            return await self._step(step, refs, time.perf_counter() - t0)
 
-    async def _step(self, step: dict[str, Any], refs: list[ray.ObjectRef]) -> tuple[bytes, list[ray.ObjectRef]]:
+    async def _step(self, step: dict[str, Any], refs: list[ray.ObjectRef],
+                    queued_s: float) -> tuple[bytes, list[ray.ObjectRef]]:
         imported: list[int] = []
         bad_kv: list[int] = []
         exports: list[tuple[int, Any]] = []
         import_bytes = 0
         import_s = 0.0
+        t0 = time.perf_counter()
         bundles = [await self._fetch(ref) for ref in refs]
+        fetch_s = time.perf_counter() - t0
         for op in step["ops"]:
             kind = op["op"]
             if kind == "import":
@@ -370,8 +378,9 @@ class DeviceGroupActor:
             else:
                 self.backend.forget(op["ids"])
         del bundles
-        report = pack("step_report", import_bytes=import_bytes, import_s=import_s, imported=imported,
-                      bad_kv=bad_kv, exports=[rid for rid, _ in exports], incarnation=self.incarnation)
+        report = pack("step_report", import_bytes=import_bytes, import_s=import_s, fetch_s=fetch_s, queued_s=queued_s,
+                      imported=imported, bad_kv=bad_kv, exports=[rid for rid, _ in exports],
+                      incarnation=self.incarnation)
         return report, ([ray.put([batch for _, batch in exports])] if exports else [])
 
     async def _fetch(self, ref: ray.ObjectRef) -> Optional[list[Any]]:
@@ -403,7 +412,8 @@ class SchedulerActor:
 
     def run(self, experiment: dict[str, Any], workload: Any, actors: list[Any], *, backend: str,
             clock: str, time_scale: float, trace: Optional[dict[str, Any]] = None,
-            journal_path: Optional[str] = None, call_timeout_s: float = 120.0) -> dict[str, Any]:
+            journal_path: Optional[str] = None, call_timeout_s: float = 120.0,
+            verify_imports: bool = False) -> dict[str, Any]:
         exp = parse_experiment(experiment)
         scheduler = build_scheduler(exp, workload, base_dir=None)
         try:
@@ -418,7 +428,8 @@ class SchedulerActor:
         wall: Optional[WallClock] = WallClock(time_scale, recovered.origin_unix_s) if clock == "wall" else None
         origin = wall.origin_unix_s(first) if wall is not None else None
         ask_all(actors, "begin", call_timeout_s, origin if origin is not None else time.time())
-        devices = RayDevices(actors, wall=wall, real_tokens=backend == "numpy", journal=journal,
+        devices = RayDevices(actors, wall=wall, real_tokens=backend == "numpy", verify_imports=verify_imports,
+                             journal=journal,
                              call_timeout_s=call_timeout_s)
         devices.scheduler = scheduler
         devices.tokens.update(recovered.tokens)
@@ -470,7 +481,8 @@ class SchedulerActor:
             "tokens": devices.tokens,
             "stats": {"actor_calls": st.actor_calls, "span_reports": st.span_reports, "transfers": st.transfers,
                       "bytes_moved": st.bytes_moved, "import_s": st.import_s, "min_margin": st.min_margin,
-                      "kv_damaged": st.kv_damaged, "stuck_actors": st.stuck,
+                      "import_fetch_s": st.fetch_s, "import_queued_s": st.queued_s,
+                      "kv_damaged": st.kv_damaged, "stuck_actors": st.stuck, "kv_bad_unverified": st.unverified_bad,
                       "report_delay_s": st.report_delay_s,
                       "device_pace": {scheduler.groups[g].name: float(np.median(r)) for g, r in sorted(st.pace.items())},
                       "lateness_s": wall.lateness_s if wall is not None else [],

@@ -98,6 +98,12 @@ class DeviceStats:
     (1.0: the device runs as modeled; 2.0: at half the speed)."""
     kv_damaged: int = 0
     """Imports whose KV failed its checksum (or was lost) and were sent again."""
+    import_wait_s: list[float] = field(default_factory=list)
+    """Per KV import call: from sent to answered (fetching the bytes, checking them, the turn)."""
+    fetch_s: list[float] = field(default_factory=list)
+    queued_s: list[float] = field(default_factory=list)
+    unverified_bad: int = 0
+    """Imports that failed their check after the modeled link had landed them (verify_imports off)."""
     stuck: int = 0
     """Actors killed (and restarted) because a report missed its deadline."""
 
@@ -106,14 +112,20 @@ class RayDevices(Devices):
     """The engine's ``Devices`` and the core's ``ExecutorHooks``, over one actor per group."""
 
     def __init__(self, actors: list[Any], *, wall: Optional[WallClock], real_tokens: bool,
-                 journal: Optional[RunJournal] = None, call_timeout_s: float = 120.0) -> None:
+                 verify_imports: bool = True, journal: Optional[RunJournal] = None,
+                 call_timeout_s: float = 120.0) -> None:
         """``wall``: the run's wall clock (None: virtual time). ``real_tokens``: the backend makes
         tokens (numpy), kept per request for the result and for prefilling again.
+        ``verify_imports``: KV may be decoded from only once its destination reported it imported
+        intact (always with real tokens). Without it — the modeled backend, whose decode reads no
+        KV — the modeled link's time alone says when KV lands: the scaled bytes still move and are
+        checked, but the laptop's object store (milliseconds per fetch) is not the modeled link.
         ``call_timeout_s``: a report this late past its span's expected end (or any answer
         this late) means the actor is stuck: it is killed and restarted like a crashed one."""
         self.actors = actors
         self.wall = wall
         self.real_tokens = real_tokens
+        self.verify_imports = verify_imports or real_tokens
         self.journal = journal
         self.call_timeout_s = call_timeout_s
         self.scheduler: Any = None
@@ -147,8 +159,11 @@ class RayDevices(Devices):
         actor = self.actors[gid]
         self._send(gid)                        # its KV operations go first: the span may need them
         if span.cuts == 0:
+            # in order after the KV operations sent before it — unless nothing it does depends on
+            # them (wall clock, modeled KV): then a span never waits behind a slow KV fetch
+            ordered = self.wall is None or self.verify_imports
             ref = actor.run_span.remote(pack("span", span=self._span_message(span), expect=self._incarnations[gid],
-                                             seq=self._next_seq(gid)))
+                                             seq=self._next_seq(gid) if ordered else -1))
             self._calls[ref] = _Call(gid, "span", span, 0)
         elif self.wall is None:        # virtual: in order; the answer is the revised timeline
             ref = actor.cut.remote(pack("cut", span_id=span.span_id, at_s=float(now_s),
@@ -217,6 +232,9 @@ class RayDevices(Devices):
         virtual clock, wait for it; wall clock, the arrival is queued again when it answers."""
         self._now = now_s
         if transfer_id not in self._transfers:
+            return True
+        if not self.verify_imports:          # the modeled link says it landed; the bytes follow
+            del self._transfers[transfer_id]
             return True
         while transfer_id not in self._verdicts and self.wall is None:
             if not self._calls and not self._outbox:
@@ -453,7 +471,11 @@ class RayDevices(Devices):
                 self._import(tid)
         self.stats.bytes_moved += msg["import_bytes"]
         self.stats.import_s += msg["import_s"]
+        if box.imports:
+            self.stats.fetch_s.append(msg["fetch_s"])
+            self.stats.queued_s.append(msg["queued_s"])
         pushed = False
+        self.stats.unverified_bad += 0 if self.verify_imports else len(msg["bad_kv"])
         for rid, ok in [*((r, True) for r in msg["imported"]), *((r, False) for r in msg["bad_kv"])]:
             tid = box.imports.get(int(rid))
             if tid is None or tid not in self._transfers:

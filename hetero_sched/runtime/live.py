@@ -149,7 +149,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
             fut = scheduler.run.remote(exp.model_dump(mode="json"), workload, actors, backend=backend,
                                        clock=clock, time_scale=time_scale,
                                        trace=trace.to_dict() if trace is not None else None,
-                                       journal_path=str(journal_path), call_timeout_s=call_timeout_s)
+                                       journal_path=str(journal_path), call_timeout_s=call_timeout_s,
+                                       verify_imports=bool(faults))
             done = 0
             while True:
                 ready, _ = ray.wait([fut], timeout=0.25)
@@ -174,6 +175,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
     stats = out["stats"]
     late = np.array(stats.pop("lateness_s") or [0.0])
     delay = np.array(stats.pop("report_delay_s") or [0.0])
+    fetch = np.array(stats.pop("import_fetch_s") or [0.0])
+    queued = np.array(stats.pop("import_queued_s") or [0.0])
     result.summary["runtime"] = {
         "clock": clock, "backend": backend, "pace": pace, "time_scale": time_scale, "bytes_scale": bytes_scale,
         "wall_s": wall_s, **stats, "kv_held_after_run": int(sum(held)),
@@ -182,6 +185,11 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         # wall clock: how long after a span's reported end the core applied it (report latency)
         "report_delay_ms_p50": float(np.percentile(delay, 50) * 1e3 * time_scale),
         "report_delay_ms_p99": float(np.percentile(delay, 99) * 1e3 * time_scale),
+        # KV imports at the destination actor: fetching the bundle's bytes, and waiting for the call's turn
+        "import_fetch_ms_p50": float(np.percentile(fetch, 50) * 1e3),
+        "import_fetch_ms_p99": float(np.percentile(fetch, 99) * 1e3),
+        "import_queued_ms_p50": float(np.percentile(queued, 50) * 1e3),
+        "import_queued_ms_p99": float(np.percentile(queued, 99) * 1e3),
         "lateness_ms_p50": float(np.percentile(late, 50) * 1e3 * time_scale),
         "lateness_ms_p99": float(np.percentile(late, 99) * 1e3 * time_scale),
     }

@@ -55,6 +55,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # the actor must act in (Ray does not order an async actor's calls), from 0 per incarnation
     "step": {"ops": (list,), "expect": (int,), "seq": (int,)},
     "step_report": {"import_bytes": (int,), "import_s": (float,),
+                    "fetch_s": (float,),  # waiting for the KV bundles' bytes (the object store's transfer)
+                    "queued_s": (float,), # waiting for this call's turn (calls act in the order sent)
                     "imported": (list,),  # requests whose KV landed intact
                     "bad_kv": (list,),    # requests whose imported KV failed its checksum or was lost
                     "exports": (list,),   # request ids exported (one bundle, returned beside)
