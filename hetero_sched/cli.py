@@ -270,6 +270,67 @@ def run(
     typer.echo(str(folder) if quiet else f"run folder: {folder}")
 
 
+@app.command()
+def serve(
+    experiment: Optional[Path] = typer.Argument(None, help="Experiment YAML (default: the shipped one); its workload is not used."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to use ('auto', host:port; default: $RAY_ADDRESS, else start a local labelled cluster)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (loopback by default; 0.0.0.0 exposes the server)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free one; the URL printed says which)."),
+    backend: str = typer.Option("modeled", help="modeled: cost-model timing, placeholder text; numpy: a real tiny Llama writes the tokens."),
+    pace: str = typer.Option("modeled", help="modeled: devices hold each span for the cost model's duration; real: the backend's compute time (numpy)."),
+    device_speed: float = typer.Option(1.0, help="Every device's speed against the cost model (0.8: 20% slower)."),
+    device_jitter: float = typer.Option(0.0, help="Relative standard deviation of each span's duration on every device (seeded)."),
+    bytes_scale: float = typer.Option(1e-3, help="Real KV bytes moved per modeled byte (modeled backend)."),
+    progress_interval_ms: float = typer.Option(2.0, help="Devices send the tokens they made at most this often (each keeps its own time)."),
+    call_timeout_s: float = typer.Option(120.0, help="A device report this many seconds past its span's expected end means the actor is stuck: it is restarted."),
+    sets: Optional[list[str]] = SET,
+    debug: bool = DEBUG,
+) -> None:
+    """Serve an experiment's cluster behind an OpenAI-compatible API until Ctrl-C.
+
+    The experiment's groups, policy, SLO and admission serve live requests: a Trainium prefill
+    actor prefills, the KV moves as Arrow through the object store, a CS-3 decode actor streams
+    the tokens it makes. Endpoints: POST /v1/completions and /v1/chat/completions (SSE with
+    "stream": true), GET /v1/models, /health, /ready, /metrics (Prometheus, vLLM's names).
+    Admission rejections are 429 with Retry-After; bad requests 400. The tokenizer clients load
+    is `hetero-sched tokenizer` (byte-level, 256 ids). Also as a Ray job:
+    `ray job submit --address ADDR -- hetero-sched serve EXPERIMENT.yaml --address auto`.
+    """
+    import signal
+    import threading
+
+    from hetero_sched.configfile import parse_sets
+    from hetero_sched.experiment import load_experiment
+    from hetero_sched.runtime.live import with_absolute_paths
+    from hetero_sched.serve.engine import EngineOptions
+    from hetero_sched.serve.ingress import ServeOptions
+    from hetero_sched.serve.server import serve_until
+
+    if backend not in ("modeled", "numpy"):
+        raise typer.BadParameter(f"must be modeled or numpy, got {backend!r}", param_hint="--backend")
+    if pace not in ("modeled", "real") or (pace == "real" and backend != "numpy"):
+        raise typer.BadParameter("must be modeled, or real with --backend numpy", param_hint="--pace")
+    if not 0 <= port <= 65535:
+        raise typer.BadParameter(f"must be 0-65535, got {port}", param_hint="--port")
+    for name, value in (("--device-speed", device_speed), ("--bytes-scale", bytes_scale),
+                        ("--progress-interval-ms", progress_interval_ms), ("--call-timeout-s", call_timeout_s)):
+        if not 0 < value < float("inf"):
+            raise typer.BadParameter(f"must be finite and > 0, got {value}", param_hint=name)
+    if not 0 <= device_jitter < float("inf"):
+        raise typer.BadParameter(f"must be finite and >= 0, got {device_jitter}", param_hint="--device-jitter")
+    exp, base = load_experiment(experiment, parse_sets(sets or []))
+    _import_from(base)
+    options = EngineOptions(backend, pace, device_speed, device_jitter, bytes_scale, call_timeout_s,  # type: ignore[arg-type]
+                            progress_interval_ms / 1e3)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    serve_until(with_absolute_paths(exp, base), stop, address=address, options=options,
+                listen=ServeOptions(host, port),
+                ready=lambda url: typer.echo(f"serving {exp.model} ({exp.name}, {backend}) at {url}/v1 — Ctrl-C to stop",
+                                             err=True))
+
+
 def _group(device: str, tp: int, pp: int, count: Optional[int]) -> "GroupSpec":
     from hetero_sched.catalog import GroupSpec, get_device
 

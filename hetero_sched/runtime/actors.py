@@ -55,6 +55,28 @@ class _Running:
     margins: dict[int, float] = field(default_factory=dict)
     cut: Optional[asyncio.Event] = None
     stop_at_s: Optional[float] = None
+    stream: Optional["_Streamer"] = None
+
+
+class _Streamer:
+    """Tokens a device reports as it makes them (serving streams them): ``(request, index in its
+    output, token id or -1 when the backend makes none, time)``, sent to the sink at most every
+    ``interval_s``."""
+
+    def __init__(self, sink: Any, group_id: int, span_id: int, interval_s: float) -> None:
+        self.sink, self.group_id, self.span_id, self.interval_s = sink, group_id, span_id, interval_s
+        self._items: list[list[Any]] = []
+        self._sent = time.monotonic()
+
+    def add(self, request_id: int, index: int, token: int, t_s: float) -> None:
+        self._items.append([request_id, index, token, t_s])
+
+    def flush(self, force: bool = False) -> None:
+        if self._items and (force or time.monotonic() - self._sent >= self.interval_s):
+            self.sink.deliver.remote(pack("progress", group_id=self.group_id, span_id=self.span_id,
+                                          tokens=self._items))
+            self._items = []
+            self._sent = time.monotonic()
 
 
 def _void_report(incarnation: int, span_id: int = -1) -> bytes:
@@ -75,8 +97,12 @@ class DeviceGroupActor:
     eagerly), and a cut answers with the revised one (rolling the extra steps back).
     """
 
-    def __init__(self, config: bytes) -> None:
+    def __init__(self, config: bytes, sink: Any = None) -> None:
+        """``sink``: an actor with a ``deliver(progress message)`` method to stream tokens to as
+        they are made (the serving front door), or None."""
         cfg = unpack(config, "configure")
+        self._sink = sink
+        self._progress_s = cfg["progress_interval_s"]
         self.group_id = cfg["group_id"]
         self.name = cfg["name"]
         self._backend_args = dict(kind=cfg["backend"], model=cfg["model"], seed=cfg["seed"],
@@ -207,6 +233,8 @@ class DeviceGroupActor:
             t0 = time.perf_counter()
             stepwise = not virtual and span["kind"] == "decode" and self.computes
             exports = self._compute(span, run, 1 if stepwise else tl.steps)
+            if self._sink is not None and not virtual:
+                run.stream = _Streamer(self._sink, self.group_id, span["span_id"], self._progress_s)
         self._spans += 1
         if self._spans == self._hang_at:
             await asyncio.Event().wait()          # injected fault: this report never comes
@@ -218,6 +246,8 @@ class DeviceGroupActor:
             if not self.real_pace:
                 await self._sleep_until(tl.end_s())
             times = tl.report(run.steps, end_s=self._now())
+            if run.stream is not None:
+                self._stream_span(span, run, times["end_s"])
         if not virtual:
             self._running = None
         compute_s = time.perf_counter() - t0
@@ -260,9 +290,22 @@ class DeviceGroupActor:
         cut = run.cut
         assert cut is not None
         if not self.computes:
-            if await self._sleep_until(tl.end_s(), cut):
-                run.steps = tl.stop_at(max(run.stop_at_s or 0.0, self._now()))
-                await self._sleep_until(tl.step_end_s(run.steps))
+            stream = run.stream
+            sent = 0
+            end = tl.end_s()
+            while True:       # one interruptible hold; a streaming device wakes to report steps
+                wake = end if stream is None else min(end, self._now() + self._progress_s)
+                if await self._sleep_until(wake, cut):
+                    run.steps = tl.stop_at(max(run.stop_at_s or 0.0, self._now()))
+                    await self._sleep_until(tl.step_end_s(run.steps))
+                    break
+                if stream is not None:
+                    sent = self._stream_steps(span, run, sent, tl.steps_done_by(self._now()))
+                if wake >= end:
+                    break
+            if stream is not None:
+                self._stream_steps(span, run, sent, run.steps)
+                stream.flush(force=True)
             return tl.report(run.steps, end_s=self._now())
         ends: list[float] = []
         stop: Optional[int] = None
@@ -274,12 +317,42 @@ class DeviceGroupActor:
             else:
                 await self._sleep_until(tl.step_end_s(j))
             ends.append(self._now())
+            if run.stream is not None:
+                for rid, index in span["running"].items():
+                    run.stream.add(int(rid), index + j - 1, run.tokens[int(rid)][j - 1], ends[-1])
+                run.stream.flush()
             if cut.is_set() and stop is None:     # a cut came during this step: where to stop
                 stop = j if self.real_pace else max(j, tl.stop_at(run.stop_at_s or 0.0))
             if stop is not None and j >= stop:
                 break
         run.steps = len(ends)
+        if run.stream is not None:
+            run.stream.flush(force=True)
         return measured_report(tl.start_s, ends, "decode")
+
+    def _stream_steps(self, span: dict[str, Any], run: _Running, sent: int, done: int) -> int:
+        """Report the tokens of modeled decode steps ``sent+1 .. done`` at their step ends."""
+        assert run.stream is not None
+        for j in range(sent + 1, done + 1):
+            t = run.timeline.step_end_s(j)
+            for rid, index in span["running"].items():
+                run.stream.add(int(rid), index + j - 1, -1, t)
+        run.stream.flush()
+        return max(sent, done)
+
+    def _stream_span(self, span: dict[str, Any], run: _Running, end_s: float) -> None:
+        """A prefill or mixed span ended: its decode step's tokens and its finished prompts' first."""
+        assert run.stream is not None
+        if span["kind"] == "mixed" and run.steps:
+            for rid, index in span["running"].items():
+                toks = run.tokens.get(int(rid))
+                run.stream.add(int(rid), index, toks[0] if toks else -1, end_s)
+        for item in span["requests"]:
+            if "end" in item and item["end"] < item["total"]:
+                continue                              # a chunk short of the prompt's end: no token yet
+            toks = run.tokens.get(item["id"])
+            run.stream.add(item["id"], item["done"], toks[-1] if toks else -1, end_s)
+        run.stream.flush(force=True)
 
     async def cut(self, msg: bytes) -> tuple[bytes, list[ray.ObjectRef]]:
         """Stop the running span at its first step boundary at or after ``at_s`` (and after now)."""

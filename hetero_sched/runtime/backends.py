@@ -126,7 +126,9 @@ class NumpyBackend:
         margins: Margins = {}
         for r in requests:
             rid, hashes, block = r["id"], r.get("hashes"), r.get("block", 512)
-            ids = prompt_token_ids(rid, r["prompt"], self.vocab, hashes, block, self.seed)
+            given = r.get("tokens")     # a client's prompt (serving); else derived from the request
+            ids = (np.asarray(given, dtype=np.int64) if given is not None
+                   else prompt_token_ids(rid, r["prompt"], self.vocab, hashes, block, self.seed))
             ids = np.concatenate([ids, np.asarray(r["generated"], dtype=np.int64)])
             cached = r["cached"]
             end = r.get("end", len(ids))

@@ -23,6 +23,7 @@ call arguments; msgpack carries the rest.
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,6 +35,7 @@ from hetero_sched.core.spans import Span, SpanKind, SpanReport, decode_span_dura
 from hetero_sched.engine.devices import Devices
 from hetero_sched.errors import RunFailed
 from hetero_sched.runtime.clock import WallClock
+from hetero_sched.runtime.inbox import Cancel, Inbox
 from hetero_sched.runtime.messages import pack, unpack
 from hetero_sched.runtime.recovery import RunJournal
 
@@ -79,6 +81,8 @@ class _Call:
     span: Optional[Span] = None
     cuts: int = 0
     box: Optional[_Outbox] = None
+    future: Optional["Future[Any]"] = None
+    """Wall clock: done when the answer is in (what the engine's wait sleeps on)."""
 
 
 @dataclass
@@ -113,18 +117,24 @@ class RayDevices(Devices):
 
     def __init__(self, actors: list[Any], *, wall: Optional[WallClock], real_tokens: bool,
                  verify_imports: bool = True, journal: Optional[RunJournal] = None,
-                 call_timeout_s: float = 120.0) -> None:
+                 call_timeout_s: float = 120.0, inbox: Optional[Inbox] = None,
+                 progress: bool = False) -> None:
         """``wall``: the run's wall clock (None: virtual time). ``real_tokens``: the backend makes
         tokens (numpy), kept per request for the result and for prefilling again.
         ``verify_imports``: KV may be decoded from only once its destination reported it imported
         intact (always with real tokens). Without it — the modeled backend, whose decode reads no
         KV — the modeled link's time alone says when KV lands: the scaled bytes still move and are
         checked, but the laptop's object store (milliseconds per fetch) is not the modeled link.
+        ``inbox``: requests and cancellations arriving while the run goes (serving, wall clock);
+        the run then lasts until the inbox is closed. ``progress``: tell each span's device which
+        requests are running, so it can report their tokens step by step (serving streams them).
         ``call_timeout_s``: a report this late past its span's expected end (or any answer
         this late) means the actor is stuck: it is killed and restarted like a crashed one."""
         self.actors = actors
         self.wall = wall
         self.real_tokens = real_tokens
+        self.inbox = inbox
+        self.progress = progress
         self.verify_imports = verify_imports or real_tokens
         self.journal = journal
         self.call_timeout_s = call_timeout_s
@@ -164,7 +174,7 @@ class RayDevices(Devices):
             ordered = self.wall is None or self.verify_imports
             ref = actor.run_span.remote(pack("span", span=self._span_message(span), expect=self._incarnations[gid],
                                              seq=self._next_seq(gid) if ordered else -1))
-            self._calls[ref] = _Call(gid, "span", span, 0)
+            self._calls[ref] = _Call(gid, "span", span, 0, future=self._future(ref))
         elif self.wall is None:        # virtual: in order; the answer is the revised timeline
             ref = actor.cut.remote(pack("cut", span_id=span.span_id, at_s=float(now_s),
                                         expect=self._incarnations[gid], seq=self._next_seq(gid)))
@@ -210,21 +220,42 @@ class RayDevices(Devices):
                 self._send()
                 self._collect(self._calls_list(), timeout_s=self.call_timeout_s)
             return self._changed
-        while self._calls or self._outbox:
+        while True:
+            if self.inbox is not None and self._take_inbox():
+                break                                   # requests came in, or a client gave up
+            if not (self._calls or self._outbox or (self.inbox is not None and not self.inbox.closed)):
+                break
             self._send()
             next_s = queue.peek_time()
-            timeout = self._wall_timeout(next_s)
-            refs = self._calls_list()
-            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if next_s is not None and self._due(next_s):
+                break
+            futures = [c.future for c in self._calls.values() if c.future is not None]
+            if self.inbox is not None:
+                futures.append(self.inbox.bell)
+            wait_futures(futures, timeout=self._wall_timeout(next_s), return_when=FIRST_COMPLETED)
+            ready = [ref for ref, c in self._calls.items() if c.future is not None and c.future.done()]
             if ready:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 if self._apply_answers(ready) or self._changed is not None:
                     break
             else:
                 self._check_deadlines()
-                if self._changed is not None or (next_s is not None and self._due(next_s)):
+                if self._changed is not None:
                     break
         return self._changed
+
+    def _take_inbox(self) -> bool:
+        """Arrivals become events (at their arrival time); cancellations are applied now. True if
+        anything came in."""
+        assert self.inbox is not None and self.wall is not None
+        items = self.inbox.take()
+        for item in items:
+            if isinstance(item, Cancel):
+                now = self.wall.now()
+                if self.scheduler.cancel(now, item.request_id):
+                    self._changed = now
+            else:
+                self._queue.push(item.arrival_s, Kind.ARRIVAL, item)
+        return bool(items)
 
     def kv_ready(self, now_s: float, transfer_id: int) -> bool:
         """True once the KV may be decoded from: imported intact, or cancelled (the core ignores
@@ -330,16 +361,22 @@ class RayDevices(Devices):
         else:
             requests = [dict(self._prefill_item(span, rs), start=start, end=end) for rs, start, end in span.chunks]
             joiners = [rs.request_id for rs in span.batch]
-        return {"span_id": span.span_id, "kind": kind, "steps": span.planned_steps,
-                "start_s": float(span.start_s), "duration_s": float(span.duration_s),
-                "line": [float(span.line[0]), float(span.line[1])], "context0": span.context0,
-                "batch_size": span.batch_size, "joiners": joiners, "requests": requests}
+        msg = {"span_id": span.span_id, "kind": kind, "steps": span.planned_steps,
+               "start_s": float(span.start_s), "duration_s": float(span.duration_s),
+               "line": [float(span.line[0]), float(span.line[1])], "context0": span.context0,
+               "batch_size": span.batch_size, "joiners": joiners, "requests": requests}
+        if self.progress and span.kind is not SpanKind.PREFILL:   # who gets a token each step, from which index
+            batch = self.scheduler.groups[span.group_id].batch
+            msg["running"] = {rs.request_id: rs.generated + batch.made(rs) for rs in batch.running.values()}
+        return msg
 
     def _prefill_item(self, span: Span, rs: RequestState) -> dict[str, Any]:
         r = rs.request
         cost = self.scheduler.groups[span.group_id].cost
         return {"id": rs.request_id, "prompt": r.prompt_tokens, "cached": rs.cached_tokens,
                 "generated": list(self.tokens.get(rs.request_id, ())) if self.real_tokens else [],
+                "done": rs.generated, "total": rs.prefill_tokens,
+                "tokens": list(r.token_ids) if r.token_ids is not None else None,
                 "hashes": list(r.prefix_hashes) if r.prefix_hashes else None, "block": r.prefix_block_tokens,
                 # decoded elsewhere: export the KV (prompt + the token this prefill makes) as it ends
                 "export": rs.decode_group != span.group_id,
@@ -390,8 +427,12 @@ class RayDevices(Devices):
             ref = self.actors[gid].step.remote(pack("step", ops=box.ops, expect=self._incarnations[gid],
                                                     seq=self._next_seq(gid)), box.refs)
             box.refs = []                       # the call holds them now
-            self._calls[ref] = _Call(gid, "step", box=box)
+            self._calls[ref] = _Call(gid, "step", box=box, future=self._future(ref))
             self.stats.actor_calls += 1
+
+    def _future(self, ref: ray.ObjectRef) -> "Optional[Future[Any]]":
+        """Wall clock: a future of the call's answer, for the wait to sleep on with others."""
+        return ref.future() if self.wall is not None else None
 
     def _next_seq(self, gid: int) -> int:
         """The next ordered call's sequence number for ``gid``'s actor (from 0 per incarnation)."""

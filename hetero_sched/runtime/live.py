@@ -50,7 +50,7 @@ def _per_group(value: PerGroup, group: str, replica: str, default: float, what: 
     return v
 
 
-def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
+def with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
     """Cost-profile paths resolved here, since the scheduler actor may run elsewhere."""
     groups = []
     for g in exp.groups:
@@ -64,8 +64,12 @@ def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
 def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float, *, clock: Clock = "wall",
                        time_scale: float = 1.0, pace: Pace = "modeled", device_speed: PerGroup = 1.0,
                        device_jitter: PerGroup = 0.0, trace: Optional[TraceSettings] = None,
-                       faults: Optional[dict[str, Any]] = None, fetch_timeout_s: float = 60.0) -> list[Any]:
-    """One actor per group replica, in the core's group order, placed by resources and labels."""
+                       faults: Optional[dict[str, Any]] = None, fetch_timeout_s: float = 60.0,
+                       sink: Any = None, progress_interval_s: float = 0.005) -> list[Any]:
+    """One actor per group replica, in the core's group order, placed by resources and labels.
+
+    ``sink``: an actor the devices stream their tokens to as they make them (``deliver``), at
+    most every ``progress_interval_s`` (serving); None: they only report spans."""
     actors = []
     for g in exp.groups:
         options = placement_options(g)
@@ -78,8 +82,8 @@ def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float, *,
                        device_speed=_per_group(device_speed, g.name, name, 1.0, "device_speed"),
                        device_jitter=_per_group(device_jitter, g.name, name, 0.0, "device_jitter"),
                        trace=trace.to_dict() if trace is not None else {}, faults=dict(faults or {}),
-                       fetch_timeout_s=float(fetch_timeout_s))
-            actors.append(DeviceGroupActor.options(**options).remote(cfg))
+                       fetch_timeout_s=float(fetch_timeout_s), progress_interval_s=float(progress_interval_s))
+            actors.append(DeviceGroupActor.options(**options).remote(cfg, sink))
     return actors
 
 
@@ -129,7 +133,7 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         raise UserError("--pace real needs --backend numpy and --clock wall (a modeled device computes nothing "
                         "to time, and virtual time has no real durations)")
     exp, base = resolve(experiment)
-    exp = _with_absolute_paths(exp, base)
+    exp = with_absolute_paths(exp, base)
     if workload is None:
         workload = build_workload(exp.workload, exp.seed, base)
     if journal is not None and Path(journal).exists():

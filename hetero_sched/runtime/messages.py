@@ -30,6 +30,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
                   "time_scale": (float,), # wall seconds per run second
                   "pace": (str,),         # "modeled": hold each span for its modeled time; "real": compute time
                   "device_speed": (float,), "device_jitter": (float,),   # the device vs the cost model
+                  "progress_interval_s": (float,),   # streaming devices report tokens at most this often
                   "trace": (dict,),       # TraceSettings.to_dict(), or {} for tracing off
                   "fetch_timeout_s": (float,),   # a KV bundle not readable by then counts as lost
                   "faults": (dict,)},     # fault injection (tests): {"corrupt_every": k, "seed": s,
@@ -44,6 +45,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # Stop the running span at its first step boundary at or after at_s (run time); answered by
     # the revised span_report (virtual clock) or an empty span_report with span_id -1 (wall).
     "cut": {"span_id": (int,), "at_s": (float, int), "expect": (int,), "seq": (int,)},   # seq: -1 unordered (wall)
+    # Tokens a streaming device made (serving): [[request id, index in its output, token id (-1:
+    # none, modeled), time]], sent to the front door as they are made; the span report follows.
+    "progress": {"group_id": (int,), "span_id": (int,), "tokens": (list,)},
     # KV hand-offs and bookkeeping, in order:
     #   {"op": "import", "id", "last": token id, "ref": k, "index": i}
     #        (KV = item i of the bundle behind the k-th ref passed with the call)

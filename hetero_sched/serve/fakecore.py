@@ -92,5 +92,11 @@ class FakeCore:
                           kv_cache_usage=min(1.0, n / 64),
                           groups=(GroupStatus("fake", "none", "both", n, 0, n, 64),))
 
+    async def start(self) -> None:
+        return None
+
+    def deliver(self, message: bytes) -> None:
+        return None
+
     async def close(self) -> None:
         """Nothing to release."""

@@ -81,10 +81,17 @@ class IngressActor:
         self._server: Optional[RunningServer] = None
 
     async def start(self) -> str:
-        """Build the core, start listening; the base URL."""
+        """Build and start the core, then listen; the base URL."""
         if self._server is None:
-            self._server = await serve_app(self._factory(), self._options)
+            core = self._factory()
+            await core.start()
+            self._server = await serve_app(core, self._options)
         return self._server.url
+
+    async def deliver(self, message: bytes) -> None:
+        """Messages from the core's devices (streamed tokens), for the core."""
+        if self._server is not None:
+            self._server.app.core.deliver(message)
 
     async def status(self) -> CoreStatus:
         """The core's status (what ``/metrics`` shows)."""

@@ -3,7 +3,8 @@
 The HTTP layer (``serve/app.py``) knows nothing about schedulers, groups or Ray; it turns an
 OpenAI request into a :class:`ServeRequest`, awaits :meth:`ServeCore.submit`, and streams the
 :class:`TokenEvent` s it gets back until a :class:`FinalEvent`. An engine plugs in by
-implementing these four methods; ``serve/fakecore.py`` is a test double of it.
+implementing these methods (``serve/engine.py``: the live cluster); ``serve/fakecore.py`` is a
+test double of it.
 
 Contract:
 
@@ -199,6 +200,14 @@ class ServeCore(Protocol):
 
     async def status(self) -> CoreStatus:
         """A cheap snapshot for health, readiness and metrics."""
+        ...
+
+    async def start(self) -> None:
+        """Bring up what the core runs on (called once, on the server's loop, before serving)."""
+        ...
+
+    def deliver(self, message: bytes) -> None:
+        """A message the core's devices sent to the server (the tokens they made), on its loop."""
         ...
 
     async def close(self) -> None:
