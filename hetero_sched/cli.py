@@ -284,6 +284,10 @@ def serve(
     progress_interval_ms: float = typer.Option(2.0, help="Devices send the tokens they made at most this often (each keeps its own time)."),
     call_timeout_s: float = typer.Option(120.0, help="A device report this many seconds past its span's expected end means the actor is stuck: it is restarted."),
     sets: Optional[list[str]] = SET,
+    trace: Optional[bool] = typer.Option(None, "--trace/--no-trace", help="One OpenTelemetry trace per request, rooted at its HTTP request (default: on when an OTLP endpoint is configured)."),
+    otlp_endpoint: Optional[str] = OTLP_ENDPOINT,
+    service_name: Optional[str] = SERVICE_NAME,
+    trace_sample: Optional[float] = TRACE_SAMPLE,
     debug: bool = DEBUG,
 ) -> None:
     """Serve an experiment's cluster behind an OpenAI-compatible API until Ctrl-C.
@@ -293,7 +297,8 @@ def serve(
     the tokens it makes. Endpoints: POST /v1/completions and /v1/chat/completions (SSE with
     "stream": true), GET /v1/models, /health, /ready, /metrics (Prometheus, vLLM's names).
     Admission rejections are 429 with Retry-After; bad requests 400. The tokenizer clients load
-    is `hetero-sched tokenizer` (byte-level, 256 ids). Also as a Ray job:
+    is `hetero-sched tokenizer` (byte-level, 256 ids). With tracing, each request is one trace
+    rooted at its HTTP request (under a client's W3C traceparent). Also as a Ray job:
     `ray job submit --address ADDR -- hetero-sched serve EXPERIMENT.yaml --address auto`.
     """
     import signal
@@ -322,11 +327,12 @@ def serve(
     _import_from(base)
     options = EngineOptions(backend, pace, device_speed, device_jitter, bytes_scale, call_timeout_s,  # type: ignore[arg-type]
                             progress_interval_ms / 1e3)
+    tracing = _tracing(True if otlp_endpoint and trace is None else trace, otlp_endpoint, service_name, trace_sample)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     serve_until(with_absolute_paths(exp, base), stop, address=address, options=options,
-                listen=ServeOptions(host, port),
+                listen=ServeOptions(host, port, trace=tracing),
                 ready=lambda url: typer.echo(f"serving {exp.model} ({exp.name}, {backend}) at {url}/v1 — Ctrl-C to stop",
                                              err=True))
 

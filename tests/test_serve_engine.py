@@ -183,3 +183,43 @@ def test_numpy_backend_text_is_the_tiny_llamas_token_for_token(ray_cluster: Any)
             assert c.completions.create(model=MODEL, prompt=prompt, max_tokens=n).choices[0].text == expected
     finally:
         s.stop()
+
+
+def test_each_request_is_one_trace_rooted_at_its_http_request_under_the_clients(ray_cluster: Any,
+                                                                                   jaeger: Any) -> None:
+    """With tracing, a request is one trace in Jaeger: the client's span (its W3C ``traceparent``)
+    > the server's ``POST /v1/completions`` span > ``text_completion <model>`` > the queue,
+    prefill (from the Trainium actor's process), transfer and decode (the CS-3 actor's) spans."""
+    from hetero_sched.tracing import trace_settings
+
+    settings = trace_settings(trace=True, endpoint=jaeger.otlp_endpoint, service_name="serve-test", env={})
+    e, base = resolve(disagg_experiment(model=MODEL))
+    ingress = start_ingress(functools.partial(EngineCore, with_absolute_paths(e, base), EngineOptions()),
+                            ServeOptions(port=0, trace=settings))
+    trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        r = requests.post(f"{ingress.url}/v1/completions", timeout=60,
+                          headers={"traceparent": f"00-{trace_id}-{client_span}-01"},
+                          json={"model": MODEL, "prompt": "trace me", "max_tokens": 16})
+        assert r.status_code == 200
+    finally:
+        ingress.stop()                       # flushes every process's spans
+    found: list[Any] = []
+
+    def stored() -> bool:                     # Jaeger indexes what it received a moment later
+        try:
+            found[:] = jaeger.get(f"/api/traces/{trace_id}")["data"][0]["spans"]
+        except Exception:
+            return False
+        return len(found) >= 9
+
+    wait_for(stored)
+    spans = {s["operationName"]: s for s in found}
+    http = spans["POST /v1/completions"]
+    assert http["references"][0]["spanID"] == client_span          # under the client's span
+    root = spans[f"text_completion {MODEL}"]
+    assert root["references"][0]["spanID"] == http["spanID"]
+    for name in ("queue.prefill", "prefill", "queue.decode", "kv_transfer", "decode"):
+        assert name in spans, name
+    tags = {t["key"]: t["value"] for t in http["tags"]}
+    assert tags["http.response.status_code"] == 200

@@ -22,11 +22,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import threading
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncGenerator, Optional
 
 import numpy as np
@@ -48,6 +45,7 @@ from hetero_sched.runtime.messages import unpack
 from hetero_sched.serve.servecore import (CoreStatus, EventStream, FinalEvent, FinishReason, GroupStatus, ModelCard,
                                           Rejected, ServeRequest, StreamEvent, TokenEvent)
 from hetero_sched.serve.tokenizer import placeholder_token_ids
+from hetero_sched.tracing import ProcessTracing, RequestTracer, attach_tracer
 from hetero_sched.workload import Workload
 
 log = logging.getLogger(__name__)
@@ -103,15 +101,17 @@ class EngineCore:
         self.scheduler: Optional[Scheduler] = None
         self._actors: list[Any] = []
         self._predictions: list[int] = []
+        self._tracer: Optional[RequestTracer] = None
 
     # --- lifecycle ----------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, tracing: Optional[ProcessTracing] = None) -> None:
         """Place the device actors (streaming to this actor), then run the engine in a thread."""
         self._loop = asyncio.get_running_loop()
         o = self.options
         me = ray.get_runtime_context().current_actor
         self._actors = start_group_actors(self.exp, o.backend, o.bytes_scale, clock="wall", pace=o.pace,
                                           device_speed=o.device_speed, device_jitter=o.device_jitter,
+                                          trace=tracing.settings if tracing is not None else None,
                                           fetch_timeout_s=o.call_timeout_s / 2, sink=me,
                                           progress_interval_s=o.progress_interval_s)
         await asyncio.gather(*(a.node_labels.remote() for a in self._actors))
@@ -127,6 +127,9 @@ class EngineCore:
             verify_imports=o.backend == "numpy", call_timeout_s=o.call_timeout_s, inbox=self._inbox, progress=True)
         devices.scheduler = scheduler
         scheduler.hooks = _FrontDoorHooks(devices, self)
+        if tracing is not None:           # a request's trace goes under its HTTP request's span
+            self._tracer = attach_tracer(scheduler, tracing, model=self.exp.model, epoch_ns=int(origin * 1e9),
+                                         remote=devices.ship_spans)
         self.scheduler, self.devices, self._wall = scheduler, devices, wall
         self._origin = origin
         self._thread = threading.Thread(target=self._run, name="hetero-sched-engine", daemon=True)
@@ -150,6 +153,8 @@ class EngineCore:
         self._inbox.close()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
+        if self._tracer is not None:        # the device actors' spans, before they go
+            await asyncio.gather(*(a.flush_traces.remote() for a in self._actors))
         for a in self._actors:
             ray.kill(a)
 
@@ -166,6 +171,8 @@ class EngineCore:
         self._live[rid] = live
         self._predictions.append(self._predict(rid, request.max_tokens))
         arrival = max(0.0, request.arrival_s - self._origin)
+        if self._tracer is not None and request.trace_context:
+            self._tracer.parents[rid] = dict(request.trace_context)
         self._inbox_put(Request(rid, arrival, len(request.prompt_token_ids), request.max_tokens,
                                 max_tokens=request.max_tokens, token_ids=tuple(request.prompt_token_ids)))
         try:

@@ -19,6 +19,7 @@ from typing import AsyncGenerator, Optional
 from hetero_sched.serve.servecore import (CoreStatus, EventStream, FinalEvent, FinishReason, GroupStatus, ModelCard,
                                           Rejected, ServeRequest, StreamEvent, TokenEvent)
 from hetero_sched.serve.tokenizer import placeholder_token_ids
+from hetero_sched.tracing import ProcessTracing
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class FakeCore:
                           kv_cache_usage=min(1.0, n / 64),
                           groups=(GroupStatus("fake", "none", "both", n, 0, n, 64),))
 
-    async def start(self) -> None:
+    async def start(self, tracing: Optional[ProcessTracing]) -> None:
         return None
 
     def deliver(self, message: bytes) -> None:

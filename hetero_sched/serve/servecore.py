@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncGenerator, Awaitable, Callable, Optional, Protocol, Union, runtime_checkable
 
+from hetero_sched.tracing import ProcessTracing
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -202,8 +204,9 @@ class ServeCore(Protocol):
         """A cheap snapshot for health, readiness and metrics."""
         ...
 
-    async def start(self) -> None:
-        """Bring up what the core runs on (called once, on the server's loop, before serving)."""
+    async def start(self, tracing: Optional[ProcessTracing]) -> None:
+        """Bring up what the core runs on (called once, on the server's loop, before serving);
+        ``tracing``: the server process's tracer, when traces are exported."""
         ...
 
     def deliver(self, message: bytes) -> None:

@@ -106,6 +106,8 @@ class RequestTracer:
         self.groups = list(groups)
         self.sink = sink
         self.inner = inner
+        self.parents: dict[int, dict[str, str]] = {}
+        """Trace contexts requests belong under (serving: their HTTP spans), by request id."""
         self._timelines: dict[int, Timeline] = {}
         self._prefilling: dict[int, list[RequestState]] = {}
 
@@ -304,16 +306,19 @@ def root_attributes(rs: RequestState, model: str, group_names: Sequence[str]) ->
 
 
 def emit_request(tracer: Tracer, rs: RequestState, tl: Timeline, *, model: str, group_names: Sequence[str],
-                 epoch_ns: int, remote: Optional[RemoteFn] = None) -> int:
+                 epoch_ns: int, remote: Optional[RemoteFn] = None,
+                 parent: Optional[dict[str, str]] = None) -> int:
     """Emit one request's trace; returns the number of spans emitted in this process.
 
     Without ``remote`` (the simulator) every span is emitted here and live-only specs are
     skipped; with it, specs that name a group go to that group's actor with their parent's
     trace context. Unsampled requests still notify their groups (with no spans), so an actor
-    can forget what it measured for them.
+    can forget what it measured for them. ``parent``: a W3C trace context the request's span
+    belongs under (serving: the HTTP request's span); None: it starts its own trace.
     """
     root = tracer.start_span(f"text_completion {model}", start_time=ns(epoch_ns, rs.request.arrival_s),
-                             attributes=root_attributes(rs, model, group_names))
+                             attributes=root_attributes(rs, model, group_names),
+                             context=_PROPAGATOR.extract(parent) if parent else None)
     shipped: dict[int, list[dict[str, Any]]] = {g: [] for g in tl.groups} if remote is not None else {}
     emitted = 1
     if root.is_recording():
