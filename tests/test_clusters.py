@@ -358,3 +358,43 @@ def test_laptop_down_stops_exactly_its_processes(laptop: Laptop, ray_cluster: Lo
         assert s.connect_ex(("127.0.0.1", GCS_PORT)) != 0
     assert [n["NodeID"] for n in ray.nodes() if n["Alive"]] == session_nodes
     assert "not running" in _run([LAPTOP, "down"], env=laptop.env).stdout  # idempotent
+
+
+def test_job_submit_serves_the_cluster_over_http_until_stopped(laptop: Laptop) -> None:
+    """``ray job submit -- hetero-sched serve clusters/experiments/trn2-cs3.yaml --address auto``:
+    the job's server answers /ready and a completion on the labelled nodes; ``ray job stop``
+    ends it (the server closes its port)."""
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    submission = f"serve-{uuid.uuid4().hex[:8]}"
+    out = _run(["ray", "job", "submit", "--address", DASHBOARD, "--submission-id", submission, "--no-wait",
+                "--working-dir", ".", "--", "hetero-sched", "serve", "clusters/experiments/trn2-cs3.yaml",
+                "--address", "auto", "--port", str(port)], env=laptop.env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if urllib.request.urlopen(url + "/ready", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            status = laptop.get(f"/api/jobs/{submission}")["status"]
+            assert status in ("PENDING", "RUNNING") and time.monotonic() < deadline, f"job {status}"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        reply = client.completions.create(model=model, prompt="on the laptop cluster", max_tokens=8)
+        assert reply.usage.completion_tokens == 8
+    finally:
+        _run(["ray", "job", "stop", "--address", DASHBOARD, submission], env=laptop.env, timeout=120)
+    deadline = time.monotonic() + 60
+    while laptop.get(f"/api/jobs/{submission}")["status"] not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/health", timeout=5)

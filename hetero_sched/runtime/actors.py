@@ -166,20 +166,30 @@ class DeviceGroupActor:
     def _now(self) -> float:
         return (time.time() - self._origin_unix_s) / self.time_scale
 
+    SPIN_S = 0.0015
+    """The event loop's timers fire up to a millisecond late (epoll's resolution): a hold sleeps
+    until this much before its end and spins the rest, so a device holds a span for its time."""
+
     async def _sleep_until(self, t_s: float, interrupt: Optional[asyncio.Event] = None) -> bool:
         """Wait until run time ``t_s``; True if ``interrupt`` was set first."""
-        delay = self._origin_unix_s + t_s * self.time_scale - time.time()
-        if interrupt is None:
-            if delay > 0:
+        target = self._origin_unix_s + t_s * self.time_scale
+        delay = target - time.time() - self.SPIN_S
+        if interrupt is not None and interrupt.is_set():
+            return True
+        if delay > 0:
+            if interrupt is None:
                 await asyncio.sleep(delay)
-            return False
-        if interrupt.is_set():
-            return True
-        try:
-            await asyncio.wait_for(interrupt.wait(), timeout=max(delay, 0.0))
-            return True
-        except asyncio.TimeoutError:
-            return False
+            else:
+                try:
+                    await asyncio.wait_for(interrupt.wait(), timeout=delay)
+                    return True
+                except asyncio.TimeoutError:
+                    pass
+        while time.time() < target:
+            if interrupt is not None and interrupt.is_set():
+                return True
+            await asyncio.sleep(0)               # let a cut in while spinning
+        return False
 
     async def flush_traces(self) -> dict[str, int]:
         """Export every span this actor ended (bounded wait); its counts, for the run summary."""
