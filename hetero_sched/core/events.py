@@ -83,6 +83,8 @@ class DecisionKind:
     FAIL: Final = "fail"              # a group's device failed: what it held is re-placed
     RESTORE: Final = "restore"        # a failed group is back in service (empty)
     KV_BAD: Final = "kv_bad"          # KV reached its decode group damaged or lost: sent again
+    FETCH: Final = "fetch"            # prefix blocks read into a prefill group: tier 1 dram, 2 ssd, 3 store
+    STORE_WRITE: Final = "store_write"  # a prefill's new prefix blocks written to the cluster KV store
 
 
 DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
@@ -102,6 +104,8 @@ DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
     DecisionKind.FAIL: (("resumed", int),),
     DecisionKind.RESTORE: (),
     DecisionKind.KV_BAD: (),
+    DecisionKind.FETCH: (("tier", int), ("tokens", int), ("bytes", int), ("dur", float)),
+    DecisionKind.STORE_WRITE: (("blocks", int), ("bytes", int)),
 }
 """The values of a decision's ``detail`` tuple, per kind: name and type."""
 

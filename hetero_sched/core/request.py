@@ -44,7 +44,7 @@ class RequestState:
         "prefill_group", "decode_group", "prefill_blocks", "decode_blocks", "reserved_tokens",
         "join_step", "join_span", "finish_step", "exhaust_step", "cached_tokens",
         "token1_s", "token2_s", "last_token_s", "max_gap_s", "finish_s",
-        "preemptions", "reject_reason", "transfer_id", "prefill_done", "prefill_s", "prefilled_s",
+        "preemptions", "reject_reason", "transfer_id", "prefill_done", "prefill_s", "prefilled_s", "staged",
     )
 
     def __init__(self, request: Request, predicted_output: int) -> None:
@@ -78,6 +78,8 @@ class RequestState:
         """Duration of the span that finished its last prefill (what layer-wise streaming overlaps)."""
         self.prefilled_s: Optional[float] = None
         """When the core applied its last prefill (a transfer starting then was streamed during it)."""
+        self.staged: Optional[frozenset[int]] = None
+        """Prefix blocks fetched from the cluster KV store for its next prefill (in device memory)."""
 
     @property
     def prefill_tokens(self) -> int:
