@@ -32,3 +32,21 @@ def colocated_experiment(**over: Any) -> dict:
     }
     exp.update(over)
     return exp
+
+
+def reference_tokens(result, seed, hashes=None, block=512):
+    """Check a numpy-backend run's tokens against the tiny model generating each request alone
+    (no batching, no prefix cache, no KV moved); returns the smallest top-1 margin seen."""
+    from hetero_sched.catalog import get_model
+    from hetero_sched.tinylm import TinyLM, prompt_token_ids
+
+    lm = TinyLM("tiny", seed)
+    vocab = get_model("tiny").vocab_size
+    margins = []
+    for row in result.records.to_pylist():
+        rid = row["request_id"]
+        ids = prompt_token_ids(rid, row["prompt_tokens"], vocab, hashes[rid] if hashes else None, block, seed)
+        toks, margin = lm.generate(ids, row["output_tokens"])
+        margins.append(margin)
+        assert result.tokens[rid] == toks, f"request {rid}"
+    return min(margins)

@@ -9,14 +9,12 @@ import ray
 
 import hetero_sched as hs
 from hetero_sched.core.events import DecisionKind as D
-from hetero_sched.catalog import get_model
 from hetero_sched.runtime.cluster import object_store_usage
 from hetero_sched.runtime.live import run_live
 from hetero_sched.runtime.messages import MessageError, pack, unpack
-from hetero_sched.tinylm import TinyLM, prompt_token_ids
 from hetero_sched.workload import Workload
 
-from helpers import colocated_experiment, disagg_experiment
+from helpers import colocated_experiment, disagg_experiment, reference_tokens
 
 pytestmark = pytest.mark.ray
 
@@ -64,17 +62,7 @@ def _tiny_experiment(**over):
     return exp
 
 
-def _reference_tokens(result, seed, hashes=None, block=512):
-    lm = TinyLM("tiny", seed)
-    vocab = get_model("tiny").vocab_size
-    margins = []
-    for row in result.records.to_pylist():
-        rid = row["request_id"]
-        ids = prompt_token_ids(rid, row["prompt_tokens"], vocab, hashes[rid] if hashes else None, block, seed)
-        toks, margin = lm.generate(ids, row["output_tokens"])
-        margins.append(margin)
-        assert result.tokens[rid] == toks, f"request {rid}"
-    return min(margins)
+_reference_tokens = reference_tokens
 
 
 def test_numpy_kv_round_trip_across_nodes_is_token_exact(ray_cluster):
