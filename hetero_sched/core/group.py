@@ -398,7 +398,7 @@ class GroupState:
         cached_list: list[int] = []
         total = 0
         tiers = self.memory.tiers
-        plans: list[tuple[RequestState, PrefixPlan]] = []
+        plans: Optional[list[tuple[RequestState, PrefixPlan]]] = None     # with KV tiers only
         plan: Optional[PrefixPlan] = None
         while q and len(batch) < lim.max_prefill_seqs:
             rs = q[0]
@@ -415,6 +415,8 @@ class GroupState:
             self._start_prefill(rs, cached)
             if plan is not None:
                 self._take_plan(tiers, rs, plan)
+                if plans is None:
+                    plans = []
                 plans.append((rs, plan))
             batch.append(rs)
             new_list.append(new)
@@ -423,13 +425,12 @@ class GroupState:
         if not batch:
             return None
         duration = self.cost.prefill_time_s(new_list, cached_list)
-        if plans:
-            assert tiers is not None
+        if plans is not None and tiers is not None:
             duration = tiers.span_s(duration, [p for _, p in plans])
         self._next_span_id += 1
         span = Span(self.group_id, self._next_span_id, SpanKind.PREFILL, now_s, duration, 1, batch,
                     new_tokens=total, cached_tokens=sum(cached_list))
-        if plans:
+        if plans is not None:
             span.fetches = tuple(plans)
         return span
 

@@ -63,9 +63,8 @@ class Scheduler:
         self.views = [GroupView(g.group_id, g.name, g.device, g.pool, g.role, g.cost, g.kv.num_blocks,
                                 block_size=g.limits.block_size, max_batch_tokens=g.limits.max_batch_tokens,
                                 max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks,
-                                prefix_planner=None if self._planners[g.group_id] is None
-                                else self._planners[g.group_id].plan)
-                      for g in self.groups]
+                                prefix_planner=None if planner is None else planner.plan)
+                      for g, planner in zip(self.groups, self._planners)]
         policy.check(self.views)
         self._rebalances = policy.rebalances
         budget = policy.chunk_budget_tokens
