@@ -10,7 +10,7 @@ import hetero_sched as hs
 from hetero_sched.runtime.live import run_live
 from hetero_sched.workload import Workload
 
-from helpers import reference_tokens
+from helpers import prefix_families, reference_tokens
 
 pytestmark = pytest.mark.ray
 
@@ -20,13 +20,7 @@ def store_workload(n: int = 60, block: int = 32) -> tuple[Workload, list[tuple[i
     group, which writes their blocks to the store); the rest arrive in one burst that the router
     spreads over both groups, so the second reads the families' blocks from the store."""
     rng = np.random.default_rng(7)
-    families = [tuple(int(x) for x in rng.integers(0, 1 << 40, 4)) for _ in range(3)]
-    hashes, prompts = [], []
-    for i in range(n):
-        own = tuple(int(x) for x in rng.integers(0, 1 << 40, int(rng.integers(0, 3))))
-        h = families[i % 3][: int(rng.integers(1, 5))] + own
-        hashes.append(h)
-        prompts.append(len(h) * block - int(rng.integers(0, block // 2)))
+    hashes, prompts = prefix_families(rng, n, block, trim=(0, block // 2))
     arrival = np.where(np.arange(n) < 12, np.arange(n) * 0.1, 3.0)
     w = Workload("store", arrival, np.array(prompts), rng.integers(8, 40, n), prefix_hashes=hashes,
                  prefix_block_tokens=block)

@@ -14,7 +14,7 @@ from hetero_sched.runtime.live import run_live
 from hetero_sched.runtime.messages import MessageError, pack, unpack
 from hetero_sched.workload import Workload
 
-from helpers import colocated_experiment, disagg_experiment, reference_tokens
+from helpers import colocated_experiment, disagg_experiment, prefix_families, reference_tokens
 
 pytestmark = pytest.mark.ray
 
@@ -80,13 +80,7 @@ def test_numpy_kv_round_trip_across_nodes_is_token_exact(ray_cluster):
 def test_numpy_round_trip_with_prefix_hits_and_preemptions(ray_cluster):
     n, block = 60, 32
     rng = np.random.default_rng(7)
-    families = [tuple(int(x) for x in rng.integers(0, 1 << 40, 4)) for _ in range(3)]
-    hashes, prompts = [], []
-    for i in range(n):
-        own = tuple(int(x) for x in rng.integers(0, 1 << 40, int(rng.integers(0, 3))))
-        h = families[i % 3][: int(rng.integers(1, 5))] + own
-        hashes.append(h)
-        prompts.append(len(h) * block - int(rng.integers(0, block // 2)))
+    hashes, prompts = prefix_families(rng, n, block, trim=(0, block // 2))
     # a burst at t=0 into a decode group with room for ~1,000 tokens: reservations of 4 predicted
     # tokens run out and requests are preempted, prefilled again and transferred again
     w = Workload("prefix", np.zeros(n), np.array(prompts), rng.integers(8, 80, n),
