@@ -38,6 +38,13 @@ def summary_table(summary: dict[str, Any]) -> Group:
                                      f"(TTFT {slo['ttft_s']:g} s, TPOT {slo['tpot_s'] * 1e3:g} ms)")
     totals.add_row("throughput", f"{summary['throughput_rps']:.2f} req/s, {summary['output_tokens_per_s']:,.0f} output tokens/s")
     totals.add_row("preemptions", f"{summary['preemptions']:,}")
+    kv = summary.get("kv_cache")
+    if kv is not None:
+        ideal = kv["ideal_hit_rate"]
+        tiers = ", ".join(f"{name} {t['hit_rate']:.1%}" for name, t in kv["tiers"].items())
+        totals.add_row("prefix reuse", f"{kv['hit_rate']:.1%} of prompt tokens ({tiers})"
+                       + ("" if ideal is None else f"; an unlimited cache: {ideal:.1%}")
+                       + f"; {kv['compute_saved_s']:,.1f} s of prefill saved")
     totals.add_row("cluster cost", f"${summary['cluster_dollars_per_hour']:,.2f}/h"
                    + ("" if cost is None else f", ${cost:,.2f} per 1M output tokens"))
     groups = Table(show_header=True, box=None, padding=(0, 2))
