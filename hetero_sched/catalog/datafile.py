@@ -230,7 +230,7 @@ def _resolve_number(field: str, raw: Number, default: Source, where: str) -> tup
     return (int(value) if field in _INTEGERS else value), src
 
 
-def _default_source(entry: Union[DeviceEntry, ModelEntry], origin: str) -> Source:
+def _default_source(entry: Union[DeviceEntry, ModelEntry, "MemoryNodeEntry"], origin: str) -> Source:
     if entry.source:
         return Source(Status(entry.status or "published"), entry.source)
     return Source(Status(entry.status or "assumed"), f"{origin}: given without a source")
