@@ -672,7 +672,7 @@ def plan(
     console = Console(stderr=True)
     report = None if quiet else (lambda n, label: console.print(f"  simulated {n}: {label}", markup=False))
     result = plan_search(spec, base, progress=report)
-    Console().print(plancompact_table(result, spec.top))
+    Console().print(plan_table(result, spec.top))
     if result.stopped_early:
         typer.echo(f"note: stopped after {result.evaluated} simulations (max_evaluations); an unevaluated candidate's "
                    f"bound still allowed {result.best_unevaluated_bound_per_dollar:,.1f} req/$")
@@ -688,7 +688,7 @@ def plan(
         rows = [{"rank": i, "configuration": e.candidate.label(), "dollars_per_hour": e.candidate.dollars_per_hour,
                  **e.goodput.row(), "why": e.why()} for i, e in enumerate(result.ranked, 1)]
         try:
-            pq.writecompact_table(rowscompact_table(rows), out / "plan.parquet")
+            pq.write_table(rows_table(rows), out / "plan.parquet")
         except OSError as exc:
             raise UserError(f"{out / 'plan.parquet'}: cannot write ({exc.strerror or exc})") from None
         typer.echo(str(out / "plan.parquet"))

@@ -25,6 +25,7 @@ from hetero_sched.core.group import GroupLimits, GroupState, Role
 from hetero_sched.core.transfer import LayerwiseStreaming
 from hetero_sched.costmodel import build_group_cost
 from hetero_sched.errors import UserError
+from hetero_sched.kvcache import KVCacheConfig, attach_kv_tiers
 from hetero_sched.metrics import SLO, SLO_TIERS
 from hetero_sched.predictor import PredictorSpec
 from hetero_sched.speculation import Speculation
@@ -225,6 +226,8 @@ class Experiment(_Strict):
     report_interval_s: float = Field(0.0, ge=0)
     transfer: TransferConfig = Field(default_factory=lambda: TransferConfig())
     admission: AdmissionConfig = Field(default_factory=lambda: AdmissionConfig())
+    kv_cache: Optional[KVCacheConfig] = Field(None, description="KV tiers below device memory (host DRAM, "
+                                              "local SSD) and a cluster KV store (default: device memory only)")
     catalog: list[dict[str, Any]] = Field(default_factory=list, description="the experiment's own devices and "
                                           "models: catalog data files (paths) or inline {devices:, models:} mappings")
     overrides: dict[str, Any] = Field(default_factory=dict)
@@ -290,7 +293,8 @@ def catalog_extension(items: list[dict[str, Any]], source: str) -> CatalogData:
         return CatalogData()
     known = shipped()
     devices = {name: (spec, known.costs[name]) for name, spec in known.devices.items()}
-    return resolve_entries([(item, f"{source}: catalog[{i}]") for i, item in enumerate(items)], devices, known.models)
+    return resolve_entries([(item, f"{source}: catalog[{i}]") for i, item in enumerate(items)], devices, known.models,
+                           known.memory_nodes)
 
 
 def inline_catalog(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
@@ -424,6 +428,7 @@ def build_groups(exp: Experiment, base_dir: Path) -> list[GroupState]:
     catalog = resolve_catalog(exp.overrides, extra)
     catalog.model(exp.model)
     groups: list[GroupState] = []
+    layers = exp.layerwise.num_layers if exp.kv_cache is not None and exp.layerwise is not None else 1
     for i, g in enumerate(exp.groups):
         where = f"groups[{i}] ({g.name})"
         try:
@@ -443,6 +448,8 @@ def build_groups(exp: Experiment, base_dir: Path) -> list[GroupState]:
             raise UserError(f"{where}: {exc}") from None
         for r in range(g.replicas):
             name = g.name if g.replicas == 1 else f"{g.name}-{r}"
-            groups.append(GroupState(len(groups), name, Role(g.role), cost, limits,
-                                     device=g.device, pool=g.pool or g.role))
+            state = GroupState(len(groups), name, Role(g.role), cost, limits, device=g.device, pool=g.pool or g.role)
+            attach_kv_tiers(exp.kv_cache, state, catalog.device(g.device), catalog.cost(g.device), g.count, layers,
+                            where)
+            groups.append(state)
     return groups

@@ -127,7 +127,9 @@ class Evaluated:
         busiest = max(groups, key=lambda x: x["utilization"], default=None)
         util = ", ".join(f"{role} {sum(x['utilization'] for x in groups if x['role'] == role) / max(1, sum(1 for x in groups if x['role'] == role)):.0%}"
                          for role in dict.fromkeys(x["role"] for x in groups))
-        text = f"bound limited by {g.bound.bottleneck}; simulated goodput is {g.pct_of_bound:.0f}% of it"
+        pct = g.pct_of_bound
+        text = (f"bound limited by {g.bound.bottleneck}; simulated goodput is {pct:.0f}% of it" if pct is not None
+                else "no bound: the trace is short enough to serve in one burst within its SLOs")
         if busiest is not None:
             text += f"; at that rate mean utilization {util}, busiest {busiest['name']} {busiest['utilization']:.0%}"
         rejected = g.at_goodput.get("rejected", 0)

@@ -48,8 +48,15 @@ def summary_table(summary: dict[str, Any]) -> Group:
                                      f"(TTFT {slo['ttft_s']:g} s, TPOT {slo['tpot_s'] * 1e3:g} ms)")
     totals.add_row("throughput", f"{summary['throughput_rps']:.2f} req/s, {summary['output_tokens_per_s']:,.0f} output tokens/s")
     totals.add_row("preemptions", f"{summary['preemptions']:,}")
+    kv = summary.get("kv_cache")
     cache = summary.get("prefix_cache")
-    if cache is not None:
+    if kv is not None:                  # the tiers' detail says more than the plain hit rate
+        ideal = kv["ideal_hit_rate"]
+        tiers = ", ".join(f"{name} {t['hit_rate']:.1%}" for name, t in kv["tiers"].items())
+        totals.add_row("prefix reuse", f"{kv['hit_rate']:.1%} of prompt tokens ({tiers})"
+                       + ("" if ideal is None else f"; an unlimited cache: {ideal:.1%}")
+                       + f"; {kv['compute_saved_s']:,.1f} s of prefill saved")
+    elif cache is not None:
         totals.add_row("prefix cache", f"{cache['token_hit_rate']:.1%} of prompt tokens hit "
                                        f"({cache['hit_tokens']:,} of {cache['prompt_tokens']:,}); "
                                        f"{cache['request_hit_rate']:.1%} of requests hit at least one block")
@@ -164,5 +171,5 @@ def plan_table(result: Any, top: int) -> Table:
         g = e.goodput
         t.add_row(str(i), e.candidate.label(), f"{e.candidate.dollars_per_hour:,.2f}", f"{g.rate_per_s:,.2f}",
                   f"{g.tokens_per_s:,.0f}", f"{g.requests_per_dollar:,.1f}", f"{g.bound.rate_per_s:,.2f}",
-                  f"{g.pct_of_bound:.0f}", e.why())
+                  _num(g.pct_of_bound, ".0f"), e.why())
     return t

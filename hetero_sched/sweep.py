@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from hetero_sched.catalog import get_device, resolve_catalog
+from hetero_sched.catalog import resolve_catalog
 from hetero_sched.configfile import expect_mapping, read_yaml, set_path, shipped_or_path, validate
 from hetero_sched.goodput import tier_slo
 from hetero_sched.metrics import short_trace_warning
@@ -51,7 +51,6 @@ from hetero_sched.errors import UserError
 from hetero_sched.experiment import (EXPERIMENT_FIELDS, Experiment, build_groups, build_workload,
                                      load_experiment, parse_experiment)
 from hetero_sched.policies import make_policy
-from hetero_sched.configfile import validate
 
 POINTS_DIR = "points"
 TABLE = "sweep.parquet"

@@ -237,6 +237,10 @@ def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, monkeypatch,
     code, _, err = run_cli(monkeypatch, capsys, "plan", str(plan), "--out", str(a_file))
     _one_line(code, err, "is a file, not a folder")                  # at once, not after every simulation
     assert "simulated" not in err
+    code, out, err = run_cli(monkeypatch, capsys, "plan", str(plan), "--out", str(tmp_path / "p"), "-q")
+    assert code == 0, err
+    rows = pq.read_table(tmp_path / "p" / "plan.parquet").to_pylist()
+    assert rows and rows[0]["rank"] == 1 and "h100" in rows[0]["configuration"] and "h100" in out
 
 
 def test_sweep_prints_its_results_and_validates_on_one_clean_line(tmp_path, monkeypatch, capsys):

@@ -17,9 +17,8 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa

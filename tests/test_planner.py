@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 import hetero_sched as hs
 from hetero_sched.experiment import build_workload
-from hetero_sched.planner import PlanFile, candidates, experiment_for, plan_search, shapes
+from hetero_sched.planner import PlanFile, experiment_for, plan_search, shapes
 from hetero_sched.workload import scale_to_rate
 
 

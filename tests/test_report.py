@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import yaml
 
 from hetero_sched import cli, plots
 from hetero_sched.plots import busy_intervals

@@ -9,16 +9,14 @@ import ray
 
 import hetero_sched as hs
 from hetero_sched.core.events import DecisionKind as D
-from hetero_sched.catalog import get_model
 from hetero_sched.errors import UserError
 from hetero_sched.runtime.cluster import object_store_usage
 from hetero_sched.policies import PolicyFailed
 from hetero_sched.runtime.live import _result, run_live
 from hetero_sched.runtime.messages import MessageError, pack, unpack
-from hetero_sched.tinylm import TinyLM, prompt_token_ids
 from hetero_sched.workload import Workload
 
-from helpers import colocated_experiment, disagg_experiment
+from helpers import colocated_experiment, disagg_experiment, prefix_families, reference_tokens
 
 pytestmark = pytest.mark.ray
 
@@ -92,17 +90,7 @@ def _tiny_experiment(**over):
     return exp
 
 
-def _reference_tokens(result, seed, hashes=None, block=512):
-    lm = TinyLM("tiny", seed)
-    vocab = get_model("tiny").vocab_size
-    margins = []
-    for row in result.records.to_pylist():
-        rid = row["request_id"]
-        ids = prompt_token_ids(rid, row["prompt_tokens"], vocab, hashes[rid] if hashes else None, block, seed)
-        toks, margin = lm.generate(ids, row["output_tokens"])
-        margins.append(margin)
-        assert result.tokens[rid] == toks, f"request {rid}"
-    return min(margins)
+_reference_tokens = reference_tokens
 
 
 def test_numpy_kv_round_trip_across_nodes_is_token_exact(ray_cluster):
@@ -120,13 +108,7 @@ def test_numpy_kv_round_trip_across_nodes_is_token_exact(ray_cluster):
 def test_numpy_round_trip_with_prefix_hits_and_preemptions(ray_cluster):
     n, block = 60, 32
     rng = np.random.default_rng(7)
-    families = [tuple(int(x) for x in rng.integers(0, 1 << 40, 4)) for _ in range(3)]
-    hashes, prompts = [], []
-    for i in range(n):
-        own = tuple(int(x) for x in rng.integers(0, 1 << 40, int(rng.integers(0, 3))))
-        h = families[i % 3][: int(rng.integers(1, 5))] + own
-        hashes.append(h)
-        prompts.append(len(h) * block - int(rng.integers(0, block // 2)))
+    hashes, prompts = prefix_families(rng, n, block, trim=(0, block // 2))
     # a burst at t=0 into a decode group with room for ~1,000 tokens: reservations of 4 predicted
     # tokens run out and requests are preempted, prefilled again and transferred again
     w = Workload("prefix", np.zeros(n), np.array(prompts), rng.integers(8, 80, n),

@@ -10,14 +10,12 @@ KV and slots everywhere; the numpy backend's text is the tiny Llama's, token for
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import openai
 import pytest
-import ray
 import requests
 
 from hetero_sched.engine.assembly import resolve

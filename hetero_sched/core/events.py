@@ -84,6 +84,8 @@ class DecisionKind:
     RESTORE: Final = "restore"        # a failed group is back in service (empty)
     KV_BAD: Final = "kv_bad"          # KV reached its decode group damaged or lost: sent again
     CANCEL: Final = "cancel"          # the client gave up: what it held is freed (group: where it left)
+    FETCH: Final = "fetch"            # prefix blocks read into a prefill group: tier 1 dram, 2 ssd, 3 store
+    STORE_WRITE: Final = "store_write"  # a prefill's new prefix blocks written to the cluster KV store
 
 
 DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
@@ -105,6 +107,8 @@ DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
     DecisionKind.RESTORE: (),
     DecisionKind.KV_BAD: (),
     DecisionKind.CANCEL: (),
+    DecisionKind.FETCH: (("tier", int), ("tokens", int), ("bytes", int), ("duration_s", float)),
+    DecisionKind.STORE_WRITE: (("blocks", int), ("bytes", int)),
 }
 """The values of a decision's ``detail`` tuple, per kind: name and type. A name means the same
 (and has the same type) in every kind that has it: each is one column of ``decisions.parquet``."""

@@ -21,6 +21,7 @@ from typing import Optional
 from hetero_sched.core.batch import DecodeBatch
 from hetero_sched.core.kvblocks import BlockAllocator
 from hetero_sched.core.kvmemory import KVMemory, prefix_hit_tokens
+from hetero_sched.core.kvtiers import KVTiers, PrefixPlan
 from hetero_sched.core.request import Phase, RequestState
 from hetero_sched.core.spans import (Span, SpanKind, SpanOutcome, SpanReport, active_line, decode_span_duration,
                                      steps_until)
@@ -92,6 +93,7 @@ class GroupState:
         self.pending_prefill_tokens = 0                     # queued or being prefilled
         self.num_pending_prefill = 0
         self.decode_queue: deque[RequestState] = deque()   # prefilled, awaiting KV reservation here
+        self.fetching: dict[int, RequestState] = {}         # placed, prefix on its way from the KV store
         self.in_transit = 0                                 # admitted, KV not yet here
         self.span: Optional[Span] = None
         self.busy_s = 0.0
@@ -136,12 +138,16 @@ class GroupState:
             lost[rs.request_id] = rs
         for rs in self.prefill_queue:
             lost[rs.request_id] = rs
+        for rs in self.fetching.values():
+            lost[rs.request_id] = rs
         for rs in self.batch.drop_all():
             lost[rs.request_id] = rs
         for rs in self.decode_queue:
             lost[rs.request_id] = rs
         for rs in lost.values():
             rs.prefill_done = 0
+            rs.staged = None
+        self.fetching = {}
         self.memory.reset()
         self.batch = DecodeBatch()
         self.prefill_queue.clear()
@@ -174,7 +180,7 @@ class GroupState:
     # --- roles ----------------------------------------------------------------------------
     def drained(self) -> bool:
         """Nothing left of the old role: no span, no queued or running request, no KV held."""
-        return (self.span is None and not self.prefill_queue and not self.decode_queue
+        return (self.span is None and not self.prefill_queue and not self.decode_queue and not self.fetching
                 and not self.batch.has_work and self.in_transit == 0
                 and not self._partial and self.kv.num_used == 0)
 
@@ -224,6 +230,8 @@ class GroupState:
         out: dict[int, str] = {}
         for rs in self.prefill_queue:
             out[rs.request_id] = f"{self.name} prefill queue"
+        for rs in self.fetching.values():
+            out[rs.request_id] = f"{self.name} fetching its prefix from the KV store"
         for rs in self.decode_queue:
             out[rs.request_id] = f"{self.name} decode queue ({rs.phase.value})"
         for rs in self.batch.ready:
@@ -242,6 +250,24 @@ class GroupState:
         self.pending_prefill_tokens += rs.prefill_tokens
         self.num_pending_prefill += 1
         if front:
+            self.prefill_queue.appendleft(rs)
+        else:
+            self.prefill_queue.append(rs)
+
+    def await_fetch(self, rs: RequestState) -> None:
+        """``rs`` is placed here but its prefix is on its way from the cluster KV store: counted as
+        pending prefill, queued when it lands (:meth:`fetch_landed`)."""
+        rs.phase = Phase.WAITING_PREFILL
+        rs.prefill_group = self.group_id
+        self.pending_prefill_tokens += rs.prefill_tokens
+        self.num_pending_prefill += 1
+        self.fetching[rs.request_id] = rs
+
+    def fetch_landed(self, rs: RequestState, staged: frozenset[int]) -> None:
+        """``rs``'s prefix blocks from the store are in device memory: it joins the prefill queue."""
+        del self.fetching[rs.request_id]
+        rs.staged = staged
+        if rs.preemptions > 0:
             self.prefill_queue.appendleft(rs)
         else:
             self.prefill_queue.append(rs)
@@ -298,8 +324,10 @@ class GroupState:
         self.batch.ready.append(rs)
 
     def unqueue_prefill(self, rs: RequestState) -> None:
-        """Take a request that has not started prefilling out of the prefill queue."""
-        self.prefill_queue.remove(rs)
+        """Take a request that has not started prefilling out of the prefill queue (or out of
+        waiting for its prefix from the KV store: the read lands for nobody)."""
+        if self.fetching.pop(rs.request_id, None) is None:
+            self.prefill_queue.remove(rs)
         self.pending_prefill_tokens -= rs.prefill_tokens
         self.num_pending_prefill -= 1
 
@@ -406,15 +434,27 @@ class GroupState:
         new_list: list[int] = []
         cached_list: list[int] = []
         total = 0
+        tiers = self.memory.tiers
+        plans: Optional[list[tuple[RequestState, PrefixPlan]]] = None     # with KV tiers only
+        plan: Optional[PrefixPlan] = None
         while q and len(batch) < lim.max_prefill_seqs:
             rs = q[0]
-            cached = self._cached_prefix(rs)
+            if tiers is None:
+                cached = self._cached_prefix(rs)
+            else:
+                plan = self._tier_plan(tiers, rs)
+                cached = 0 if plan is None else plan.cached_tokens
             new = rs.prefill_tokens - cached
             if batch and total + new > lim.max_batch_tokens:
                 break
             if not self._can_admit_prefill(rs, len(batch)):
                 break
             self._start_prefill(rs, cached)
+            if plan is not None:
+                self._take_plan(tiers, rs, plan)
+                if plans is None:
+                    plans = []
+                plans.append((rs, plan))
             batch.append(rs)
             new_list.append(new)
             cached_list.append(cached)
@@ -422,12 +462,34 @@ class GroupState:
         if not batch:
             return None
         duration = self.cost.prefill_time_s(new_list, cached_list)
+        if plans is not None and tiers is not None:
+            duration = tiers.span_s(duration, [p for _, p in plans])
         self._next_span_id += 1
-        return Span(self.group_id, self._next_span_id, SpanKind.PREFILL, now_s, duration, 1, batch,
+        span = Span(self.group_id, self._next_span_id, SpanKind.PREFILL, now_s, duration, 1, batch,
                     new_tokens=total, cached_tokens=sum(cached_list))
+        if plans is not None:
+            span.fetches = tuple(plans)
+        return span
 
-    def _take_chunks(self, budget: int) -> list[tuple[RequestState, int, int]]:
-        """Prefill chunks filling ``budget`` tokens: prompts under way first, then the queue's head."""
+    @staticmethod
+    def _tier_plan(tiers: KVTiers, rs: RequestState) -> Optional[PrefixPlan]:
+        """How ``rs`` would reuse its prefix from this group's tiers now (None: no prefix hashes)."""
+        hashes = rs.request.prefix_hashes
+        if not hashes:
+            return None
+        return tiers.plan(hashes, rs.request.prefix_block_tokens, rs.request.prompt_tokens, rs.prefill_tokens,
+                          rs.staged)
+
+    @staticmethod
+    def _take_plan(tiers: Optional[KVTiers], rs: RequestState, plan: PrefixPlan) -> None:
+        """``rs`` starts its prefill with ``plan``: count it; what was fetched ahead is used up."""
+        assert tiers is not None
+        tiers.count(plan)
+        rs.staged = None
+
+    def _take_chunks(self, budget: int, plans: list[tuple[RequestState, PrefixPlan]]) -> list[tuple[RequestState, int, int]]:
+        """Prefill chunks filling ``budget`` tokens: prompts under way first, then the queue's head
+        (with KV tiers, how each new one reuses its prefix goes into ``plans``)."""
         chunks: list[tuple[RequestState, int, int]] = []
         for rs in self._partial:
             if budget <= 0:
@@ -437,11 +499,19 @@ class GroupState:
             chunks.append((rs, start, start + take))
             budget -= take
         q = self.prefill_queue
+        tiers = self.memory.tiers
         while budget > 0 and q and len(self._partial) < self.limits.max_prefill_seqs:
             rs = q[0]
             if not self._can_admit_prefill(rs, len(self._partial)):
                 break
-            cached = self._cached_prefix(rs)
+            if tiers is None:
+                cached = self._cached_prefix(rs)
+            else:
+                plan = self._tier_plan(tiers, rs)
+                cached = 0 if plan is None else plan.cached_tokens
+                if plan is not None:
+                    self._take_plan(tiers, rs, plan)
+                    plans.append((rs, plan))
             self._start_prefill(rs, cached)
             rs.prefill_done = 0
             self._partial.append(rs)
@@ -460,7 +530,8 @@ class GroupState:
         """
         budget = self.chunk_budget
         assert budget is not None
-        chunks = self._take_chunks(budget - len(self.batch))
+        plans: list[tuple[RequestState, PrefixPlan]] = []
+        chunks = self._take_chunks(budget - len(self.batch), plans)
         if not chunks:
             return self._plan_decode(now_s) if self.batch.has_work else None
         new_list = [end - start for _, start, end in chunks]
@@ -468,6 +539,9 @@ class GroupState:
         # prefix-cache hits of the prompts starting here (a later chunk attends to earlier ones)
         first_cached = sum(start for rs, start, _ in chunks if rs.prefill_done == 0)
         duration = self.cost.prefill_time_s(new_list, cached_list)
+        tiers = self.memory.tiers
+        if plans and tiers is not None:
+            duration = tiers.span_s(duration, [p for _, p in plans])
         joiners = self._join_ready()
         b = len(self.batch.running)
         c0 = self.batch.context_tokens
@@ -478,8 +552,11 @@ class GroupState:
             steps = 1
             duration += line[0] + line[1] * c0
         self._next_span_id += 1
-        return Span(self.group_id, self._next_span_id, SpanKind.MIXED, now_s, duration, steps, joiners, line, b,
+        span = Span(self.group_id, self._next_span_id, SpanKind.MIXED, now_s, duration, steps, joiners, line, b,
                     c0, sum(new_list), first_cached, tuple(chunks))
+        if plans:
+            span.fetches = tuple(plans)
+        return span
 
     def _join_ready(self) -> list[RequestState]:
         """Move the requests ready to join into the batch, watching their reservations."""
@@ -546,7 +623,12 @@ class GroupState:
         hashes = rs.request.prefix_hashes
         if hashes:   # only full blocks are cached: a partial block's KV is not the block's
             block = rs.request.prefix_block_tokens
-            self.memory.prefix_cache_for(block).use(hashes[:rs.request.prompt_tokens // block])
+            tiers = self.memory.tiers
+            if tiers is None:
+                self.memory.prefix_cache_for(block).use(hashes[:rs.request.prompt_tokens // block])
+            else:
+                tiers.sized(block)
+                tiers.use(hashes[:rs.request.prompt_tokens // block])
         rs.on_token(token_s)
         out.prefilled.append(rs)
 

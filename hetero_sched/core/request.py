@@ -49,7 +49,7 @@ class RequestState:
         "join_step", "join_span", "finish_step", "exhaust_step", "cached_tokens",
         "token1_s", "token2_s", "last_token_s", "max_gap_s", "finish_s",
         "preemptions", "reject_reason", "reject_code", "transfer_id", "prefill_done", "prefill_s", "prefilled_s",
-        "cancelled",
+        "cancelled", "staged",
     )
 
     def __init__(self, request: Request, predicted_output: int) -> None:
@@ -87,6 +87,8 @@ class RequestState:
         """The client gave up on it: it ends at its next safe point (a step boundary, a prefill's end)."""
         self.prefilled_s: Optional[float] = None
         """When the core applied its last prefill (a transfer starting then was streamed during it)."""
+        self.staged: Optional[frozenset[int]] = None
+        """Prefix blocks fetched from the cluster KV store for its next prefill (in device memory)."""
 
     @property
     def prefill_tokens(self) -> int:

@@ -23,9 +23,11 @@ from typing import Any, Optional, Sequence
 from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
 from hetero_sched.core.group import GroupState, Role
 from hetero_sched.core.hooks import ExecutorHooks
+from hetero_sched.core.kvstore import ClusterKVStore, PrefixPlanner
+from hetero_sched.core.kvtiers import STORE, fetch_windows
 from hetero_sched.core.rejection import capacity, infeasible
 from hetero_sched.core.request import Phase, Request, RequestState
-from hetero_sched.core.spans import SpanKind, SpanOutcome, SpanReport
+from hetero_sched.core.spans import Span, SpanKind, SpanOutcome, SpanReport
 from hetero_sched.core.transfer import LayerwiseStreaming, TransferNetwork, layerwise_tail
 from hetero_sched.errors import UserError
 from hetero_sched.policies.base import (GroupView, Placement, Policy, PolicyFailed, Reject, RejectCode as R,
@@ -48,8 +50,14 @@ class Scheduler:
 
     def __init__(self, groups: Sequence[GroupState], policy: Policy, predicted_output: Sequence[int],
                  report_interval_s: float = 0.0, layerwise: Optional[LayerwiseStreaming] = None,
-                 max_inflight: Optional[int] = None, max_context_tokens: Optional[int] = None) -> None:
+                 max_inflight: Optional[int] = None, max_context_tokens: Optional[int] = None,
+                 store: Optional[ClusterKVStore] = None) -> None:
         self.groups = list(groups)
+        self.store = store
+        """The cluster KV store (None: none), one more endpoint of the transfer network."""
+        self._planners: list[Optional[PrefixPlanner]] = [
+            None if g.memory.tiers is None else PrefixPlanner(g.memory.tiers, store, g.cost.ingress_bytes_per_s)
+            for g in self.groups]
         self.max_inflight = max_inflight
         """Admission control: an arrival finding this many requests in flight is rejected at once."""
         self.policy = policy
@@ -59,8 +67,9 @@ class Scheduler:
         """Stream KV layer by layer during prefill (None: send after prefill)."""
         self.views = [GroupView(g.group_id, g.name, g.device, g.pool, g.role, g.cost, g.kv.num_blocks,
                                 block_size=g.limits.block_size, max_batch_tokens=g.limits.max_batch_tokens,
-                                max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks)
-                      for g in self.groups]
+                                max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks,
+                                prefix_planner=None if planner is None else planner.plan)
+                      for g, planner in zip(self.groups, self._planners)]
         try:
             policy.check(self.views)
         except UserError:
@@ -75,8 +84,13 @@ class Scheduler:
             for g in self.groups:
                 if g.role is Role.BOTH:
                     g.chunk_budget = budget
-        self.network = TransferNetwork([g.cost.egress_bytes_per_s for g in self.groups],
-                                       [g.cost.ingress_bytes_per_s for g in self.groups])
+        egress = [g.cost.egress_bytes_per_s for g in self.groups]
+        ingress = [g.cost.ingress_bytes_per_s for g in self.groups]
+        if store is not None:
+            store.endpoint = len(egress)
+            egress.append(store.bytes_per_s)
+            ingress.append(store.bytes_per_s)
+        self.network = TransferNetwork(egress, ingress)
         self.decisions = DecisionLog()
         self.records: list[tuple] = []
         self.num_active = 0
@@ -146,7 +160,11 @@ class Scheduler:
         return self._arrivals(now_s, self.network.finish_due(now_s))
 
     def on_kv_arrival(self, now_s: float, transfer_id: int) -> None:
-        """A request's KV landed at its decode group: free the prefill copy, join next span."""
+        """A request's KV landed at its decode group: free the prefill copy, join next span.
+        (A negative id: a read from, or write to, the cluster KV store landed.)"""
+        if transfer_id < 0:
+            self._store_landed(now_s, transfer_id)
+            return
         entry = self._transfers.pop(transfer_id, None)
         if entry is None:
             return                          # cancelled: an endpoint failed while the KV was on its way
@@ -181,6 +199,8 @@ class Scheduler:
         g.account_kv(now_s)
         lost = g.fail(now_s)
         g.account_kv(now_s)                                    # its KV is gone from now on
+        if self.store is not None:                             # its store reads and writes die with it
+            self.store.cancel_group(now_s, group_id, self.network)
         self._failed.add(group_id)
         v = self.views[group_id]
         v.can_prefill = v.can_decode = False
@@ -400,6 +420,8 @@ class Scheduler:
                         timers.append((span.end_s, Kind.SPAN_END, span))
                         if self.hooks is not None:
                             self.hooks.span_planned(now_s, gid, span)
+                        if span.fetches:
+                            self._log_fetches(now_s, gid, span)
                 elif g.wants_interrupt() and g.cut(now_s):
                     span = g.span
                     log.add(now_s, D.CUT, gid, None, span.steps, span.end_s)
@@ -447,7 +469,9 @@ class Scheduler:
         rs.decode_group = decision.decode_group
         if decision.decode_group is not None and not g.colocated:
             g.local_decodes = True          # a fallback may have placed it to decode here too
-        g.enqueue_prefill(rs, front=rs.preemptions > 0)
+        rs.staged = None
+        if self.store is None or not self._read_from_store(now_s, rs, g):
+            g.enqueue_prefill(rs, front=rs.preemptions > 0)
         view = self.views[g.group_id]
         view.num_prefill_queued += 1
         view.prefill_queued_tokens += rs.prefill_tokens
@@ -499,6 +523,8 @@ class Scheduler:
             self._end_cancelled(now_s, rs, g.group_id)
         for rs in out.prefilled:
             rs.prefilled_s = now_s
+            if self.store is not None:
+                self._write_to_store(now_s, rs, g)
             if rs.cancelled:                # its client gave up during the prefill
                 if hooks is not None:
                     hooks.request_left(now_s, g.group_id, rs, "cancelled")
@@ -604,8 +630,85 @@ class Scheduler:
     def _arrivals(self, now_s: float, done: list[int]) -> list[Timer]:
         out = []
         for tid in done:
-            out.append((now_s + self._transfers[tid][3], Kind.KV_ARRIVAL, tid))
+            delay = self._transfers[tid][3] if tid >= 0 else self._store_message_s()
+            out.append((now_s + delay, Kind.KV_ARRIVAL, tid))
         return out
+
+    # --- KV tiers and the cluster KV store ------------------------------------------------------
+    def _store_message_s(self) -> float:
+        store = self.store
+        assert store is not None
+        return store.message_s
+
+    def _log_fetches(self, now_s: float, gid: int, span: Span) -> None:
+        """Reads from a group's lower tiers that a planned prefill span starts with."""
+        hooks = self.hooks
+        for index, tier, start, end in fetch_windows(now_s, list(enumerate(p for _, p in span.fetches))):
+            rs, plan = span.fetches[index]
+            self.decisions.add(now_s, D.FETCH, gid, rs.request_id, tier, plan.tier_tokens[tier],
+                               plan.tier_bytes[tier], end - start)
+            if hooks is not None:
+                hooks.kv_fetched(now_s, rs, gid, tier, start, end, plan.tier_bytes[tier], plan.tier_tokens[tier])
+
+    def _read_from_store(self, now_s: float, rs: RequestState, g: GroupState) -> bool:
+        """Fetch ``rs``'s prefix blocks from the cluster store into ``g`` if that is cheaper than
+        recomputing them (the core's plan); True if a fetch started (``rs`` waits for it)."""
+        planner = self._planners[g.group_id]
+        store = self.store
+        r = rs.request
+        if planner is None or store is None or not r.prefix_hashes:
+            return False
+        plan = planner.plan(r.prefix_hashes, r.prefix_block_tokens, r.prompt_tokens, rs.prefill_tokens)
+        if plan.tier_bytes[STORE] <= 0:
+            return False
+        hashes = planner.from_store(r.prefix_hashes, plan)
+        tid, done = store.read(now_s, rs, g.group_id, hashes, self.network)
+        g.await_fetch(rs)
+        self.decisions.add(now_s, D.FETCH, g.group_id, rs.request_id, STORE, plan.tier_tokens[STORE],
+                           len(hashes) * store.block_bytes, plan.tier_s[STORE])
+        if self.hooks is not None:
+            self.hooks.store_read_started(now_s, tid, rs, g.group_id, hashes)
+        self._timers.extend(self._arrivals(now_s, done))
+        return True
+
+    def _write_to_store(self, now_s: float, rs: RequestState, g: GroupState) -> None:
+        """``rs``'s prefill ended on ``g``: write its prompt's full blocks the store lacks to it."""
+        store = self.store
+        r = rs.request
+        if store is None or not r.prefix_hashes or g.memory.tiers is None:
+            return
+        block = r.prefix_block_tokens
+        full = r.prefix_hashes[:r.prompt_tokens // block]
+        if not full:
+            return
+        store.sized(block)
+        started = store.write(now_s, g.group_id, full, self.network)
+        if started is None:
+            return
+        tid, new, done = started
+        self.decisions.add(now_s, D.STORE_WRITE, g.group_id, rs.request_id, len(new), len(new) * store.block_bytes)
+        if self.hooks is not None:
+            self.hooks.store_write_started(now_s, tid, g.group_id, rs.request_id, new)
+        self._timers.extend(self._arrivals(now_s, done))
+
+    def _store_landed(self, now_s: float, tid: int) -> None:
+        """A store read landed (its request joins the prefill queue) or a write did (readable now)."""
+        store = self.store
+        assert store is not None
+        flow, evicted = store.landed(now_s, tid)
+        if evicted and self.hooks is not None:
+            self.hooks.store_evicted(now_s, evicted)
+        if flow is None or flow.request is None:
+            return
+        rs = flow.request
+        if rs.cancelled:                    # its client gave up while the prefix was on its way
+            return
+        g = self.groups[flow.group_id]
+        g.fetch_landed(rs, frozenset(flow.hashes))
+        self._dirty.add(g.group_id)
+        if self.hooks is not None:
+            tokens = min(len(flow.hashes) * store.block_tokens, rs.prefill_tokens - 1)
+            self.hooks.kv_fetched(now_s, rs, g.group_id, STORE, flow.start_s, now_s, flow.num_bytes, tokens)
 
     def _rebalance(self, now_s: float) -> None:
         """Start the role switches the policy asks for, keeping both roles served meanwhile."""

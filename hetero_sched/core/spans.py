@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Optional
 
 from hetero_sched.core.request import RequestState
+from hetero_sched.core.kvtiers import PrefixPlan
 from hetero_sched.costmodel import Line
 
 
@@ -63,6 +64,8 @@ class Span:
         self.cached_tokens = cached_tokens
         self.chunks = chunks
         """Mixed spans: ``(request, start, end)`` — prefill-token positions this span computes."""
+        self.fetches: tuple[tuple[RequestState, PrefixPlan], ...] = ()
+        """With KV tiers: each prompt starting here and how it reuses its prefix (reads from lower tiers)."""
 
 
 class SpanReport:

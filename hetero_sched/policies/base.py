@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Final, NamedTuple, Optional, Sequenc
 
 from hetero_sched.core.kvblocks import blocks_for
 from hetero_sched.core.kvmemory import prefix_hit_tokens, reservation_tokens
+from hetero_sched.core.kvtiers import PrefixPlan
 from hetero_sched.core.transfer import uncontended_transfer_s
 from hetero_sched.costmodel import GroupCost, step_time_s
 from hetero_sched.errors import DEBUG_HINT, UserError
@@ -45,12 +46,13 @@ class GroupView:
     __slots__ = ("group_id", "name", "device", "pool", "role", "can_prefill", "can_decode", "cost", "kv_blocks_total",
                  "kv_blocks_free", "num_prefill_queued", "prefill_queued_tokens",
                  "num_decode_queued", "num_decoding", "reported_s", "block_size", "max_batch_tokens",
-                 "max_num_seqs", "_prefix_probe")
+                 "max_num_seqs", "_prefix_probe", "_prefix_planner")
 
     def __init__(self, group_id: int, name: str, device: str, pool: str, role: Any,
                  cost: GroupCost, kv_blocks_total: int, *, block_size: int = 16,
                  max_batch_tokens: int = 16384, max_num_seqs: int = 256,
-                 prefix_probe: Optional[Callable[[tuple[int, ...]], int]] = None) -> None:
+                 prefix_probe: Optional[Callable[[tuple[int, ...]], int]] = None,
+                 prefix_planner: Optional[Callable[[tuple[int, ...], int, int, int], PrefixPlan]] = None) -> None:
         self.group_id = group_id
         self.name = name
         self.device = device
@@ -72,6 +74,7 @@ class GroupView:
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self._prefix_probe = prefix_probe
+        self._prefix_planner = prefix_planner
 
     @property
     def is_draining(self) -> bool:
@@ -88,6 +91,21 @@ class GroupView:
         if not hashes or self._prefix_probe is None:
             return 0
         return self._prefix_probe(hashes)
+
+    @property
+    def has_kv_tiers(self) -> bool:
+        """Whether the group has KV tiers below device memory (or the cluster store) to plan with."""
+        return self._prefix_planner is not None
+
+    def prefix_plan(self, request: RequestInfo) -> Optional[PrefixPlan]:
+        """Where ``request``'s prefix lives for this group and what reusing it would cost: the
+        core's own plan (:func:`hetero_sched.core.kvtiers.plan_prefix`) over the group's tiers and
+        the cluster store — reused blocks per tier, read time, fetch-plus-prefill time alone.
+        None without prefix hashes or KV tiers. Live, like :meth:`cached_prefix_blocks`."""
+        if not request.prefix_hashes or self._prefix_planner is None:
+            return None
+        return self._prefix_planner(request.prefix_hashes, request.prefix_block_tokens,
+                                    request.prompt_tokens - request.generated, request.prompt_tokens)
 
     @property
     def decode_load(self) -> int:

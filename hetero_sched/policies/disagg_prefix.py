@@ -9,6 +9,12 @@ group's queued prefill tokens plus the KV it holds, in the same block units. A r
 to the group holding its prefix unless that group's load outweighs the hit. Ties go to the
 lowest group id; requests without hashes are routed on load alone. The decode group is chosen
 as by ``disagg``.
+
+With KV tiers (``kv_cache:``) a group's blocks still to compute are what the core's own prefix
+plan leaves (:meth:`GroupView.prefix_plan`: blocks reused from device memory, host DRAM, SSD or
+the cluster store, where fetching beats recomputing), plus the plan's read time counted in blocks
+(one block's prefill time on that group): a prefix in a group's DRAM costs it a little, one only
+in the store costs the network read — the router sees where each prefix lives and at what cost.
 """
 
 from __future__ import annotations
@@ -24,7 +30,12 @@ def kv_router_cost(request: RequestInfo, g: GroupView, overlap_weight: float) ->
     """Dynamo's cost of sending ``request`` to ``g``, in prefix blocks (lower is better)."""
     block = request.prefix_block_tokens
     blocks = -(-request.prompt_tokens // block)
-    to_compute = blocks - min(g.cached_prefix_blocks(request.prefix_hashes), blocks)
+    plan = g.prefix_plan(request) if g.has_kv_tiers else None
+    if plan is None:
+        to_compute = float(blocks - min(g.cached_prefix_blocks(request.prefix_hashes), blocks))
+    else:
+        block_s = g.cost.prefill_time_s([block], [0])
+        to_compute = blocks - min(plan.blocks, blocks) + (plan.fetch_s / block_s if block_s > 0 else 0.0)
     in_use = (g.prefill_queued_tokens + (g.kv_blocks_total - g.kv_blocks_free) * g.block_size) / block
     return overlap_weight * to_compute + in_use
 

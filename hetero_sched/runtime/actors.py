@@ -33,6 +33,8 @@ from hetero_sched.runtime.pacing import DevicePace, Timeline, measured_report
 from hetero_sched.runtime.recovery import Recovered, RunJournal
 from hetero_sched.engine.assembly import build_scheduler
 from hetero_sched.engine.loop import run_events
+from hetero_sched.kvmetrics import kv_summary
+from hetero_sched.metrics import records_table
 from hetero_sched.tracing import ProcessTracing, TraceSettings, attach_tracer, emit_shipped, epoch_for
 
 
@@ -419,7 +421,7 @@ class DeviceGroupActor:
         step = unpack(msg, "step")
         if step["expect"] != self.incarnation:
             return pack("step_report", import_bytes=0, import_s=0.0, fetch_s=0.0, queued_s=0.0, imported=[],
-                        bad_kv=[], exports=[], incarnation=self.incarnation), []
+                        bad_kv=[], exports=[], block_exports=[], store_bytes=0, incarnation=self.incarnation), []
         t0 = time.perf_counter()
         async with self._in_turn(step["seq"]):     # in the order sent, spans included
             return await self._step(step, refs, time.perf_counter() - t0)
@@ -429,6 +431,9 @@ class DeviceGroupActor:
         imported: list[int] = []
         bad_kv: list[int] = []
         exports: list[tuple[int, Any]] = []
+        blocks: list[Any] = []
+        block_flows: list[int] = []
+        store_bytes = 0
         import_bytes = 0
         import_s = 0.0
         t0 = time.perf_counter()
@@ -458,13 +463,32 @@ class DeviceGroupActor:
                 measured = self._measured.pop(op["id"], {})
                 if self.tracing is not None:
                     emit_shipped(self.tracing.tracer, op["spans"], measured)
+            elif kind == "export_blocks":
+                blocks.extend(self.backend.export_blocks(op["hashes"], op["block_bytes"]))
+                block_flows.append(op["flow"])
+            elif kind == "import_blocks":
+                store_bytes += await self._import_blocks(op["id"], op["hashes"], bundles[op["ref"]])
             else:
                 self.backend.forget(op["ids"])
         del bundles
         report = pack("step_report", import_bytes=import_bytes, import_s=import_s, fetch_s=fetch_s, queued_s=queued_s,
                       imported=imported, bad_kv=bad_kv, exports=[rid for rid, _ in exports],
-                      incarnation=self.incarnation)
-        return report, ([ray.put([batch for _, batch in exports])] if exports else [])
+                      block_exports=block_flows, store_bytes=store_bytes, incarnation=self.incarnation)
+        refs = [ray.put([batch for _, batch in exports])] if exports else []
+        if blocks:
+            refs.append(ray.put(blocks))
+        return report, refs
+
+    async def _import_blocks(self, request_id: int, hashes: list[int], block_refs: Optional[list[Any]]) -> int:
+        """Prefix blocks read from the KV store by ref, verified, into the backend's prefix cache.
+        A block the store does not have (or cannot hand over) fails the step: the core counted it
+        as a hit, and a silent recompute would hide the error."""
+        if block_refs is None or len(block_refs) != len(hashes) or any(r is None for r in block_refs):
+            raise KVCorruptionError(f"request {request_id}: the KV store lacks prefix blocks it should hold")
+        batches = [await self._fetch(ref) for ref in block_refs]
+        if any(b is None for b in batches):
+            raise KVCorruptionError(f"request {request_id}: prefix blocks from the KV store were lost")
+        return self.backend.import_blocks(hashes, batches)
 
     async def _fetch(self, ref: ray.ObjectRef) -> Optional[list[Any]]:
         """A KV bundle, or None if it is gone (its owner, the exporting actor, died) or unreadable."""
@@ -496,7 +520,7 @@ class SchedulerActor:
     def run(self, experiment: dict[str, Any], workload: Any, actors: list[Any], *, backend: str,
             clock: str, time_scale: float, trace: Optional[dict[str, Any]] = None,
             journal_path: Optional[str] = None, call_timeout_s: float = 120.0,
-            verify_imports: bool = False) -> dict[str, Any]:
+            verify_imports: bool = False, store_actors: Optional[list[Any]] = None) -> dict[str, Any]:
         exp = parse_experiment(experiment)
         scheduler = build_scheduler(exp, workload, base_dir=None)
         try:
@@ -512,8 +536,7 @@ class SchedulerActor:
         origin = wall.origin_unix_s(first) if wall is not None else None
         ask_all(actors, "begin", call_timeout_s, origin if origin is not None else time.time())
         devices = RayDevices(actors, wall=wall, real_tokens=backend == "numpy", verify_imports=verify_imports,
-                             journal=journal,
-                             call_timeout_s=call_timeout_s)
+                             journal=journal, call_timeout_s=call_timeout_s, store_actors=store_actors)
         devices.scheduler = scheduler
         devices.tokens.update(recovered.tokens)
         devices.failures[:] = recovered.failures
@@ -555,7 +578,9 @@ class SchedulerActor:
         if tracing is not None:        # a run ends only once its spans are exported (or counted dropped)
             span_counts = [dataclasses.asdict(tracing.shutdown()), *ray.get([a.flush_traces.remote() for a in actors], timeout=120)]
         st = devices.stats
+        kv = kv_summary(records_table([*recovered.rows, *scheduler.records]), scheduler.groups, scheduler.store, workload)
         return {
+            "kv_cache": kv,
             "span_counts": span_counts,
             "records": [*recovered.rows, *scheduler.records],
             "decisions": recovered.whole_log(scheduler.decisions).state(),
@@ -566,6 +591,8 @@ class SchedulerActor:
                       "bytes_moved": st.bytes_moved, "import_s": st.import_s, "min_margin": st.min_margin,
                       "import_fetch_s": st.fetch_s, "import_queued_s": st.queued_s,
                       "kv_damaged": st.kv_damaged, "stuck_actors": st.stuck, "kv_bad_unverified": st.unverified_bad,
+                      "store_put_bytes": st.store_put_bytes, "store_read_bytes": st.store_read_bytes,
+                      "store_puts": st.store_puts, "store_reads": st.store_reads,
                       "report_delay_s": st.report_delay_s,
                       "device_pace": {scheduler.groups[g].name: float(np.median(r)) for g, r in sorted(st.pace.items())},
                       "lateness_s": wall.lateness_s if wall is not None else [],

@@ -18,6 +18,13 @@ starts a transfer, the bundle's ref goes to the destination actor with an ``impo
 and the KV may be decoded from only when both the modeled transfer has finished and the
 destination reported it imported intact (:meth:`RayDevices.kv_ready`). ObjectRefs travel as
 call arguments; msgpack carries the rest.
+
+With a cluster KV store (``runtime/store.py``): a write the core starts makes the prefill group's
+actor export those prefix blocks, whose bundle goes on to the store actors (each keeps its
+blocks as objects it owns); a read the core starts asks the store actors for the blocks' refs and
+hands them to the reading group's actor with an ``import_blocks`` before its prefill. A read
+waits until the writes of its blocks have reached the store (never on the virtual clock, where
+every call is answered before time moves).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.inbox import Cancel, Inbox
 from hetero_sched.runtime.messages import pack, unpack
 from hetero_sched.runtime.recovery import RunJournal
+from hetero_sched.runtime.store import shard
 
 
 def ask_all(actors: list[Any], method: str, timeout_s: float, *args: Any) -> list[Any]:
@@ -70,6 +78,7 @@ class _Outbox:
     refs: list[ray.ObjectRef] = field(default_factory=list)     # KV bundles the import ops read
     imports: dict[int, int] = field(default_factory=dict)       # request id -> transfer id of its import
     exports: list[int] = field(default_factory=list)            # transfer ids of export ops, in order
+    block_puts: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)   # store writes' (flow, blocks)
 
 
 @dataclass
@@ -77,12 +86,14 @@ class _Call:
     """A call in flight: what it was, so its answer (or its actor's death) can be applied."""
 
     group_id: int
-    kind: str                          # "span" | "cut" | "step"
+    kind: str                          # "span" | "cut" | "step" | "store" (a store actor's put)
     span: Optional[Span] = None
     cuts: int = 0
     box: Optional[_Outbox] = None
     future: Optional["Future[Any]"] = None
     """Wall clock: done when the answer is in (what the engine's wait sleeps on)."""
+    flow: int = 0                      # store: the write it carries
+
 
 
 @dataclass
@@ -110,6 +121,12 @@ class DeviceStats:
     """Imports that failed their check after the modeled link had landed them (verify_imports off)."""
     stuck: int = 0
     """Actors killed (and restarted) because a report missed its deadline."""
+    store_put_bytes: int = 0
+    """Prefix-block bytes the KV store actors took in (after verifying them)."""
+    store_read_bytes: int = 0
+    """Prefix-block bytes group actors read from the KV store (verified, into their prefix caches)."""
+    store_puts: int = 0
+    store_reads: int = 0
 
 
 class RayDevices(Devices):
@@ -118,7 +135,7 @@ class RayDevices(Devices):
     def __init__(self, actors: list[Any], *, wall: Optional[WallClock], real_tokens: bool,
                  verify_imports: bool = True, journal: Optional[RunJournal] = None,
                  call_timeout_s: float = 120.0, inbox: Optional[Inbox] = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, store_actors: Optional[list[Any]] = None) -> None:
         """``wall``: the run's wall clock (None: virtual time). ``real_tokens``: the backend makes
         tokens (numpy), kept per request for the result and for prefilling again.
         ``verify_imports``: KV may be decoded from only once its destination reported it imported
@@ -131,6 +148,9 @@ class RayDevices(Devices):
         ``call_timeout_s``: a report this late past its span's expected end (or any answer
         this late) means the actor is stuck: it is killed and restarted like a crashed one."""
         self.actors = actors
+        self.store_actors = store_actors or []
+        """The cluster KV store's actors (block ``h`` on ``h % n``); none without a store."""
+        self._put_pending: dict[int, int] = {}   # block -> the write (flow id) not yet in its store actor
         self.wall = wall
         self.real_tokens = real_tokens
         self.inbox = inbox
@@ -341,6 +361,56 @@ class RayDevices(Devices):
         self._exported.pop(rs.request_id, None)
         self._forget(group_id, rs.request_id)
 
+    def kv_fetched(self, now_s: float, rs: RequestState, group_id: int, tier: int, start_s: float, end_s: float,
+                   num_bytes: float, tokens: int) -> None:
+        return None                  # host tiers are modeled time; the backend keeps every block it made
+
+    def store_write_started(self, now_s: float, flow_id: int, group_id: int, request_id: int,
+                            hashes: tuple[int, ...]) -> None:
+        """The group's actor exports the blocks; their bundle goes on to the store actors."""
+        if group_id in self._dead or not self.store_actors:
+            return
+        box = self._box(group_id)
+        box.ops.append({"op": "export_blocks", "id": request_id, "flow": flow_id, "hashes": list(hashes),
+                        "block_bytes": int(self.scheduler.store.block_bytes)})
+        box.block_puts.append((flow_id, tuple(hashes)))
+        for h in hashes:
+            self._put_pending[h] = flow_id
+
+    def store_read_started(self, now_s: float, flow_id: int, rs: RequestState, group_id: int,
+                           hashes: tuple[int, ...]) -> None:
+        """The reading group's actor gets the blocks' refs from the store actors before its prefill."""
+        if not self.store_actors:
+            return
+        self._await_puts(hashes)
+        box = self._box(group_id)
+        for index, sub in sorted(shard(hashes, len(self.store_actors)).items()):
+            box.ops.append({"op": "import_blocks", "id": rs.request_id, "hashes": sub, "ref": len(box.refs)})
+            box.refs.append(self.store_actors[index].get.remote(sub))
+        self.stats.store_reads += 1
+
+    def store_evicted(self, now_s: float, blocks: list[tuple[int, int]]) -> None:
+        for index, sub in shard([h for h, _ in blocks], len(self.store_actors)).items():
+            version = dict(blocks)
+            self.store_actors[index].evict.remote([(h, version[h]) for h in sub])
+
+    def _await_puts(self, hashes: tuple[int, ...]) -> None:
+        """Wait until the writes of ``hashes`` reached their store actors (wall clock only: on the
+        virtual clock every call was answered before the read's time came)."""
+        deadline = time.monotonic() + self.call_timeout_s
+        while True:
+            flows = {self._put_pending[h] for h in hashes if h in self._put_pending}
+            if not flows:
+                return
+            self._send()
+            refs = [r for r, c in self._calls.items()
+                    if (c.kind == "store" and c.flow in flows)
+                    or (c.kind == "step" and c.box is not None and any(f in flows for f, _ in c.box.block_puts))]
+            if not refs or time.monotonic() > deadline:
+                raise RunFailed(f"prefix blocks of KV store write(s) {sorted(flows)} never reached the store")
+            ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+            self._apply_answers(ready)
+
     def ship_spans(self, group_id: int, request_id: int, spans: list[dict[str, Any]]) -> None:
         """A finished request's spans for ``group_id``'s actor to emit (tracing's ``remote``)."""
         if group_id not in self._dead:
@@ -465,6 +535,9 @@ class RayDevices(Devices):
         queued = False
         for ref in refs:
             call = self._calls.pop(ref)
+            if call.kind == "store":
+                self._stored(ref, call)
+                continue
             gid = call.group_id
             if gid in self._dead:
                 continue
@@ -505,11 +578,15 @@ class RayDevices(Devices):
         return queued
 
     def _step_answered(self, box: _Outbox, msg: dict[str, Any], out_refs: list[ray.ObjectRef]) -> bool:
-        """Exports go on to their destinations; import verdicts settle their KV arrivals."""
+        """Exports go on to their destinations; import verdicts settle their KV arrivals; prefix
+        blocks exported for the KV store go on to its actors."""
         for index, tid in enumerate(box.exports):
             if tid in self._transfers:
                 self._refs[tid] = (out_refs[0], index)
                 self._import(tid)
+        if box.block_puts:
+            self._put_blocks(box.block_puts, out_refs[1 if msg["exports"] else 0])
+        self.stats.store_read_bytes += msg["store_bytes"]
         self.stats.bytes_moved += msg["import_bytes"]
         self.stats.import_s += msg["import_s"]
         if box.imports:
@@ -527,6 +604,28 @@ class RayDevices(Devices):
                 self._queue.push(self.wall.now(), Kind.KV_ARRIVAL, tid)
                 pushed = True
         return pushed
+
+    def _put_blocks(self, puts: list[tuple[int, tuple[int, ...]]], bundle: ray.ObjectRef) -> None:
+        """Hand one step's exported prefix blocks to the store actors (each its own blocks)."""
+        offset = 0
+        for flow, hashes in puts:
+            position = {h: offset + i for i, h in enumerate(hashes)}
+            for index, sub in sorted(shard(hashes, len(self.store_actors)).items()):
+                ref = self.store_actors[index].put.remote(flow, sub, [position[h] for h in sub], bundle)
+                self._calls[ref] = _Call(-1, "store", flow=flow, future=self._future(ref))
+            offset += len(hashes)
+
+    def _stored(self, ref: ray.ObjectRef, call: _Call) -> None:
+        """A store actor kept a write's blocks (or could not: the run cannot go on token-exact)."""
+        try:
+            kept = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise RunFailed(f"a KV store actor failed to keep prefix blocks: {str(exc).splitlines()[0]}") from None
+        self.stats.store_put_bytes += kept
+        self.stats.store_puts += 1
+        if not any(c.kind == "store" and c.flow == call.flow for c in self._calls.values()):
+            for h in [h for h, f in self._put_pending.items() if f == call.flow]:
+                del self._put_pending[h]
 
     # --- wall clock ----------------------------------------------------------------------------
     def _wall_timeout(self, next_s: Optional[float]) -> Optional[float]:

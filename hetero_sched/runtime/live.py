@@ -27,6 +27,7 @@ from hetero_sched.results import RunResult
 from hetero_sched.runtime.actors import SCHEDULER_RESTARTS, DeviceGroupActor, SchedulerActor
 from hetero_sched.runtime.cluster import ensure_cluster, object_store_usage, placement_options
 from hetero_sched.runtime.messages import pack
+from hetero_sched.runtime.store import start_store_actors
 from hetero_sched.engine.assembly import ExperimentLike, make_result, resolve, tracing_summary
 from hetero_sched.tracing import ExportCounts, TraceSettings
 from hetero_sched.workload import Workload
@@ -143,6 +144,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         actors = start_group_actors(exp, backend, bytes_scale, clock=clock, time_scale=time_scale, pace=pace,
                                     device_speed=device_speed, device_jitter=device_jitter, trace=trace,
                                     faults=faults, fetch_timeout_s=call_timeout_s / 2)
+        stores = start_store_actors(exp.kv_cache.store.nodes) \
+            if exp.kv_cache is not None and exp.kv_cache.store is not None else []
         # pinned to this node, where its journal is; restarted (and its run retried) if it dies
         scheduler = SchedulerActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
@@ -154,7 +157,7 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
                                        clock=clock, time_scale=time_scale,
                                        trace=trace.to_dict() if trace is not None else None,
                                        journal_path=str(journal_path), call_timeout_s=call_timeout_s,
-                                       verify_imports=bool(faults))
+                                       verify_imports=bool(faults), store_actors=stores)
             done = 0
             while True:
                 ready, _ = ray.wait([fut], timeout=0.25)
@@ -166,12 +169,13 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
             out = _result(fut)
             wall_s = time.perf_counter() - t0
             held = [_held(a) for a in actors]
+            store_held = ray.get([a.held.remote() for a in stores], timeout=60)
             store_after = _settled_store(cluster_address, store_before)
         except ray.exceptions.GetTimeoutError:
             raise UserError("the cluster could not place every device-group actor within 120 s "
                             "(check its resources and labels against the experiment)") from None
         finally:
-            for a in [*actors, scheduler]:
+            for a in [*actors, *stores, scheduler]:
                 ray.kill(a)
     usage = [GroupUsage(*u) for u in out["usage"]]
     result = make_result(exp, out["records"], DecisionLog.from_state(out["decisions"]), usage, workload,
@@ -184,6 +188,7 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
     result.summary["runtime"] = {
         "clock": clock, "backend": backend, "pace": pace, "time_scale": time_scale, "bytes_scale": bytes_scale,
         "wall_s": wall_s, **stats, "kv_held_after_run": int(sum(held)),
+        "store_actors": len(stores), "store_blocks_held_after_run": int(sum(b for b, _ in store_held)),
         "object_store_before": {"mib": store_before[0], "objects": store_before[1]},
         "object_store_after": {"mib": store_after[0], "objects": store_after[1]},
         # wall clock: how long after a span's reported end the core applied it (report latency)
@@ -197,6 +202,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         "lateness_ms_p50": float(np.percentile(late, 50) * 1e3 * time_scale),
         "lateness_ms_p99": float(np.percentile(late, 99) * 1e3 * time_scale),
     }
+    if out["kv_cache"] is not None:
+        result.summary["kv_cache"] = out["kv_cache"]
     if trace is not None:
         result.summary["tracing"] = tracing_summary(trace, [ExportCounts(**c) for c in out["span_counts"]])
     result.stamp["placement"] = [{"group": u.name, "node_labels": labels} for u, labels in zip(usage, placement)]

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _REPORT: dict[str, tuple[type, ...]] = {
     "span_id": (int,), "start_s": (float, int), "end_s": (float, int), "steps": (int,),
@@ -55,6 +55,10 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     #   {"op": "forget", "ids": [ids]}
     #   {"op": "trace", "id", "spans": [{"name", "parent": {"traceparent"}, "start_ns", "end_ns",
     #        "attrs", "measure"}]}     (a finished request's spans this group emits; may be empty)
+    #   {"op": "export_blocks", "id", "flow", "hashes", "block_bytes"}   (prefix blocks for the KV
+    #        store, one batch each; all of a step's go out as one more bundle, after the exports')
+    #   {"op": "import_blocks", "id", "hashes", "ref": k}   (the k-th ref: a KV store's answer, the
+    #        blocks' refs in order; they join the backend's prefix cache)
     # expect: the actor incarnation the ops were meant for; seq: the call's place in the order
     # the actor must act in (Ray does not order an async actor's calls), from 0 per incarnation
     "step": {"ops": (list,), "expect": (int,), "seq": (int,)},
@@ -64,6 +68,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
                     "imported": (list,),  # requests whose KV landed intact
                     "bad_kv": (list,),    # requests whose imported KV failed its checksum or was lost
                     "exports": (list,),   # request ids exported (one bundle, returned beside)
+                    "block_exports": (list,),   # flows whose prefix blocks were exported (a second bundle)
+                    "store_bytes": (int,),      # bytes of prefix blocks read from the KV store
                     "incarnation": (int,)},
 }
 
@@ -73,7 +79,8 @@ SPAN_FIELDS = {"span_id": (int,), "kind": (str,), "steps": (int,), "start_s": (f
 """Fields of a ``span`` message's span."""
 
 OPS = {"import": ("id", "last", "ref", "index"), "export": ("id", "true_bytes"), "forget": ("ids",),
-       "trace": ("id", "spans")}
+       "trace": ("id", "spans"), "export_blocks": ("id", "flow", "hashes", "block_bytes"),
+       "import_blocks": ("id", "hashes", "ref")}
 """Operations a ``step`` message may carry, with their required fields."""
 
 

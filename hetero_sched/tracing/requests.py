@@ -15,7 +15,9 @@ Span tree (names and attributes: README "Tracing")::
 
     text_completion <model>          root: arrival → finished; events first_token / preempt / retry / reject
     ├── queue.prefill                placed → its prefill starts (one per attempt)
+    │   └── kv.fetch                 its prefix read from the cluster KV store (while it waits)
     ├── prefill                      on the prefill group
+    │   └── kv.fetch                 its prefix read from host DRAM / local SSD (one per tier)
     ├── queue.decode                 prefill done → first decode step
     │   └── kv_transfer              disaggregated only
     │       ├── kv.encode            live only, on the prefill group's actor
@@ -38,6 +40,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from hetero_sched.core.group import GroupState
+from hetero_sched.core.kvtiers import TIER_NAMES
 from hetero_sched.core.spans import Span, SpanKind, SpanReport
 from hetero_sched.core.request import RequestState
 
@@ -236,6 +239,31 @@ class RequestTracer:
         if spec is not None:
             spec.attrs["hetero.cancelled"] = True
         tl.open.pop("kv.decode", None)
+
+    def kv_fetched(self, now_s: float, rs: RequestState, group_id: int, tier: int, start_s: float, end_s: float,
+                   num_bytes: float, tokens: int) -> None:
+        if self.inner is not None:
+            self.inner.kv_fetched(now_s, rs, group_id, tier, start_s, end_s, num_bytes, tokens)
+        tl = self._tl(rs)
+        parent = tl.open.get("prefill", tl.open.get("queue.prefill", ROOT))
+        spec = SpanSpec("kv.fetch", start_s, end_s, parent=parent, attrs={
+            **self._group_attrs(group_id), "hetero.kv.tier": TIER_NAMES[tier], "hetero.kv.bytes": int(num_bytes),
+            "hetero.kv.tokens": tokens, "hetero.attempt": tl.attempt})
+        tl.specs.append(spec)
+
+    def store_read_started(self, now_s: float, flow_id: int, rs: RequestState, group_id: int,
+                           hashes: tuple[int, ...]) -> None:
+        if self.inner is not None:
+            self.inner.store_read_started(now_s, flow_id, rs, group_id, hashes)
+
+    def store_write_started(self, now_s: float, flow_id: int, group_id: int, request_id: int,
+                            hashes: tuple[int, ...]) -> None:
+        if self.inner is not None:
+            self.inner.store_write_started(now_s, flow_id, group_id, request_id, hashes)
+
+    def store_evicted(self, now_s: float, blocks: list[tuple[int, int]]) -> None:
+        if self.inner is not None:
+            self.inner.store_evicted(now_s, blocks)
 
     def request_left(self, now_s: float, group_id: int, rs: RequestState, how: str) -> None:
         if self.inner is not None:
