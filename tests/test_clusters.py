@@ -345,21 +345,6 @@ def test_a_failing_job_fails_the_submit_with_the_reason(laptop: Laptop) -> None:
     assert "failed with exit code 2" in out.stdout + out.stderr
 
 
-def test_laptop_down_stops_exactly_its_processes(laptop: Laptop, ray_cluster: LocalCluster) -> None:
-    """``down`` leaves none of the laptop cluster's processes and closes its ports; the session
-    cluster (another Ray cluster on this machine) keeps running."""
-    pgids = _pgids(laptop.state)
-    assert len(pgids) == 4 and all(_alive_in_group(g) for g in pgids)
-    session_nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    down = _run([LAPTOP, "down"], env=laptop.env)
-    assert down.returncode == 0, down.stderr
-    assert not [g for g in pgids if _alive_in_group(g)]
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", GCS_PORT)) != 0
-    assert [n["NodeID"] for n in ray.nodes() if n["Alive"]] == session_nodes
-    assert "not running" in _run([LAPTOP, "down"], env=laptop.env).stdout  # idempotent
-
-
 def test_job_submit_serves_the_cluster_over_http_until_stopped(laptop: Laptop) -> None:
     """``ray job submit -- hetero-sched serve clusters/experiments/trn2-cs3.yaml --address auto``:
     the job's server answers /ready and a completion on the labelled nodes; ``ray job stop``
@@ -398,3 +383,18 @@ def test_job_submit_serves_the_cluster_over_http_until_stopped(laptop: Laptop) -
         time.sleep(1)
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/health", timeout=5)
+
+
+def test_laptop_down_stops_exactly_its_processes(laptop: Laptop, ray_cluster: LocalCluster) -> None:
+    """``down`` leaves none of the laptop cluster's processes and closes its ports; the session
+    cluster (another Ray cluster on this machine) keeps running."""
+    pgids = _pgids(laptop.state)
+    assert len(pgids) == 4 and all(_alive_in_group(g) for g in pgids)
+    session_nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    down = _run([LAPTOP, "down"], env=laptop.env)
+    assert down.returncode == 0, down.stderr
+    assert not [g for g in pgids if _alive_in_group(g)]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", GCS_PORT)) != 0
+    assert [n["NodeID"] for n in ray.nodes() if n["Alive"]] == session_nodes
+    assert "not running" in _run([LAPTOP, "down"], env=laptop.env).stdout  # idempotent
