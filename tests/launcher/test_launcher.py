@@ -213,4 +213,5 @@ def test_launcher_sh_runs_the_head_and_the_submitted_script_with_a_virtual_envir
                                   timeout=STEP_TIMEOUT_S, cwd=ROOT)
             after = BASHRC.read_text() if BASHRC.exists() else ""
     assert down.returncode == 0, f"launcher.sh down failed:\n{down.stdout[-3000:]}\n{down.stderr[-3000:]}"
-    assert "hetero-sched launcher" not in after and not wrapper_ray.exists()
+    assert "# >>> hetero-sched launcher >>>" not in after, "launcher.sh down left its ~/.bashrc block"
+    assert not wrapper_ray.exists(), "launcher.sh down left its ray wrapper"
