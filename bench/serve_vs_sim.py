@@ -19,7 +19,12 @@
 4. Does it twice, for ``jitter_rel`` (the largest relative difference between the two runs).
 5. Simulates the same arrivals (each request's client start, relative to the first) and lengths
    with ``hetero-sched simulate`` (a generic CSV trace), and compares: client TTFT with the
-   simulated TTFT, client ITL with the simulated TPOT, p50/p90/p99 over requests.
+   simulated TTFT, client ITL with the simulated TPOT, p50/p90/p99 over requests. The simulator
+   is given the control plane's latency the server measured in the *second* run (its mean
+   dispatch and report delays, ``/metrics`` ``hetero:control_plane_delay_seconds``; experiment
+   field ``control_plane``): the scheduler's messages to and from its device actors take
+   milliseconds, which the plain simulator does not model. ``*_rel_err_ideal`` compares with
+   the plain (zero-latency) simulator.
 
 Prints one JSON object last: ``generator``, ``generator_version``, ``requests``, client
 ``ttft_ms_*`` / ``itl_ms_*`` (p50/p90/p99), the simulator's (``*_sim``), the relative errors
@@ -46,6 +51,7 @@ import numpy as np
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
 import yaml  # noqa: E402
 
 import hetero_sched as hs  # noqa: E402
@@ -135,16 +141,20 @@ def experiment() -> dict:
     return with_absolute_paths(exp, base).model_dump(mode="json")
 
 
-def simulated(records: Sequence[ClientRecord], work: Path) -> dict[str, dict[str, float]]:
-    """``hetero-sched simulate`` on the client's arrivals and lengths: TTFT and TPOT percentiles (ms)."""
+def simulated(records: Sequence[ClientRecord], work: Path, name: str,
+              control_plane: Optional[dict[str, float]] = None) -> dict[str, dict[str, float]]:
+    """``hetero-sched simulate`` on the client's arrivals and lengths (and a control plane's
+    latency, if given): TTFT and TPOT percentiles (ms)."""
     t0 = min(r.start_s for r in records)
     trace = work / "served-arrivals.csv"
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "".join(
         f"{r.start_s - t0!r},{r.prompt_tokens},{r.output_tokens}\n" for r in sorted(records, key=lambda r: r.start_s)))
     exp = {**experiment(), "workload": {"kind": "trace", "path": str(trace)}}
-    (work / "served.yaml").write_text(yaml.safe_dump(exp))
-    out = work / "sim"
-    subprocess.run(["hetero-sched", "simulate", str(work / "served.yaml"), "--out", str(out), "-q"], check=True,
+    if control_plane is not None:
+        exp["control_plane"] = control_plane
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(exp))
+    out = work / name
+    subprocess.run(["hetero-sched", "simulate", str(work / f"{name}.yaml"), "--out", str(out), "-q"], check=True,
                    stdout=subprocess.DEVNULL)
     t = pq.read_table(out / "requests.parquet")
     return {"ttft": percentiles_ms(t.column("ttft_s").to_pylist()), "itl": percentiles_ms(t.column("tpot_s").to_pylist())}
@@ -181,7 +191,7 @@ def main() -> None:
     repo_id = write_hf_cache(work / "hf-cache")
     exp, base = resolve(None)
     options = EngineOptions(progress_interval_s=args.progress_interval_ms / 1e3)
-    runs = []
+    runs, control = [], []
     with LocalCluster(nodes_for(exp)) as cluster:
         connect(cluster.address)
         for i in range(args.runs):
@@ -191,23 +201,33 @@ def main() -> None:
                 t0 = time.monotonic()
                 records = run_aiperf(exe, ingress.url, work / "hf-cache", repo_id, work / f"run{i}", args, exp.model)
                 print(f"run {i}: {len(records)} requests in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+                status = ray.get(ingress.actor.status.remote(), timeout=60)   # its measured control plane
+                control.append({"dispatch_ms": round(status.dispatch_delay_s * 1e3, 3),
+                                "report_ms": round(status.report_delay_s * 1e3, 3)})
             finally:
                 ingress.stop()
             if len(records) < args.requests:
                 sys.exit(f"error: run {i}: {len(records)} of {args.requests} requests recorded")
             runs.append(records)
     first = client_stats(runs[0])
-    sim = simulated(runs[0], work)
+    measured = control[-1]      # the last run's control plane (the other run's, when there are two)
+    sim = simulated(runs[0], work, "sim", measured)
+    ideal = simulated(runs[0], work, "sim-ideal")
     out: dict = {"generator": GENERATOR, "generator_version": GENERATOR_VERSION, "requests": len(runs[0]),
                  "rate_per_s": args.rate, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-                 "experiment": exp.name, "busiest_utilization_sim": round(util, 3)}
+                 "experiment": exp.name, "busiest_utilization_sim": round(util, 3), "control_plane": measured,
+                 "control_plane_runs": control}
     for metric in ("ttft", "itl"):
         for q in QUANTILES:
             out[f"{metric}_ms_p{q}"] = round(first[metric][f"p{q}"], 3)
             out[f"{metric}_ms_p{q}_sim"] = round(sim[metric][f"p{q}"], 3)
+            out[f"{metric}_ms_p{q}_sim_ideal"] = round(ideal[metric][f"p{q}"], 3)
     for metric in ("ttft", "itl"):
         for q in QUANTILES:
             out[f"{metric}_p{q}_rel_err"] = round(first[metric][f"p{q}"] / sim[metric][f"p{q}"] - 1, 4)
+    for metric in ("ttft", "itl"):
+        for q in QUANTILES:
+            out[f"{metric}_p{q}_rel_err_ideal"] = round(first[metric][f"p{q}"] / ideal[metric][f"p{q}"] - 1, 4)
     if len(runs) > 1:
         second = client_stats(runs[1])
         out["jitter_rel"] = round(max(abs(second[m][k] / first[m][k] - 1) for m in first for k in first[m]), 4)

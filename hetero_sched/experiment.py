@@ -197,6 +197,17 @@ class AdmissionConfig(_Strict):
                                         "(default: no limit)")
 
 
+class ControlPlaneConfig(_Strict):
+    """The simulator's model of the messages between the scheduler and its devices (see
+    :mod:`hetero_sched.engine.lagged`). The live runtime has its own, measured latency (its
+    summary's ``dispatch_delay_ms_*`` and ``report_delay_ms_*``): this field is ignored there."""
+
+    dispatch_ms: float = Field(0.0, ge=0, description="from the scheduler planning a span (or a cut) "
+                               "to its device acting on it")
+    report_ms: float = Field(0.0, ge=0, description="from a span's end on its device to the scheduler "
+                             "applying its report")
+
+
 class SLOConfig(_Strict):
     ttft_s: float = Field(gt=0)
     tpot_s: float = Field(gt=0)
@@ -226,6 +237,7 @@ class Experiment(_Strict):
     report_interval_s: float = Field(0.0, ge=0)
     transfer: TransferConfig = Field(default_factory=lambda: TransferConfig())
     admission: AdmissionConfig = Field(default_factory=lambda: AdmissionConfig())
+    control_plane: ControlPlaneConfig = Field(default_factory=lambda: ControlPlaneConfig())
     kv_cache: Optional[KVCacheConfig] = Field(None, description="KV tiers below device memory (host DRAM, "
                                               "local SSD) and a cluster KV store (default: device memory only)")
     catalog: list[dict[str, Any]] = Field(default_factory=list, description="the experiment's own devices and "

@@ -94,6 +94,11 @@ def test_completions_and_chat_streamed_and_not_with_usage(modeled: Server) -> No
     streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=40, stream=True) if ch.choices)
     assert streamed == placeholder(40)
+    # the control plane's measured latency, for a simulator to model (experiment field control_plane)
+    m = modeled.metrics()
+    dispatch = m[f'hetero:control_plane_delay_seconds{{hop="dispatch",model_name="{MODEL}"}}']
+    report = m[f'hetero:control_plane_delay_seconds{{hop="report",model_name="{MODEL}"}}']
+    assert 0 < dispatch < 0.5 and 0 < report < 0.5
 
 
 def test_bad_requests_are_400_with_an_openai_error_body(modeled: Server) -> None:

@@ -747,7 +747,8 @@ class Scheduler:
 
     def _complete(self, now_s: float, rs: RequestState, group_id: Optional[int]) -> None:
         rs.phase = Phase.COMPLETED
-        rs.finish_s = now_s
+        # its last token's time as its device reported it (a live report reaches the core later)
+        rs.finish_s = rs.last_token_s if rs.last_token_s > 0 else now_s
         self.decisions.add(now_s, D.COMPLETE, group_id, rs.request_id)
         self._record(rs, "completed")
         if self.hooks is not None:

@@ -29,7 +29,7 @@ from hetero_sched.runtime.journal import JournalError
 from hetero_sched.runtime.kvcodec import KVCorruptionError, flip_payload_bit
 from hetero_sched.runtime.livemetrics import LiveMetrics
 from hetero_sched.runtime.messages import pack, unpack
-from hetero_sched.runtime.pacing import DevicePace, Timeline, measured_report
+from hetero_sched.engine.pacing import DevicePace, Timeline, measured_report
 from hetero_sched.runtime.recovery import Recovered, RunJournal
 from hetero_sched.engine.assembly import build_scheduler
 from hetero_sched.engine.loop import run_events
@@ -593,7 +593,7 @@ class SchedulerActor:
                       "kv_damaged": st.kv_damaged, "stuck_actors": st.stuck, "kv_bad_unverified": st.unverified_bad,
                       "store_put_bytes": st.store_put_bytes, "store_read_bytes": st.store_read_bytes,
                       "store_puts": st.store_puts, "store_reads": st.store_reads,
-                      "report_delay_s": st.report_delay_s,
+                      "report_delay_s": st.report_delay_s, "dispatch_delay_s": st.dispatch_delay_s,
                       "device_pace": {scheduler.groups[g].name: float(np.median(r)) for g, r in sorted(st.pace.items())},
                       "lateness_s": wall.lateness_s if wall is not None else [],
                       "wall_s": time.perf_counter() - t0,

@@ -40,6 +40,7 @@ from hetero_sched.core.events import EventQueue, Kind
 from hetero_sched.core.request import Phase, RequestState
 from hetero_sched.core.spans import Span, SpanKind, SpanReport, decode_span_duration
 from hetero_sched.engine.devices import Devices
+from hetero_sched.engine.pacing import span_report
 from hetero_sched.errors import RunFailed
 from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.inbox import Cancel, Inbox
@@ -108,6 +109,8 @@ class DeviceStats:
     min_margin: Optional[float] = None
     report_delay_s: list[float] = field(default_factory=list)
     """Wall clock: how long after a span's reported end its report was applied."""
+    dispatch_delay_s: list[float] = field(default_factory=list)
+    """Wall clock: how long after the core planned a span (uncut) its device started it."""
     pace: dict[int, list[float]] = field(default_factory=dict)
     """Per group: each span's reported duration over the cost model's for the steps it reported
     (1.0: the device runs as modeled; 2.0: at half the speed)."""
@@ -227,8 +230,9 @@ class RayDevices(Devices):
             self.stats.pace.setdefault(gid, []).append((msg["end_s"] - msg["start_s"]) / modeled)
         if self.wall is not None:
             self.stats.report_delay_s.append(now_s - msg["end_s"])
-        return SpanReport(gid, span.span_id, float(msg["start_s"]), float(msg["end_s"]), int(msg["steps"]),
-                          float(msg["first_step_end_s"]), float(msg["max_step_s"]))
+            if span.cuts == 0:
+                self.stats.dispatch_delay_s.append(msg["start_s"] - span.start_s)
+        return span_report(span, msg)
 
     def wait(self, queue: EventQueue) -> Optional[float]:
         """Bring in the answers the next event may depend on; returns the time the core changed

@@ -181,26 +181,25 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
     result = make_result(exp, out["records"], DecisionLog.from_state(out["decisions"]), usage, workload,
                          f"live-{clock}")
     stats = out["stats"]
-    late = np.array(stats.pop("lateness_s") or [0.0])
-    delay = np.array(stats.pop("report_delay_s") or [0.0])
-    fetch = np.array(stats.pop("import_fetch_s") or [0.0])
-    queued = np.array(stats.pop("import_queued_s") or [0.0])
+
+    def ms(key: str, scale: float = time_scale) -> dict[str, float]:
+        """A list of seconds in ``stats`` as its p50, p99 and mean in ms on the run's clock."""
+        values = np.array(stats.pop(key) or [0.0]) * 1e3 * scale
+        name = key.removesuffix("_s")
+        return {f"{name}_ms_p50": float(np.percentile(values, 50)), f"{name}_ms_p99": float(np.percentile(values, 99)),
+                f"{name}_ms_mean": float(values.mean())}
+
+    # wall clock: the control plane's latency — from a span's reported end to the core applying
+    # it, and from the core planning a span to its device starting it; KV imports at the
+    # destination actor: fetching the bundle's bytes, and waiting for the call's turn
+    latencies = {**ms("report_delay_s"), **ms("dispatch_delay_s"), **ms("lateness_s"),
+                 **ms("import_fetch_s", 1.0), **ms("import_queued_s", 1.0)}
     result.summary["runtime"] = {
         "clock": clock, "backend": backend, "pace": pace, "time_scale": time_scale, "bytes_scale": bytes_scale,
-        "wall_s": wall_s, **stats, "kv_held_after_run": int(sum(held)),
+        "wall_s": wall_s, **stats, **latencies, "kv_held_after_run": int(sum(held)),
         "store_actors": len(stores), "store_blocks_held_after_run": int(sum(b for b, _ in store_held)),
         "object_store_before": {"mib": store_before[0], "objects": store_before[1]},
         "object_store_after": {"mib": store_after[0], "objects": store_after[1]},
-        # wall clock: how long after a span's reported end the core applied it (report latency)
-        "report_delay_ms_p50": float(np.percentile(delay, 50) * 1e3 * time_scale),
-        "report_delay_ms_p99": float(np.percentile(delay, 99) * 1e3 * time_scale),
-        # KV imports at the destination actor: fetching the bundle's bytes, and waiting for the call's turn
-        "import_fetch_ms_p50": float(np.percentile(fetch, 50) * 1e3),
-        "import_fetch_ms_p99": float(np.percentile(fetch, 99) * 1e3),
-        "import_queued_ms_p50": float(np.percentile(queued, 50) * 1e3),
-        "import_queued_ms_p99": float(np.percentile(queued, 99) * 1e3),
-        "lateness_ms_p50": float(np.percentile(late, 50) * 1e3 * time_scale),
-        "lateness_ms_p99": float(np.percentile(late, 99) * 1e3 * time_scale),
     }
     if out["kv_cache"] is not None:
         result.summary["kv_cache"] = out["kv_cache"]

@@ -226,8 +226,11 @@ class EngineCore:
             waiting += g_waiting
             used += g.kv.num_used
             total += g.kv.num_blocks
+        stats = self.devices.stats if self.devices is not None else None
         return CoreStatus(healthy=self._failure is None, ready=ready, num_running=running, num_waiting=waiting,
-                          kv_cache_usage=used / total if total else 0.0, groups=tuple(groups))
+                          kv_cache_usage=used / total if total else 0.0, groups=tuple(groups),
+                          dispatch_delay_s=_mean(stats.dispatch_delay_s) if stats else 0.0,
+                          report_delay_s=_mean(stats.report_delay_s) if stats else 0.0)
 
     # --- what devices stream (on the server's loop) ----------------------------------------------
     def deliver(self, message: bytes) -> None:
@@ -302,6 +305,12 @@ class EngineCore:
     def _fail_all(self) -> None:
         for rid, live in list(self._live.items()):
             self._end(rid, Phase.REJECTED, f"the engine stopped: {self._failure}", None, live.next_index, 0, None)
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of a list another thread appends to (what it held when read), 0.0 when empty."""
+    n = len(values)
+    return sum(values[:n]) / n if n else 0.0
 
 
 class _FrontDoorHooks:

@@ -27,6 +27,9 @@ state), so several servers can live in one process.
 ``hetero:group_requests_waiting``          gauge       same labels
 ``hetero:group_kv_cache_usage_perc``       gauge       same labels
 ``hetero:group_busy_frac``                 gauge       same labels
+``hetero:control_plane_delay_seconds``     gauge       mean so far, label ``hop``: ``dispatch`` (a span planned ->
+                                                       its device starting it), ``report`` (a span's end ->
+                                                       the scheduler applying it)
 =========================================  ==========  ==============================================
 
 Every metric carries ``model_name`` (vLLM's label).
@@ -82,6 +85,8 @@ class ServeMetrics:
         self.group_waiting = Gauge("hetero:group_requests_waiting", "Requests queued at a device group", g, registry=r)
         self.group_kv = Gauge("hetero:group_kv_cache_usage_perc", "KV-cache usage of a device group, 0-1", g, registry=r)
         self.group_busy = Gauge("hetero:group_busy_frac", "Recent share of time a device group was busy", g, registry=r)
+        self.control_plane = Gauge("hetero:control_plane_delay_seconds", "Mean latency of the scheduler <-> device "
+                                   "messages so far", (*m, "hop"), registry=r)
 
     def observe_finished(self, *, ttft_s: float | None, e2e_s: float, prompt_tokens: int, generation_tokens: int,
                          finished_reason: str) -> None:
@@ -111,4 +116,6 @@ class ServeMetrics:
             self.group_waiting.labels(*labels).set(grp.num_waiting)
             self.group_kv.labels(*labels).set(grp.kv_blocks_used / grp.kv_blocks_total if grp.kv_blocks_total else 0.0)
             self.group_busy.labels(*labels).set(grp.busy_frac)
+        self.control_plane.labels(m, "dispatch").set(status.dispatch_delay_s)
+        self.control_plane.labels(m, "report").set(status.report_delay_s)
         return generate_latest(self.registry)

@@ -187,6 +187,11 @@ class CoreStatus:
     kv_cache_usage: float
     """Used / total KV blocks over the cluster, 0-1: ``vllm:kv_cache_usage_perc``."""
     groups: tuple[GroupStatus, ...] = ()
+    dispatch_delay_s: float = 0.0
+    """Mean so far: from the scheduler planning a span to its device starting it (the control
+    plane's latency; a simulator models it with the experiment field ``control_plane``)."""
+    report_delay_s: float = 0.0
+    """Mean so far: from a span's end on its device to the scheduler applying its report."""
 
 
 class ServeCore(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from hetero_sched.engine.assembly import ExperimentLike, build_scheduler, finish_run, resolve, tracing_summary
+from hetero_sched.engine.lagged import LaggedDevices
 from hetero_sched.engine.loop import run_events
 from hetero_sched.experiment import build_workload
 from hetero_sched.results import RunResult
@@ -33,7 +34,10 @@ def simulate(experiment: ExperimentLike = None, *, workload: Optional[Workload] 
         tracing = ProcessTracing(trace, instance="simulator")
         last = float(workload.arrival_s[-1]) if len(workload) else 0.0
         attach_tracer(scheduler, tracing, model=exp.model, epoch_ns=epoch_for(last))
-    run_events(scheduler, workload.requests(), progress)
+    lag = exp.control_plane
+    devices = (LaggedDevices(lag.dispatch_ms / 1e3, lag.report_ms / 1e3)
+               if lag.dispatch_ms > 0 or lag.report_ms > 0 else None)
+    run_events(scheduler, workload.requests(), progress, devices=devices)
     result = finish_run(exp, scheduler, workload, "simulated")
     if tracing is not None:
         result.summary["tracing"] = tracing_summary(trace, [tracing.shutdown()])

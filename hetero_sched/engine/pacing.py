@@ -7,6 +7,9 @@ with (for tests, benchmarks and what-if runs). Scaling the step-time line keeps 
 closed form, with the core's own functions (``core/spans.py``): at factor 1 the device's
 timeline is the core's plan to the bit, which is what makes a virtual-clock live run equal
 the simulator *through the devices' reports*.
+
+The Ray device actors (``runtime/actors.py``) run it on the wall or virtual clock; the
+simulator's lagged virtual devices (``engine/lagged.py``) run it behind a modeled control plane.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hetero_sched.core.spans import decode_span_duration, steps_until
+from hetero_sched.core.spans import Span, SpanKind, SpanReport, decode_span_duration, steps_until
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,13 @@ class Timeline:
             steps = max(1, steps - short_steps)
         return Timeline("decode", start_s, steps, (a * factor, s * factor), span["context0"], span["batch_size"])
 
+    @staticmethod
+    def of_span(span: Span, start_s: float) -> "Timeline":
+        """The timeline of a core's span on a device that runs it as modeled, from ``start_s``."""
+        if span.kind is not SpanKind.DECODE:
+            return Timeline(span.kind.value, start_s, span.planned_steps, duration_s=span.duration_s)
+        return Timeline("decode", start_s, span.planned_steps, span.line, span.context0, span.batch_size)
+
     def end_s(self, steps: Optional[int] = None) -> float:
         """When step ``steps`` (default: the last) ends."""
         if self.kind != "decode":
@@ -100,6 +110,12 @@ class Timeline:
         return {"start_s": self.start_s, "end_s": end, "steps": steps,
                 "first_step_end_s": self.start_s + a + s * c0,
                 "max_step_s": max(a + s * c0, a + s * (c0 + self.batch_size * (steps - 1)))}
+
+
+def span_report(span: Span, times: dict[str, float]) -> SpanReport:
+    """``span``'s :class:`SpanReport` from a report's times (:meth:`Timeline.report`)."""
+    return SpanReport(span.group_id, span.span_id, float(times["start_s"]), float(times["end_s"]),
+                      int(times["steps"]), float(times["first_step_end_s"]), float(times["max_step_s"]))
 
 
 def measured_report(start_s: float, step_ends_s: list[float], kind: str) -> dict[str, float]:
