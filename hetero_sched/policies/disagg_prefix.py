@@ -9,12 +9,18 @@ group's queued prefill tokens plus the KV it holds, in the same block units. A r
 to the group holding its prefix unless that group's load outweighs the hit. Ties go to the
 lowest group id; requests without hashes are routed on load alone. The decode group is chosen
 as by ``disagg``.
+
+Only two kinds of group can win, so only they are scored: the groups whose prefix cache holds
+the request's first block (the Fleet's prefix holders), and the group with the fewest blocks in
+use (a group with no hit scores ``overlap_weight × blocks + blocks in use``, never less than
+that group's score) — the same choice as scoring every group, at O(holders + log G).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from hetero_sched.core.fleet import KV_IN_USE, PREFILL, as_fleet
 from hetero_sched.policies.base import Decision, GroupView, Placement, RequestInfo
 from hetero_sched.policies.disagg import Disagg
 from hetero_sched.policies.registry import register
@@ -43,14 +49,19 @@ class DisaggPrefix(Disagg):
         self.overlap_weight = overlap_weight
 
     def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
-        borrowed = self.borrowed_prefill(request, groups)
+        fleet = as_fleet(groups)
+        borrowed = self.borrowed_prefill(request, fleet)
         if borrowed is not None:
             return borrowed
+        least = fleet.best(KV_IN_USE, PREFILL)
+        assert least is not None   # check() made sure a prefill group exists
+        candidates = [least]
+        if request.prefix_hashes:
+            candidates += [g for g in fleet.prefix_holders(request.prefix_hashes[0]) if g.can_prefill]
         best: Optional[tuple[float, int]] = None
-        for g in groups:
-            if g.can_prefill:
-                cost = kv_router_cost(request, g, self.overlap_weight)
-                if best is None or cost < best[0]:
-                    best = (cost, g.group_id)
-        assert best is not None   # check() made sure a prefill group exists
+        for g in candidates:
+            key = (kv_router_cost(request, g, self.overlap_weight), g.group_id)
+            if best is None or key < best:
+                best = key
+        assert best is not None
         return Placement(best[1])
