@@ -40,6 +40,13 @@ DEFAULT_FIT = ("compute_efficiency", "memory_efficiency", "layer_latency_s")
 FITTABLE = ("compute_efficiency", "memory_efficiency", "link_efficiency", "layer_latency_s",
             "step_overhead_s", "pp_hop_s")
 COLUMNS = ("kind", "batch", "tokens", "context", "ms")
+MIN_STEP_MS = 1e-3
+"""A measured step below a microsecond is a unit mistake (seconds or ns for ms), not a measurement."""
+MAX_FIT_ERROR = 0.25
+"""A point the fitted model still misses by more than this (relative) means the model cannot
+describe the measurements: a profile from them would mislead."""
+MIN_LATENCY_S = 1e-12
+"""A fitted latency at or below this sits on the solver's floor: the points asked for a negative time."""
 
 
 @dataclass(frozen=True)
@@ -120,9 +127,10 @@ def read_measurements(path: str | Path) -> tuple[Measurement, ...]:
                 nums[col] = float(cells[col])
             except ValueError:
                 raise UserError(f"{p}, line {lineno}, column {col!r}: not a number: {cells[col]!r}") from None
-            minimum = 0 if col == "context" else 1e-12
+            minimum = 0 if col == "context" else MIN_STEP_MS if col == "ms" else 1
             if not math.isfinite(nums[col]) or nums[col] < minimum or (col != "ms" and nums[col] != int(nums[col])):
-                what = "a positive number" if col == "ms" else ("a non-negative integer" if col == "context" else "a positive integer")
+                what = (f"milliseconds of at least {MIN_STEP_MS:g} (1 µs: no step is faster)" if col == "ms"
+                        else "a non-negative integer" if col == "context" else "a positive integer")
                 raise UserError(f"{p}, line {lineno}, column {col!r}: expected {what}, got {cells[col]!r}")
         out.append(Measurement(kind, int(nums["batch"]), int(nums["tokens"]), int(nums["context"]),
                                nums["ms"] / 1e3, cells.get("label", "") or f"line {lineno}"))
@@ -230,6 +238,35 @@ def fit_roofline(measurements: Sequence[Measurement], group: GroupSpec, model: s
     return FitResult("roofline", {n: _from_x(n, float(v)) for n, v in zip(names, x)}, points)
 
 
+def fit_problems(result: FitResult) -> list[str]:
+    """Why a fit should not become a profile (empty: it may): too few points to check it, a
+    point it still cannot reproduce, or a parameter outside its physical range."""
+    problems = []
+    unchecked = [p.label for p in result.points if p.loo_s is None]
+    if unchecked:
+        count = len(result.params) if result.kind == "roofline" else "its"
+        problems.append(f"under-determined: {count} parameters from {len(result.points)} point(s) "
+                        f"({unchecked[0]} cannot be checked by leaving it out; give more points than parameters"
+                        + (", per prefill and per decode piece" if result.kind == "fitted" else "") + ")")
+    worst = max(result.points, key=lambda p: abs(p.fit_error))
+    if abs(worst.fit_error) > MAX_FIT_ERROR:
+        problems.append(f"point {worst.label} is still {worst.fit_error:+.0%} off after fitting (limit "
+                        f"±{MAX_FIT_ERROR:.0%}): the cost model cannot reproduce these measurements")
+    if result.kind == "roofline":
+        for name, value in result.params.items():
+            if name.endswith("_efficiency") and not 0.0 < value <= 1.0:
+                problems.append(f"{name} = {value:.3g} is outside (0, 1]: faster than the device's peak")
+            elif name.endswith("_s") and value <= MIN_LATENCY_S:
+                problems.append(f"{name} = {value:.3g} s is pinned at its floor: the points ask for a negative time")
+            elif name.endswith("_s") and value > 1.0:
+                problems.append(f"{name} = {value:.3g} s is more than a second per step")
+    else:
+        coefficients = [*result.params["prefill"], *(v for piece in result.params["decode_pieces"] for v in piece[1:])]
+        if any(c < 0 for c in coefficients):
+            problems.append("a fitted coefficient is negative: the profile would predict negative times for some batches")
+    return problems
+
+
 # --- fitted-coefficient fit -------------------------------------------------------------------
 
 def _features(m: Measurement) -> np.ndarray:
@@ -290,10 +327,12 @@ def fit_coefficients(measurements: Sequence[Measurement], decode_pieces: Sequenc
     return FitResult("fitted", params, tuple(points))
 
 
-def make_profile(result: FitResult, device: str, group: GroupSpec, model: str, source: str) -> Profile:
-    """A profile file's content from a fit."""
+def make_profile(result: FitResult, device: str, group: GroupSpec, model: str, source: str,
+                 forced: Sequence[str] = ()) -> Profile:
+    """A profile file's content from a fit (``forced``: the problems ``--force`` wrote it past)."""
     fit = {"rms_fit_error": result.rms(), "rms_loo_error": result.rms(loo=True),
            "points": [{"label": p.label, "measured_s": p.measured_s, "fitted_s": p.fitted_s,
                        "loo_s": p.loo_s} for p in result.points]}
     return Profile(kind=result.kind, device=device, base_device=group.device, model=model, tp=group.tp,
-                   pp=group.pp, count=group.count, params=dict(result.params), fit=fit, source=source)
+                   pp=group.pp, count=group.count, params=dict(result.params), fit=fit, source=source,
+                   forced=tuple(forced))

@@ -30,10 +30,10 @@ from hetero_sched.catalog import resolve_catalog
 from hetero_sched.catalog.costparams import CostParams
 from hetero_sched.catalog.datafile import CatalogData
 from hetero_sched.catalog.groups import GroupSpec
-from hetero_sched.catalog.models import DTYPE_BYTES, ModelSpec
+from hetero_sched.catalog.models import ModelSpec
 from hetero_sched.catalog.profiles import Profile, load_profile
 from hetero_sched.catalog.sources import Source, Status
-from hetero_sched.costlines import GroupCost, Line, step_time_s, upper_envelope
+from hetero_sched.costlines import GroupCost, Line, step_time_s, upper_envelope  # noqa: F401 (step_time_s: re-exported)
 from hetero_sched.errors import UserError
 from hetero_sched.speculation import Speculation, SpeculativeCost, speculative_capacity
 
@@ -237,7 +237,8 @@ def _apply_profile(cost: CostParams, profile: Profile, path: str | Path) -> Cost
         if sources.get(name, Source(Status.ASSUMED, "")).status is Status.OVERRIDE:
             continue  # the experiment's explicit override wins over the profile
         changes[name] = float(value)
-        sources[name] = Source(Status.CALIBRATED, f"profile {path} ({profile.source})")
+        forced = f"; written with --force past: {'; '.join(profile.forced)}" if profile.forced else ""
+        sources[name] = Source(Status.CALIBRATED, f"profile {path} ({profile.source}{forced})")
     return replace(cost, **changes, sources=sources)
 
 

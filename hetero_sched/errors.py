@@ -12,3 +12,8 @@ class UserError(Exception):
 class RunFailed(Exception):
     """A live run could not finish (an actor died, a call missed its deadline, KV failed its
     checksum): the CLI prints the one-line reason and exits with status 1."""
+
+
+DEBUG_HINT = "(--debug for the traceback)"
+"""Appended to a one-line error that hides a traceback worth seeing (a user's code failed)."""
+

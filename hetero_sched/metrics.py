@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +41,7 @@ _TYPES = {
     "status": pa.string(), "reason": pa.string(), "prefill_group": pa.int64(),
     "decode_group": pa.int64(), "token1_s": pa.float64(), "token2_s": pa.float64(),
     "finish_s": pa.float64(), "max_gap_s": pa.float64(), "preemptions": pa.int64(),
-    "generated": pa.int64(),
+    "generated": pa.int64(), "reason_code": pa.string(),
 }
 
 
@@ -101,13 +101,36 @@ def _pcts(values: np.ndarray) -> dict[str, Optional[float]]:
 
 @dataclass(frozen=True)
 class GroupUsage:
-    """What a group cost and how busy it was, for the summary."""
+    """What a group cost and how busy — and how full — it was, for the summary.
+
+    Busy time alone misleads: a decode group running batches of 2 is as "busy" as one running
+    batches of 200. Batch and KV occupancy say how much of the group the busy time used.
+    """
 
     name: str
     device: str
     role: str
     busy_s: float
     dollars_per_hour: float
+    decode_seq_s: Optional[float] = None
+    """Σ decode batch size × span time (None: not reported)."""
+    kv_block_s: Optional[float] = None
+    """Σ KV blocks in use × time (None: not reported)."""
+    max_num_seqs: Optional[int] = None
+    kv_blocks: Optional[int] = None
+    """The group's KV blocks for requests (the prefix cache's share excluded)."""
+
+    def row(self, makespan_s: float) -> dict[str, Any]:
+        """The summary's entry: busy share, mean decode batch and its share of ``max_num_seqs``,
+        mean share of KV blocks in use — each over the run's length."""
+        decodes = self.decode_seq_s is not None and (self.role != "prefill" or self.decode_seq_s > 0)
+        batch = self.decode_seq_s / makespan_s if decodes and self.decode_seq_s is not None else None
+        kv = (self.kv_block_s / (makespan_s * self.kv_blocks)
+              if self.kv_block_s is not None and self.kv_blocks else None)
+        return {"name": self.name, "device": self.device, "role": self.role,
+                "utilization": self.busy_s / makespan_s, "mean_decode_batch": batch,
+                "batch_occupancy": batch / self.max_num_seqs if batch is not None and self.max_num_seqs else None,
+                "kv_occupancy": kv, "dollars_per_hour": self.dollars_per_hour}
 
 
 def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> dict:
@@ -122,17 +145,29 @@ def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> d
     makespan = max(end - start, 1e-12)
     done = np.array(status, dtype=object) == "completed"
     out_tokens = int(_np(table, "output_tokens")[done].sum()) if n else 0
-    reasons: dict[str, int] = {}
-    for s, r in zip(status, table.column("reason").to_pylist()):
+    counts: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    codes = table.column("reason_code").to_pylist() if "reason_code" in table.column_names else [None] * n
+    for s, code, reason in zip(status, codes, table.column("reason").to_pylist()):
         if s != "completed":
-            reasons[r] = reasons.get(r, 0) + 1
+            key = code or "unknown"
+            counts[key] = counts.get(key, 0) + 1
+            examples.setdefault(key, reason or "")
+    by_count = sorted(counts, key=lambda k: (-counts[k], k))
+    prompt = _np(table, "prompt_tokens")[done]
+    cached = _np(table, "cached_tokens")[done]
     dollars_per_hour = sum(g.dollars_per_hour for g in groups)
     cost = dollars_per_hour * makespan / 3600
+    span = float(arrival.max() - start) if n > 1 else 0.0
+    warning = (short_trace_warning(n, (n - 1) / span, slo, float(_np(table, "output_tokens").mean()))
+               if span > 0 else None)
     return {
         "requests": n,
         "completed": completed,
-        "rejected": n - completed,
-        "reject_reasons": reasons,
+        "rejected": status.count("rejected"),
+        "cancelled": status.count("cancelled"),
+        "reject_reasons": {k: counts[k] for k in by_count},
+        "reject_examples": {k: examples[k] for k in by_count},
         "slo": {"name": slo.name, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "slo_attainment": attainment(table, slo),
         "ttft_s": _pcts(_np(table, "ttft_s")),
@@ -146,12 +181,39 @@ def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> d
         "output_tokens_per_s": out_tokens / makespan,
         "preemptions": int(_np(table, "preemptions").sum()) if n else 0,
         "prefix_cached_tokens": int(_np(table, "cached_tokens").sum()) if n else 0,
+        "prefix_cache": {"hit_tokens": int(cached.sum()), "prompt_tokens": int(prompt.sum()),
+                         "token_hit_rate": float(cached.sum() / prompt.sum()) if prompt.sum() else 0.0,
+                         "requests_with_hit": int((cached > 0).sum()),
+                         "request_hit_rate": float((cached > 0).mean()) if cached.size else 0.0},
         "cluster_dollars_per_hour": dollars_per_hour,
         "dollars_per_million_output_tokens": (cost / out_tokens * 1e6) if out_tokens else None,
-        "groups": [{"name": g.name, "device": g.device, "role": g.role,
-                    "utilization": g.busy_s / makespan, "dollars_per_hour": g.dollars_per_hour}
-                   for g in groups],
+        "groups": [g.row(makespan) for g in groups],
+        "warnings": [warning] if warning else [],
     }
+
+
+STABLE_TRACE_DEADLINES = 6.0
+"""A trace should last at least this many SLO deadlines at the rate it is replayed at. On a
+shorter one, work spills past the last arrival into the drain and attainment (so goodput)
+reads high: the shipped experiment's standard-tier goodput is 89 / 66 / 63 / 55 / 55 / 54 / 53
+req/s at 400 / 1,000 / 2,000 / 5,000 / 10,000 / 20,000 / 50,000 requests (README)."""
+
+
+def short_trace_warning(num_requests: int, rate_per_s: float, slo: SLO,
+                        mean_output_tokens: Optional[float]) -> Optional[str]:
+    """A warning when ``num_requests`` at ``rate_per_s`` last less than
+    :data:`STABLE_TRACE_DEADLINES` times a mean request's SLO deadline (TTFT + TPOT per later
+    output token), with the number of requests a stable figure needs; else None."""
+    if not rate_per_s > 0 or not num_requests:
+        return None
+    deadline_s = slo.ttft_s + slo.tpot_s * max((mean_output_tokens or 1.0) - 1.0, 0.0)
+    span_s = num_requests / rate_per_s
+    if span_s >= STABLE_TRACE_DEADLINES * deadline_s:
+        return None
+    need = math.ceil(STABLE_TRACE_DEADLINES * deadline_s * rate_per_s)
+    return (f"{num_requests:,} requests last {span_s:,.1f} s at {rate_per_s:,.2f} req/s, under "
+            f"{STABLE_TRACE_DEADLINES:g}x the {deadline_s:,.1f} s a request may take within the {slo.name} SLO: "
+            f"work spills past the last arrival and attainment reads high; use at least {need:,} requests")
 
 
 @dataclass(frozen=True)

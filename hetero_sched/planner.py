@@ -33,13 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hetero_sched.bound import (Bound, BoundMaker, GroupCapacity, group_capacity, prefill_pair_s,
                                 workload_work)
 from hetero_sched.catalog import GroupSpec, resolve_catalog
+from hetero_sched.configfile import apply_sets, expect_mapping, format_error, read_yaml, shipped_or_path
 from hetero_sched.core.group import GroupState, Role
 from hetero_sched.costmodel import build_group_cost
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import (Experiment, GroupConfig, PredictorConfig, SLOConfig, WorkloadConfig,
                                      build_workload, parse_experiment)
 from hetero_sched.goodput import GoodputResult, measure_goodput
-from hetero_sched.metrics import SLO_TIERS
+from hetero_sched.metrics import SLO_TIERS, short_trace_warning
 
 
 class DeviceOffer(BaseModel):
@@ -126,7 +127,9 @@ class Evaluated:
         busiest = max(groups, key=lambda x: x["utilization"], default=None)
         util = ", ".join(f"{role} {sum(x['utilization'] for x in groups if x['role'] == role) / max(1, sum(1 for x in groups if x['role'] == role)):.0%}"
                          for role in dict.fromkeys(x["role"] for x in groups))
-        text = f"bound limited by {g.bound.bottleneck}; simulated goodput is {g.pct_of_bound:.0f}% of it"
+        pct = g.pct_of_bound
+        text = (f"bound limited by {g.bound.bottleneck}; simulated goodput is {pct:.0f}% of it" if pct is not None
+                else "no bound: the trace is short enough to serve in one burst within its SLOs")
         if busiest is not None:
             text += f"; at that rate mean utilization {util}, busiest {busiest['name']} {busiest['utilization']:.0%}"
         rejected = g.at_goodput.get("rejected", 0)
@@ -147,21 +150,20 @@ class PlanResult:
     """True if ``max_evaluations`` ended the search before the bound could."""
     best_unevaluated_bound_per_dollar: Optional[float] = None
     assumptions: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """The best configuration's goodput rests on a trace too short for its rate (short_trace_warning)."""
 
 
-def load_plan(path: Union[str, Path]) -> tuple[PlanFile, Path]:
-    """Read and validate a plan file."""
-    from hetero_sched.experiment import _format_error
-    from hetero_sched.sweep import _read_yaml, shipped_or_path
-
+def load_plan(path: Union[str, Path], sets: Sequence[tuple[str, Any]] = ()) -> tuple[PlanFile, Path]:
+    """Read and validate a plan file (or a shipped example by name), ``sets`` (``--set``) applied first."""
     p = shipped_or_path(path)
-    data = _read_yaml(p, "plan")
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: expected a mapping at the top level")
+    data = expect_mapping(read_yaml(p, "plan"), str(p), "plan")
+    if sets:
+        data = apply_sets(data, sets, tuple(PlanFile.model_fields), "plan")
     try:
         return PlanFile.model_validate(data), p.parent
     except ValidationError as exc:
-        raise UserError(_format_error(str(p), exc)) from None
+        raise UserError(format_error(str(p), exc)) from None
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -293,5 +295,8 @@ def plan_search(plan: PlanFile, base_dir: Path, progress: Optional[Any] = None) 
             progress(len(evaluated), cand.label())
     ranked = sorted(evaluated, key=lambda e: (-e.goodput.requests_per_dollar, e.candidate.dollars_per_hour,
                                               e.candidate.label()))
+    top = ranked[0].goodput if ranked else None
+    warning = (short_trace_warning(len(workload), top.rate_per_s, slo, top.mean_output_tokens)
+               if top is not None and top.rate_per_s > 0 else None)
     return PlanResult(ranked, len(cands), len(evaluated), len(cands) - len(evaluated), stopped, next_bound,
-                      {k: v for k, v in plan.overrides.items()})
+                      {k: v for k, v in plan.overrides.items()}, [warning] if warning else [])

@@ -16,8 +16,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import hetero_sched
-from hetero_sched.core.events import DecisionLog
+from hetero_sched.core.events import DETAIL_COLUMNS, TABLE_COLUMNS, DecisionLog
 from hetero_sched.errors import UserError
+
+
+_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string()}
+
+
+def ensure_folder(path: str | Path, what: str) -> Path:
+    """``path`` as a folder to write into, created if missing; a file in the way or a folder that
+    cannot be made is one line naming ``what`` (a flag), before any work is done."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p}: is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what} {p}: cannot create the folder ({exc.strerror or exc})") from None
+    return p
 
 
 def git_revision() -> Optional[str]:
@@ -44,22 +60,26 @@ class RunResult:
     """Generated token ids per request (live runs with the numpy backend)."""
 
     def decisions_table(self) -> pa.Table:
-        """The decision log as an Arrow table (time_s, kind, group_id, request_id, detail)."""
+        """The decision log as an Arrow table: ``time_s, kind, group_id, request_id,
+        request_ids`` (a span's requests), one typed column per detail field (null where the
+        kind has none; see ``DETAIL_FIELDS``), and a rejection's ``reason_code`` beside its
+        ``reason`` (from the request's record)."""
         cols = self.decisions.columns()
-        return pa.table({
-            "time_s": pa.array(cols["time_s"], pa.float64()),
-            "kind": pa.array(cols["kind"], pa.string()),
-            "group_id": pa.array(cols["group_id"], pa.int64()),
-            "request_id": pa.array(cols["request_id"], pa.int64()),
-            "detail": pa.array(cols["detail"], pa.string()),
-        })
+        arrow = {"time_s": pa.float64(), "kind": pa.string(), "group_id": pa.int64(), "request_id": pa.int64(),
+                 "request_ids": pa.list_(pa.int64())}
+        arrow.update({name: _ARROW[typ] for name, typ in DETAIL_COLUMNS.items()})
+        table = pa.table({name: pa.array(cols[name], arrow[name]) for name in TABLE_COLUMNS})
+        codes = dict(zip(self.records.column("request_id").to_pylist(), self.records.column("reason_code").to_pylist())) \
+            if "reason_code" in self.records.column_names else {}
+        rejected = [codes.get(r) if k == "reject" else None for k, r in zip(cols["kind"], cols["request_id"])]
+        at = table.column_names.index("reason") + 1
+        return table.add_column(at, "reason_code", pa.array(rejected, pa.string()))
 
     def write(self, out_dir: str | Path) -> Path:
         """Write ``requests.parquet``, ``decisions.parquet`` and ``summary.json`` into ``out_dir``."""
-        out = Path(out_dir)
+        out = ensure_folder(out_dir, "run folder")
         doc = {"summary": self.summary, "experiment": self.experiment, "stamp": self.stamp}
         try:
-            out.mkdir(parents=True, exist_ok=True)
             for name, table in (("requests.parquet", self.records), ("decisions.parquet", self.decisions_table())):
                 with open(out / name, "wb") as f:  # a file, not a path: pyarrow reads "A:/x" as a URI
                     pq.write_table(table, f)

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from hetero_sched.catalog import resolve_assumptions, resolve_catalog
 from hetero_sched.errors import UserError
 from hetero_sched.experiment import parse_experiment
-from hetero_sched.sweep import (GoodputConfig, Point, Sweep, expand, point_id, ratio_value, rows_table, run_points)
+from hetero_sched.sweep import (Point, Sweep, expand, point_id, ratio_value, rows_table, run_points)
 
 SPECULATIVE_KEY = "speculative.acceptance_rate"
 SPECULATIVE_RANGE = (0.6, 0.9)

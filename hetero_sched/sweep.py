@@ -40,16 +40,18 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from hetero_sched.catalog import resolve_catalog
+from hetero_sched.configfile import expect_mapping, read_yaml, set_path, shipped_or_path, validate
+from hetero_sched.goodput import tier_slo
+from hetero_sched.metrics import short_trace_warning
+from hetero_sched.results import ensure_folder
 from hetero_sched.errors import UserError
-from hetero_sched.experiment import Experiment, build_groups, build_workload, parse_experiment
+from hetero_sched.experiment import (EXPERIMENT_FIELDS, Experiment, build_groups, build_workload,
+                                     load_experiment, parse_experiment)
 from hetero_sched.policies import make_policy
-from hetero_sched.validation import validate
 
-EXPERIMENT_FIELDS = tuple(Experiment.model_fields)
 POINTS_DIR = "points"
 TABLE = "sweep.parquet"
 
@@ -136,6 +138,8 @@ class SweepOutcome:
     rows: list[dict[str, Any]]
     computed: int
     reused: int
+    warnings: list[str] = field(default_factory=list)
+    """Points whose goodput rests on a trace too short for its rate (:func:`short_trace_warning`)."""
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -153,17 +157,6 @@ def absolute_paths(exp: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         if isinstance(g, dict) and isinstance(g.get("cost_profile"), str) and not Path(g["cost_profile"]).is_absolute():
             g["cost_profile"] = str((base_dir / g["cost_profile"]).resolve())
     return out
-
-
-def _read_yaml(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path}: no such {what} file")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}:{where}: {getattr(exc, 'problem', None) or 'invalid YAML'}") from None
 
 
 def _field_path(source: str, axis: str, path: str) -> None:
@@ -199,24 +192,25 @@ def parse_axis(source: str, name: str, spec: Union[list[Any], dict[str, Any]]) -
     return Axis(name, labels, labels, tuple(settings))
 
 
-def parse_sweep(data: Any, base_dir: Path, source: str = "sweep") -> Sweep:
-    """Validate a sweep mapping (relative paths resolve against ``base_dir``)."""
-    spec = validate(SweepFile, data, source)
+def parse_sweep(data: Any, base_dir: Path, source: str = "sweep",
+                sets: Sequence[tuple[str, Any]] = ()) -> Sweep:
+    """Validate a sweep mapping (relative paths resolve against ``base_dir``); ``sets`` (from
+    ``--set``) change the base experiment after the file's own ``set:``."""
+    spec = validate(SweepFile, expect_mapping(data, source, "sweep"), source)
     if spec.experiment is None or isinstance(spec.experiment, str):
-        from hetero_sched.experiment import load_experiment
-
         exp_path = None if spec.experiment is None else (base_dir / spec.experiment)
         exp, exp_dir = load_experiment(exp_path)
         base = absolute_paths(exp.model_dump(mode="json"), exp_dir)
     else:
-        base = absolute_paths(parse_experiment(spec.experiment, f"{source}: experiment", base_dir).model_dump(mode="json"),
-                              base_dir)
-    for path, value in spec.set.items():
-        _field_path(source, f"set.{path}", path)
+        base = absolute_paths(parse_experiment(spec.experiment, f"{source}: experiment", base_dir)
+                              .model_dump(mode="json"), base_dir)
+    for label, (path, value) in [*((f"set.{p}", (p, v)) for p, v in spec.set.items()),
+                                 *((f"--set {p}", (p, v)) for p, v in sets)]:
+        _field_path(source, label, path)
         try:
             set_path(base, path, value)
         except UserError as exc:
-            raise UserError(f"{source}: set.{path}: {exc}") from None
+            raise UserError(f"{source}: {label}: {exc}") from None
     axes = tuple(parse_axis(source, name, values) for name, values in spec.axes.items())
     for rname, ratio in spec.ratios.items():
         for side in (ratio.numerator, ratio.denominator):
@@ -244,29 +238,17 @@ def ratio_value(ratio: RatioConfig, rows: Sequence[Mapping[str, Any]]) -> Option
     return num / den
 
 
-def shipped_or_path(path: Union[str, Path]) -> Path:
-    """``path`` itself, or the shipped example of that name (``hetero_sched/data/``) if no such file."""
-    from importlib import resources
-
-    p = Path(path)
-    if not p.exists():
-        shipped = Path(str(resources.files("hetero_sched").joinpath("data", p.name)))
-        if shipped.is_file():
-            return shipped
-    return p
-
-
-def load_sweep(path: Union[str, Path]) -> Sweep:
+def load_sweep(path: Union[str, Path], sets: Sequence[tuple[str, Any]] = ()) -> Sweep:
     """Read and validate a sweep file (or a shipped example by name)."""
     p = shipped_or_path(path)
-    return parse_sweep(_read_yaml(p, "sweep"), p.parent, str(p))
+    return parse_sweep(read_yaml(p, "sweep"), p.parent, str(p), sets)
 
 
 def load_sweep_or_experiment(path: Union[str, Path]) -> Sweep:
     """A sweep file, or an experiment file as a one-point sweep measuring goodput at its SLO tier
     (``standard`` when the experiment's SLO is custom)."""
     p = shipped_or_path(path)
-    data = _read_yaml(p, "sweep or experiment")
+    data = read_yaml(p, "sweep or experiment")
     if isinstance(data, dict) and "groups" in data and "axes" not in data:
         tier = data.get("slo") if data.get("slo") in ("standard", "high-speed") else "standard"
         return parse_sweep({"name": data.get("name", "experiment"), "experiment": data, "goodput": {"tiers": [tier]}},
@@ -275,33 +257,6 @@ def load_sweep_or_experiment(path: Union[str, Path]) -> Sweep:
 
 
 # --- expanding ----------------------------------------------------------------------------
-def set_path(data: dict[str, Any], path: str, value: Any) -> None:
-    """Assign ``value`` at a dotted path (list indices by number; ``overrides.<dotted key>``)."""
-    parts = path.split(".")
-    if parts[0] == "overrides" and len(parts) > 1:
-        data.setdefault("overrides", {})[".".join(parts[1:])] = copy.deepcopy(value)
-        return
-    cur: Any = data
-    for i, key in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(cur, list):
-            if not key.isdigit() or int(key) >= len(cur):
-                raise UserError(f"{'.'.join(parts[:i]) or path}: no list item {key!r} (it has {len(cur)})")
-            if last:
-                cur[int(key)] = copy.deepcopy(value)
-            else:
-                cur = cur[int(key)]
-        elif isinstance(cur, dict):
-            if last:
-                cur[key] = copy.deepcopy(value)
-            else:
-                if not isinstance(cur.get(key), (dict, list)):
-                    cur[key] = {}
-                cur = cur[key]
-        else:
-            raise UserError(f"{'.'.join(parts[:i])} is a value, not a mapping, so {path!r} cannot be set")
-
-
 def point_id(experiment: dict[str, Any], goodput: Optional[GoodputConfig], save_runs: bool) -> str:
     """A point's identity: what it runs and measures (so a rerun can recognise it)."""
     doc = {"experiment": experiment, "goodput": goodput.model_dump(mode="json") if goodput else None,
@@ -484,11 +439,12 @@ def run_points(points: Sequence[Point], out: Path, goodput: Optional[GoodputConf
 
 
 def run_sweep(sweep: Sweep, out: Union[str, Path], *, address: Optional[str] = None, use_ray: bool = True,
-              progress: Optional[Callable[[int, int], None]] = None) -> SweepOutcome:
-    """Run every point not already finished under ``out``; write ``sweep.parquet``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    points = expand(sweep)
+              progress: Optional[Callable[[int, int], None]] = None,
+              points: Optional[Sequence[Point]] = None) -> SweepOutcome:
+    """Run every point not already finished under ``out``; write ``sweep.parquet``.
+    ``points``: the grid already expanded (:func:`expand`), else it is expanded here."""
+    out = ensure_folder(out, "sweep folder")
+    points = list(points) if points is not None else expand(sweep)
     (out / "sweep.json").write_text(json.dumps({"name": sweep.name, "source": sweep.source,
                                                 "axes": [a.name for a in sweep.axes],
                                                 "goodput": sweep.goodput.model_dump(mode="json") if sweep.goodput else None,
@@ -503,7 +459,22 @@ def run_sweep(sweep: Sweep, out: Union[str, Path], *, address: Optional[str] = N
             r[f"ratio_{name}"] = value
     path = out / TABLE
     pq.write_table(rows_table(ordered), path)
-    return SweepOutcome(path, ordered, computed, len(points) - computed)
+    warnings = [f"point {', '.join(f'{k}={r.get(k)}' for k in (a.name for a in sweep.axes)) or r['point_id']}: {w}"
+                for r in ordered if r.get("status") == "ok" for w in _row_warnings(r, sweep)]
+    return SweepOutcome(path, ordered, computed, len(points) - computed, warnings)
+
+
+def _row_warnings(row: dict[str, Any], sweep: Sweep) -> list[str]:
+    """A point's short-trace warnings, one per goodput tier whose figure rests on a short trace."""
+    out = []
+    for tier in sweep.goodput.tiers if sweep.goodput is not None else ():
+        key = tier.replace("-", "_")
+        rate = row.get(f"goodput_rps_{key}")
+        if rate:
+            warning = short_trace_warning(int(row["requests"]), float(rate), tier_slo(tier), row.get("mean_output_tokens"))
+            if warning is not None:
+                out.append(f"{tier}: {warning}")
+    return out
 
 
 def add_breakeven(rows: Sequence[dict[str, Any]], tiers: Sequence[str]) -> None:

@@ -572,6 +572,10 @@ def _read_parquet(path: Path, columns: list[str]) -> tuple[dict[str, np.ndarray]
     return out, lambda i: f"row {i + 1}"
 
 
+_READERS: dict[str, Callable[[Path, list[str]], tuple[dict[str, np.ndarray], Where]]] = {
+    "csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+
+
 def _tokens(values: np.ndarray, field: str, path: Path, where: Where) -> np.ndarray:
     """Validated int64 token counts (>= 0; zeros are handled by the caller's policy)."""
     kind = values.dtype.kind
@@ -720,17 +724,16 @@ def _read(path: str | Path, *, fmt: str, cols: dict[str, Optional[str]], time_un
         raise UserError(f"{path}: no such trace file")
     if fmt == "auto":
         fmt = _EXTENSIONS.get(path.suffix.lower(), "")
-    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
-    if fmt not in readers:
-        raise UserError(f"{path}: unknown trace format (use .csv, .jsonl or .parquet, "
-                        f"or pass fmt='csv'|'jsonl'|'parquet')")
+    if fmt not in _READERS:
+        raise UserError(f"{path}: unknown trace format (name it .csv, .jsonl or .parquet, "
+                        f"or set format: csv, jsonl or parquet)")
     if time_unit not in _TIME_UNITS:
         raise UserError(f"{path}: time_unit must be one of {', '.join(_TIME_UNITS)}")
     if zero_lengths not in ("error", "clamp", "drop"):
-        raise UserError(f"{path}: zero_lengths must be 'error', 'clamp' or 'drop'")
+        raise UserError(f"{path}: zero_lengths must be error, clamp or drop")
     mapping = {k: v for k, v in cols.items() if v is not None}
     try:
-        raw, where = readers[fmt](path, list(dict.fromkeys(mapping.values())))
+        raw, where = _READERS[fmt](path, list(dict.fromkeys(mapping.values())))
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); is it really {fmt}?") from None
 
@@ -752,8 +755,8 @@ def _read(path: str | Path, *, fmt: str, cols: dict[str, Optional[str]], time_un
     if zero_lengths == "error" and either.any():
         i = int(np.argmax(either))
         _fail(path, where(i), f"{mapping['prompt' if zero['prompt'][i] else 'output']} is 0 "
-                              f"(a request needs >= 1 token; read with zero_lengths='clamp' "
-                              f"or 'drop' to accept such rows)")
+                              f"(a request needs >= 1 token; set zero_lengths: clamp or drop to "
+                              f"accept such rows)")
     source["zero_lengths"] = zero_lengths
     source["zero_rows"] = {k: int(m.sum()) for k, m in zero.items()}
     if zero_lengths == "clamp":
@@ -767,7 +770,7 @@ def _read(path: str | Path, *, fmt: str, cols: dict[str, Optional[str]], time_un
         i = int(back[0]) + 1
         _fail(path, where(i), f"{mapping['arrival']} goes back in time by "
                               f"{arrival[i - 1] - arrival[i]:.6g} s ({back.size} such rows; rows "
-                              f"must be in arrival order, or read with sort=True)")
+                              f"must be in arrival order, or set sort: true)")
     order = np.argsort(arrival, kind="stable") if back.size else None
     source["sorted"] = bool(back.size)
     if keep is not None or order is not None:
@@ -793,31 +796,52 @@ def _read(path: str | Path, *, fmt: str, cols: dict[str, Optional[str]], time_un
                      max_tokens=lengths.get("max_tokens"), source=source)
 
 
+_COMMON_OPTIONS = ("sort", "zero_lengths")
+_FORMAT_OPTIONS = {
+    "azure": _COMMON_OPTIONS,
+    "mooncake": (*_COMMON_OPTIONS, "spread_buckets", "seed"),
+    "generic": (*_COMMON_OPTIONS, "arrival", "prompt", "output", "hashes", "max_tokens", "time_unit",
+                "prefix_block_tokens", "name"),
+}
+"""Reader options each kind of trace takes (an experiment's ``workload`` fields of the same names;
+the column mapping is its ``columns``)."""
+_TITLES = {"azure": "an Azure trace", "mooncake": "a Mooncake trace", "generic": "a generic CSV/JSONL/Parquet trace"}
+
+
 def load_trace(path: str | Path, fmt: str = "auto", **options: Any) -> Workload:
-    """Read a trace, recognizing Azure CSV, Mooncake JSONL or canonical columns
-    (``arrival_s``, ``prompt_tokens``, ``output_tokens``); ``options`` go to the reader
-    (a column mapping for :func:`read_table`)."""
+    """Read a trace, recognizing Azure CSV, Mooncake JSONL or canonical columns (``arrival_s``
+    or ``arrival_ms``, ``prompt_tokens``, ``output_tokens``); ``options`` go to the reader
+    (:data:`_FORMAT_OPTIONS`: a column mapping and ``time_unit`` for a generic trace, ...)."""
     path = Path(path)
-    if fmt == "azure":
-        return read_azure_csv(path, **options)
-    if fmt == "mooncake":
-        return read_mooncake_jsonl(path, **options)
+    if fmt not in ("auto", "azure", "mooncake", *_READERS):
+        raise UserError(f"{path}: unknown trace format {fmt!r} (format: auto, azure, mooncake, csv, jsonl or parquet)")
+    kind = fmt if fmt in ("azure", "mooncake") else "generic"
     if fmt == "auto":
         fmt = _EXTENSIONS.get(path.suffix.lower(), "")
         if not fmt:
-            raise UserError(f"{path}: unknown trace format (use .csv, .jsonl or .parquet, or "
-                            f"pass fmt='azure'|'mooncake'|'csv'|'jsonl'|'parquet')")
-        if "arrival" not in options and path.is_file():
+            raise UserError(f"{path}: unknown trace format (name it .csv, .jsonl or .parquet, or set "
+                            f"format: azure, mooncake, csv, jsonl or parquet)")
+        if not {"arrival", "prompt", "output"} & set(options) and path.is_file():
             names = _column_names(path, fmt)
             if set(_AZURE.values()) <= names:
-                return read_azure_csv(path, **options)
-            if set(_MOONCAKE.values()) <= names:
-                return read_mooncake_jsonl(path, **options)
-            if not set(_CANONICAL.values()) <= names:
-                raise UserError(f"{path}: unknown trace columns ({', '.join(sorted(names))}); "
-                                f"give a column mapping (arrival=, prompt=, output=)")
-    mapping = {**_CANONICAL, **options}
-    return read_table(path, fmt=fmt, **mapping)
+                kind = "azure"
+            elif set(_MOONCAKE.values()) <= names:
+                kind = "mooncake"
+            elif not {"arrival_s", "arrival_ms"} & names or not {"prompt_tokens", "output_tokens"} <= names:
+                raise UserError(f"{path}: unknown trace columns ({', '.join(sorted(names))}); map them with "
+                                f"columns: {{arrival: ..., prompt: ..., output: ...}}")
+            elif "arrival_s" not in names:
+                options = {"arrival": "arrival_ms", "time_unit": "ms", **options}
+    stray = sorted(set(options) - set(_FORMAT_OPTIONS[kind]))
+    if stray:
+        what = "columns" if stray[0] in ("arrival", "prompt", "output", "hashes", "max_tokens") else stray[0]
+        raise UserError(f"{path}: {what} does not apply to {_TITLES[kind]} (it applies to "
+                        f"{', '.join(_TITLES[k] for k, opts in _FORMAT_OPTIONS.items() if stray[0] in opts)})")
+    if kind == "azure":
+        return read_azure_csv(path, **options)
+    if kind == "mooncake":
+        return read_mooncake_jsonl(path, **options)
+    return read_table(path, fmt=fmt, **{**_CANONICAL, **options})
 
 
 def _column_names(path: Path, fmt: str) -> set[str]:

@@ -120,3 +120,14 @@ def test_every_number_has_a_status_and_a_source() -> None:
     assert stamp["device.cs3.memory_bytes_per_s"]["status"] == "vendor-claim"
     small = resolve_assumptions(devices_used=["cs3"], models_used=["tiny"])
     assert {k.split(".")[1] for k in small} == {"cs3", "tiny"}
+
+
+def test_every_model_states_its_context_window_with_a_source() -> None:
+    # the checkpoints' max_position_embeddings (config.json): what the arrival check rejects beyond
+    assert get_model("llama-3.1-70b").max_context_tokens == 131_072
+    assert get_model("qwen3-32b").max_context_tokens == 40_960
+    stamp = resolve_assumptions(models_used=["llama-3.1-70b"], devices_used=[])
+    assert stamp["model.llama-3.1-70b.max_context_tokens"]["status"] == "published"
+    assert "config.json" in stamp["model.llama-3.1-70b.max_context_tokens"]["source"]
+    over = resolve_catalog({"model.qwen3-32b.max_context_tokens": 131_072})   # YaRN, as the model card allows
+    assert over.model("qwen3-32b").max_context_tokens == 131_072

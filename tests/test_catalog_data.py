@@ -37,7 +37,7 @@ NEW = {
         "mini-moe": {
             "hf_id": "example/mini-moe", "source": "https://example.com/mini-moe/config.json",
             "num_layers": 8, "hidden_size": 1024, "num_heads": 16, "num_kv_heads": 4, "head_dim": 64,
-            "ffn_size": 512, "vocab_size": 32000, "num_experts": 8, "experts_per_token": 2,
+            "ffn_size": 512, "vocab_size": 32000, "max_context_tokens": 32768, "num_experts": 8, "experts_per_token": 2,
         },
     },
 }

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -165,6 +166,39 @@ def test_laptop_sh_bad_input_is_one_line_and_status_2(args: list[str], message: 
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+# ---------------------------------------------------------------- launcher.sh (no Ray started)
+
+LAUNCHER = CLUSTERS / "launcher.sh"
+
+
+def test_launcher_sh_makes_the_login_shells_python_the_callers_virtual_environment(tmp_path: Path) -> None:
+    """What ``ray up`` / ``ray submit`` run on the head is the login shell's ``python``/``ray``:
+    ``launcher.sh env`` (run by ``launcher.sh up`` before ``ray up``) makes those the caller's
+    venv. Here in a scratch HOME; the full ``ray up`` run is ``tests/launcher`` (not run here:
+    it runs ``ray stop``)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("export KEEP_ME=1\n")
+    env = {**os.environ, "HOME": str(home), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    env.pop("HETERO_SCHED_PYTHON", None)
+    out = _run([LAUNCHER, "env"], env=env)
+    assert out.returncode == 0, out.stderr
+    login = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin"}   # a login shell knows nothing else
+    probe = _run(["bash", "--login", "-c", "-i", "source ~/.bashrc; python -c 'import sys, hetero_sched; "
+                  "print(sys.prefix)' && ray --version"], env=login)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines()[0] == str(venv) and "version" in probe.stdout
+    again = _run([LAUNCHER, "env"], env=env)                  # idempotent: one block, the user's lines kept
+    assert again.returncode == 0 and (home / ".bashrc").read_text().count("hetero-sched launcher >>>") == 1
+    assert "KEEP_ME" in (home / ".bashrc").read_text()
+    bare = tmp_path / "bare"                                     # an environment without hetero-sched
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    bad = _run([LAUNCHER, "env"], env={**env, "HETERO_SCHED_PYTHON": str(bare / "bin" / "python"), "PYTHONPATH": ""})
+    assert bad.returncode == 2 and "cannot import hetero_sched and ray" in bad.stderr
+
+
 # ---------------------------------------------------------------- laptop.sh for real
 
 @dataclass(frozen=True)
@@ -309,6 +343,46 @@ def test_a_failing_job_fails_the_submit_with_the_reason(laptop: Laptop) -> None:
     assert out.returncode == 1, out.stdout[-2000:]
     assert "error: group h100-tp8" in out.stdout and "needs nodes labelled hetero.device=h100" in out.stdout
     assert "failed with exit code 2" in out.stdout + out.stderr
+
+
+def test_job_submit_serves_the_cluster_over_http_until_stopped(laptop: Laptop) -> None:
+    """``ray job submit -- hetero-sched serve clusters/experiments/trn2-cs3.yaml --address auto``:
+    the job's server answers /ready and a completion on the labelled nodes; ``ray job stop``
+    ends it (the server closes its port)."""
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    submission = f"serve-{uuid.uuid4().hex[:8]}"
+    out = _run(["ray", "job", "submit", "--address", DASHBOARD, "--submission-id", submission, "--no-wait",
+                "--working-dir", ".", "--", "hetero-sched", "serve", "clusters/experiments/trn2-cs3.yaml",
+                "--address", "auto", "--port", str(port)], env=laptop.env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if urllib.request.urlopen(url + "/ready", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            status = laptop.get(f"/api/jobs/{submission}")["status"]
+            assert status in ("PENDING", "RUNNING") and time.monotonic() < deadline, f"job {status}"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        reply = client.completions.create(model=model, prompt="on the laptop cluster", max_tokens=8)
+        assert reply.usage.completion_tokens == 8
+    finally:
+        _run(["ray", "job", "stop", "--address", DASHBOARD, submission], env=laptop.env, timeout=120)
+    deadline = time.monotonic() + 60
+    while laptop.get(f"/api/jobs/{submission}")["status"] not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/health", timeout=5)
 
 
 def test_laptop_down_stops_exactly_its_processes(laptop: Laptop, ray_cluster: LocalCluster) -> None:

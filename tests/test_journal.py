@@ -231,7 +231,7 @@ def test_sigkill_mid_append_loses_no_committed_record(tmp_path):
 
 def test_a_run_journal_gives_a_restarted_scheduler_the_whole_decision_log_and_busy_time(tmp_path):
     """What ``RunJournal`` commits slice by slice, a restart reads back whole; the next life's log
-    and busy time are added to it (rejection reasons keep their rows)."""
+    and busy time are added to it (rejection reasons and span request ids keep their rows)."""
     from hetero_sched.core.events import DecisionKind as D, DecisionLog
     from hetero_sched.runtime.recovery import RunJournal
 
@@ -243,6 +243,9 @@ def test_a_run_journal_gives_a_restarted_scheduler_the_whole_decision_log_and_bu
         log.add(i * 0.1, D.PLACE, i % 3, i, 2)
         if i % 7 == 0:
             log.add_reject(i * 0.1, i, f"reason {i}")
+        if i % 5 == 0:
+            log.add(i * 0.1, D.PREFILL, 0, None, 2, 100, 0, 0.5)
+            log.add_ids(list(range(i, i + 1 + i % 3)))
         if i % 4 == 0:
             j.commit(i * 0.1, log, [i * 0.01, 0.0])
     j.commit(3.0, log, [0.3, 0.1])
@@ -254,6 +257,10 @@ def test_a_run_journal_gives_a_restarted_scheduler_the_whole_decision_log_and_bu
     second = DecisionLog()
     second.add(5.0, D.PREEMPT, None, 3, 1)
     second.add_reject(5.5, 4, "later")
+    second.add(6.0, D.DECODE, 1, None, 2, 10, 0.25)
+    second.add_ids([40, 41])
     whole = again.recovered.whole_log(second)
     assert list(whole) == [*log, *second]
+    ids = log.columns()["request_ids"] + second.columns()["request_ids"]
+    assert whole.columns()["request_ids"] == ids and [40, 41] in ids and [25, 26] in ids
     assert again.total_busy([1.0, 2.0]) == [1.3, 2.1]

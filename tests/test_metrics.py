@@ -9,8 +9,9 @@ import pytest
 from hetero_sched.metrics import SLO, attainment, goodput_search, records_table, summarize
 
 
-def row(rid, arrival, out, t1, t2, fin, status="completed", reason=None, gap=0.0):
-    return (rid, arrival, 100, out, out, 0, status, reason, 0, 1, t1, t2, fin, gap, 0, out if status == "completed" else 0)
+def row(rid, arrival, out, t1, t2, fin, status="completed", reason=None, gap=0.0, code=None):
+    return (rid, arrival, 100, out, out, 0, status, reason, 0, 1, t1, t2, fin, gap, 0, out if status == "completed" else 0,
+            code)
 
 
 def test_ttft_tpot_and_attainment_by_hand():
@@ -18,7 +19,7 @@ def test_ttft_tpot_and_attainment_by_hand():
         row(0, 0.0, 11, 0.5, 0.6, 1.5),      # TTFT 0.5, TPOT (1.5-0.5)/10 = 0.1
         row(1, 1.0, 1, 1.2, None, 1.2),      # one token: TTFT 0.2, no TPOT
         row(2, 2.0, 5, 4.5, 4.6, 4.9),       # TTFT 2.5 (miss), TPOT 0.1
-        row(3, 3.0, 4, None, None, 3.0, "rejected", "no capacity"),
+        row(3, 3.0, 4, None, None, 3.0, "rejected", "no capacity", code="kv_capacity"),
     ]
     t = records_table(rows, SLO(1.0, 0.2))
     ttft = t.column("ttft_s").to_pylist()
@@ -32,7 +33,7 @@ def test_ttft_tpot_and_attainment_by_hand():
     assert attainment(t, SLO(3.0, 0.05)) == 0.25      # only the one-token request meets TPOT 50 ms
     s = summarize(t, SLO(1.0, 0.2))
     assert s["completed"] == 3 and s["rejected"] == 1
-    assert s["reject_reasons"] == {"no capacity": 1}
+    assert s["reject_reasons"] == {"kv_capacity": 1} and s["reject_examples"] == {"kv_capacity": "no capacity"}
     assert s["output_tokens"] == 17
     assert s["makespan_s"] == pytest.approx(4.9)
 

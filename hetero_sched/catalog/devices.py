@@ -45,6 +45,14 @@ class DeviceSpec:
     watts: float
     family: str = ""
     """Hardware family for grouping accuracy figures (``cs3-2024`` is a ``cs3``); empty: the name."""
+    host_memory_bytes: float = 0.0
+    """Host DRAM per chip (the instance's memory over its chips) a KV tier may use; 0: none known."""
+    host_bytes_per_s: float = 0.0
+    """Device <-> host copy bandwidth per chip, each direction (PCIe DMA): the DRAM tier's reads and writes."""
+    ssd_bytes: float = 0.0
+    """Local NVMe per chip (the instance's drives over its chips) a KV tier may use; 0: none known."""
+    ssd_read_bytes_per_s: float = 0.0
+    ssd_write_bytes_per_s: float = 0.0
     sources: Mapping[str, Source] = field(default_factory=dict, compare=False)
 
     def flops_per_s(self, dtype: str) -> float:
@@ -56,6 +64,9 @@ class DeviceSpec:
         """The hardware family (the name unless ``family`` says otherwise)."""
         return self.family or self.name
 
+
+TIER_FIELDS = ("host_memory_bytes", "host_bytes_per_s", "ssd_bytes", "ssd_read_bytes_per_s", "ssd_write_bytes_per_s")
+"""KV-tier numbers (below device memory): optional, 0 when the catalog knows none for a device."""
 
 NUMERIC_FIELDS = tuple(f.name for f in fields(DeviceSpec)
                        if f.type in ("float", "int") and f.name not in ("units_per_chip",))

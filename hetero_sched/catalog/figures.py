@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hetero_sched.catalog.groups import GroupSpec
 from hetero_sched.errors import UserError
 from hetero_sched.speculation import Speculation
-from hetero_sched.validation import validate
+from hetero_sched.configfile import validate
 
 FIGURES_FILE = "figures.yaml"
 

@@ -45,6 +45,9 @@ class ModelSpec:
     kv_dtype: str = "bf16"
     published_params: float = 0.0
     """The model card's total parameter count, for checking the computed one."""
+    max_context_tokens: int = field(kw_only=True)
+    """The context window: prompt plus output tokens one request may hold (the checkpoint's
+    ``max_position_embeddings``). A longer request is rejected at arrival, as vLLM does."""
     sources: Mapping[str, Source] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,3 +135,4 @@ class ModelSpec:
 INT_FIELDS = tuple(f.name for f in fields(ModelSpec) if f.type == "int")
 """Model fields an experiment may override with an integer (``model.<name>.<field>``)."""
 STR_FIELDS = ("weight_dtype", "kv_dtype")
+

@@ -38,6 +38,8 @@ class Profile:
     fit: Mapping[str, Any] = field(default_factory=dict)
     """Fit report: points, per-point and leave-one-out relative errors."""
     source: str = ""
+    forced: tuple[str, ...] = ()
+    """Why the fit was refused, when ``calibrate --force`` wrote it anyway (stamped on results)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -45,8 +47,11 @@ class Profile:
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:
-    """Write ``profile`` as JSON."""
-    Path(path).write_text(json.dumps(profile.to_dict(), indent=2, default=float) + "\n")
+    """Write ``profile`` as JSON (a path that cannot be written is a UserError)."""
+    try:
+        Path(path).write_text(json.dumps(profile.to_dict(), indent=2, default=float) + "\n")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the profile ({exc.strerror or exc})") from None
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -65,6 +70,7 @@ def load_profile(path: str | Path) -> Profile:
     try:
         return Profile(kind=raw["kind"], device=str(raw["device"]), base_device=str(raw["base_device"]),
                        model=str(raw["model"]), tp=int(raw["tp"]), pp=int(raw["pp"]), count=int(raw["count"]),
-                       params=dict(raw["params"]), fit=dict(raw.get("fit", {})), source=str(raw.get("source", "")))
+                       params=dict(raw["params"]), fit=dict(raw.get("fit", {})), source=str(raw.get("source", "")),
+                       forced=tuple(str(x) for x in raw.get("forced", ())))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"profile {p}: missing or bad field {exc}") from None

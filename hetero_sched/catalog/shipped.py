@@ -18,6 +18,7 @@ import yaml
 from hetero_sched.catalog.costparams import CostParams
 from hetero_sched.catalog.datafile import resolve_entries
 from hetero_sched.catalog.devices import DeviceSpec
+from hetero_sched.catalog.memorynodes import MemoryNodeSpec
 from hetero_sched.catalog.models import ModelSpec
 from hetero_sched.catalog.sources import lookup
 from hetero_sched.errors import UserError
@@ -32,6 +33,7 @@ class Shipped:
     devices: Mapping[str, DeviceSpec]
     costs: Mapping[str, CostParams]
     models: Mapping[str, ModelSpec]
+    memory_nodes: Mapping[str, MemoryNodeSpec]
 
 
 @functools.cache
@@ -47,7 +49,8 @@ def shipped() -> Shipped:
         raise UserError("the shipped catalog (hetero_sched/data/catalog) has no devices or no models")
     return Shipped(MappingProxyType({d.name: d for d in data.devices}),
                    MappingProxyType({c.device: c for c in data.costs}),
-                   MappingProxyType({m.name: m for m in data.models}))
+                   MappingProxyType({m.name: m for m in data.models}),
+                   MappingProxyType({n.name: n for n in data.memory_nodes}))
 
 
 def device_names() -> tuple[str, ...]:
@@ -78,6 +81,11 @@ def list_models() -> tuple[ModelSpec, ...]:
 def get_model(name: str) -> ModelSpec:
     """The shipped model called ``name``; a typo gets a UserError listing the known names."""
     return lookup(shipped().models, name, "model")
+
+
+def list_memory_nodes() -> tuple[MemoryNodeSpec, ...]:
+    """Every shipped memory node (what a cluster KV store may be built from)."""
+    return tuple(shipped().memory_nodes.values())
 
 
 def list_cost_params() -> tuple[CostParams, ...]:

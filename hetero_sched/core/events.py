@@ -83,27 +83,38 @@ class DecisionKind:
     FAIL: Final = "fail"              # a group's device failed: what it held is re-placed
     RESTORE: Final = "restore"        # a failed group is back in service (empty)
     KV_BAD: Final = "kv_bad"          # KV reached its decode group damaged or lost: sent again
+    CANCEL: Final = "cancel"          # the client gave up: what it held is freed (group: where it left)
+    FETCH: Final = "fetch"            # prefix blocks read into a prefill group: tier 1 dram, 2 ssd, 3 store
+    STORE_WRITE: Final = "store_write"  # a prefill's new prefix blocks written to the cluster KV store
 
 
 DETAIL_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
-    DecisionKind.PLACE: (("decode_group", int),),
+    DecisionKind.PLACE: (("decode_group", int),),                  # chosen at placement (else null)
     DecisionKind.REJECT: (("reason", str),),
-    DecisionKind.PREFILL: (("n", int), ("tokens", int), ("cached", int), ("dur", float)),
-    DecisionKind.DECODE: (("b", int), ("k", int), ("dur", float)),
-    DecisionKind.CUT: (("k", int), ("end", float)),
-    DecisionKind.ADMIT: (("blocks", int),),
-    DecisionKind.TRANSFER: (("dst", int), ("bytes", int)),
+    DecisionKind.PREFILL: (("num_requests", int), ("prefill_tokens", int), ("cached_tokens", int),
+                           ("duration_s", float)),                 # planned duration
+    DecisionKind.DECODE: (("batch_size", int), ("steps", int), ("duration_s", float)),
+    DecisionKind.CUT: (("steps", int), ("end_s", float)),          # the span's new length and end
+    DecisionKind.ADMIT: (("blocks", int),),                        # KV blocks reserved
+    DecisionKind.TRANSFER: (("dst_group", int), ("bytes", int)),
     DecisionKind.KV_ARRIVED: (),
     DecisionKind.PREEMPT: (("generated", int),),
     DecisionKind.COMPLETE: (),
-    DecisionKind.CHUNK: (("b", int), ("n", int), ("tokens", int), ("dur", float)),
-    DecisionKind.DRAIN: (("role", int),),
+    DecisionKind.CHUNK: (("batch_size", int), ("num_chunks", int), ("prefill_tokens", int), ("duration_s", float)),
+    DecisionKind.DRAIN: (("role", int),),                          # 0 prefill, 1 decode
     DecisionKind.ROLE: (("role", int), ("drain_s", float)),
-    DecisionKind.FAIL: (("resumed", int),),
+    DecisionKind.FAIL: (("resumed", int),),                        # requests placed again
     DecisionKind.RESTORE: (),
     DecisionKind.KV_BAD: (),
+    DecisionKind.CANCEL: (),
+    DecisionKind.FETCH: (("tier", int), ("tokens", int), ("bytes", int), ("duration_s", float)),
+    DecisionKind.STORE_WRITE: (("blocks", int), ("bytes", int)),
 }
-"""The values of a decision's ``detail`` tuple, per kind: name and type."""
+"""The values of a decision's ``detail`` tuple, per kind: name and type. A name means the same
+(and has the same type) in every kind that has it: each is one column of ``decisions.parquet``."""
+
+DETAIL_COLUMNS: dict[str, type] = {name: typ for fields in DETAIL_FIELDS.values() for name, typ in fields}
+"""Every detail field once, in first-seen order, with its type."""
 
 KIND_NAMES: tuple[str, ...] = tuple(DETAIL_FIELDS)
 _KIND_CODES: dict[str, int] = {name: i for i, name in enumerate(KIND_NAMES)}
@@ -111,13 +122,13 @@ _KIND_CODES: dict[str, int] = {name: i for i, name in enumerate(KIND_NAMES)}
 DECISION_COLUMNS = ("time_s", "kind", "group_id", "request_id", "detail")
 """A decision reads as ``(time_s, kind, group_id | None, request_id | None, detail: tuple)``."""
 
+TABLE_COLUMNS = ("time_s", "kind", "group_id", "request_id", "request_ids", *DETAIL_COLUMNS)
+"""The columns of :meth:`DecisionLog.columns` (``decisions.parquet``): the decision, the request
+ids of a span (prefill: its prompts; decode: the requests joining the batch with it — the rest
+joined before and have not left; chunk: the prompts it computes a chunk of), then one column per
+detail field, null where the kind has no such field."""
+
 Decision = tuple[float, str, Optional[int], Optional[int], tuple]
-
-
-def format_detail(kind: str, detail: tuple) -> str:
-    """``detail`` as ``name=value`` text (floats in full precision, so logs compare exactly)."""
-    return " ".join(f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}"
-                    for (name, _), value in zip(DETAIL_FIELDS[kind], detail) if value is not None)
 
 
 class DecisionLog:
@@ -141,6 +152,14 @@ class DecisionLog:
         self._group_id: list[int] = []
         self._request_id: list[int] = []
         self._details: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
+        # Request ids of span decisions, as ragged rows: row index, end offset into span_ids
+        # (pending ones in lists too, packed with the rest).
+        self.span_rows = array("q")
+        self.span_ends = array("q")
+        self.span_ids = array("q")
+        self._span_rows: list[int] = []
+        self._span_ends: list[int] = []
+        self._span_ids: list[int] = []
 
     def add(self, time_s: float, kind: str, group_id: Optional[int], request_id: Optional[int],
             d0: float = math.nan, d1: float = math.nan, d2: float = math.nan, d3: float = math.nan) -> None:
@@ -162,6 +181,11 @@ class DecisionLog:
             self._compact()
 
     def _compact(self) -> None:
+        if self._span_rows:
+            for packed, ids in ((self.span_rows, self._span_rows), (self.span_ends, self._span_ends),
+                                (self.span_ids, self._span_ids)):
+                packed.frombytes(struct.pack(f"{len(ids)}q", *ids))
+                ids.clear()
         n = len(self._time_s)
         if not n:
             return
@@ -181,6 +205,12 @@ class DecisionLog:
         self._group_id.clear()
         self._request_id.clear()
 
+    def add_ids(self, request_ids: list[int]) -> None:
+        """The request ids of the decision just added (a span's requests)."""
+        self._span_rows.append(len(self.time_s) + len(self._time_s) - 1)
+        self._span_ids.extend(request_ids)
+        self._span_ends.append(len(self.span_ids) + len(self._span_ids))
+
     def add_reject(self, time_s: float, request_id: int, reason: str) -> None:
         """Append a rejection and its reason."""
         self.reasons[len(self)] = reason
@@ -197,7 +227,8 @@ class DecisionLog:
 
     def _column_bytes(self) -> list[bytes]:
         self._compact()
-        columns: list[array] = [self.time_s, self.kind, self.group_id, self.request_id, *self.details]
+        columns: list[array] = [self.time_s, self.kind, self.group_id, self.request_id, *self.details,
+                                self.span_rows, self.span_ends, self.span_ids]
         return [c.tobytes() for c in columns]
 
     def row(self, i: int) -> Decision:
@@ -220,7 +251,8 @@ class DecisionLog:
         """Plain, picklable contents (to send the log between processes)."""
         self._compact()
         return {"time_s": self.time_s, "kind": self.kind, "group_id": self.group_id,
-                "request_id": self.request_id, "details": list(self.details), "reasons": self.reasons}
+                "request_id": self.request_id, "details": list(self.details), "reasons": self.reasons,
+                "span_rows": self.span_rows, "span_ends": self.span_ends, "span_ids": self.span_ids}
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> "DecisionLog":
@@ -233,15 +265,29 @@ class DecisionLog:
         d = [array("d", column) for column in state["details"]]
         log.details = (d[0], d[1], d[2], d[3])
         log.reasons = dict(state["reasons"])
+        if "span_rows" in state:          # (a log journaled before span ids were kept has none)
+            log.span_rows = array("q", state["span_rows"])
+            log.span_ends = array("q", state["span_ends"])
+            log.span_ids = array("q", state["span_ids"])
         return log
 
     def columns(self) -> dict[str, list]:
-        """Columns for Arrow/Parquet, the detail formatted as ``name=value`` text."""
-        cols: dict[str, list] = {name: [] for name in DECISION_COLUMNS}
-        for time_s, kind, group_id, request_id, detail in self:
-            cols["time_s"].append(time_s)
-            cols["kind"].append(kind)
-            cols["group_id"].append(group_id)
-            cols["request_id"].append(request_id)
-            cols["detail"].append(format_detail(kind, detail))
+        """Columns for Arrow/Parquet (:data:`TABLE_COLUMNS`): one typed value per detail field,
+        None where the decision's kind has no such field."""
+        self._compact()
+        n = len(self.time_s)
+        cols: dict[str, list] = {"time_s": self.time_s.tolist(), "kind": [KIND_NAMES[k] for k in self.kind],
+                                 "group_id": [None if g < 0 else g for g in self.group_id],
+                                 "request_id": [None if r < 0 else r for r in self.request_id],
+                                 "request_ids": [None] * n}
+        start = 0
+        for row, end in zip(self.span_rows, self.span_ends):
+            cols["request_ids"][row] = self.span_ids[start:end].tolist()
+            start = end
+        for name in DETAIL_COLUMNS:
+            cols[name] = [None] * n
+        for i in range(n):
+            detail = self.row(i)[4]
+            for (name, _), value in zip(DETAIL_FIELDS[cols["kind"][i]], detail):
+                cols[name][i] = value
         return cols

@@ -358,10 +358,11 @@ class Fleet:
         return [self.views[g] for g in self.holders.holders(block_hash)]
 
     # --- changes (the scheduler's) -------------------------------------------------------
-    def placed(self, group_id: int, tokens: int) -> None:
-        """The scheduler queued a prompt of ``tokens`` at ``group_id``."""
+    def placed(self, group_id: int, tokens: int, count: int = 1) -> None:
+        """The scheduler queued a prompt of ``tokens`` at ``group_id`` (``count`` -1 and negative
+        ``tokens``: took one out, a cancellation)."""
         v = self.views[group_id]
-        self._num_prefill[group_id] += 1
+        self._num_prefill[group_id] += count
         v.num_prefill_queued = self._num_prefill[group_id]
         self._tokens[group_id] += tokens
         v.prefill_queued_tokens = self._tokens[group_id]

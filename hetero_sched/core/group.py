@@ -21,6 +21,7 @@ from typing import Optional
 from hetero_sched.core.batch import DecodeBatch
 from hetero_sched.core.kvblocks import BlockAllocator
 from hetero_sched.core.kvmemory import KVMemory, prefix_hit_tokens
+from hetero_sched.core.kvtiers import KVTiers, PrefixPlan
 from hetero_sched.core.request import Phase, RequestState
 from hetero_sched.core.spans import (Span, SpanKind, SpanOutcome, SpanReport, active_line, decode_span_duration,
                                      steps_until)
@@ -92,10 +93,17 @@ class GroupState:
         self.pending_prefill_tokens = 0                     # queued or being prefilled
         self.num_pending_prefill = 0
         self.decode_queue: deque[RequestState] = deque()   # prefilled, awaiting KV reservation here
+        self.fetching: dict[int, RequestState] = {}         # placed, prefix on its way from the KV store
         self.in_transit = 0                                 # admitted, KV not yet here
         self.span: Optional[Span] = None
         self.busy_s = 0.0
         self._next_span_id = 0
+        self.decode_seq_s = 0.0
+        """Σ decode batch size × span time: over the run's length, the mean decode batch."""
+        self.kv_block_s = 0.0
+        """Σ KV blocks in use × time (sampled whenever the scheduler touches the group)."""
+        self._kv_used = 0
+        self._kv_since_s = 0.0
         self._lines: dict[int, tuple[Line, ...]] = {}
         self.chunk_budget: Optional[int] = None
         """Tokens per iteration when prefill is chunked (Sarathi-Serve); None: whole prompts."""
@@ -103,6 +111,7 @@ class GroupState:
         self.draining_to: Optional[Role] = None
         """The role this group switches to once drained (None: not switching)."""
         self.drain_start_s = 0.0
+        self._cancelled: list[RequestState] = []        # decoding here, to leave at the next step boundary
 
     @property
     def kv(self) -> BlockAllocator:
@@ -129,17 +138,22 @@ class GroupState:
             lost[rs.request_id] = rs
         for rs in self.prefill_queue:
             lost[rs.request_id] = rs
+        for rs in self.fetching.values():
+            lost[rs.request_id] = rs
         for rs in self.batch.drop_all():
             lost[rs.request_id] = rs
         for rs in self.decode_queue:
             lost[rs.request_id] = rs
         for rs in lost.values():
             rs.prefill_done = 0
+            rs.staged = None
+        self.fetching = {}
         self.memory.reset()
         self.batch = DecodeBatch()
         self.prefill_queue.clear()
         self.decode_queue.clear()
         self._partial = []
+        self._cancelled = []
         self.pending_prefill_tokens = 0
         self.num_pending_prefill = 0
         self.in_transit = 0
@@ -156,10 +170,17 @@ class GroupState:
         self.can_prefill = self.role.can_prefill
         self.can_decode = self.role.can_decode
 
+    def account_kv(self, now_s: float) -> None:
+        """Add the KV in use since the last call to :attr:`kv_block_s` (the scheduler calls it
+        after every change it makes here, so the integral is exact at its event times)."""
+        self.kv_block_s += self._kv_used * (now_s - self._kv_since_s)
+        self._kv_used = self.kv.num_used
+        self._kv_since_s = now_s
+
     # --- roles ----------------------------------------------------------------------------
     def drained(self) -> bool:
         """Nothing left of the old role: no span, no queued or running request, no KV held."""
-        return (self.span is None and not self.prefill_queue and not self.decode_queue
+        return (self.span is None and not self.prefill_queue and not self.decode_queue and not self.fetching
                 and not self.batch.has_work and self.in_transit == 0
                 and not self._partial and self.kv.num_used == 0)
 
@@ -215,6 +236,8 @@ class GroupState:
         out: dict[int, str] = {}
         for rs in self.prefill_queue:
             out[rs.request_id] = f"{self.name} prefill queue"
+        for rs in self.fetching.values():
+            out[rs.request_id] = f"{self.name} fetching its prefix from the KV store"
         for rs in self.decode_queue:
             out[rs.request_id] = f"{self.name} decode queue ({rs.phase.value})"
         for rs in self.batch.ready:
@@ -233,6 +256,24 @@ class GroupState:
         self.pending_prefill_tokens += rs.prefill_tokens
         self.num_pending_prefill += 1
         if front:
+            self.prefill_queue.appendleft(rs)
+        else:
+            self.prefill_queue.append(rs)
+
+    def await_fetch(self, rs: RequestState) -> None:
+        """``rs`` is placed here but its prefix is on its way from the cluster KV store: counted as
+        pending prefill, queued when it lands (:meth:`fetch_landed`)."""
+        rs.phase = Phase.WAITING_PREFILL
+        rs.prefill_group = self.group_id
+        self.pending_prefill_tokens += rs.prefill_tokens
+        self.num_pending_prefill += 1
+        self.fetching[rs.request_id] = rs
+
+    def fetch_landed(self, rs: RequestState, staged: frozenset[int]) -> None:
+        """``rs``'s prefix blocks from the store are in device memory: it joins the prefill queue."""
+        del self.fetching[rs.request_id]
+        rs.staged = staged
+        if rs.preemptions > 0:
             self.prefill_queue.appendleft(rs)
         else:
             self.prefill_queue.append(rs)
@@ -288,6 +329,28 @@ class GroupState:
         rs.decode_group = self.group_id
         self.batch.ready.append(rs)
 
+    def unqueue_prefill(self, rs: RequestState) -> None:
+        """Take a request that has not started prefilling out of the prefill queue (or out of
+        waiting for its prefix from the KV store: the read lands for nobody)."""
+        if self.fetching.pop(rs.request_id, None) is None:
+            self.prefill_queue.remove(rs)
+        self.pending_prefill_tokens -= rs.prefill_tokens
+        self.num_pending_prefill -= 1
+
+    def cancel_decode(self, rs: RequestState, now_s: float) -> bool:
+        """The client of ``rs`` (decoding here) gave up. True if it left at once — it was waiting
+        to join, or the group is between spans (at a step boundary): its reservation is freed;
+        False if a span is running: it leaves at that span's end (:meth:`finish`)."""
+        if rs in self.batch.ready:
+            self.batch.ready.remove(rs)
+            self.memory.release_decode(rs)
+            return True
+        if self.span is None:
+            self._leave(rs, now_s)
+            return True
+        self._cancelled.append(rs)
+        return False
+
     def release_prefill_kv(self, rs: RequestState) -> None:
         """Free the prompt KV a prefill group retained until decode had it."""
         self.memory.release_prompt(rs)
@@ -301,7 +364,7 @@ class GroupState:
         span = self.span
         if span is None or span.kind is not SpanKind.DECODE:
             return False
-        if self.batch.ready:
+        if self.batch.ready or self._cancelled:
             return True
         return bool(self.prefill_queue) and self._can_admit_prefill(self.prefill_queue[0], 0)
 
@@ -377,15 +440,27 @@ class GroupState:
         new_list: list[int] = []
         cached_list: list[int] = []
         total = 0
+        tiers = self.memory.tiers
+        plans: Optional[list[tuple[RequestState, PrefixPlan]]] = None     # with KV tiers only
+        plan: Optional[PrefixPlan] = None
         while q and len(batch) < lim.max_prefill_seqs:
             rs = q[0]
-            cached = self._cached_prefix(rs)
+            if tiers is None:
+                cached = self._cached_prefix(rs)
+            else:
+                plan = self._tier_plan(tiers, rs)
+                cached = 0 if plan is None else plan.cached_tokens
             new = rs.prefill_tokens - cached
             if batch and total + new > lim.max_batch_tokens:
                 break
             if not self._can_admit_prefill(rs, len(batch)):
                 break
             self._start_prefill(rs, cached)
+            if plan is not None:
+                self._take_plan(tiers, rs, plan)
+                if plans is None:
+                    plans = []
+                plans.append((rs, plan))
             batch.append(rs)
             new_list.append(new)
             cached_list.append(cached)
@@ -393,12 +468,34 @@ class GroupState:
         if not batch:
             return None
         duration = self.cost.prefill_time_s(new_list, cached_list)
+        if plans is not None and tiers is not None:
+            duration = tiers.span_s(duration, [p for _, p in plans])
         self._next_span_id += 1
-        return Span(self.group_id, self._next_span_id, SpanKind.PREFILL, now_s, duration, 1, batch,
+        span = Span(self.group_id, self._next_span_id, SpanKind.PREFILL, now_s, duration, 1, batch,
                     new_tokens=total, cached_tokens=sum(cached_list))
+        if plans is not None:
+            span.fetches = tuple(plans)
+        return span
 
-    def _take_chunks(self, budget: int) -> list[tuple[RequestState, int, int]]:
-        """Prefill chunks filling ``budget`` tokens: prompts under way first, then the queue's head."""
+    @staticmethod
+    def _tier_plan(tiers: KVTiers, rs: RequestState) -> Optional[PrefixPlan]:
+        """How ``rs`` would reuse its prefix from this group's tiers now (None: no prefix hashes)."""
+        hashes = rs.request.prefix_hashes
+        if not hashes:
+            return None
+        return tiers.plan(hashes, rs.request.prefix_block_tokens, rs.request.prompt_tokens, rs.prefill_tokens,
+                          rs.staged)
+
+    @staticmethod
+    def _take_plan(tiers: Optional[KVTiers], rs: RequestState, plan: PrefixPlan) -> None:
+        """``rs`` starts its prefill with ``plan``: count it; what was fetched ahead is used up."""
+        assert tiers is not None
+        tiers.count(plan)
+        rs.staged = None
+
+    def _take_chunks(self, budget: int, plans: list[tuple[RequestState, PrefixPlan]]) -> list[tuple[RequestState, int, int]]:
+        """Prefill chunks filling ``budget`` tokens: prompts under way first, then the queue's head
+        (with KV tiers, how each new one reuses its prefix goes into ``plans``)."""
         chunks: list[tuple[RequestState, int, int]] = []
         for rs in self._partial:
             if budget <= 0:
@@ -408,11 +505,19 @@ class GroupState:
             chunks.append((rs, start, start + take))
             budget -= take
         q = self.prefill_queue
+        tiers = self.memory.tiers
         while budget > 0 and q and len(self._partial) < self.limits.max_prefill_seqs:
             rs = q[0]
             if not self._can_admit_prefill(rs, len(self._partial)):
                 break
-            cached = self._cached_prefix(rs)
+            if tiers is None:
+                cached = self._cached_prefix(rs)
+            else:
+                plan = self._tier_plan(tiers, rs)
+                cached = 0 if plan is None else plan.cached_tokens
+                if plan is not None:
+                    self._take_plan(tiers, rs, plan)
+                    plans.append((rs, plan))
             self._start_prefill(rs, cached)
             rs.prefill_done = 0
             self._partial.append(rs)
@@ -431,7 +536,8 @@ class GroupState:
         """
         budget = self.chunk_budget
         assert budget is not None
-        chunks = self._take_chunks(budget - len(self.batch))
+        plans: list[tuple[RequestState, PrefixPlan]] = []
+        chunks = self._take_chunks(budget - len(self.batch), plans)
         if not chunks:
             return self._plan_decode(now_s) if self.batch.has_work else None
         new_list = [end - start for _, start, end in chunks]
@@ -439,6 +545,9 @@ class GroupState:
         # prefix-cache hits of the prompts starting here (a later chunk attends to earlier ones)
         first_cached = sum(start for rs, start, _ in chunks if rs.prefill_done == 0)
         duration = self.cost.prefill_time_s(new_list, cached_list)
+        tiers = self.memory.tiers
+        if plans and tiers is not None:
+            duration = tiers.span_s(duration, [p for _, p in plans])
         joiners = self._join_ready()
         b = len(self.batch.running)
         c0 = self.batch.context_tokens
@@ -449,8 +558,11 @@ class GroupState:
             steps = 1
             duration += line[0] + line[1] * c0
         self._next_span_id += 1
-        return Span(self.group_id, self._next_span_id, SpanKind.MIXED, now_s, duration, steps, joiners, line, b,
+        span = Span(self.group_id, self._next_span_id, SpanKind.MIXED, now_s, duration, steps, joiners, line, b,
                     c0, sum(new_list), first_cached, tuple(chunks))
+        if plans:
+            span.fetches = tuple(plans)
+        return span
 
     def _join_ready(self) -> list[RequestState]:
         """Move the requests ready to join into the batch, watching their reservations."""
@@ -488,6 +600,8 @@ class GroupState:
         assert span is not None
         self.span = None
         self.busy_s += report.end_s - report.start_s
+        if span.kind is not SpanKind.PREFILL:
+            self.decode_seq_s += span.batch_size * (report.end_s - report.start_s)
         out = SpanOutcome()
         if span.kind is SpanKind.PREFILL:
             duration = report.end_s - report.start_s
@@ -515,7 +629,12 @@ class GroupState:
         hashes = rs.request.prefix_hashes
         if hashes:   # only full blocks are cached: a partial block's KV is not the block's
             block = rs.request.prefix_block_tokens
-            self.memory.prefix_cache_for(block).use(hashes[:rs.request.prompt_tokens // block])
+            tiers = self.memory.tiers
+            if tiers is None:
+                self.memory.prefix_cache_for(block).use(hashes[:rs.request.prompt_tokens // block])
+            else:
+                tiers.sized(block)
+                tiers.use(hashes[:rs.request.prompt_tokens // block])
         rs.on_token(token_s)
         out.prefilled.append(rs)
 
@@ -526,6 +645,12 @@ class GroupState:
         for rs in batch.finished(self.group_id):
             self._leave(rs, report.end_s)
             out.completed.append(rs)
+        if self._cancelled:                     # clients that gave up: out at this step boundary
+            for rs in self._cancelled:
+                if rs.request_id in batch.running:
+                    self._leave(rs, report.end_s)
+                    out.cancelled.append(rs)
+            self._cancelled = []
         self._handle_exhaustion(report.end_s, out)
 
     def _handle_exhaustion(self, now_s: float, out: SpanOutcome) -> None:

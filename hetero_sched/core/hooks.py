@@ -32,3 +32,15 @@ class ExecutorHooks(Protocol):
         """``rs`` ended (completed or rejected); its record is written."""
     def transfer_cancelled(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
         """A transfer will never land: an endpoint's device failed, or its KV came damaged."""
+    def kv_fetched(self, now_s: float, rs: RequestState, group_id: int, tier: int, start_s: float, end_s: float,
+                   num_bytes: float, tokens: int) -> None:
+        """``tokens`` of ``rs``'s prefix were read from ``tier`` (``core.kvtiers`` codes) into
+        ``group_id``'s device memory from ``start_s`` to ``end_s`` (a store read: when it landed)."""
+    def store_read_started(self, now_s: float, flow_id: int, rs: RequestState, group_id: int,
+                           hashes: tuple[int, ...]) -> None:
+        """The cluster KV store starts sending the blocks ``hashes`` to ``group_id`` for ``rs``."""
+    def store_write_started(self, now_s: float, flow_id: int, group_id: int, request_id: int,
+                            hashes: tuple[int, ...]) -> None:
+        """``group_id`` starts writing the blocks ``hashes`` (its prefill of ``request_id``) to the store."""
+    def store_evicted(self, now_s: float, blocks: list[tuple[int, int]]) -> None:
+        """The store dropped these blocks (full): ``(hash, the write's flow id that had stored it)``."""

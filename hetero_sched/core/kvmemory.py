@@ -12,10 +12,13 @@ their own granularity, budgeted from the same memory.
 from __future__ import annotations
 
 import heapq
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from hetero_sched.core.kvblocks import BlockAllocator, PrefixCache, PrefixHolders, blocks_for
 from hetero_sched.core.request import RequestState
+
+if TYPE_CHECKING:
+    from hetero_sched.core.kvtiers import KVTiers
 
 
 def reservation_tokens(prompt_tokens: int, predicted_output: int, generated: int, capacity_tokens: int) -> int:
@@ -43,6 +46,8 @@ class KVMemory:
         self.blocks = BlockAllocator(self.num_blocks)
         self._prefix_cache_tokens = cache_blocks * block_size
         self.prefix_cache: Optional[PrefixCache] = None
+        self.tiers: Optional["KVTiers"] = None
+        """KV tiers (device memory, host DRAM, SSD) replacing the plain prefix cache when configured."""
         self._exhaust_heap: list[tuple[int, int, RequestState]] = []
         self._holders: Optional[PrefixHolders] = None
         self._owner = -1
@@ -52,12 +57,19 @@ class KVMemory:
         self._holders = holders
         self._owner = owner
 
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens of device memory budgeted for the prefix cache."""
+        return self._prefix_cache_tokens
+
     def reset(self) -> None:
         """Everything held is gone (the device died)."""
         self.blocks = BlockAllocator(self.num_blocks)
         if self.prefix_cache is not None:
             self.prefix_cache.drop_all()
         self.prefix_cache = None
+        if self.tiers is not None:
+            self.tiers.reset()
         self._exhaust_heap = []
 
     def fits_ever(self, tokens: int) -> bool:
@@ -72,6 +84,8 @@ class KVMemory:
 
     def cached_prefix_blocks(self, hashes: tuple[int, ...]) -> int:
         """Leading blocks of ``hashes`` the prefix cache holds now (a query: no LRU update)."""
+        if self.tiers is not None:
+            return self.tiers.hbm_matched(hashes)
         cache = self.prefix_cache
         return 0 if cache is None else cache.matched_blocks(hashes)
 

@@ -22,6 +22,9 @@ class Request(NamedTuple):
     """Hashes of the prompt's prefix blocks (e.g. Mooncake's), ``prefix_block_tokens`` each."""
     prefix_block_tokens: int = 512
     max_tokens: Optional[int] = None
+    token_ids: Optional[tuple[int, ...]] = None
+    """The prompt's token ids, when a client sent them (serving); traces and synthetic
+    workloads have lengths only, and a real backend derives ids from the request."""
 
 
 class Phase(Enum):
@@ -34,6 +37,7 @@ class Phase(Enum):
     DECODING = "decoding"
     COMPLETED = "completed"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"               # the client gave up on it (serving: it disconnected)
 
 
 class RequestState:
@@ -44,7 +48,8 @@ class RequestState:
         "prefill_group", "decode_group", "prefill_blocks", "decode_blocks", "reserved_tokens",
         "join_step", "join_span", "finish_step", "exhaust_step", "cached_tokens",
         "token1_s", "token2_s", "last_token_s", "max_gap_s", "finish_s",
-        "preemptions", "reject_reason", "transfer_id", "prefill_done", "prefill_s", "prefilled_s",
+        "preemptions", "reject_reason", "reject_code", "transfer_id", "prefill_done", "prefill_s", "prefilled_s",
+        "cancelled", "staged",
     )
 
     def __init__(self, request: Request, predicted_output: int) -> None:
@@ -71,13 +76,19 @@ class RequestState:
         self.finish_s: Optional[float] = None
         self.preemptions = 0
         self.reject_reason: Optional[str] = None
+        self.reject_code: Optional[str] = None
+        """A short :class:`~hetero_sched.policies.base.RejectCode` beside the reason."""
         self.transfer_id: Optional[int] = None
         self.prefill_done = 0
         """Chunked prefill: tokens of the current prefill computed so far (beyond the cached prefix)."""
         self.prefill_s = 0.0
         """Duration of the span that finished its last prefill (what layer-wise streaming overlaps)."""
+        self.cancelled = False
+        """The client gave up on it: it ends at its next safe point (a step boundary, a prefill's end)."""
         self.prefilled_s: Optional[float] = None
         """When the core applied its last prefill (a transfer starting then was streamed during it)."""
+        self.staged: Optional[frozenset[int]] = None
+        """Prefix blocks fetched from the cluster KV store for its next prefill (in device memory)."""
 
     @property
     def prefill_tokens(self) -> int:

@@ -25,11 +25,16 @@ from hetero_sched.core.fleet import Fleet
 from hetero_sched.core.group import GroupState, Role
 from hetero_sched.core.hooks import ExecutorHooks
 from hetero_sched.core.kvblocks import PrefixHolders
+from hetero_sched.core.kvstore import ClusterKVStore, PrefixPlanner
+from hetero_sched.core.kvtiers import STORE, fetch_windows
+from hetero_sched.core.rejection import capacity, infeasible
 from hetero_sched.core.request import Phase, Request, RequestState
-from hetero_sched.core.spans import SpanKind, SpanOutcome, SpanReport
+from hetero_sched.core.spans import Span, SpanKind, SpanOutcome, SpanReport
 from hetero_sched.core.transfer import LayerwiseStreaming, TransferNetwork, layerwise_tail
 from hetero_sched.costmodel import Line
-from hetero_sched.policies.base import GroupView, Placement, Policy, Reject, RequestInfo
+from hetero_sched.errors import UserError
+from hetero_sched.policies.base import (GroupView, Placement, Policy, PolicyFailed, Reject, RejectCode as R,
+                                        RequestInfo, RoleSwitch)
 
 Timer = tuple[float, int, Any]
 """``(time_s, Kind.*, payload)``: something the driver must call back at ``time_s``."""
@@ -37,9 +42,10 @@ Timer = tuple[float, int, Any]
 RECORD_COLUMNS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "predicted_output",
     "cached_tokens", "status", "reason", "prefill_group", "decode_group",
-    "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions", "generated",
+    "token1_s", "token2_s", "finish_s", "max_gap_s", "preemptions", "generated", "reason_code",
 )
-"""One row per finished request. Times are absolute (same clock as ``arrival_s``)."""
+"""One row per finished request. Times are absolute (same clock as ``arrival_s``); a rejection's
+``reason`` is a sentence, its ``reason_code`` one of :class:`~hetero_sched.policies.base.RejectCode`."""
 
 
 class Scheduler:
@@ -47,8 +53,14 @@ class Scheduler:
 
     def __init__(self, groups: Sequence[GroupState], policy: Policy, predicted_output: Sequence[int],
                  report_interval_s: float = 0.0, layerwise: Optional[LayerwiseStreaming] = None,
-                 max_inflight: Optional[int] = None) -> None:
+                 max_inflight: Optional[int] = None, max_context_tokens: Optional[int] = None,
+                 store: Optional[ClusterKVStore] = None) -> None:
         self.groups = list(groups)
+        self.store = store
+        """The cluster KV store (None: none), one more endpoint of the transfer network."""
+        self._planners: list[Optional[PrefixPlanner]] = [
+            None if g.memory.tiers is None else PrefixPlanner(g.memory.tiers, store, g.cost.ingress_bytes_per_s)
+            for g in self.groups]
         self.max_inflight = max_inflight
         """Admission control: an arrival finding this many requests in flight is rejected at once."""
         self.policy = policy
@@ -58,28 +70,47 @@ class Scheduler:
         """Stream KV layer by layer during prefill (None: send after prefill)."""
         self.views = [GroupView(g.group_id, g.name, g.device, g.pool, g.role, g.cost, g.kv.num_blocks,
                                 block_size=g.limits.block_size, max_batch_tokens=g.limits.max_batch_tokens,
-                                max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks)
-                      for g in self.groups]
-        holders = PrefixHolders()
+                                max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks,
+                                prefix_planner=None if planner is None else planner.plan)
+                      for g, planner in zip(self.groups, self._planners)]
+        # with KV tiers a group's device-memory prefix blocks live in its tiers, not in a prefix
+        # cache the index hears from: the Fleet then asks each view (O(G), tiers only)
+        tiered = any(g.memory.tiers is not None for g in self.groups)
+        holders = None if tiered else PrefixHolders()
         self.fleet = Fleet(self.views, holders)
         """The views as policies get them, with the indexes that spare them a scan of every group."""
         self._seen = cast(Sequence[GroupView], self.fleet)    # a Fleet is a sequence of views
         lines: dict[int, dict[int, tuple[Line, ...]]] = {}
         for g in self.groups:
-            g.memory.index_prefixes(holders, g.group_id)
+            if holders is not None:
+                g.memory.index_prefixes(holders, g.group_id)
             g.share_step_lines(lines.setdefault(id(g.cost), {}))
-        policy.check(self._seen)
+        try:
+            policy.check(self._seen)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PolicyFailed.raised(policy, "check", exc) from exc
         self._rebalances = policy.rebalances
+        self.capacity = capacity(self.groups, policy.rebalances or policy.serves_any_role, max_context_tokens)
+        """What no group can ever serve is rejected at arrival (:func:`infeasible`)."""
         budget = policy.chunk_budget_tokens
         if budget is not None:
             for g in self.groups:
                 if g.role is Role.BOTH:
                     g.chunk_budget = budget
-        self.network = TransferNetwork([g.cost.egress_bytes_per_s for g in self.groups],
-                                       [g.cost.ingress_bytes_per_s for g in self.groups])
+        egress = [g.cost.egress_bytes_per_s for g in self.groups]
+        ingress = [g.cost.ingress_bytes_per_s for g in self.groups]
+        if store is not None:
+            store.endpoint = len(egress)
+            egress.append(store.bytes_per_s)
+            ingress.append(store.bytes_per_s)
+        self.network = TransferNetwork(egress, ingress)
         self.decisions = DecisionLog()
         self.records: list[tuple] = []
         self.num_active = 0
+        self._active: dict[int, RequestState] = {}
+        """Requests accepted and not yet ended, by id (what :meth:`cancel` looks up)."""
         self._transfers: dict[int, tuple[RequestState, int, int, float]] = {}   # id -> (request, src, dst, delay)
         self._next_transfer_id = 0
         self._dirty: set[int] = set()
@@ -98,13 +129,18 @@ class Scheduler:
         """A request arrives: ask the policy where it goes."""
         rs = RequestState(request, int(self.predicted_output[request.request_id]))
         self.num_active += 1
+        self._active[request.request_id] = rs
         if self.resumed and request.request_id in self.resumed:
             self._resume_delivered(now_s, rs)
+            return
+        never = infeasible(self.capacity, request.prompt_tokens, rs.predicted_output, request.max_tokens)
+        if never is not None:
+            self._reject(now_s, rs, never[1], never[0])
             return
         if self.max_inflight is not None and self.num_active > self.max_inflight:
             # overload: reject early, with a reason, rather than queue without bound
             self._reject(now_s, rs, f"overloaded: {self.max_inflight} requests already in flight "
-                                    "(admission.max_inflight)")
+                                    "(admission.max_inflight)", R.OVERLOADED)
             return
         self._place(now_s, rs)
 
@@ -139,7 +175,11 @@ class Scheduler:
         return self._arrivals(now_s, self.network.finish_due(now_s))
 
     def on_kv_arrival(self, now_s: float, transfer_id: int) -> None:
-        """A request's KV landed at its decode group: free the prefill copy, join next span."""
+        """A request's KV landed at its decode group: free the prefill copy, join next span.
+        (A negative id: a read from, or write to, the cluster KV store landed.)"""
+        if transfer_id < 0:
+            self._store_landed(now_s, transfer_id)
+            return
         entry = self._transfers.pop(transfer_id, None)
         if entry is None:
             return                          # cancelled: an endpoint failed while the KV was on its way
@@ -171,7 +211,11 @@ class Scheduler:
         g = self.groups[group_id]
         if not g.alive:
             return
+        g.account_kv(now_s)
         lost = g.fail(now_s)
+        g.account_kv(now_s)                                    # its KV is gone from now on
+        if self.store is not None:                             # its store reads and writes die with it
+            self.store.cancel_group(now_s, group_id, self.network)
         self._failed.add(group_id)
         self.fleet.set_roles(group_id, False, False)
         self._report(g, now_s)
@@ -218,6 +262,58 @@ class Scheduler:
             retained = rs.prefill_group
             assert retained is not None
             self._route_decode(now_s, rs, self.groups[retained])
+
+    def cancel(self, now_s: float, request_id: int) -> bool:
+        """The client gave up on a request (serving: it disconnected): free what it holds
+        everywhere — its queue place, its KV at every group, its transfer — and end it
+        ``cancelled``. A prefill under way finishes first (a span is not interrupted); a decoding
+        request leaves at its group's next step boundary (the running span is cut for it).
+        Returns False if the request already ended (or never arrived)."""
+        rs = self._active.get(request_id)
+        if rs is None or rs.cancelled:
+            return False
+        rs.cancelled = True
+        hooks = self.hooks
+        phase = rs.phase
+        if phase is Phase.WAITING_PREFILL and rs.prefill_group is not None:
+            g = self.groups[rs.prefill_group]
+            g.unqueue_prefill(rs)
+            self.fleet.placed(g.group_id, -rs.prefill_tokens, -1)
+            self._dirty.add(g.group_id)
+            self._end_cancelled(now_s, rs, None)
+        elif phase is Phase.WAITING_DECODE and rs.decode_group is not None:
+            self.groups[rs.decode_group].decode_queue.remove(rs)
+            self.fleet.routed_decode(rs.decode_group, -1)
+            self._release_source(now_s, rs)
+            self._end_cancelled(now_s, rs, None)
+        elif phase is Phase.TRANSFERRING and rs.transfer_id is not None and rs.transfer_id in self._transfers:
+            tid = rs.transfer_id
+            _, src_id, dst_id, _ = self._transfers.pop(tid)
+            self.network.cancel(now_s, tid)
+            if hooks is not None:
+                hooks.transfer_cancelled(now_s, tid, rs, src_id, dst_id)
+            self.groups[dst_id].cancel_admission(rs)
+            rs.decode_blocks = 0
+            self._dirty.add(dst_id)
+            self._release_source(now_s, rs)
+            self._end_cancelled(now_s, rs, None)
+        elif phase is Phase.DECODING and rs.decode_group is not None:
+            g = self.groups[rs.decode_group]
+            self._dirty.add(g.group_id)      # a running span is cut for it at the next plan
+            if g.cancel_decode(rs, now_s):
+                if hooks is not None:
+                    hooks.request_left(now_s, g.group_id, rs, "cancelled")
+                self._end_cancelled(now_s, rs, g.group_id)
+        return True                          # prefilling: it ends when its prefill does
+
+    def _release_source(self, now_s: float, rs: RequestState) -> None:
+        """Free the prompt KV the prefill group retained for ``rs`` (it will never be sent)."""
+        src = rs.prefill_group
+        if src is not None and rs.prefill_blocks:
+            self.groups[src].release_prefill_kv(rs)
+            if self.hooks is not None:
+                self.hooks.request_left(now_s, src, rs, "cancelled")
+            self._dirty.add(src)
 
     def whereabouts(self) -> dict[int, str]:
         """Where each request the core still holds sits (for the "unfinished request" error)."""
@@ -324,19 +420,26 @@ class Scheduler:
                         dur = span.end_s - span.start_s
                         if span.kind is SpanKind.PREFILL:
                             log.add(now_s, D.PREFILL, gid, None, len(span.batch), span.new_tokens, span.cached_tokens, dur)
+                            log.add_ids([rs.request_id for rs in span.batch])
                         elif span.kind is SpanKind.DECODE:
                             log.add(now_s, D.DECODE, gid, None, span.batch_size, span.steps, dur)
+                            if span.batch:                     # the requests joining the batch
+                                log.add_ids([rs.request_id for rs in span.batch])
                         else:
                             log.add(now_s, D.CHUNK, gid, None, span.batch_size, len(span.chunks), span.new_tokens, dur)
+                            log.add_ids([c[0].request_id for c in span.chunks])
                         timers.append((span.end_s, Kind.SPAN_END, span))
                         if self.hooks is not None:
                             self.hooks.span_planned(now_s, gid, span)
+                        if span.fetches:
+                            self._log_fetches(now_s, gid, span)
                 elif g.wants_interrupt() and g.cut(now_s):
                     span = g.span
                     log.add(now_s, D.CUT, gid, None, span.steps, span.end_s)
                     timers.append((span.end_s, Kind.SPAN_END, span))
                     if self.hooks is not None:
                         self.hooks.span_cut(now_s, gid, span)
+                g.account_kv(now_s)
         if self.network.version != self._network_version:
             self._network_version = self.network.version
             nxt = self.network.next_finish_s()
@@ -351,23 +454,35 @@ class Scheduler:
                            r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group, rs.generated)
 
     def _place(self, now_s: float, rs: RequestState) -> None:
+        if rs.cancelled:                    # its client gave up while it was being resumed
+            self._end_cancelled(now_s, rs, None)
+            return
         if self._failed and not self.fleet.num_prefill:
             self._reject(now_s, rs, "no live group can prefill (failed: "
-                                    + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")")
+                         + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")", R.NO_LIVE_GROUP)
             return
-        decision = self.policy.place(self._info(rs), self._seen, now_s)
+        try:   # typed object: compiled code would otherwise cast a bad return inside this try
+            decision: object = self.policy.place(self._info(rs), self._seen, now_s)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PolicyFailed.raised(self.policy, "place", exc) from exc
         if isinstance(decision, Reject):
-            self._reject(now_s, rs, decision.reason)
+            self._reject(now_s, rs, decision.reason, decision.code)
             return
-        reason = self._check(decision, rs)
-        if reason is not None:
-            self._reject(now_s, rs, reason)
+        if not isinstance(decision, Placement):
+            raise PolicyFailed.returned(self.policy, "place", decision, "a Placement or a Reject")
+        check = self._check(decision, rs)
+        if check is not None:
+            self._reject(now_s, rs, check[1], check[0])
             return
         g = self.groups[decision.prefill_group]
         rs.decode_group = decision.decode_group
         if decision.decode_group is not None and not g.colocated:
             g.local_decodes = True          # a fallback may have placed it to decode here too
-        g.enqueue_prefill(rs, front=rs.preemptions > 0)
+        rs.staged = None
+        if self.store is None or not self._read_from_store(now_s, rs, g):
+            g.enqueue_prefill(rs, front=rs.preemptions > 0)
         self.fleet.placed(g.group_id, rs.prefill_tokens)
         self.decisions.add(now_s, D.PLACE, g.group_id, rs.request_id,
                            math.nan if decision.decode_group is None else decision.decode_group)
@@ -375,24 +490,26 @@ class Scheduler:
             self.hooks.request_placed(now_s, rs, g.group_id)
         self._dirty.add(g.group_id)
 
-    def _check(self, p: Placement, rs: RequestState) -> Optional[str]:
-        """Capacity check of a policy's placement (the policy decides, the scheduler verifies)."""
+    def _check(self, p: Placement, rs: RequestState) -> Optional[tuple[str, str]]:
+        """Capacity check of a policy's placement (the policy decides, the scheduler verifies):
+        ``(code, reason)`` if it cannot stand."""
         n = len(self.groups)
         # a group serving a request end to end (a heterogeneous fallback) may take either role
         local = p.decode_group == p.prefill_group
         if not 0 <= p.prefill_group < n or not self._serves(self.groups[p.prefill_group].can_prefill, local,
                                                             self.groups[p.prefill_group]):
-            return f"policy chose group {p.prefill_group}, which cannot prefill"
+            return (R.POLICY, f"policy chose group {p.prefill_group}, which cannot prefill")
         g = self.groups[p.prefill_group]
         need = rs.context_tokens + 1
         if not g.fits_ever(rs.decode_need_tokens if g.colocated or local else need):
-            return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {g.name}"
+            return (R.KV_CAPACITY, f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {g.name}")
         if p.decode_group is not None:
             if not 0 <= p.decode_group < n or not self._serves(self.groups[p.decode_group].can_decode, local,
                                                                self.groups[p.decode_group]):
-                return f"policy chose group {p.decode_group}, which cannot decode"
+                return (R.POLICY, f"policy chose group {p.decode_group}, which cannot decode")
             if not self.groups[p.decode_group].fits_ever(rs.decode_need_tokens):
-                return f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group {self.groups[p.decode_group].name}"
+                return (R.KV_CAPACITY, f"prompt of {rs.prefill_tokens} tokens exceeds the KV capacity of group "
+                                       f"{self.groups[p.decode_group].name}")
         return None
 
     @staticmethod
@@ -409,9 +526,21 @@ class Scheduler:
                 hooks.request_left(now_s, g.group_id, rs, "preempted")
             for rs in out.failed:
                 hooks.request_left(now_s, g.group_id, rs, "failed")
+        for rs in out.cancelled:
+            if hooks is not None:
+                hooks.request_left(now_s, g.group_id, rs, "cancelled")
+            self._end_cancelled(now_s, rs, g.group_id)
         for rs in out.prefilled:
             rs.prefilled_s = now_s
-            if rs.generated >= rs.request.output_tokens:
+            if self.store is not None:
+                self._write_to_store(now_s, rs, g)
+            if rs.cancelled:                # its client gave up during the prefill
+                if hooks is not None:
+                    hooks.request_left(now_s, g.group_id, rs, "cancelled")
+                g.release_decode_kv(rs)
+                g.release_prefill_kv(rs)
+                self._end_cancelled(now_s, rs, g.group_id)
+            elif rs.generated >= rs.request.output_tokens:
                 if hooks is not None:
                     hooks.request_left(now_s, g.group_id, rs, "completed")
                 g.release_decode_kv(rs)         # decoding here: its reservation; else: none
@@ -434,7 +563,7 @@ class Scheduler:
                 rs.decode_group = None
                 self._place(now_s, rs)
         for rs in out.failed:
-            self._reject(now_s, rs, f"KV of {rs.context_tokens} tokens outgrew group {g.name}")
+            self._reject(now_s, rs, f"KV of {rs.context_tokens} tokens outgrew group {g.name}", R.KV_CAPACITY)
 
     def _route_decode(self, now_s: float, rs: RequestState, src: GroupState) -> None:
         target = rs.decode_group
@@ -444,19 +573,31 @@ class Scheduler:
                 and not src.can_decode:
             src.release_prefill_kv(rs)
             self._reject(now_s, rs, "no live group can decode (failed: "
-                                    + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")")
+                         + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")", R.NO_LIVE_GROUP)
             return
         if target is None:
-            choice = self.policy.place_decode(self._info(rs), self._seen, now_s)
+            try:
+                choice: object = self.policy.place_decode(self._info(rs), self._seen, now_s)
+            except UserError:
+                raise
+            except Exception as exc:
+                raise PolicyFailed.raised(self.policy, "place_decode", exc) from exc
             if isinstance(choice, Reject):
                 src.release_prefill_kv(rs)
-                self._reject(now_s, rs, choice.reason)
+                self._reject(now_s, rs, choice.reason, choice.code)
                 return
+            if not isinstance(choice, int) or isinstance(choice, bool) or not 0 <= choice < len(self.groups):
+                raise PolicyFailed.returned(self.policy, "place_decode", choice,
+                                            f"a group id (0..{len(self.groups) - 1}) or a Reject")
             target = choice
         dst = self.groups[target]
-        if not self._serves(dst.can_decode, target == src.group_id, dst) or not dst.fits_ever(rs.context_tokens + 1):
+        if not self._serves(dst.can_decode, target == src.group_id, dst):
             src.release_prefill_kv(rs)
-            self._reject(now_s, rs, f"decode group {dst.name} cannot hold {rs.context_tokens} tokens")
+            self._reject(now_s, rs, f"policy chose group {dst.name}, which cannot decode", R.POLICY)
+            return
+        if not dst.fits_ever(rs.context_tokens + 1):
+            src.release_prefill_kv(rs)
+            self._reject(now_s, rs, f"decode group {dst.name} cannot hold {rs.context_tokens} tokens", R.KV_CAPACITY)
             return
         dst.enqueue_decode(rs)
         self.fleet.routed_decode(target, 1)
@@ -498,12 +639,97 @@ class Scheduler:
     def _arrivals(self, now_s: float, done: list[int]) -> list[Timer]:
         out = []
         for tid in done:
-            out.append((now_s + self._transfers[tid][3], Kind.KV_ARRIVAL, tid))
+            delay = self._transfers[tid][3] if tid >= 0 else self._store_message_s()
+            out.append((now_s + delay, Kind.KV_ARRIVAL, tid))
         return out
+
+    # --- KV tiers and the cluster KV store ------------------------------------------------------
+    def _store_message_s(self) -> float:
+        store = self.store
+        assert store is not None
+        return store.message_s
+
+    def _log_fetches(self, now_s: float, gid: int, span: Span) -> None:
+        """Reads from a group's lower tiers that a planned prefill span starts with."""
+        hooks = self.hooks
+        for index, tier, start, end in fetch_windows(now_s, list(enumerate(p for _, p in span.fetches))):
+            rs, plan = span.fetches[index]
+            self.decisions.add(now_s, D.FETCH, gid, rs.request_id, tier, plan.tier_tokens[tier],
+                               plan.tier_bytes[tier], end - start)
+            if hooks is not None:
+                hooks.kv_fetched(now_s, rs, gid, tier, start, end, plan.tier_bytes[tier], plan.tier_tokens[tier])
+
+    def _read_from_store(self, now_s: float, rs: RequestState, g: GroupState) -> bool:
+        """Fetch ``rs``'s prefix blocks from the cluster store into ``g`` if that is cheaper than
+        recomputing them (the core's plan); True if a fetch started (``rs`` waits for it)."""
+        planner = self._planners[g.group_id]
+        store = self.store
+        r = rs.request
+        if planner is None or store is None or not r.prefix_hashes:
+            return False
+        plan = planner.plan(r.prefix_hashes, r.prefix_block_tokens, r.prompt_tokens, rs.prefill_tokens)
+        if plan.tier_bytes[STORE] <= 0:
+            return False
+        hashes = planner.from_store(r.prefix_hashes, plan)
+        tid, done = store.read(now_s, rs, g.group_id, hashes, self.network)
+        g.await_fetch(rs)
+        self.decisions.add(now_s, D.FETCH, g.group_id, rs.request_id, STORE, plan.tier_tokens[STORE],
+                           len(hashes) * store.block_bytes, plan.tier_s[STORE])
+        if self.hooks is not None:
+            self.hooks.store_read_started(now_s, tid, rs, g.group_id, hashes)
+        self._timers.extend(self._arrivals(now_s, done))
+        return True
+
+    def _write_to_store(self, now_s: float, rs: RequestState, g: GroupState) -> None:
+        """``rs``'s prefill ended on ``g``: write its prompt's full blocks the store lacks to it."""
+        store = self.store
+        r = rs.request
+        if store is None or not r.prefix_hashes or g.memory.tiers is None:
+            return
+        block = r.prefix_block_tokens
+        full = r.prefix_hashes[:r.prompt_tokens // block]
+        if not full:
+            return
+        store.sized(block)
+        started = store.write(now_s, g.group_id, full, self.network)
+        if started is None:
+            return
+        tid, new, done = started
+        self.decisions.add(now_s, D.STORE_WRITE, g.group_id, rs.request_id, len(new), len(new) * store.block_bytes)
+        if self.hooks is not None:
+            self.hooks.store_write_started(now_s, tid, g.group_id, rs.request_id, new)
+        self._timers.extend(self._arrivals(now_s, done))
+
+    def _store_landed(self, now_s: float, tid: int) -> None:
+        """A store read landed (its request joins the prefill queue) or a write did (readable now)."""
+        store = self.store
+        assert store is not None
+        flow, evicted = store.landed(now_s, tid)
+        if evicted and self.hooks is not None:
+            self.hooks.store_evicted(now_s, evicted)
+        if flow is None or flow.request is None:
+            return
+        rs = flow.request
+        if rs.cancelled:                    # its client gave up while the prefix was on its way
+            return
+        g = self.groups[flow.group_id]
+        g.fetch_landed(rs, frozenset(flow.hashes))
+        self._dirty.add(g.group_id)
+        if self.hooks is not None:
+            tokens = min(len(flow.hashes) * store.block_tokens, rs.prefill_tokens - 1)
+            self.hooks.kv_fetched(now_s, rs, g.group_id, STORE, flow.start_s, now_s, flow.num_bytes, tokens)
 
     def _rebalance(self, now_s: float) -> None:
         """Start the role switches the policy asks for, keeping both roles served meanwhile."""
-        for switch in self.policy.rebalance(self._seen, now_s):
+        try:
+            switches: list[object] = list(self.policy.rebalance(self._seen, now_s))
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PolicyFailed.raised(self.policy, "rebalance", exc) from exc
+        for switch in switches:
+            if not isinstance(switch, RoleSwitch):
+                raise PolicyFailed.returned(self.policy, "rebalance", switch, "RoleSwitch items")
             if not 0 <= switch.group_id < len(self.groups):
                 continue
             g = self.groups[switch.group_id]
@@ -532,9 +758,20 @@ class Scheduler:
         if self.hooks is not None:
             self.hooks.request_finished(now_s, rs)
 
-    def _reject(self, now_s: float, rs: RequestState, reason: str) -> None:
+    def _end_cancelled(self, now_s: float, rs: RequestState, group_id: Optional[int]) -> None:
+        rs.phase = Phase.CANCELLED
+        rs.reject_reason = "cancelled by the client"
+        rs.reject_code = R.CANCELLED
+        rs.finish_s = now_s
+        self.decisions.add(now_s, D.CANCEL, group_id, rs.request_id)
+        self._record(rs, "cancelled")
+        if self.hooks is not None:
+            self.hooks.request_finished(now_s, rs)
+
+    def _reject(self, now_s: float, rs: RequestState, reason: str, code: str) -> None:
         rs.phase = Phase.REJECTED
         rs.reject_reason = reason
+        rs.reject_code = code
         rs.finish_s = now_s
         self.decisions.add_reject(now_s, rs.request_id, reason)
         self._record(rs, "rejected")
@@ -546,9 +783,10 @@ class Scheduler:
         self.records.append((
             rs.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens, rs.predicted_output,
             rs.cached_tokens, status, rs.reject_reason, rs.prefill_group, rs.decode_group,
-            rs.token1_s, rs.token2_s, rs.finish_s, rs.max_gap_s, rs.preemptions, rs.generated,
+            rs.token1_s, rs.token2_s, rs.finish_s, rs.max_gap_s, rs.preemptions, rs.generated, rs.reject_code,
         ))
         self.num_active -= 1
+        del self._active[rs.request_id]
 
     def _report(self, g: GroupState, now_s: float) -> None:
         self.fleet.report(g.group_id, now_s, g.kv.num_free, g.num_pending_prefill, g.pending_prefill_tokens,

@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Optional
 
 from hetero_sched.core.request import RequestState
+from hetero_sched.core.kvtiers import PrefixPlan
 from hetero_sched.costmodel import Line
 
 
@@ -63,6 +64,8 @@ class Span:
         self.cached_tokens = cached_tokens
         self.chunks = chunks
         """Mixed spans: ``(request, start, end)`` — prefill-token positions this span computes."""
+        self.fetches: tuple[tuple[RequestState, PrefixPlan], ...] = ()
+        """With KV tiers: each prompt starting here and how it reuses its prefix (reads from lower tiers)."""
 
 
 class SpanReport:
@@ -99,6 +102,8 @@ class SpanOutcome:
         self.preempted: list[RequestState] = []
         self.failed: list[RequestState] = []
         """Requests that can never fit this group's KV (reject with a reason)."""
+        self.cancelled: list[RequestState] = []
+        """Requests whose client gave up, out of the batch at this step boundary."""
 
 
 def decode_span_duration(line: Line, context0: int, batch_size: int, steps: int) -> float:

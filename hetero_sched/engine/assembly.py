@@ -11,10 +11,12 @@ import inspect
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from hetero_sched.catalog import resolve_assumptions
+from hetero_sched.catalog import resolve_assumptions, resolve_catalog
 from hetero_sched.core.events import DecisionLog
 from hetero_sched.core.scheduler import Scheduler
-from hetero_sched.experiment import Experiment, build_groups, load_experiment, parse_experiment
+from hetero_sched.experiment import Experiment, build_groups, load_experiment, parse_experiment, profile_stamp
+from hetero_sched.kvcache import build_kv_store
+from hetero_sched.kvmetrics import kv_summary
 from hetero_sched.metrics import GroupUsage, records_table, summarize
 from hetero_sched.policies import make_policy, policy_class
 from hetero_sched.predictor import predict_outputs
@@ -45,8 +47,10 @@ def build_scheduler(exp: Experiment, workload: Workload, base_dir: Optional[Path
             params[key] = value
     policy = make_policy(exp.policy.name, params)
     predicted = predict_outputs(exp.predictor_spec, workload, exp.seed)
+    window = resolve_catalog(exp.overrides, exp.catalog_data).model(exp.model).max_context_tokens
+    store = build_kv_store(exp.kv_cache, exp.overrides, exp.catalog_data, groups)
     return Scheduler(groups, policy, predicted.tolist(), exp.report_interval_s, layerwise=exp.layerwise,
-                     max_inflight=exp.admission.max_inflight)
+                     max_inflight=exp.admission.max_inflight, max_context_tokens=window, store=store)
 
 
 def _init_params(policy_name: str) -> list[str]:
@@ -55,9 +59,13 @@ def _init_params(policy_name: str) -> list[str]:
 
 def finish_run(exp: Experiment, scheduler: Scheduler, workload: Workload, clock: str) -> RunResult:
     """A finished run's core → a stamped :class:`RunResult`."""
-    usage = [GroupUsage(g.name, g.device, g.role.value, g.busy_s, g.cost.dollars_per_hour)
-             for g in scheduler.groups]
-    return make_result(exp, scheduler.records, scheduler.decisions, usage, workload, clock)
+    usage = [GroupUsage(g.name, g.device, g.role.value, g.busy_s, g.cost.dollars_per_hour, g.decode_seq_s,
+                        g.kv_block_s, g.limits.max_num_seqs, g.kv.num_blocks) for g in scheduler.groups]
+    result = make_result(exp, scheduler.records, scheduler.decisions, usage, workload, clock)
+    kv = kv_summary(result.records, scheduler.groups, scheduler.store, workload)
+    if kv is not None:
+        result.summary["kv_cache"] = kv
+    return result
 
 
 def make_result(exp: Experiment, records: list[tuple], decisions: DecisionLog, usage: list[GroupUsage],
@@ -69,6 +77,7 @@ def make_result(exp: Experiment, records: list[tuple], decisions: DecisionLog, u
     summary["experiment"] = exp.name
     summary["policy"] = exp.policy.name
     stamp = make_stamp(resolve_assumptions(exp.overrides, extra=exp.catalog_data), workload.source, clock)
+    stamp["profiles"] = profile_stamp(exp)
     return RunResult(exp.model_dump(mode="json"), summary, table, decisions, stamp)
 
 

@@ -54,7 +54,7 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
     now = 0.0
     events = 0
     on_arrival, on_span_end = scheduler.on_arrival, scheduler.on_span_end
-    on_transfer, on_kv_arrival, plan = scheduler.on_transfer, scheduler.on_kv_arrival, scheduler.plan
+    on_transfer, on_kv_arrival = scheduler.on_transfer, scheduler.on_kv_arrival
     while True:
         changed = devices.wait(queue)
         if changed is not None:                     # a device failed meanwhile: decide again

@@ -58,6 +58,7 @@ class Adaptive(Disagg):
         if min_load < 0:
             raise ValueError(f"min_load must be >= 0 (got {min_load})")
         super().__init__(choices, seed, fallback, fallback_prefill_batches)
+        self.serves_any_role = True          # any group of the mixed pool may end up in either role
         self.mixed_pool = mixed_pool
         self.to_prefill_ratio = to_prefill_ratio
         self.to_decode_ratio = to_decode_ratio

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Final, NamedTuple, Optional, Sequence, Union
 
 from hetero_sched.core.fleet import as_fleet
 from hetero_sched.core.kvblocks import blocks_for
 from hetero_sched.core.kvmemory import prefix_hit_tokens, reservation_tokens
+from hetero_sched.core.kvtiers import PrefixPlan
 from hetero_sched.core.transfer import uncontended_transfer_s
 from hetero_sched.costmodel import GroupCost, step_time_s
-from hetero_sched.errors import UserError
+from hetero_sched.errors import DEBUG_HINT, UserError
 
 
 class RequestInfo(NamedTuple):
@@ -51,12 +52,13 @@ class GroupView:
     __slots__ = ("group_id", "name", "device", "pool", "role", "can_prefill", "can_decode", "cost", "kv_blocks_total",
                  "kv_blocks_free", "num_prefill_queued", "prefill_queued_tokens",
                  "num_decode_queued", "num_decoding", "reported_s", "block_size", "max_batch_tokens",
-                 "max_num_seqs", "_prefix_probe")
+                 "max_num_seqs", "_prefix_probe", "_prefix_planner")
 
     def __init__(self, group_id: int, name: str, device: str, pool: str, role: Any,
                  cost: GroupCost, kv_blocks_total: int, *, block_size: int = 16,
                  max_batch_tokens: int = 16384, max_num_seqs: int = 256,
-                 prefix_probe: Optional[Callable[[tuple[int, ...]], int]] = None) -> None:
+                 prefix_probe: Optional[Callable[[tuple[int, ...]], int]] = None,
+                 prefix_planner: Optional[Callable[[tuple[int, ...], int, int, int], PrefixPlan]] = None) -> None:
         self.group_id = group_id
         self.name = name
         self.device = device
@@ -78,6 +80,7 @@ class GroupView:
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self._prefix_probe = prefix_probe
+        self._prefix_planner = prefix_planner
 
     @property
     def is_draining(self) -> bool:
@@ -96,6 +99,21 @@ class GroupView:
         return self._prefix_probe(hashes)
 
     @property
+    def has_kv_tiers(self) -> bool:
+        """Whether the group has KV tiers below device memory (or the cluster store) to plan with."""
+        return self._prefix_planner is not None
+
+    def prefix_plan(self, request: RequestInfo) -> Optional[PrefixPlan]:
+        """Where ``request``'s prefix lives for this group and what reusing it would cost: the
+        core's own plan (:func:`hetero_sched.core.kvtiers.plan_prefix`) over the group's tiers and
+        the cluster store — reused blocks per tier, read time, fetch-plus-prefill time alone.
+        None without prefix hashes or KV tiers. Live, like :meth:`cached_prefix_blocks`."""
+        if not request.prefix_hashes or self._prefix_planner is None:
+            return None
+        return self._prefix_planner(request.prefix_hashes, request.prefix_block_tokens,
+                                    request.prompt_tokens - request.generated, request.prompt_tokens)
+
+    @property
     def decode_load(self) -> int:
         """Sequences decoding here or waiting for a decode slot."""
         return self.num_decoding + self.num_decode_queued
@@ -108,8 +126,11 @@ class GroupView:
         return blocks_for(tokens, self.block_size)
 
     def has_decode_room(self, request: RequestInfo) -> bool:
-        """A free decode slot and KV for ``request``'s reservation, as of the last report."""
-        return self.decode_load < self.max_num_seqs and self.kv_blocks_free >= self.reservation_blocks(request)
+        """A free decode slot and KV for ``request``'s reservation, as of the last report — and a
+        group that could hold it at all (its prompt, the prefill's token and a decode step)."""
+        return (self.decode_load < self.max_num_seqs
+                and blocks_for(request.prompt_tokens + 2, self.block_size) <= self.kv_blocks_total
+                and self.kv_blocks_free >= self.reservation_blocks(request))
 
     def cached_tokens(self, request: RequestInfo) -> int:
         """Prompt tokens this group's prefix cache would save ``request`` now (as the core counts them)."""
@@ -139,11 +160,27 @@ class Placement:
     """None: decided when prefill finishes (:meth:`Policy.place_decode`)."""
 
 
+class RejectCode:
+    """Short codes of rejection kinds (plain strings: they are Parquet and JSON values)."""
+
+    OVERLOADED: Final = "overloaded"              # admission.max_inflight requests already in flight
+    CONTEXT_TOO_LONG: Final = "context_too_long"  # beyond the model's context window
+    KV_CAPACITY: Final = "kv_capacity"            # more KV than a group can ever hold
+    SLO_TTFT: Final = "slo_ttft"                  # a policy predicted the TTFT SLO would be missed
+    SLO_TPOT: Final = "slo_tpot"                  # ... or the TPOT SLO
+    NO_DECODE_ROOM: Final = "no_decode_room"      # a policy found no decode slot and KV for it now
+    NO_LIVE_GROUP: Final = "no_live_group"        # no group of a role is in service (failed, switching)
+    POLICY: Final = "policy"                      # a policy's own reason (or an invalid choice)
+    CANCELLED: Final = "cancelled"                # not a rejection: the client gave up (serving)
+
+
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """Turn the request away, with a reason the record keeps."""
+    """Turn the request away, with a reason the record keeps and a short code summaries group by
+    (one of :class:`RejectCode`, or a policy's own)."""
 
     reason: str
+    code: str = RejectCode.POLICY
 
 
 Decision = Union[Placement, Reject]
@@ -175,6 +212,9 @@ class Policy(ABC):
     """Whether the scheduler should ask :meth:`rebalance` for role switches (at every plan)."""
     chunk_budget_tokens: Optional[int] = None
     """Chunked prefill on colocated groups: tokens per iteration (None: whole prompts)."""
+    serves_any_role: bool = False
+    """Whether a group may serve the role it was not configured for (heterogeneous fallback;
+    role switching is :attr:`rebalances`): the arrival check then counts every group's KV."""
 
     def check(self, groups: Sequence[GroupView]) -> None:
         """Raise :class:`UserError` if the cluster cannot serve this policy (e.g. no decode group)."""
@@ -191,7 +231,7 @@ class Policy(ABC):
         """Choose the decode group once prefill is done: least loaded, then most free KV."""
         best = as_fleet(groups).least_decode_loaded()
         if best is None:
-            return Reject("no decode-capable group")
+            return Reject("no decode-capable group", RejectCode.NO_LIVE_GROUP)
         return best.group_id
 
 
@@ -201,3 +241,36 @@ def require_roles(policy: str, groups: Sequence[GroupView], prefill: bool, decod
         raise UserError(f"policy {policy}: no group can prefill (set a group's role to prefill or both)")
     if decode and not any(g.can_decode for g in groups):
         raise UserError(f"policy {policy}: no group can decode (set a group's role to decode or both)")
+
+
+class PolicyFailed(UserError):
+    """A policy's own code failed: it raised, or returned something that is not a decision.
+
+    One line naming the policy (a built-in's name, a user's ``module:Class``), the method and
+    the exception — ``policy my_mod:P raised ValueError in place(): ... (--debug for the
+    traceback)``; the exception is chained (``__cause__``), so ``--debug`` and Python callers
+    keep its traceback.
+    """
+
+    @staticmethod
+    def label(policy: Union[Policy, type[Policy]]) -> str:
+        """How a config names the policy."""
+        cls = policy if isinstance(policy, type) else type(policy)
+        if cls.__module__.startswith("hetero_sched.policies.") and cls.name:
+            return cls.name
+        return f"{cls.__module__}:{cls.__qualname__}"
+
+    @classmethod
+    def raised(cls, policy: Union[Policy, type[Policy]], method: str, exc: BaseException) -> "PolicyFailed":
+        """``policy``'s ``method`` raised ``exc``."""
+        text = " ".join(str(exc).split())
+        where = "" if method == "__init__" else f" in {method}()"
+        return cls(f"policy {cls.label(policy)} raised {type(exc).__name__}{where}"
+                   f"{': ' + text if text else ''} {DEBUG_HINT}")
+
+    @classmethod
+    def returned(cls, policy: Policy, method: str, value: Any, expected: str) -> "PolicyFailed":
+        """``policy``'s ``method`` returned ``value`` where ``expected`` was due."""
+        shown = repr(value)
+        return cls(f"policy {cls.label(policy)}: {method}() returned "
+                   f"{shown if len(shown) <= 80 else shown[:77] + '...'}, expected {expected}")

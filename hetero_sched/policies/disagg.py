@@ -41,6 +41,7 @@ class Disagg(Policy):
             raise ValueError(f"fallback_prefill_batches must be positive (got {fallback_prefill_batches})")
         self.choices = choices
         self.fallback = fallback
+        self.serves_any_role = fallback
         self.fallback_prefill_batches = fallback_prefill_batches
         self._rng = random.Random(seed)
 

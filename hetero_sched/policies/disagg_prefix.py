@@ -10,10 +10,17 @@ to the group holding its prefix unless that group's load outweighs the hit. Ties
 lowest group id; requests without hashes are routed on load alone. The decode group is chosen
 as by ``disagg``.
 
-Only two kinds of group can win, so only they are scored: the groups whose prefix cache holds
+With KV tiers (``kv_cache:``) a group's blocks still to compute are what the core's own prefix
+plan leaves (:meth:`GroupView.prefix_plan`: blocks reused from device memory, host DRAM, SSD or
+the cluster store, where fetching beats recomputing), plus the plan's read time counted in blocks
+(one block's prefill time on that group): a prefix in a group's DRAM costs it a little, one only
+in the store costs the network read — the router sees where each prefix lives and at what cost.
+
+Without KV tiers only two kinds of group can win, so only they are scored: the groups whose prefix cache holds
 the request's first block (the Fleet's prefix holders), and the group with the fewest blocks in
 use (a group with no hit scores ``overlap_weight × blocks + blocks in use``, never less than
-that group's score) — the same choice as scoring every group, at O(holders + log G).
+that group's score) — the same choice as scoring every group, at O(holders + log G). With KV
+tiers every prefill group is scored (a prefix may sit in any group's DRAM or SSD, or the store).
 """
 
 from __future__ import annotations
@@ -30,7 +37,12 @@ def kv_router_cost(request: RequestInfo, g: GroupView, overlap_weight: float) ->
     """Dynamo's cost of sending ``request`` to ``g``, in prefix blocks (lower is better)."""
     block = request.prefix_block_tokens
     blocks = -(-request.prompt_tokens // block)
-    to_compute = blocks - min(g.cached_prefix_blocks(request.prefix_hashes), blocks)
+    plan = g.prefix_plan(request) if g.has_kv_tiers else None
+    if plan is None:
+        to_compute = float(blocks - min(g.cached_prefix_blocks(request.prefix_hashes), blocks))
+    else:
+        block_s = g.cost.prefill_time_s([block], [0])
+        to_compute = blocks - min(plan.blocks, blocks) + (plan.fetch_s / block_s if block_s > 0 else 0.0)
     in_use = (g.prefill_queued_tokens + (g.kv_blocks_total - g.kv_blocks_free) * g.block_size) / block
     return overlap_weight * to_compute + in_use
 
@@ -55,9 +67,12 @@ class DisaggPrefix(Disagg):
             return borrowed
         least = fleet.best(KV_IN_USE, PREFILL)
         assert least is not None   # check() made sure a prefill group exists
-        candidates = [least]
-        if request.prefix_hashes:
-            candidates += [g for g in fleet.prefix_holders(request.prefix_hashes[0]) if g.can_prefill]
+        if fleet.holders is None:  # KV tiers: any group may hold the prefix in DRAM, SSD or the store
+            candidates = [fleet[i] for i in fleet.role_ids(True)]
+        else:
+            candidates = [least]
+            if request.prefix_hashes:
+                candidates += [g for g in fleet.prefix_holders(request.prefix_hashes[0]) if g.can_prefill]
         best: Optional[tuple[float, int]] = None
         for g in candidates:
             key = (kv_router_cost(request, g, self.overlap_weight), g.group_id)

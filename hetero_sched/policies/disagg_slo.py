@@ -37,7 +37,7 @@ import math
 from typing import Optional, Sequence, Union
 
 from hetero_sched.core.fleet import DECODE_SLOT, FREE_KV, PREFILL, PREFILL_TOKENS, Fleet, as_fleet
-from hetero_sched.policies.base import Decision, GroupView, Placement, Reject, RequestInfo
+from hetero_sched.policies.base import Decision, GroupView, Placement, Reject, RejectCode, RequestInfo
 from hetero_sched.policies.disagg import Disagg
 from hetero_sched.policies.registry import register
 
@@ -136,10 +136,12 @@ class DisaggSLO(Disagg):
         if best is not None:
             return Placement(best[1])
         if best_ttft > self.ttft_slo_s:
-            return Reject(f"predicted TTFT {best_ttft:.4g} s exceeds the SLO {self.ttft_slo_s:g} s at every prefill group")
+            return Reject(f"predicted TTFT {best_ttft:.4g} s exceeds the SLO {self.ttft_slo_s:g} s at every prefill group",
+                          RejectCode.SLO_TTFT)
         if best_tpot == math.inf:
-            return Reject("no decode group has a slot and KV headroom for the reservation")
-        return Reject(f"predicted TPOT {best_tpot:.4g} s exceeds the SLO {self.tpot_slo_s:g} s at every decode group")
+            return Reject("no decode group has a slot and KV headroom for the reservation", RejectCode.NO_DECODE_ROOM)
+        return Reject(f"predicted TPOT {best_tpot:.4g} s exceeds the SLO {self.tpot_slo_s:g} s at every decode group",
+                      RejectCode.SLO_TPOT)
 
     def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
         fleet = as_fleet(groups)

@@ -33,6 +33,8 @@ from hetero_sched.runtime.pacing import DevicePace, Timeline, measured_report
 from hetero_sched.runtime.recovery import Recovered, RunJournal
 from hetero_sched.engine.assembly import build_scheduler
 from hetero_sched.engine.loop import run_events
+from hetero_sched.kvmetrics import kv_summary
+from hetero_sched.metrics import records_table
 from hetero_sched.tracing import ProcessTracing, TraceSettings, attach_tracer, emit_shipped, epoch_for
 
 
@@ -55,6 +57,28 @@ class _Running:
     margins: dict[int, float] = field(default_factory=dict)
     cut: Optional[asyncio.Event] = None
     stop_at_s: Optional[float] = None
+    stream: Optional["_Streamer"] = None
+
+
+class _Streamer:
+    """Tokens a device reports as it makes them (serving streams them): ``(request, index in its
+    output, token id or -1 when the backend makes none, time)``, sent to the sink at most every
+    ``interval_s``."""
+
+    def __init__(self, sink: Any, group_id: int, span_id: int, interval_s: float) -> None:
+        self.sink, self.group_id, self.span_id, self.interval_s = sink, group_id, span_id, interval_s
+        self._items: list[list[Any]] = []
+        self._sent = time.monotonic()
+
+    def add(self, request_id: int, index: int, token: int, t_s: float) -> None:
+        self._items.append([request_id, index, token, t_s])
+
+    def flush(self, force: bool = False) -> None:
+        if self._items and (force or time.monotonic() - self._sent >= self.interval_s):
+            self.sink.deliver.remote(pack("progress", group_id=self.group_id, span_id=self.span_id,
+                                          tokens=self._items))
+            self._items = []
+            self._sent = time.monotonic()
 
 
 def _void_report(incarnation: int, span_id: int = -1) -> bytes:
@@ -75,8 +99,12 @@ class DeviceGroupActor:
     eagerly), and a cut answers with the revised one (rolling the extra steps back).
     """
 
-    def __init__(self, config: bytes) -> None:
+    def __init__(self, config: bytes, sink: Any = None) -> None:
+        """``sink``: an actor with a ``deliver(progress message)`` method to stream tokens to as
+        they are made (the serving front door), or None."""
         cfg = unpack(config, "configure")
+        self._sink = sink
+        self._progress_s = cfg["progress_interval_s"]
         self.group_id = cfg["group_id"]
         self.name = cfg["name"]
         self._backend_args = dict(kind=cfg["backend"], model=cfg["model"], seed=cfg["seed"],
@@ -123,7 +151,11 @@ class DeviceGroupActor:
 
     @contextlib.asynccontextmanager
     async def _in_turn(self, seq: int) -> AsyncIterator[None]:
-        """Act as the ``seq``-th ordered call: after every earlier one has acted."""
+        """Act as the ``seq``-th ordered call: after every earlier one has acted (``seq`` < 0: an
+        unordered call, which acts at once)."""
+        if seq < 0:
+            yield
+            return
         async with self._turns:
             await self._turns.wait_for(lambda: self._next_seq == seq)
         try:
@@ -136,20 +168,30 @@ class DeviceGroupActor:
     def _now(self) -> float:
         return (time.time() - self._origin_unix_s) / self.time_scale
 
+    SPIN_S = 0.0015
+    """The event loop's timers fire up to a millisecond late (epoll's resolution): a hold sleeps
+    until this much before its end and spins the rest, so a device holds a span for its time."""
+
     async def _sleep_until(self, t_s: float, interrupt: Optional[asyncio.Event] = None) -> bool:
         """Wait until run time ``t_s``; True if ``interrupt`` was set first."""
-        delay = self._origin_unix_s + t_s * self.time_scale - time.time()
-        if interrupt is None:
-            if delay > 0:
+        target = self._origin_unix_s + t_s * self.time_scale
+        delay = target - time.time() - self.SPIN_S
+        if interrupt is not None and interrupt.is_set():
+            return True
+        if delay > 0:
+            if interrupt is None:
                 await asyncio.sleep(delay)
-            return False
-        if interrupt.is_set():
-            return True
-        try:
-            await asyncio.wait_for(interrupt.wait(), timeout=max(delay, 0.0))
-            return True
-        except asyncio.TimeoutError:
-            return False
+            else:
+                try:
+                    await asyncio.wait_for(interrupt.wait(), timeout=delay)
+                    return True
+                except asyncio.TimeoutError:
+                    pass
+        while time.time() < target:
+            if interrupt is not None and interrupt.is_set():
+                return True
+            await asyncio.sleep(0)               # let a cut in while spinning
+        return False
 
     async def flush_traces(self) -> dict[str, int]:
         """Export every span this actor ended (bounded wait); its counts, for the run summary."""
@@ -203,6 +245,8 @@ class DeviceGroupActor:
             t0 = time.perf_counter()
             stepwise = not virtual and span["kind"] == "decode" and self.computes
             exports = self._compute(span, run, 1 if stepwise else tl.steps)
+            if self._sink is not None and not virtual:
+                run.stream = _Streamer(self._sink, self.group_id, span["span_id"], self._progress_s)
         self._spans += 1
         if self._spans == self._hang_at:
             await asyncio.Event().wait()          # injected fault: this report never comes
@@ -214,6 +258,8 @@ class DeviceGroupActor:
             if not self.real_pace:
                 await self._sleep_until(tl.end_s())
             times = tl.report(run.steps, end_s=self._now())
+            if run.stream is not None:
+                self._stream_span(span, run, times["end_s"])
         if not virtual:
             self._running = None
         compute_s = time.perf_counter() - t0
@@ -256,9 +302,22 @@ class DeviceGroupActor:
         cut = run.cut
         assert cut is not None
         if not self.computes:
-            if await self._sleep_until(tl.end_s(), cut):
-                run.steps = tl.stop_at(max(run.stop_at_s or 0.0, self._now()))
-                await self._sleep_until(tl.step_end_s(run.steps))
+            stream = run.stream
+            sent = 0
+            end = tl.end_s()
+            while True:       # one interruptible hold; a streaming device wakes to report steps
+                wake = end if stream is None else min(end, self._now() + self._progress_s)
+                if await self._sleep_until(wake, cut):
+                    run.steps = tl.stop_at(max(run.stop_at_s or 0.0, self._now()))
+                    await self._sleep_until(tl.step_end_s(run.steps))
+                    break
+                if stream is not None:
+                    sent = self._stream_steps(span, run, sent, tl.steps_done_by(self._now()))
+                if wake >= end:
+                    break
+            if stream is not None:
+                self._stream_steps(span, run, sent, run.steps)
+                stream.flush(force=True)
             return tl.report(run.steps, end_s=self._now())
         ends: list[float] = []
         stop: Optional[int] = None
@@ -270,12 +329,42 @@ class DeviceGroupActor:
             else:
                 await self._sleep_until(tl.step_end_s(j))
             ends.append(self._now())
+            if run.stream is not None:
+                for rid, index in span["running"].items():
+                    run.stream.add(int(rid), index + j - 1, run.tokens[int(rid)][j - 1], ends[-1])
+                run.stream.flush()
             if cut.is_set() and stop is None:     # a cut came during this step: where to stop
                 stop = j if self.real_pace else max(j, tl.stop_at(run.stop_at_s or 0.0))
             if stop is not None and j >= stop:
                 break
         run.steps = len(ends)
+        if run.stream is not None:
+            run.stream.flush(force=True)
         return measured_report(tl.start_s, ends, "decode")
+
+    def _stream_steps(self, span: dict[str, Any], run: _Running, sent: int, done: int) -> int:
+        """Report the tokens of modeled decode steps ``sent+1 .. done`` at their step ends."""
+        assert run.stream is not None
+        for j in range(sent + 1, done + 1):
+            t = run.timeline.step_end_s(j)
+            for rid, index in span["running"].items():
+                run.stream.add(int(rid), index + j - 1, -1, t)
+        run.stream.flush()
+        return max(sent, done)
+
+    def _stream_span(self, span: dict[str, Any], run: _Running, end_s: float) -> None:
+        """A prefill or mixed span ended: its decode step's tokens and its finished prompts' first."""
+        assert run.stream is not None
+        if span["kind"] == "mixed" and run.steps:
+            for rid, index in span["running"].items():
+                toks = run.tokens.get(int(rid))
+                run.stream.add(int(rid), index, toks[0] if toks else -1, end_s)
+        for item in span["requests"]:
+            if "end" in item and item["end"] < item["total"]:
+                continue                              # a chunk short of the prompt's end: no token yet
+            toks = run.tokens.get(item["id"])
+            run.stream.add(item["id"], item["done"], toks[-1] if toks else -1, end_s)
+        run.stream.flush(force=True)
 
     async def cut(self, msg: bytes) -> tuple[bytes, list[ray.ObjectRef]]:
         """Stop the running span at its first step boundary at or after ``at_s`` (and after now)."""
@@ -331,18 +420,25 @@ class DeviceGroupActor:
         """
         step = unpack(msg, "step")
         if step["expect"] != self.incarnation:
-            return pack("step_report", import_bytes=0, import_s=0.0, imported=[], bad_kv=[], exports=[],
-                        incarnation=self.incarnation), []
+            return pack("step_report", import_bytes=0, import_s=0.0, fetch_s=0.0, queued_s=0.0, imported=[],
+                        bad_kv=[], exports=[], block_exports=[], store_bytes=0, incarnation=self.incarnation), []
+        t0 = time.perf_counter()
         async with self._in_turn(step["seq"]):     # in the order sent, spans included
-            return await self._step(step, refs)
+            return await self._step(step, refs, time.perf_counter() - t0)
 
-    async def _step(self, step: dict[str, Any], refs: list[ray.ObjectRef]) -> tuple[bytes, list[ray.ObjectRef]]:
+    async def _step(self, step: dict[str, Any], refs: list[ray.ObjectRef],
+                    queued_s: float) -> tuple[bytes, list[ray.ObjectRef]]:
         imported: list[int] = []
         bad_kv: list[int] = []
         exports: list[tuple[int, Any]] = []
+        blocks: list[Any] = []
+        block_flows: list[int] = []
+        store_bytes = 0
         import_bytes = 0
         import_s = 0.0
+        t0 = time.perf_counter()
         bundles = [await self._fetch(ref) for ref in refs]
+        fetch_s = time.perf_counter() - t0
         for op in step["ops"]:
             kind = op["op"]
             if kind == "import":
@@ -367,12 +463,32 @@ class DeviceGroupActor:
                 measured = self._measured.pop(op["id"], {})
                 if self.tracing is not None:
                     emit_shipped(self.tracing.tracer, op["spans"], measured)
+            elif kind == "export_blocks":
+                blocks.extend(self.backend.export_blocks(op["hashes"], op["block_bytes"]))
+                block_flows.append(op["flow"])
+            elif kind == "import_blocks":
+                store_bytes += await self._import_blocks(op["id"], op["hashes"], bundles[op["ref"]])
             else:
                 self.backend.forget(op["ids"])
         del bundles
-        report = pack("step_report", import_bytes=import_bytes, import_s=import_s, imported=imported,
-                      bad_kv=bad_kv, exports=[rid for rid, _ in exports], incarnation=self.incarnation)
-        return report, ([ray.put([batch for _, batch in exports])] if exports else [])
+        report = pack("step_report", import_bytes=import_bytes, import_s=import_s, fetch_s=fetch_s, queued_s=queued_s,
+                      imported=imported, bad_kv=bad_kv, exports=[rid for rid, _ in exports],
+                      block_exports=block_flows, store_bytes=store_bytes, incarnation=self.incarnation)
+        refs = [ray.put([batch for _, batch in exports])] if exports else []
+        if blocks:
+            refs.append(ray.put(blocks))
+        return report, refs
+
+    async def _import_blocks(self, request_id: int, hashes: list[int], block_refs: Optional[list[Any]]) -> int:
+        """Prefix blocks read from the KV store by ref, verified, into the backend's prefix cache.
+        A block the store does not have (or cannot hand over) fails the step: the core counted it
+        as a hit, and a silent recompute would hide the error."""
+        if block_refs is None or len(block_refs) != len(hashes) or any(r is None for r in block_refs):
+            raise KVCorruptionError(f"request {request_id}: the KV store lacks prefix blocks it should hold")
+        batches = [await self._fetch(ref) for ref in block_refs]
+        if any(b is None for b in batches):
+            raise KVCorruptionError(f"request {request_id}: prefix blocks from the KV store were lost")
+        return self.backend.import_blocks(hashes, batches)
 
     async def _fetch(self, ref: ray.ObjectRef) -> Optional[list[Any]]:
         """A KV bundle, or None if it is gone (its owner, the exporting actor, died) or unreadable."""
@@ -403,7 +519,8 @@ class SchedulerActor:
 
     def run(self, experiment: dict[str, Any], workload: Any, actors: list[Any], *, backend: str,
             clock: str, time_scale: float, trace: Optional[dict[str, Any]] = None,
-            journal_path: Optional[str] = None, call_timeout_s: float = 120.0) -> dict[str, Any]:
+            journal_path: Optional[str] = None, call_timeout_s: float = 120.0,
+            verify_imports: bool = False, store_actors: Optional[list[Any]] = None) -> dict[str, Any]:
         exp = parse_experiment(experiment)
         scheduler = build_scheduler(exp, workload, base_dir=None)
         try:
@@ -418,8 +535,8 @@ class SchedulerActor:
         wall: Optional[WallClock] = WallClock(time_scale, recovered.origin_unix_s) if clock == "wall" else None
         origin = wall.origin_unix_s(first) if wall is not None else None
         ask_all(actors, "begin", call_timeout_s, origin if origin is not None else time.time())
-        devices = RayDevices(actors, wall=wall, real_tokens=backend == "numpy", journal=journal,
-                             call_timeout_s=call_timeout_s)
+        devices = RayDevices(actors, wall=wall, real_tokens=backend == "numpy", verify_imports=verify_imports,
+                             journal=journal, call_timeout_s=call_timeout_s, store_actors=store_actors)
         devices.scheduler = scheduler
         devices.tokens.update(recovered.tokens)
         devices.failures[:] = recovered.failures
@@ -461,15 +578,21 @@ class SchedulerActor:
         if tracing is not None:        # a run ends only once its spans are exported (or counted dropped)
             span_counts = [dataclasses.asdict(tracing.shutdown()), *ray.get([a.flush_traces.remote() for a in actors], timeout=120)]
         st = devices.stats
+        kv = kv_summary(records_table([*recovered.rows, *scheduler.records]), scheduler.groups, scheduler.store, workload)
         return {
+            "kv_cache": kv,
             "span_counts": span_counts,
             "records": [*recovered.rows, *scheduler.records],
             "decisions": recovered.whole_log(scheduler.decisions).state(),
-            "usage": [(g.name, g.device, g.role.value, b, g.cost.dollars_per_hour) for g, b in zip(scheduler.groups, busy)],
+            "usage": [(g.name, g.device, g.role.value, b, g.cost.dollars_per_hour, g.decode_seq_s, g.kv_block_s,
+                       g.limits.max_num_seqs, g.kv.num_blocks) for g, b in zip(scheduler.groups, busy)],
             "tokens": devices.tokens,
             "stats": {"actor_calls": st.actor_calls, "span_reports": st.span_reports, "transfers": st.transfers,
                       "bytes_moved": st.bytes_moved, "import_s": st.import_s, "min_margin": st.min_margin,
-                      "kv_damaged": st.kv_damaged, "stuck_actors": st.stuck,
+                      "import_fetch_s": st.fetch_s, "import_queued_s": st.queued_s,
+                      "kv_damaged": st.kv_damaged, "stuck_actors": st.stuck, "kv_bad_unverified": st.unverified_bad,
+                      "store_put_bytes": st.store_put_bytes, "store_read_bytes": st.store_read_bytes,
+                      "store_puts": st.store_puts, "store_reads": st.store_reads,
                       "report_delay_s": st.report_delay_s,
                       "device_pace": {scheduler.groups[g].name: float(np.median(r)) for g, r in sorted(st.pace.items())},
                       "lateness_s": wall.lateness_s if wall is not None else [],

@@ -33,7 +33,8 @@ class Backend(Protocol):
     ``rollback(steps)`` undoes the last ``steps`` decode steps (a virtual-clock cut: the actor
     computed a span eagerly and learns later where it stopped). ``export_kv`` / ``import_kv``
     move a request's KV as one Arrow RecordBatch (``runtime/kvcodec.py``); ``forget`` drops
-    requests that left the group. Margins (top-1 minus top-2 logit) are for token-exactness
+    requests that left the group. ``export_blocks`` / ``import_blocks`` move prefix blocks (one
+    RecordBatch each) to and from the cluster KV store. Margins (top-1 minus top-2 logit) are for token-exactness
     checks; a backend without them returns ``{}``.
     """
 
@@ -44,6 +45,8 @@ class Backend(Protocol):
     def import_kv(self, request_id: int, batch: pa.RecordBatch, last_token: int) -> int: ...
     def forget(self, request_ids: list[int]) -> None: ...
     def held(self) -> int: ...
+    def export_blocks(self, hashes: list[int], block_bytes: int) -> list[pa.RecordBatch]: ...
+    def import_blocks(self, hashes: list[int], batches: list[pa.RecordBatch]) -> int: ...
 
 
 class ModeledBackend:
@@ -92,6 +95,14 @@ class ModeledBackend:
     def held(self) -> int:
         return len(self._kv)
 
+    def export_blocks(self, hashes: list[int], block_bytes: int) -> list[pa.RecordBatch]:
+        """Synthetic blocks of ``bytes_scale`` × a block's true size (the bytes move; content is moot)."""
+        return [self.export_kv(0, block_bytes) for _ in hashes]
+
+    def import_blocks(self, hashes: list[int], batches: list[pa.RecordBatch]) -> int:
+        """Verify the blocks read from the store (nothing computes from them here)."""
+        return sum(int(decode_kv(batch, verify=True).blocks.nbytes) for batch in batches)
+
 
 class NumpyBackend:
     """A deterministic tiny Llama that really computes prefill KV and decodes from the KV it is sent.
@@ -126,7 +137,9 @@ class NumpyBackend:
         margins: Margins = {}
         for r in requests:
             rid, hashes, block = r["id"], r.get("hashes"), r.get("block", 512)
-            ids = prompt_token_ids(rid, r["prompt"], self.vocab, hashes, block, self.seed)
+            given = r.get("tokens")     # a client's prompt (serving); else derived from the request
+            ids = (np.asarray(given, dtype=np.int64) if given is not None
+                   else prompt_token_ids(rid, r["prompt"], self.vocab, hashes, block, self.seed))
             ids = np.concatenate([ids, np.asarray(r["generated"], dtype=np.int64)])
             cached = r["cached"]
             end = r.get("end", len(ids))
@@ -186,6 +199,21 @@ class NumpyBackend:
         self._kv[request_id] = decoded.token_major()
         self._last[request_id] = last_token
         return int(decoded.blocks.nbytes)
+
+    def export_blocks(self, hashes: list[int], block_bytes: int) -> list[pa.RecordBatch]:
+        """Prefix blocks this backend computed (or read), one Arrow batch each, for the store."""
+        return [encode_kv(self._prefix[h], model=self.model, dtype="float64", block_size=self._prefix[h].shape[2],
+                          request_id=h) for h in hashes]
+
+    def import_blocks(self, hashes: list[int], batches: list[pa.RecordBatch]) -> int:
+        """Prefix blocks read from the store (checksums verified) join the prefix cache: a prefill
+        the core counts as hitting them reuses them exactly."""
+        moved = 0
+        for h, batch in zip(hashes, batches):
+            decoded = decode_kv(batch, verify=True)
+            self._prefix[h] = decoded.token_major()
+            moved += int(decoded.blocks.nbytes)
+        return moved
 
     def forget(self, request_ids: list[int]) -> None:
         gone = set(request_ids)

@@ -18,11 +18,19 @@ starts a transfer, the bundle's ref goes to the destination actor with an ``impo
 and the KV may be decoded from only when both the modeled transfer has finished and the
 destination reported it imported intact (:meth:`RayDevices.kv_ready`). ObjectRefs travel as
 call arguments; msgpack carries the rest.
+
+With a cluster KV store (``runtime/store.py``): a write the core starts makes the prefill group's
+actor export those prefix blocks, whose bundle goes on to the store actors (each keeps its
+blocks as objects it owns); a read the core starts asks the store actors for the blocks' refs and
+hands them to the reading group's actor with an ``import_blocks`` before its prefill. A read
+waits until the writes of its blocks have reached the store (never on the virtual clock, where
+every call is answered before time moves).
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,8 +42,10 @@ from hetero_sched.core.spans import Span, SpanKind, SpanReport, decode_span_dura
 from hetero_sched.engine.devices import Devices
 from hetero_sched.errors import RunFailed
 from hetero_sched.runtime.clock import WallClock
+from hetero_sched.runtime.inbox import Cancel, Inbox
 from hetero_sched.runtime.messages import pack, unpack
 from hetero_sched.runtime.recovery import RunJournal
+from hetero_sched.runtime.store import shard
 
 
 def ask_all(actors: list[Any], method: str, timeout_s: float, *args: Any) -> list[Any]:
@@ -68,6 +78,7 @@ class _Outbox:
     refs: list[ray.ObjectRef] = field(default_factory=list)     # KV bundles the import ops read
     imports: dict[int, int] = field(default_factory=dict)       # request id -> transfer id of its import
     exports: list[int] = field(default_factory=list)            # transfer ids of export ops, in order
+    block_puts: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)   # store writes' (flow, blocks)
 
 
 @dataclass
@@ -75,10 +86,14 @@ class _Call:
     """A call in flight: what it was, so its answer (or its actor's death) can be applied."""
 
     group_id: int
-    kind: str                          # "span" | "cut" | "step"
+    kind: str                          # "span" | "cut" | "step" | "store" (a store actor's put)
     span: Optional[Span] = None
     cuts: int = 0
     box: Optional[_Outbox] = None
+    future: Optional["Future[Any]"] = None
+    """Wall clock: done when the answer is in (what the engine's wait sleeps on)."""
+    flow: int = 0                      # store: the write it carries
+
 
 
 @dataclass
@@ -98,22 +113,49 @@ class DeviceStats:
     (1.0: the device runs as modeled; 2.0: at half the speed)."""
     kv_damaged: int = 0
     """Imports whose KV failed its checksum (or was lost) and were sent again."""
+    import_wait_s: list[float] = field(default_factory=list)
+    """Per KV import call: from sent to answered (fetching the bytes, checking them, the turn)."""
+    fetch_s: list[float] = field(default_factory=list)
+    queued_s: list[float] = field(default_factory=list)
+    unverified_bad: int = 0
+    """Imports that failed their check after the modeled link had landed them (verify_imports off)."""
     stuck: int = 0
     """Actors killed (and restarted) because a report missed its deadline."""
+    store_put_bytes: int = 0
+    """Prefix-block bytes the KV store actors took in (after verifying them)."""
+    store_read_bytes: int = 0
+    """Prefix-block bytes group actors read from the KV store (verified, into their prefix caches)."""
+    store_puts: int = 0
+    store_reads: int = 0
 
 
 class RayDevices(Devices):
     """The engine's ``Devices`` and the core's ``ExecutorHooks``, over one actor per group."""
 
     def __init__(self, actors: list[Any], *, wall: Optional[WallClock], real_tokens: bool,
-                 journal: Optional[RunJournal] = None, call_timeout_s: float = 120.0) -> None:
+                 verify_imports: bool = True, journal: Optional[RunJournal] = None,
+                 call_timeout_s: float = 120.0, inbox: Optional[Inbox] = None,
+                 progress: bool = False, store_actors: Optional[list[Any]] = None) -> None:
         """``wall``: the run's wall clock (None: virtual time). ``real_tokens``: the backend makes
         tokens (numpy), kept per request for the result and for prefilling again.
+        ``verify_imports``: KV may be decoded from only once its destination reported it imported
+        intact (always with real tokens). Without it — the modeled backend, whose decode reads no
+        KV — the modeled link's time alone says when KV lands: the scaled bytes still move and are
+        checked, but the laptop's object store (milliseconds per fetch) is not the modeled link.
+        ``inbox``: requests and cancellations arriving while the run goes (serving, wall clock);
+        the run then lasts until the inbox is closed. ``progress``: tell each span's device which
+        requests are running, so it can report their tokens step by step (serving streams them).
         ``call_timeout_s``: a report this late past its span's expected end (or any answer
         this late) means the actor is stuck: it is killed and restarted like a crashed one."""
         self.actors = actors
+        self.store_actors = store_actors or []
+        """The cluster KV store's actors (block ``h`` on ``h % n``); none without a store."""
+        self._put_pending: dict[int, int] = {}   # block -> the write (flow id) not yet in its store actor
         self.wall = wall
         self.real_tokens = real_tokens
+        self.inbox = inbox
+        self.progress = progress
+        self.verify_imports = verify_imports or real_tokens
         self.journal = journal
         self.call_timeout_s = call_timeout_s
         self.scheduler: Any = None
@@ -147,9 +189,12 @@ class RayDevices(Devices):
         actor = self.actors[gid]
         self._send(gid)                        # its KV operations go first: the span may need them
         if span.cuts == 0:
+            # in order after the KV operations sent before it — unless nothing it does depends on
+            # them (wall clock, modeled KV): then a span never waits behind a slow KV fetch
+            ordered = self.wall is None or self.verify_imports
             ref = actor.run_span.remote(pack("span", span=self._span_message(span), expect=self._incarnations[gid],
-                                             seq=self._next_seq(gid)))
-            self._calls[ref] = _Call(gid, "span", span, 0)
+                                             seq=self._next_seq(gid) if ordered else -1))
+            self._calls[ref] = _Call(gid, "span", span, 0, future=self._future(ref))
         elif self.wall is None:        # virtual: in order; the answer is the revised timeline
             ref = actor.cut.remote(pack("cut", span_id=span.span_id, at_s=float(now_s),
                                         expect=self._incarnations[gid], seq=self._next_seq(gid)))
@@ -195,21 +240,42 @@ class RayDevices(Devices):
                 self._send()
                 self._collect(self._calls_list(), timeout_s=self.call_timeout_s)
             return self._changed
-        while self._calls or self._outbox:
+        while True:
+            if self.inbox is not None and self._take_inbox():
+                break                                   # requests came in, or a client gave up
+            if not (self._calls or self._outbox or (self.inbox is not None and not self.inbox.closed)):
+                break
             self._send()
             next_s = queue.peek_time()
-            timeout = self._wall_timeout(next_s)
-            refs = self._calls_list()
-            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if next_s is not None and self._due(next_s):
+                break
+            futures = [c.future for c in self._calls.values() if c.future is not None]
+            if self.inbox is not None:
+                futures.append(self.inbox.bell)
+            wait_futures(futures, timeout=self._wall_timeout(next_s), return_when=FIRST_COMPLETED)
+            ready = [ref for ref, c in self._calls.items() if c.future is not None and c.future.done()]
             if ready:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 if self._apply_answers(ready) or self._changed is not None:
                     break
             else:
                 self._check_deadlines()
-                if self._changed is not None or (next_s is not None and self._due(next_s)):
+                if self._changed is not None:
                     break
         return self._changed
+
+    def _take_inbox(self) -> bool:
+        """Arrivals become events (at their arrival time); cancellations are applied now. True if
+        anything came in."""
+        assert self.inbox is not None and self.wall is not None
+        items = self.inbox.take()
+        for item in items:
+            if isinstance(item, Cancel):
+                now = self.wall.now()
+                if self.scheduler.cancel(now, item.request_id):
+                    self._changed = now
+            else:
+                self._queue.push(item.arrival_s, Kind.ARRIVAL, item)
+        return bool(items)
 
     def kv_ready(self, now_s: float, transfer_id: int) -> bool:
         """True once the KV may be decoded from: imported intact, or cancelled (the core ignores
@@ -217,6 +283,9 @@ class RayDevices(Devices):
         virtual clock, wait for it; wall clock, the arrival is queued again when it answers."""
         self._now = now_s
         if transfer_id not in self._transfers:
+            return True
+        if not self.verify_imports:          # the modeled link says it landed; the bytes follow
+            del self._transfers[transfer_id]
             return True
         while transfer_id not in self._verdicts and self.wall is None:
             if not self._calls and not self._outbox:
@@ -292,6 +361,56 @@ class RayDevices(Devices):
         self._exported.pop(rs.request_id, None)
         self._forget(group_id, rs.request_id)
 
+    def kv_fetched(self, now_s: float, rs: RequestState, group_id: int, tier: int, start_s: float, end_s: float,
+                   num_bytes: float, tokens: int) -> None:
+        return None                  # host tiers are modeled time; the backend keeps every block it made
+
+    def store_write_started(self, now_s: float, flow_id: int, group_id: int, request_id: int,
+                            hashes: tuple[int, ...]) -> None:
+        """The group's actor exports the blocks; their bundle goes on to the store actors."""
+        if group_id in self._dead or not self.store_actors:
+            return
+        box = self._box(group_id)
+        box.ops.append({"op": "export_blocks", "id": request_id, "flow": flow_id, "hashes": list(hashes),
+                        "block_bytes": int(self.scheduler.store.block_bytes)})
+        box.block_puts.append((flow_id, tuple(hashes)))
+        for h in hashes:
+            self._put_pending[h] = flow_id
+
+    def store_read_started(self, now_s: float, flow_id: int, rs: RequestState, group_id: int,
+                           hashes: tuple[int, ...]) -> None:
+        """The reading group's actor gets the blocks' refs from the store actors before its prefill."""
+        if not self.store_actors:
+            return
+        self._await_puts(hashes)
+        box = self._box(group_id)
+        for index, sub in sorted(shard(hashes, len(self.store_actors)).items()):
+            box.ops.append({"op": "import_blocks", "id": rs.request_id, "hashes": sub, "ref": len(box.refs)})
+            box.refs.append(self.store_actors[index].get.remote(sub))
+        self.stats.store_reads += 1
+
+    def store_evicted(self, now_s: float, blocks: list[tuple[int, int]]) -> None:
+        for index, sub in shard([h for h, _ in blocks], len(self.store_actors)).items():
+            version = dict(blocks)
+            self.store_actors[index].evict.remote([(h, version[h]) for h in sub])
+
+    def _await_puts(self, hashes: tuple[int, ...]) -> None:
+        """Wait until the writes of ``hashes`` reached their store actors (wall clock only: on the
+        virtual clock every call was answered before the read's time came)."""
+        deadline = time.monotonic() + self.call_timeout_s
+        while True:
+            flows = {self._put_pending[h] for h in hashes if h in self._put_pending}
+            if not flows:
+                return
+            self._send()
+            refs = [r for r, c in self._calls.items()
+                    if (c.kind == "store" and c.flow in flows)
+                    or (c.kind == "step" and c.box is not None and any(f in flows for f, _ in c.box.block_puts))]
+            if not refs or time.monotonic() > deadline:
+                raise RunFailed(f"prefix blocks of KV store write(s) {sorted(flows)} never reached the store")
+            ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+            self._apply_answers(ready)
+
     def ship_spans(self, group_id: int, request_id: int, spans: list[dict[str, Any]]) -> None:
         """A finished request's spans for ``group_id``'s actor to emit (tracing's ``remote``)."""
         if group_id not in self._dead:
@@ -312,16 +431,22 @@ class RayDevices(Devices):
         else:
             requests = [dict(self._prefill_item(span, rs), start=start, end=end) for rs, start, end in span.chunks]
             joiners = [rs.request_id for rs in span.batch]
-        return {"span_id": span.span_id, "kind": kind, "steps": span.planned_steps,
-                "start_s": float(span.start_s), "duration_s": float(span.duration_s),
-                "line": [float(span.line[0]), float(span.line[1])], "context0": span.context0,
-                "batch_size": span.batch_size, "joiners": joiners, "requests": requests}
+        msg = {"span_id": span.span_id, "kind": kind, "steps": span.planned_steps,
+               "start_s": float(span.start_s), "duration_s": float(span.duration_s),
+               "line": [float(span.line[0]), float(span.line[1])], "context0": span.context0,
+               "batch_size": span.batch_size, "joiners": joiners, "requests": requests}
+        if self.progress and span.kind is not SpanKind.PREFILL:   # who gets a token each step, from which index
+            batch = self.scheduler.groups[span.group_id].batch
+            msg["running"] = {rs.request_id: rs.generated + batch.made(rs) for rs in batch.running.values()}
+        return msg
 
     def _prefill_item(self, span: Span, rs: RequestState) -> dict[str, Any]:
         r = rs.request
         cost = self.scheduler.groups[span.group_id].cost
         return {"id": rs.request_id, "prompt": r.prompt_tokens, "cached": rs.cached_tokens,
                 "generated": list(self.tokens.get(rs.request_id, ())) if self.real_tokens else [],
+                "done": rs.generated, "total": rs.prefill_tokens,
+                "tokens": list(r.token_ids) if r.token_ids is not None else None,
                 "hashes": list(r.prefix_hashes) if r.prefix_hashes else None, "block": r.prefix_block_tokens,
                 # decoded elsewhere: export the KV (prompt + the token this prefill makes) as it ends
                 "export": rs.decode_group != span.group_id,
@@ -372,8 +497,12 @@ class RayDevices(Devices):
             ref = self.actors[gid].step.remote(pack("step", ops=box.ops, expect=self._incarnations[gid],
                                                     seq=self._next_seq(gid)), box.refs)
             box.refs = []                       # the call holds them now
-            self._calls[ref] = _Call(gid, "step", box=box)
+            self._calls[ref] = _Call(gid, "step", box=box, future=self._future(ref))
             self.stats.actor_calls += 1
+
+    def _future(self, ref: ray.ObjectRef) -> "Optional[Future[Any]]":
+        """Wall clock: a future of the call's answer, for the wait to sleep on with others."""
+        return ref.future() if self.wall is not None else None
 
     def _next_seq(self, gid: int) -> int:
         """The next ordered call's sequence number for ``gid``'s actor (from 0 per incarnation)."""
@@ -406,6 +535,9 @@ class RayDevices(Devices):
         queued = False
         for ref in refs:
             call = self._calls.pop(ref)
+            if call.kind == "store":
+                self._stored(ref, call)
+                continue
             gid = call.group_id
             if gid in self._dead:
                 continue
@@ -446,14 +578,22 @@ class RayDevices(Devices):
         return queued
 
     def _step_answered(self, box: _Outbox, msg: dict[str, Any], out_refs: list[ray.ObjectRef]) -> bool:
-        """Exports go on to their destinations; import verdicts settle their KV arrivals."""
+        """Exports go on to their destinations; import verdicts settle their KV arrivals; prefix
+        blocks exported for the KV store go on to its actors."""
         for index, tid in enumerate(box.exports):
             if tid in self._transfers:
                 self._refs[tid] = (out_refs[0], index)
                 self._import(tid)
+        if box.block_puts:
+            self._put_blocks(box.block_puts, out_refs[1 if msg["exports"] else 0])
+        self.stats.store_read_bytes += msg["store_bytes"]
         self.stats.bytes_moved += msg["import_bytes"]
         self.stats.import_s += msg["import_s"]
+        if box.imports:
+            self.stats.fetch_s.append(msg["fetch_s"])
+            self.stats.queued_s.append(msg["queued_s"])
         pushed = False
+        self.stats.unverified_bad += 0 if self.verify_imports else len(msg["bad_kv"])
         for rid, ok in [*((r, True) for r in msg["imported"]), *((r, False) for r in msg["bad_kv"])]:
             tid = box.imports.get(int(rid))
             if tid is None or tid not in self._transfers:
@@ -464,6 +604,28 @@ class RayDevices(Devices):
                 self._queue.push(self.wall.now(), Kind.KV_ARRIVAL, tid)
                 pushed = True
         return pushed
+
+    def _put_blocks(self, puts: list[tuple[int, tuple[int, ...]]], bundle: ray.ObjectRef) -> None:
+        """Hand one step's exported prefix blocks to the store actors (each its own blocks)."""
+        offset = 0
+        for flow, hashes in puts:
+            position = {h: offset + i for i, h in enumerate(hashes)}
+            for index, sub in sorted(shard(hashes, len(self.store_actors)).items()):
+                ref = self.store_actors[index].put.remote(flow, sub, [position[h] for h in sub], bundle)
+                self._calls[ref] = _Call(-1, "store", flow=flow, future=self._future(ref))
+            offset += len(hashes)
+
+    def _stored(self, ref: ray.ObjectRef, call: _Call) -> None:
+        """A store actor kept a write's blocks (or could not: the run cannot go on token-exact)."""
+        try:
+            kept = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise RunFailed(f"a KV store actor failed to keep prefix blocks: {str(exc).splitlines()[0]}") from None
+        self.stats.store_put_bytes += kept
+        self.stats.store_puts += 1
+        if not any(c.kind == "store" and c.flow == call.flow for c in self._calls.values()):
+            for h in [h for h, f in self._put_pending.items() if f == call.flow]:
+                del self._put_pending[h]
 
     # --- wall clock ----------------------------------------------------------------------------
     def _wall_timeout(self, next_s: Optional[float]) -> Optional[float]:

@@ -27,6 +27,7 @@ from hetero_sched.results import RunResult
 from hetero_sched.runtime.actors import SCHEDULER_RESTARTS, DeviceGroupActor, SchedulerActor
 from hetero_sched.runtime.cluster import ensure_cluster, object_store_usage, placement_options
 from hetero_sched.runtime.messages import pack
+from hetero_sched.runtime.store import start_store_actors
 from hetero_sched.engine.assembly import ExperimentLike, make_result, resolve, tracing_summary
 from hetero_sched.tracing import ExportCounts, TraceSettings
 from hetero_sched.workload import Workload
@@ -50,7 +51,7 @@ def _per_group(value: PerGroup, group: str, replica: str, default: float, what: 
     return v
 
 
-def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
+def with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
     """Cost-profile paths resolved here, since the scheduler actor may run elsewhere."""
     groups = []
     for g in exp.groups:
@@ -64,8 +65,12 @@ def _with_absolute_paths(exp: Experiment, base: Path) -> Experiment:
 def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float, *, clock: Clock = "wall",
                        time_scale: float = 1.0, pace: Pace = "modeled", device_speed: PerGroup = 1.0,
                        device_jitter: PerGroup = 0.0, trace: Optional[TraceSettings] = None,
-                       faults: Optional[dict[str, Any]] = None, fetch_timeout_s: float = 60.0) -> list[Any]:
-    """One actor per group replica, in the core's group order, placed by resources and labels."""
+                       faults: Optional[dict[str, Any]] = None, fetch_timeout_s: float = 60.0,
+                       sink: Any = None, progress_interval_s: float = 0.005) -> list[Any]:
+    """One actor per group replica, in the core's group order, placed by resources and labels.
+
+    ``sink``: an actor the devices stream their tokens to as they make them (``deliver``), at
+    most every ``progress_interval_s`` (serving); None: they only report spans."""
     actors = []
     for g in exp.groups:
         options = placement_options(g)
@@ -78,8 +83,8 @@ def start_group_actors(exp: Experiment, backend: Backend, bytes_scale: float, *,
                        device_speed=_per_group(device_speed, g.name, name, 1.0, "device_speed"),
                        device_jitter=_per_group(device_jitter, g.name, name, 0.0, "device_jitter"),
                        trace=trace.to_dict() if trace is not None else {}, faults=dict(faults or {}),
-                       fetch_timeout_s=float(fetch_timeout_s))
-            actors.append(DeviceGroupActor.options(**options).remote(cfg))
+                       fetch_timeout_s=float(fetch_timeout_s), progress_interval_s=float(progress_interval_s))
+            actors.append(DeviceGroupActor.options(**options).remote(cfg, sink))
     return actors
 
 
@@ -129,7 +134,7 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         raise UserError("--pace real needs --backend numpy and --clock wall (a modeled device computes nothing "
                         "to time, and virtual time has no real durations)")
     exp, base = resolve(experiment)
-    exp = _with_absolute_paths(exp, base)
+    exp = with_absolute_paths(exp, base)
     if workload is None:
         workload = build_workload(exp.workload, exp.seed, base)
     if journal is not None and Path(journal).exists():
@@ -139,6 +144,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         actors = start_group_actors(exp, backend, bytes_scale, clock=clock, time_scale=time_scale, pace=pace,
                                     device_speed=device_speed, device_jitter=device_jitter, trace=trace,
                                     faults=faults, fetch_timeout_s=call_timeout_s / 2)
+        stores = start_store_actors(exp.kv_cache.store.nodes) \
+            if exp.kv_cache is not None and exp.kv_cache.store is not None else []
         # pinned to this node, where its journal is; restarted (and its run retried) if it dies
         scheduler = SchedulerActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
@@ -149,7 +156,8 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
             fut = scheduler.run.remote(exp.model_dump(mode="json"), workload, actors, backend=backend,
                                        clock=clock, time_scale=time_scale,
                                        trace=trace.to_dict() if trace is not None else None,
-                                       journal_path=str(journal_path), call_timeout_s=call_timeout_s)
+                                       journal_path=str(journal_path), call_timeout_s=call_timeout_s,
+                                       verify_imports=bool(faults), store_actors=stores)
             done = 0
             while True:
                 ready, _ = ray.wait([fut], timeout=0.25)
@@ -161,12 +169,13 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
             out = _result(fut)
             wall_s = time.perf_counter() - t0
             held = [_held(a) for a in actors]
+            store_held = ray.get([a.held.remote() for a in stores], timeout=60)
             store_after = _settled_store(cluster_address, store_before)
         except ray.exceptions.GetTimeoutError:
             raise UserError("the cluster could not place every device-group actor within 120 s "
                             "(check its resources and labels against the experiment)") from None
         finally:
-            for a in [*actors, scheduler]:
+            for a in [*actors, *stores, scheduler]:
                 ray.kill(a)
     usage = [GroupUsage(*u) for u in out["usage"]]
     result = make_result(exp, out["records"], DecisionLog.from_state(out["decisions"]), usage, workload,
@@ -174,17 +183,27 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
     stats = out["stats"]
     late = np.array(stats.pop("lateness_s") or [0.0])
     delay = np.array(stats.pop("report_delay_s") or [0.0])
+    fetch = np.array(stats.pop("import_fetch_s") or [0.0])
+    queued = np.array(stats.pop("import_queued_s") or [0.0])
     result.summary["runtime"] = {
         "clock": clock, "backend": backend, "pace": pace, "time_scale": time_scale, "bytes_scale": bytes_scale,
         "wall_s": wall_s, **stats, "kv_held_after_run": int(sum(held)),
+        "store_actors": len(stores), "store_blocks_held_after_run": int(sum(b for b, _ in store_held)),
         "object_store_before": {"mib": store_before[0], "objects": store_before[1]},
         "object_store_after": {"mib": store_after[0], "objects": store_after[1]},
         # wall clock: how long after a span's reported end the core applied it (report latency)
         "report_delay_ms_p50": float(np.percentile(delay, 50) * 1e3 * time_scale),
         "report_delay_ms_p99": float(np.percentile(delay, 99) * 1e3 * time_scale),
+        # KV imports at the destination actor: fetching the bundle's bytes, and waiting for the call's turn
+        "import_fetch_ms_p50": float(np.percentile(fetch, 50) * 1e3),
+        "import_fetch_ms_p99": float(np.percentile(fetch, 99) * 1e3),
+        "import_queued_ms_p50": float(np.percentile(queued, 50) * 1e3),
+        "import_queued_ms_p99": float(np.percentile(queued, 99) * 1e3),
         "lateness_ms_p50": float(np.percentile(late, 50) * 1e3 * time_scale),
         "lateness_ms_p99": float(np.percentile(late, 99) * 1e3 * time_scale),
     }
+    if out["kv_cache"] is not None:
+        result.summary["kv_cache"] = out["kv_cache"]
     if trace is not None:
         result.summary["tracing"] = tracing_summary(trace, [ExportCounts(**c) for c in out["span_counts"]])
     result.stamp["placement"] = [{"group": u.name, "node_labels": labels} for u, labels in zip(usage, placement)]
@@ -234,6 +253,8 @@ def _result(fut: ray.ObjectRef) -> dict[str, Any]:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, RunFailed):
             raise RunFailed(str(cause)) from None
+        if isinstance(cause, UserError):        # a user's policy failing in the scheduler actor: one line
+            raise UserError(str(cause)) from exc
         raise
 
 

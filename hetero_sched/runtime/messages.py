@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _REPORT: dict[str, tuple[type, ...]] = {
     "span_id": (int,), "start_s": (float, int), "end_s": (float, int), "steps": (int,),
@@ -30,6 +30,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
                   "time_scale": (float,), # wall seconds per run second
                   "pace": (str,),         # "modeled": hold each span for its modeled time; "real": compute time
                   "device_speed": (float,), "device_jitter": (float,),   # the device vs the cost model
+                  "progress_interval_s": (float,),   # streaming devices report tokens at most this often
                   "trace": (dict,),       # TraceSettings.to_dict(), or {} for tracing off
                   "fetch_timeout_s": (float,),   # a KV bundle not readable by then counts as lost
                   "faults": (dict,)},     # fault injection (tests): {"corrupt_every": k, "seed": s,
@@ -44,6 +45,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # Stop the running span at its first step boundary at or after at_s (run time); answered by
     # the revised span_report (virtual clock) or an empty span_report with span_id -1 (wall).
     "cut": {"span_id": (int,), "at_s": (float, int), "expect": (int,), "seq": (int,)},   # seq: -1 unordered (wall)
+    # Tokens a streaming device made (serving): [[request id, index in its output, token id (-1:
+    # none, modeled), time]], sent to the front door as they are made; the span report follows.
+    "progress": {"group_id": (int,), "span_id": (int,), "tokens": (list,)},
     # KV hand-offs and bookkeeping, in order:
     #   {"op": "import", "id", "last": token id, "ref": k, "index": i}
     #        (KV = item i of the bundle behind the k-th ref passed with the call)
@@ -51,13 +55,21 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     #   {"op": "forget", "ids": [ids]}
     #   {"op": "trace", "id", "spans": [{"name", "parent": {"traceparent"}, "start_ns", "end_ns",
     #        "attrs", "measure"}]}     (a finished request's spans this group emits; may be empty)
+    #   {"op": "export_blocks", "id", "flow", "hashes", "block_bytes"}   (prefix blocks for the KV
+    #        store, one batch each; all of a step's go out as one more bundle, after the exports')
+    #   {"op": "import_blocks", "id", "hashes", "ref": k}   (the k-th ref: a KV store's answer, the
+    #        blocks' refs in order; they join the backend's prefix cache)
     # expect: the actor incarnation the ops were meant for; seq: the call's place in the order
     # the actor must act in (Ray does not order an async actor's calls), from 0 per incarnation
     "step": {"ops": (list,), "expect": (int,), "seq": (int,)},
     "step_report": {"import_bytes": (int,), "import_s": (float,),
+                    "fetch_s": (float,),  # waiting for the KV bundles' bytes (the object store's transfer)
+                    "queued_s": (float,), # waiting for this call's turn (calls act in the order sent)
                     "imported": (list,),  # requests whose KV landed intact
                     "bad_kv": (list,),    # requests whose imported KV failed its checksum or was lost
                     "exports": (list,),   # request ids exported (one bundle, returned beside)
+                    "block_exports": (list,),   # flows whose prefix blocks were exported (a second bundle)
+                    "store_bytes": (int,),      # bytes of prefix blocks read from the KV store
                     "incarnation": (int,)},
 }
 
@@ -67,7 +79,8 @@ SPAN_FIELDS = {"span_id": (int,), "kind": (str,), "steps": (int,), "start_s": (f
 """Fields of a ``span`` message's span."""
 
 OPS = {"import": ("id", "last", "ref", "index"), "export": ("id", "true_bytes"), "forget": ("ids",),
-       "trace": ("id", "spans")}
+       "trace": ("id", "spans"), "export_blocks": ("id", "flow", "hashes", "block_bytes"),
+       "import_blocks": ("id", "hashes", "ref")}
 """Operations a ``step`` message may carry, with their required fields."""
 
 

@@ -76,6 +76,13 @@ class Timeline:
         """When decode step ``j`` (1-based) ends."""
         return self.start_s + decode_span_duration(self.line, self.context0, self.batch_size, j)
 
+    def steps_done_by(self, t_s: float) -> int:
+        """Decode steps whose end is at or before ``t_s`` (a streaming device reports those)."""
+        if self.kind != "decode" or t_s < self.step_end_s(1):
+            return 0
+        j = min(self.steps, steps_until(self.line, self.context0, self.batch_size, t_s - self.start_s))
+        return j if self.step_end_s(j) <= t_s else j - 1
+
     def stop_at(self, at_s: float) -> int:
         """The first step boundary at or after ``at_s`` (a cut): the steps the span then makes."""
         if self.kind != "decode" or at_s <= self.start_s:

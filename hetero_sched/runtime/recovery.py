@@ -35,10 +35,19 @@ def _columns(state: Mapping[str, Any]) -> list[array]:
     return [state["time_s"], state["kind"], state["group_id"], state["request_id"], *state["details"]]
 
 
-def _log(columns: list[array], reasons: dict[int, str]) -> DecisionLog:
-    """The decision log of ``_columns``-ordered columns."""
+_SPANS = ("span_rows", "span_ends", "span_ids")
+"""The decision log's ragged span request ids: row of each span, end offset of its ids, the ids."""
+
+
+def _log(columns: list[array], reasons: dict[int, str], spans: Sequence[array] = ()) -> DecisionLog:
+    """The decision log of ``_columns``-ordered columns (and span ids, in ``_SPANS`` order)."""
     return DecisionLog.from_state({"time_s": columns[0], "kind": columns[1], "group_id": columns[2],
-                                   "request_id": columns[3], "details": columns[4:], "reasons": reasons})
+                                   "request_id": columns[3], "details": columns[4:], "reasons": reasons,
+                                   **dict(zip(_SPANS, spans))})
+
+
+def _shifted(values: Sequence[int], by: int) -> array:
+    return array("q", [v + by for v in values])
 
 
 @dataclass
@@ -74,7 +83,11 @@ class Recovered:
         cols = [array(a.typecode, a) for a in _columns(before)]
         for col, more in zip(cols, _columns(now)):
             col.extend(more)
-        return _log(cols, {**before["reasons"], **{base + i: r for i, r in now["reasons"].items()}})
+        spans = [array("q", before[k]) for k in _SPANS]
+        spans[0].extend(_shifted(now["span_rows"], base))
+        spans[1].extend(_shifted(now["span_ends"], len(before["span_ids"])))
+        spans[2].extend(now["span_ids"])
+        return _log(cols, {**before["reasons"], **{base + i: r for i, r in now["reasons"].items()}}, spans)
 
     @property
     def finished_ids(self) -> set[int]:
@@ -107,6 +120,8 @@ class RunJournal:
         self._base = len(self.recovered.decisions)
         self._logged = 0
         """Rows of this life's decision log already journaled."""
+        self._logged_spans = 0
+        """Span-id entries of this life's decision log already journaled."""
 
     def started(self, origin_unix_s: Optional[float]) -> None:
         """A fresh run's facts (its wall-clock origin), durable before any request."""
@@ -144,11 +159,17 @@ class RunJournal:
         start, end = self._logged, len(state["time_s"])
         if end > start:
             reasons = state["reasons"]
+            first = self._logged_spans
+            ends = state["span_ends"]
+            lo = ends[first - 1] if first else 0
             self.journal.append(JournalRecord.decisions(
                 now_s, [col[start:].tobytes() for col in _columns(state)],
                 {str(self._base + i): reasons[i] for i in range(start, end) if i in reasons},   # msgpack: str keys
-                busy_s=self.total_busy(busy_s)))
+                busy_s=self.total_busy(busy_s), span_rows=_shifted(state["span_rows"][first:], self._base).tobytes(),
+                span_lens=array("q", [e - b for b, e in zip([lo, *ends[first:-1]], ends[first:])]).tobytes(),
+                span_ids=state["span_ids"][lo:].tobytes()))
             self._logged = end
+            self._logged_spans = len(ends)
         self.journal.commit()
 
     def total_busy(self, busy_s: Sequence[float]) -> list[float]:
@@ -164,8 +185,14 @@ def _joined(slices: Sequence[Mapping[str, Any]]) -> DecisionLog:
     """The decision log the journaled slices make up, in order."""
     cols = [array(code) for code in _TYPECODES]
     reasons: dict[int, str] = {}
+    rows, ends, ids = array("q"), array("q"), array("q")
     for s in slices:
         for col, raw in zip(cols, s["columns"]):
             col.frombytes(raw)
         reasons.update({int(i): r for i, r in s["reasons"].items()})
-    return _log(cols, reasons)
+        if "span_rows" in s:
+            rows.frombytes(s["span_rows"])
+            for n in array("q", s["span_lens"]):
+                ends.append((ends[-1] if ends else 0) + n)
+            ids.frombytes(s["span_ids"])
+    return _log(cols, reasons, (rows, ends, ids))

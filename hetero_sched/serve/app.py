@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from hetero_sched.serve.metrics import CONTENT_TYPE, ServeMetrics
 from hetero_sched.serve.openai_api import (ApiError, ApiRequest, Endpoint, full_response, now_created,
@@ -33,7 +36,7 @@ MAX_BODY_BYTES = 16 << 20
 """Largest request body (a 131k-token prompt is ~131 KB of bytes, plus JSON escaping)."""
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 """A client's ``X-Request-Id`` is echoed only if it is short printable ASCII."""
-_TRACE_HEADERS = ("traceparent", "tracestate")
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def _json(body: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> web.Response:
@@ -89,9 +92,12 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 class ServeApp:
     """Routes and handlers over one core; ``application()`` is the aiohttp app."""
 
-    def __init__(self, core: ServeCore, tokenizer: ByteTokenizer) -> None:
+    def __init__(self, core: ServeCore, tokenizer: ByteTokenizer, tracer: Optional[Tracer] = None) -> None:
+        """``tracer``: each request's HTTP span (the root of its trace, under a client's
+        ``traceparent`` if it sent one); None: no tracing."""
         self.core = core
         self.tokenizer = tokenizer
+        self.tracer = tracer
         self.models = {m.model_id: m for m in core.models()}
         if not self.models:
             raise ValueError("the core serves no model")
@@ -144,6 +150,32 @@ class ServeApp:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def _generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        if self.tracer is None:
+            return await self._respond(request, endpoint, {})
+        # the request's trace starts here: under the client's span if it sent a traceparent
+        span = self.tracer.start_span(f"POST {request.path}", context=_PROPAGATOR.extract(dict(request.headers)),
+                                      kind=SpanKind.SERVER, attributes={
+                                          "http.request.method": request.method, "url.path": request.path,
+                                          "server.address": request.host,
+                                          "gen_ai.operation.name": "chat" if endpoint is Endpoint.CHAT else "text_completion"})
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        status = 500
+        try:
+            response = await self._respond(request, endpoint, carrier)
+            status = response.status
+            return response
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+
+    async def _respond(self, request: web.Request, endpoint: Endpoint,
+                       trace_context: dict[str, str]) -> web.StreamResponse:
         received = time.perf_counter()
         api = parse_request(endpoint, await request.read(), self.models, self.tokenizer)
         request_id = uuid.uuid4().hex
@@ -151,7 +183,7 @@ class ServeApp:
         headers = {"X-Request-Id": client_id if _CLIENT_ID.match(client_id) else request_id}
         core_request = ServeRequest(
             request_id, api.model_id, api.prompt_token_ids, api.max_tokens, api.min_tokens, api.ignore_eos,
-            arrival_s=time.time(), trace_context={h: request.headers[h] for h in _TRACE_HEADERS if h in request.headers})
+            arrival_s=time.time(), trace_context=trace_context)
         try:
             stream = await self.core.submit(core_request)
         except Rejected as exc:

@@ -19,6 +19,7 @@ from typing import AsyncGenerator, Optional
 from hetero_sched.serve.servecore import (CoreStatus, EventStream, FinalEvent, FinishReason, GroupStatus, ModelCard,
                                           Rejected, ServeRequest, StreamEvent, TokenEvent)
 from hetero_sched.serve.tokenizer import placeholder_token_ids
+from hetero_sched.tracing import ProcessTracing
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,12 @@ class FakeCore:
         return CoreStatus(healthy=True, ready=True, num_running=n, num_waiting=0,
                           kv_cache_usage=min(1.0, n / 64),
                           groups=(GroupStatus("fake", "none", "both", n, 0, n, 64),))
+
+    async def start(self, tracing: Optional[ProcessTracing]) -> None:
+        return None
+
+    def deliver(self, message: bytes) -> None:
+        return None
 
     async def close(self) -> None:
         """Nothing to release."""

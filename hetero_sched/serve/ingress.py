@@ -18,6 +18,7 @@ the current event loop without Ray (tests, embedding).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from hetero_sched.serve.app import ServeApp
 from hetero_sched.serve.servecore import CoreStatus, ServeCore
 from hetero_sched.serve.tokenizer import ByteTokenizer
+from hetero_sched.tracing import ProcessTracing, TraceSettings
 
 CoreFactory = Callable[[], ServeCore]
 """Builds the core inside the server's process (a picklable callable: a class, a ``functools.partial``)."""
@@ -44,6 +46,8 @@ class ServeOptions:
     """0 picks a free port (the URL returned says which)."""
     tokenizer_dir: Optional[Path] = None
     """Default: the packaged byte tokenizer."""
+    trace: Optional[TraceSettings] = None
+    """Export a trace per request (the HTTP request is its root span); None: no tracing."""
 
 
 @dataclass
@@ -53,22 +57,27 @@ class RunningServer:
     runner: web.AppRunner
     app: ServeApp
     url: str
+    tracing: Optional[ProcessTracing] = None
 
     async def stop(self) -> None:
-        """Stop listening, cancel what is in flight, close the core."""
+        """Stop listening, cancel what is in flight, close the core, export the last spans."""
         await self.runner.cleanup()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
 
 async def serve_app(core: ServeCore, options: ServeOptions) -> RunningServer:
-    """Serve ``core`` on the running event loop; returns once listening."""
-    app = ServeApp(core, ByteTokenizer(options.tokenizer_dir))
+    """Start ``core`` and serve it on the running event loop; returns once listening."""
+    tracing = ProcessTracing(options.trace, instance="serve") if options.trace is not None else None
+    await core.start(tracing)
+    app = ServeApp(core, ByteTokenizer(options.tokenizer_dir), tracing.tracer if tracing is not None else None)
     runner = web.AppRunner(app.application(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port)
     await site.start()
     host, port = runner.addresses[0][:2]
     shown = f"[{host}]" if ":" in host else host
-    return RunningServer(runner, app, f"http://{shown}:{port}")
+    return RunningServer(runner, app, f"http://{shown}:{port}", tracing)
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -81,10 +90,15 @@ class IngressActor:
         self._server: Optional[RunningServer] = None
 
     async def start(self) -> str:
-        """Build the core, start listening; the base URL."""
+        """Build and start the core, then listen; the base URL."""
         if self._server is None:
             self._server = await serve_app(self._factory(), self._options)
         return self._server.url
+
+    async def deliver(self, message: bytes) -> None:
+        """Messages from the core's devices (streamed tokens), for the core."""
+        if self._server is not None:
+            self._server.app.core.deliver(message)
 
     async def status(self) -> CoreStatus:
         """The core's status (what ``/metrics`` shows)."""

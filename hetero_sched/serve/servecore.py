@@ -3,7 +3,8 @@
 The HTTP layer (``serve/app.py``) knows nothing about schedulers, groups or Ray; it turns an
 OpenAI request into a :class:`ServeRequest`, awaits :meth:`ServeCore.submit`, and streams the
 :class:`TokenEvent` s it gets back until a :class:`FinalEvent`. An engine plugs in by
-implementing these four methods; ``serve/fakecore.py`` is a test double of it.
+implementing these methods (``serve/engine.py``: the live cluster); ``serve/fakecore.py`` is a
+test double of it.
 
 Contract:
 
@@ -27,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncGenerator, Awaitable, Callable, Optional, Protocol, Union, runtime_checkable
+
+from hetero_sched.tracing import ProcessTracing
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,15 @@ class ServeCore(Protocol):
 
     async def status(self) -> CoreStatus:
         """A cheap snapshot for health, readiness and metrics."""
+        ...
+
+    async def start(self, tracing: Optional[ProcessTracing]) -> None:
+        """Bring up what the core runs on (called once, on the server's loop, before serving);
+        ``tracing``: the server process's tracer, when traces are exported."""
+        ...
+
+    def deliver(self, message: bytes) -> None:
+        """A message the core's devices sent to the server (the tokens they made), on its loop."""
         ...
 
     async def close(self) -> None:

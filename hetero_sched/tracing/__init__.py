@@ -35,7 +35,8 @@ def attach_tracer(scheduler: Scheduler, tracing: ProcessTracing, *, model: str, 
     names = [g.name for g in scheduler.groups]
 
     def sink(rs: RequestState, tl: Timeline) -> None:
-        emit_request(tracing.tracer, rs, tl, model=model, group_names=names, epoch_ns=epoch_ns, remote=remote)
+        emit_request(tracing.tracer, rs, tl, model=model, group_names=names, epoch_ns=epoch_ns, remote=remote,
+                     parent=tracer.parents.pop(rs.request_id, None))
 
     tracer = RequestTracer(scheduler.groups, sink, inner=scheduler.hooks)
     scheduler.hooks = tracer

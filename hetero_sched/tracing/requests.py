@@ -15,7 +15,9 @@ Span tree (names and attributes: README "Tracing")::
 
     text_completion <model>          root: arrival → finished; events first_token / preempt / retry / reject
     ├── queue.prefill                placed → its prefill starts (one per attempt)
+    │   └── kv.fetch                 its prefix read from the cluster KV store (while it waits)
     ├── prefill                      on the prefill group
+    │   └── kv.fetch                 its prefix read from host DRAM / local SSD (one per tier)
     ├── queue.decode                 prefill done → first decode step
     │   └── kv_transfer              disaggregated only
     │       ├── kv.encode            live only, on the prefill group's actor
@@ -38,6 +40,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from hetero_sched.core.group import GroupState
+from hetero_sched.core.kvtiers import TIER_NAMES
 from hetero_sched.core.spans import Span, SpanKind, SpanReport
 from hetero_sched.core.request import RequestState
 
@@ -106,6 +109,8 @@ class RequestTracer:
         self.groups = list(groups)
         self.sink = sink
         self.inner = inner
+        self.parents: dict[int, dict[str, str]] = {}
+        """Trace contexts requests belong under (serving: their HTTP spans), by request id."""
         self._timelines: dict[int, Timeline] = {}
         self._prefilling: dict[int, list[RequestState]] = {}
 
@@ -235,6 +240,31 @@ class RequestTracer:
             spec.attrs["hetero.cancelled"] = True
         tl.open.pop("kv.decode", None)
 
+    def kv_fetched(self, now_s: float, rs: RequestState, group_id: int, tier: int, start_s: float, end_s: float,
+                   num_bytes: float, tokens: int) -> None:
+        if self.inner is not None:
+            self.inner.kv_fetched(now_s, rs, group_id, tier, start_s, end_s, num_bytes, tokens)
+        tl = self._tl(rs)
+        parent = tl.open.get("prefill", tl.open.get("queue.prefill", ROOT))
+        spec = SpanSpec("kv.fetch", start_s, end_s, parent=parent, attrs={
+            **self._group_attrs(group_id), "hetero.kv.tier": TIER_NAMES[tier], "hetero.kv.bytes": int(num_bytes),
+            "hetero.kv.tokens": tokens, "hetero.attempt": tl.attempt})
+        tl.specs.append(spec)
+
+    def store_read_started(self, now_s: float, flow_id: int, rs: RequestState, group_id: int,
+                           hashes: tuple[int, ...]) -> None:
+        if self.inner is not None:
+            self.inner.store_read_started(now_s, flow_id, rs, group_id, hashes)
+
+    def store_write_started(self, now_s: float, flow_id: int, group_id: int, request_id: int,
+                            hashes: tuple[int, ...]) -> None:
+        if self.inner is not None:
+            self.inner.store_write_started(now_s, flow_id, group_id, request_id, hashes)
+
+    def store_evicted(self, now_s: float, blocks: list[tuple[int, int]]) -> None:
+        if self.inner is not None:
+            self.inner.store_evicted(now_s, blocks)
+
     def request_left(self, now_s: float, group_id: int, rs: RequestState, how: str) -> None:
         if self.inner is not None:
             self.inner.request_left(now_s, group_id, rs, how)
@@ -304,16 +334,19 @@ def root_attributes(rs: RequestState, model: str, group_names: Sequence[str]) ->
 
 
 def emit_request(tracer: Tracer, rs: RequestState, tl: Timeline, *, model: str, group_names: Sequence[str],
-                 epoch_ns: int, remote: Optional[RemoteFn] = None) -> int:
+                 epoch_ns: int, remote: Optional[RemoteFn] = None,
+                 parent: Optional[dict[str, str]] = None) -> int:
     """Emit one request's trace; returns the number of spans emitted in this process.
 
     Without ``remote`` (the simulator) every span is emitted here and live-only specs are
     skipped; with it, specs that name a group go to that group's actor with their parent's
     trace context. Unsampled requests still notify their groups (with no spans), so an actor
-    can forget what it measured for them.
+    can forget what it measured for them. ``parent``: a W3C trace context the request's span
+    belongs under (serving: the HTTP request's span); None: it starts its own trace.
     """
     root = tracer.start_span(f"text_completion {model}", start_time=ns(epoch_ns, rs.request.arrival_s),
-                             attributes=root_attributes(rs, model, group_names))
+                             attributes=root_attributes(rs, model, group_names),
+                             context=_PROPAGATOR.extract(parent) if parent else None)
     shipped: dict[int, list[dict[str, Any]]] = {g: [] for g in tl.groups} if remote is not None else {}
     emitted = 1
     if root.is_recording():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import re
 import secrets
 import shlex
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,41 +77,44 @@ def _wait_closed(port: int, timeout_s: float = 15.0) -> bool:
     return True
 
 
-@pytest.fixture
-def launcher_env(tmp_path: Path) -> Iterator[Path]:
-    """The head's login-shell environment, as a ``~/.bashrc`` block at its end (removed after).
+LAUNCHER = ROOT / "clusters" / "launcher.sh"
 
-    ``python`` (``ray submit`` runs ``python SCRIPT``) and ``ray`` first on PATH as links to this
-    interpreter and its ``ray``, the repository importable, token auth with a fresh token file.
-    Yields the config to use: ``clusters/laptop.yaml`` itself when its ``ssh_user`` is this
-    user, else a copy differing only in ``auth.ssh_user``. Teardown removes the block and the files the launcher
-    left that were not there before.
-    """
+
+def _ssh_works() -> None:
     ssh = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "StrictHostKeyChecking=no",
                           "-o", "UserKnownHostsFile=/dev/null", "127.0.0.1", "true"], capture_output=True, text=True)
     if ssh.returncode != 0:
         pytest.fail(f"ssh 127.0.0.1 does not work ({ssh.stderr.strip()}): run clusters/ssh-loopback.sh up")
+
+
+def _config_for_this_user(tmp_path: Path) -> Path:
+    """``clusters/laptop.yaml`` itself when its ``ssh_user`` is this user, else a copy differing
+    only in ``auth.ssh_user``."""
+    values = _config_values()
+    if values["auth"]["ssh_user"] == getpass.getuser():
+        return CONFIG
+    values["auth"]["ssh_user"] = getpass.getuser()
+    config = tmp_path / "laptop.yaml"
+    config.write_text(yaml.safe_dump(values))
+    return config
+
+
+@contextmanager
+def _head_shell(tmp_path: Path, *exports: str) -> Iterator[Path]:
+    """The head's login-shell environment, as a ``~/.bashrc`` block at its end: ``exports``,
+    token auth with a fresh token file (yielded). Afterwards the block is removed with the files
+    the launcher left that were not there before."""
+    _ssh_works()
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    (bin_dir / "ray").symlink_to(_ray_bin())
-    block = "\n".join(["", BEGIN, f"export PATH={shlex.quote(str(bin_dir))}:$PATH",
-                       f"export PYTHONPATH={shlex.quote(str(ROOT))}", "export RAY_AUTH_MODE=token",
+    block = "\n".join(["", BEGIN, *exports, "export RAY_AUTH_MODE=token",
                        f"export RAY_AUTH_TOKEN_PATH={shlex.quote(str(token))}", END, ""])
     original = BASHRC.read_text() if BASHRC.exists() else None
     before = {p for p in _leftovers() if p.exists()}
     BASHRC.write_text((original or "") + block)
-    config = CONFIG
-    values = _config_values()
-    if values["auth"]["ssh_user"] != getpass.getuser():
-        values["auth"]["ssh_user"] = getpass.getuser()
-        config = tmp_path / "laptop.yaml"
-        config.write_text(yaml.safe_dump(values))
     try:
-        yield config
+        yield token
     finally:
         if original is None:
             BASHRC.unlink(missing_ok=True)
@@ -122,11 +127,25 @@ def launcher_env(tmp_path: Path) -> Iterator[Path]:
                 p.unlink(missing_ok=True)
 
 
+@pytest.fixture
+def launcher_env(tmp_path: Path) -> Iterator[Path]:
+    """``python`` (``ray submit`` runs ``python SCRIPT``) and ``ray`` first on PATH as links to this
+    interpreter and its ``ray``, the repository importable, in the head's ``~/.bashrc``. Yields
+    the config to use (``_config_for_this_user``)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "ray").symlink_to(_ray_bin())
+    with _head_shell(tmp_path, f"export PATH={shlex.quote(str(bin_dir))}:$PATH",
+                     f"export PYTHONPATH={shlex.quote(str(ROOT))}"):
+        yield _config_for_this_user(tmp_path)
+
+
 def test_ray_up_submit_down(launcher_env: Path) -> None:
     """The cluster comes up from the YAML, a submitted script runs an experiment on its labelled
     nodes, the dashboard refuses a client without the token, and ``ray down`` stops it all."""
     config = str(launcher_env)
-    head = _config_values()["head_start_ray_commands"][1]
+    head = next(c for c in _config_values()["head_start_ray_commands"] if " --head " in c)
     gcs_port = int(re.search(r"\s--port=(\d+)", head).group(1))  # type: ignore[union-attr]
     dashboard_port = int(re.search(r"\s--dashboard-port=(\d+)", head).group(1))  # type: ignore[union-attr]
     times: dict[str, float] = {}
@@ -162,3 +181,37 @@ def test_ray_up_submit_down(launcher_env: Path) -> None:
         print(json.dumps({k: round(v, 1) for k, v in times.items()}))
     assert down.returncode == 0, f"ray down failed:\n{down.stdout[-3000:]}\n{down.stderr[-3000:]}"
     assert _wait_closed(gcs_port) and _wait_closed(dashboard_port)
+
+
+def test_launcher_sh_runs_the_head_and_the_submitted_script_with_a_virtual_environments_python(tmp_path: Path) -> None:
+    """A user who installed hetero-sched in a virtual environment: ``clusters/launcher.sh up``
+    from that environment makes the head's ``ray start``, its workers and ``ray submit``'s
+    ``python SCRIPT`` all run the environment's interpreter (issue 16: the login shell's
+    ``python`` had no numpy). ``~/.bashrc`` carries only the token settings here, not PATH."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    prefix = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys; print(sys.prefix)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    config = _config_for_this_user(tmp_path)
+    wrapper_ray = Path.home() / ".hetero-sched" / "launcher" / "bin" / "ray"
+    with _head_shell(tmp_path) as token:                       # ~/.bashrc: token settings only, no PATH
+        env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv),
+               "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        try:
+            up = subprocess.run([str(LAUNCHER), "up", str(config)], capture_output=True, text=True, env=env,
+                                timeout=STEP_TIMEOUT_S, cwd=ROOT)
+            assert up.returncode == 0, f"launcher.sh up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+            sub = subprocess.run([str(wrapper_ray), "submit", str(config), str(PROBE), str(EXPERIMENT), "4"],
+                                 capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT_S, cwd=ROOT)
+            assert sub.returncode == 0, f"ray submit failed:\n{sub.stdout[-3000:]}\n{sub.stderr[-3000:]}"
+            out = json.loads([s for s in (sub.stdout + sub.stderr).splitlines() if s.startswith('{"requests"')][-1])
+            assert out["completed"] == out["requests"] == 4
+            assert out["python_prefix"] == prefix, "the submitted script ran another interpreter"
+            assert out["worker_prefix"] == prefix, "the head's Ray workers run another interpreter"
+        finally:
+            down = subprocess.run([str(LAUNCHER), "down", str(config)], capture_output=True, text=True, env=env,
+                                  timeout=STEP_TIMEOUT_S, cwd=ROOT)
+            after = BASHRC.read_text() if BASHRC.exists() else ""
+    assert down.returncode == 0, f"launcher.sh down failed:\n{down.stdout[-3000:]}\n{down.stderr[-3000:]}"
+    assert "# >>> hetero-sched launcher >>>" not in after, "launcher.sh down left its ~/.bashrc block"
+    assert not wrapper_ray.exists(), "launcher.sh down left its ray wrapper"

@@ -1,0 +1,223 @@
+"""``hetero-sched serve`` for real: the OpenAI front door over the live cluster (the session Ray
+cluster), driven by the official ``openai`` client.
+
+The engine behind the server is the one ``hetero-sched run`` uses: device-group actors run the
+spans and stream each token as they make it. These tests check what a client gets (text, usage,
+streaming, 429, 400) and what the cluster does with it (a client that leaves frees its request's
+KV and slots everywhere; the numpy backend's text is the tiny Llama's, token for token).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import openai
+import pytest
+import requests
+
+from hetero_sched.engine.assembly import resolve
+from hetero_sched.runtime.live import with_absolute_paths
+from hetero_sched.serve import ServeOptions, start_ingress
+from hetero_sched.serve.engine import EngineCore, EngineOptions
+from hetero_sched.serve.tokenizer import PLACEHOLDER, ByteTokenizer, Detokenizer
+from hetero_sched.tinylm import TinyLM
+
+from helpers import disagg_experiment
+
+pytestmark = pytest.mark.ray
+
+MODEL = "llama-3.1-8b"
+
+
+class Server:
+    """An ingress actor with an :class:`EngineCore` on the session cluster."""
+
+    def __init__(self, exp: dict[str, Any], **options: Any) -> None:
+        e, base = resolve(exp)
+        self.ingress = start_ingress(functools.partial(EngineCore, with_absolute_paths(e, base),
+                                                       EngineOptions(**options)), ServeOptions(port=0))
+        self.url = self.ingress.url
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` samples without labels' quotes: ``name{labels} value`` -> value."""
+        out = {}
+        for line in requests.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                out[key] = float(value)
+        return out
+
+    def stop(self) -> None:
+        self.ingress.stop()
+
+
+@pytest.fixture(scope="module")
+def modeled(ray_cluster: Any) -> Iterator[Server]:
+    s = Server(disagg_experiment(model=MODEL))
+    yield s
+    s.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def placeholder(n: int) -> str:
+    return (PLACEHOLDER * (n // len(PLACEHOLDER) + 1))[:n].decode()
+
+
+def test_completions_and_chat_streamed_and_not_with_usage(modeled: Server) -> None:
+    c = modeled.client()
+    assert [m.id for m in c.models.list()] == [MODEL]
+    r = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24)
+    assert r.choices[0].text == placeholder(24) and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len("Once upon a time"), 24)
+    chunks = list(c.completions.create(model=MODEL, prompt="x" * 300, max_tokens=60, stream=True,
+                                       stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == placeholder(60)
+    assert chunks[-1].usage.completion_tokens == 60 and chunks[-1].usage.prompt_tokens == 300
+    # token by token, as the devices made them: far more chunks than reports
+    assert len([ch for ch in chunks if ch.choices and ch.choices[0].text]) >= 30
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=12)
+    prompt = len(ByteTokenizer().render_chat([{"role": "user", "content": "hi"}]).encode())
+    assert chat.choices[0].message.content == placeholder(12) and chat.usage.prompt_tokens == prompt
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=40, stream=True) if ch.choices)
+    assert streamed == placeholder(40)
+
+
+def test_bad_requests_are_400_with_an_openai_error_body(modeled: Server) -> None:
+    c = modeled.client()
+    with pytest.raises(openai.BadRequestError, match="no-such-model"):
+        c.completions.create(model="no-such-model", prompt="x", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="x", max_tokens=-3)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        c.completions.create(model=MODEL, prompt="x" * 131_070, max_tokens=10)     # past the 131,072 window
+    assert "context" in str(too_long.value)
+    raw = requests.post(f"{modeled.url}/v1/completions", data=b"{not json", timeout=10)
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    assert c.completions.create(model=MODEL, prompt="still serving", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_client_that_leaves_frees_its_kv_and_slot_everywhere(modeled: Server) -> None:
+    """Read a few tokens of a long stream and hang up: the core cancels the request — it leaves
+    its decode batch at the next step boundary, its KV is freed on every group, and the server
+    counts it cancelled — while the cluster goes on serving."""
+    before = modeled.metrics()
+    with requests.post(f"{modeled.url}/v1/completions", stream=True, timeout=60,
+                       json={"model": MODEL, "prompt": "y" * 500, "max_tokens": 20_000, "stream": True}) as resp:
+        lines = resp.iter_lines()
+        got = [line for line, _ in zip(lines, range(30)) if line.startswith(b"data: ")]
+        assert len(got) >= 10
+        m = modeled.metrics()                          # while it streams, it holds KV and a slot
+        assert sum(v for k, v in m.items() if k.startswith("vllm:kv_cache_usage_perc")) > 0
+
+    def freed() -> bool:
+        m = modeled.metrics()
+        used = sum(v for k, v in m.items() if k.startswith("vllm:kv_cache_usage_perc"))
+        running = sum(v for k, v in m.items() if k.startswith("vllm:num_requests_running"))
+        return used == 0 and running == 0
+
+    wait_for(freed)
+    after = modeled.metrics()
+    cancelled = [k for k in after if k.startswith("hetero:requests_cancelled_total")]
+    assert cancelled and sum(after[k] for k in cancelled) > sum(before.get(k, 0) for k in cancelled)
+    assert modeled.client().completions.create(model=MODEL, prompt="after", max_tokens=5).usage.completion_tokens == 5
+
+
+def test_overload_is_429_with_retry_after_and_the_reason(ray_cluster: Any) -> None:
+    """``admission.max_inflight: 2`` and six long requests at once: the core rejects what finds two
+    in flight, and each rejection reaches its client as 429 with Retry-After and the reason."""
+    s = Server(disagg_experiment(model=MODEL, admission={"max_inflight": 2}))
+    try:
+        body = {"model": MODEL, "prompt": "z" * 100, "max_tokens": 3000}
+        streams = [requests.post(f"{s.url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=60)
+                   for _ in range(2)]
+        for r in streams:
+            assert r.status_code == 200
+            next(r.iter_lines())                     # admitted, streaming
+        refused = [requests.post(f"{s.url}/v1/completions", json=body, timeout=60) for _ in range(4)]
+        for r in refused:
+            assert r.status_code == 429, r.text
+            assert float(r.headers["Retry-After"]) > 0
+            assert "max_inflight" in r.json()["error"]["message"]
+        for r in streams:
+            r.close()
+    finally:
+        s.stop()
+
+
+def test_numpy_backend_text_is_the_tiny_llamas_token_for_token(ray_cluster: Any) -> None:
+    """With the numpy backend the tokens are the tiny Llama's, prefilled on a Trainium group's actor
+    and decoded on the CS-3 group's from the KV it was sent: the streamed text equals what the
+    single-process reference makes of the same prompt."""
+    exp = disagg_experiment(model=MODEL, seed=4)
+    s = Server(exp, backend="numpy")
+    try:
+        c = s.client()
+        prompts = ["The quick brown fox jumps over the lazy dog", "héllo wörld " * 7, "a"]
+        lm = TinyLM("tiny", 4)
+        tok = ByteTokenizer()
+        for prompt in prompts:
+            n = 23
+            ids = list(tok.encode(prompt))
+            want, _ = lm.generate(__import__("numpy").asarray(ids), n)
+            detok = Detokenizer()
+            expected = detok.push(want) + detok.flush()
+            streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=n, stream=True) if ch.choices)
+            assert streamed == expected, prompt
+            assert c.completions.create(model=MODEL, prompt=prompt, max_tokens=n).choices[0].text == expected
+    finally:
+        s.stop()
+
+
+def test_each_request_is_one_trace_rooted_at_its_http_request_under_the_clients(ray_cluster: Any,
+                                                                                   jaeger: Any) -> None:
+    """With tracing, a request is one trace in Jaeger: the client's span (its W3C ``traceparent``)
+    > the server's ``POST /v1/completions`` span > ``text_completion <model>`` > the queue,
+    prefill (from the Trainium actor's process), transfer and decode (the CS-3 actor's) spans."""
+    from hetero_sched.tracing import trace_settings
+
+    settings = trace_settings(trace=True, endpoint=jaeger.otlp_endpoint, service_name="serve-test", env={})
+    e, base = resolve(disagg_experiment(model=MODEL))
+    ingress = start_ingress(functools.partial(EngineCore, with_absolute_paths(e, base), EngineOptions()),
+                            ServeOptions(port=0, trace=settings))
+    trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        r = requests.post(f"{ingress.url}/v1/completions", timeout=60,
+                          headers={"traceparent": f"00-{trace_id}-{client_span}-01"},
+                          json={"model": MODEL, "prompt": "trace me", "max_tokens": 16})
+        assert r.status_code == 200
+    finally:
+        ingress.stop()                       # flushes every process's spans
+    found: list[Any] = []
+
+    def stored() -> bool:                     # Jaeger indexes what it received a moment later
+        try:
+            found[:] = jaeger.get(f"/api/traces/{trace_id}")["data"][0]["spans"]
+        except Exception:
+            return False
+        return len(found) >= 9
+
+    wait_for(stored)
+    spans = {s["operationName"]: s for s in found}
+    http = spans["POST /v1/completions"]
+    assert http["references"][0]["spanID"] == client_span          # under the client's span
+    root = spans[f"text_completion {MODEL}"]
+    assert root["references"][0]["spanID"] == http["spanID"]
+    for name in ("queue.prefill", "prefill", "queue.decode", "kv_transfer", "decode"):
+        assert name in spans, name
+    tags = {t["key"]: t["value"] for t in http["tags"]}
+    assert tags["http.response.status_code"] == 200
