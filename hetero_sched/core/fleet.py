@@ -481,8 +481,10 @@ class Fleet:
             v = self.views[g]
             member = r.where is None or bool(r.where(v))
             r.set(position, member, float(r.key(v)) if member and r.key is not None else 0.0, 0.0)
-        else:
-            r.set(position, self._is_member(r, g), self._primary(r, g), self._secondary(r, g))
+        elif self._is_member(r, g):
+            r.set(position, True, self._primary(r, g), self._secondary(r, g))
+        else:                               # a non-member's key is not read: an unchanged no-op
+            r.set(position, False, math.inf, math.inf)
 
     def _is_member(self, r: Ranking, g: int) -> bool:
         among = r.among_code
