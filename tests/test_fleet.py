@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import hetero_sched as hs
-from hetero_sched.core.fleet import BOTH, CRITERIA, DECODE, DECODE_ONLY_SLOT, DECODE_SLOT, FILTERS, PREFILL, Fleet
+from hetero_sched.core.fleet import BOTH, CRITERIA, DECODE, DECODE_SLOT, FILTERS, PREFILL, Fleet
 from hetero_sched.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
