@@ -71,3 +71,50 @@ def test_cancel_keeps_transfers_it_finds_finished():
     assert net.next_finish_s() == 1.5              # due at once
     assert net.finish_due(1.5) == [1]
     assert net.next_finish_s() is None
+
+
+def _check_against_a_global_recompute(net: TransferNetwork, egress, ingress) -> None:
+    rates = net.rates()
+    counts = net.counts()
+    flows = sorted(rates)
+    expected = max_min_rates(flows, egress, ingress, [counts[f] for f in flows])
+    for f, want in zip(flows, expected):
+        assert math.isclose(rates[f], want, rel_tol=1e-7), (f, rates[f], want)
+
+
+def test_local_rerating_equals_max_min_over_the_whole_network_on_random_traffic():
+    # The network re-rates only around what changed (issue 15); the rates must equal a max-min
+    # recompute over every flow in flight, whatever the traffic: bursts from one source (a
+    # prefill batch), many sources into one sink, finishes and cancels at random times.
+    import random
+    rng = random.Random(7)
+    n = 24
+    for trial in range(12):
+        egress = [rng.choice([100.0, 400.0, 50.0 + rng.random() * 500]) for _ in range(n)]
+        ingress = [rng.choice([600.0, 200.0, 30.0 + rng.random() * 700]) for _ in range(n)]
+        net = TransferNetwork(egress, ingress)
+        now, tid, live = 0.0, 0, set()
+        for step in range(300):
+            now += rng.expovariate(50.0)
+            op = rng.random()
+            if op < 0.55 or not live:
+                src = rng.randrange(n // 2)
+                for _ in range(rng.choice([1, 1, 1, 4, 12])):       # a batch leaves at once
+                    dst = rng.randrange(n // 2, n) if rng.random() < 0.8 else rng.randrange(n)
+                    if dst == src:
+                        continue
+                    live.update(net.start(now, tid, src, dst, rng.uniform(1.0, 40.0)))
+                    live.add(tid)
+                    tid += 1
+            elif op < 0.9:
+                nxt = net.next_finish_s()
+                if nxt is not None:
+                    now = max(now, nxt)
+                    for done in net.finish_due(now):
+                        live.discard(done)
+            else:
+                victim = rng.choice(sorted(live))
+                net.cancel(now, victim)
+                live.discard(victim)
+            _check_against_a_global_recompute(net, egress, ingress)
+        assert net.num_active == sum(net.counts().values())

@@ -211,6 +211,12 @@ class GroupState:
         """Sequences holding a decode slot: running, ready to join, or with KV in transit."""
         return len(self.batch) + self.in_transit
 
+    def share_step_lines(self, cache: dict[int, tuple[Line, ...]]) -> None:
+        """Use ``cache`` for the decode-step lines per batch size: groups with one cost model
+        share it (each batch size is then asked of the cost model once, not once per group)."""
+        cache.update(self._lines)
+        self._lines = cache
+
     def decode_lines(self, batch_size: int) -> tuple[Line, ...]:
         lines = self._lines.get(batch_size)
         if lines is None:

@@ -9,7 +9,7 @@ independent of the paging block size (DESIGN contract §7).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -47,20 +47,52 @@ class BlockAllocator:
         self.num_used -= num_blocks
 
 
+class PrefixHolders:
+    """Which groups' prefix caches hold each block hash: the caches keep it as they insert and
+    evict, so a prefix-aware policy finds the groups holding a prefix without asking every group."""
+
+    __slots__ = ("_by_hash",)
+
+    def __init__(self) -> None:
+        self._by_hash: dict[int, set[int]] = {}
+
+    def add(self, block_hash: int, group_id: int) -> None:
+        held = self._by_hash.get(block_hash)
+        if held is None:
+            self._by_hash[block_hash] = {group_id}
+        else:
+            held.add(group_id)
+
+    def discard(self, block_hash: int, group_id: int) -> None:
+        held = self._by_hash.get(block_hash)
+        if held is not None:
+            held.discard(group_id)
+            if not held:
+                del self._by_hash[block_hash]
+
+    def holders(self, block_hash: int) -> list[int]:
+        """The groups holding ``block_hash``, ascending."""
+        held = self._by_hash.get(block_hash)
+        return sorted(held) if held else []
+
+
 class PrefixCache:
     """LRU set of prefix-block hashes held by a prefill-capable group, with a block budget.
 
     A hit saves prefill compute only: the matched tokens are attended to, not recomputed; the
-    transfer still moves the whole prompt's KV and decode still holds it.
+    transfer still moves the whole prompt's KV and decode still holds it. ``holders`` (shared by
+    the groups of a run) learns every insertion and eviction, as group ``owner``.
     """
 
-    __slots__ = ("capacity_blocks", "_lru", "hits", "lookups")
+    __slots__ = ("capacity_blocks", "_lru", "hits", "lookups", "_owner", "_holders")
 
-    def __init__(self, capacity_blocks: int) -> None:
+    def __init__(self, capacity_blocks: int, owner: int = -1, holders: Optional[PrefixHolders] = None) -> None:
         self.capacity_blocks = capacity_blocks
         self._lru: OrderedDict[int, None] = OrderedDict()
         self.hits = 0
         self.lookups = 0
+        self._owner = owner
+        self._holders = holders
 
     def matched_blocks(self, hashes: Sequence[int]) -> int:
         """Number of leading blocks of ``hashes`` present (no LRU update: a query, not a use)."""
@@ -81,14 +113,26 @@ class PrefixCache:
         self.lookups += len(hashes)
         self.hits += hit
         lru = self._lru
+        holders = self._holders
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
             else:
                 lru[h] = None
+                if holders is not None:
+                    holders.add(h, self._owner)
         while len(lru) > self.capacity_blocks:
-            lru.popitem(last=False)
+            gone, _ = lru.popitem(last=False)
+            if holders is not None:
+                holders.discard(gone, self._owner)
         return hit
+
+    def drop_all(self) -> None:
+        """Forget every block (the group's device died)."""
+        if self._holders is not None:
+            for h in self._lru:
+                self._holders.discard(h, self._owner)
+        self._lru.clear()
 
     def __len__(self) -> int:
         return len(self._lru)

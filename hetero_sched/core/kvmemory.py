@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING, Optional
 
-from hetero_sched.core.kvblocks import BlockAllocator, PrefixCache, blocks_for
+from hetero_sched.core.kvblocks import BlockAllocator, PrefixCache, PrefixHolders, blocks_for
 from hetero_sched.core.request import RequestState
 
 if TYPE_CHECKING:
@@ -49,6 +49,13 @@ class KVMemory:
         self.tiers: Optional["KVTiers"] = None
         """KV tiers (device memory, host DRAM, SSD) replacing the plain prefix cache when configured."""
         self._exhaust_heap: list[tuple[int, int, RequestState]] = []
+        self._holders: Optional[PrefixHolders] = None
+        self._owner = -1
+
+    def index_prefixes(self, holders: PrefixHolders, owner: int) -> None:
+        """Let ``holders`` know, as group ``owner``, every block this memory's prefix cache holds."""
+        self._holders = holders
+        self._owner = owner
 
     @property
     def prefix_cache_tokens(self) -> int:
@@ -58,6 +65,8 @@ class KVMemory:
     def reset(self) -> None:
         """Everything held is gone (the device died)."""
         self.blocks = BlockAllocator(self.num_blocks)
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_all()
         self.prefix_cache = None
         if self.tiers is not None:
             self.tiers.reset()
@@ -70,7 +79,7 @@ class KVMemory:
     def prefix_cache_for(self, block_tokens: int) -> PrefixCache:
         """The prefix cache, created at the trace's hash-block size on first use."""
         if self.prefix_cache is None:
-            self.prefix_cache = PrefixCache(self._prefix_cache_tokens // block_tokens)
+            self.prefix_cache = PrefixCache(self._prefix_cache_tokens // block_tokens, self._owner, self._holders)
         return self.prefix_cache
 
     def cached_prefix_blocks(self, hashes: tuple[int, ...]) -> int:

@@ -18,17 +18,20 @@ Every decision is added to :attr:`Scheduler.decisions` (a
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
+from hetero_sched.core.fleet import Fleet
 from hetero_sched.core.group import GroupState, Role
 from hetero_sched.core.hooks import ExecutorHooks
+from hetero_sched.core.kvblocks import PrefixHolders
 from hetero_sched.core.kvstore import ClusterKVStore, PrefixPlanner
 from hetero_sched.core.kvtiers import STORE, fetch_windows
 from hetero_sched.core.rejection import capacity, infeasible
 from hetero_sched.core.request import Phase, Request, RequestState
 from hetero_sched.core.spans import Span, SpanKind, SpanOutcome, SpanReport
 from hetero_sched.core.transfer import LayerwiseStreaming, TransferNetwork, layerwise_tail
+from hetero_sched.costmodel import Line
 from hetero_sched.errors import UserError
 from hetero_sched.policies.base import (GroupView, Placement, Policy, PolicyFailed, Reject, RejectCode as R,
                                         RequestInfo, RoleSwitch)
@@ -70,8 +73,20 @@ class Scheduler:
                                 max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks,
                                 prefix_planner=None if planner is None else planner.plan)
                       for g, planner in zip(self.groups, self._planners)]
+        # with KV tiers a group's device-memory prefix blocks live in its tiers, not in a prefix
+        # cache the index hears from: the Fleet then asks each view (O(G), tiers only)
+        tiered = any(g.memory.tiers is not None for g in self.groups)
+        holders = None if tiered else PrefixHolders()
+        self.fleet = Fleet(self.views, holders)
+        """The views as policies get them, with the indexes that spare them a scan of every group."""
+        self._seen = cast(Sequence[GroupView], self.fleet)    # a Fleet is a sequence of views
+        lines: dict[int, dict[int, tuple[Line, ...]]] = {}
+        for g in self.groups:
+            if holders is not None:
+                g.memory.index_prefixes(holders, g.group_id)
+            g.share_step_lines(lines.setdefault(id(g.cost), {}))
         try:
-            policy.check(self.views)
+            policy.check(self._seen)
         except UserError:
             raise
         except Exception as exc:
@@ -202,8 +217,7 @@ class Scheduler:
         if self.store is not None:                             # its store reads and writes die with it
             self.store.cancel_group(now_s, group_id, self.network)
         self._failed.add(group_id)
-        v = self.views[group_id]
-        v.can_prefill = v.can_decode = False
+        self.fleet.set_roles(group_id, False, False)
         self._report(g, now_s)
         hooks = self.hooks
         again: dict[int, RequestState] = {}                    # prefill again
@@ -224,7 +238,7 @@ class Scheduler:
                 reroute[rs.request_id] = rs
         for other in self.groups:                              # prefilled there, waiting elsewhere
             for rs in other.unqueue_decode(group_id):
-                self.views[other.group_id].num_decode_queued -= 1
+                self.fleet.routed_decode(other.group_id, -1)
                 again[rs.request_id] = rs
         for rs in lost:
             src = rs.prefill_group
@@ -264,14 +278,12 @@ class Scheduler:
         if phase is Phase.WAITING_PREFILL and rs.prefill_group is not None:
             g = self.groups[rs.prefill_group]
             g.unqueue_prefill(rs)
-            view = self.views[g.group_id]
-            view.num_prefill_queued -= 1
-            view.prefill_queued_tokens -= rs.prefill_tokens
+            self.fleet.placed(g.group_id, -rs.prefill_tokens, -1)
             self._dirty.add(g.group_id)
             self._end_cancelled(now_s, rs, None)
         elif phase is Phase.WAITING_DECODE and rs.decode_group is not None:
             self.groups[rs.decode_group].decode_queue.remove(rs)
-            self.views[rs.decode_group].num_decode_queued -= 1
+            self.fleet.routed_decode(rs.decode_group, -1)
             self._release_source(now_s, rs)
             self._end_cancelled(now_s, rs, None)
         elif phase is Phase.TRANSFERRING and rs.transfer_id is not None and rs.transfer_id in self._transfers:
@@ -337,8 +349,7 @@ class Scheduler:
             return
         g.restore()
         self._failed.discard(group_id)
-        v = self.views[group_id]
-        v.can_prefill, v.can_decode = g.can_prefill, g.can_decode
+        self.fleet.set_roles(group_id, g.can_prefill, g.can_decode)
         self._report(g, now_s)
         self.decisions.add(now_s, D.RESTORE, group_id, None)
         self._dirty.add(group_id)
@@ -446,12 +457,12 @@ class Scheduler:
         if rs.cancelled:                    # its client gave up while it was being resumed
             self._end_cancelled(now_s, rs, None)
             return
-        if self._failed and not any(v.can_prefill for v in self.views):
+        if self._failed and not self.fleet.num_prefill:
             self._reject(now_s, rs, "no live group can prefill (failed: "
                          + ", ".join(self.groups[i].name for i in sorted(self._failed)) + ")", R.NO_LIVE_GROUP)
             return
         try:   # typed object: compiled code would otherwise cast a bad return inside this try
-            decision: object = self.policy.place(self._info(rs), self.views, now_s)
+            decision: object = self.policy.place(self._info(rs), self._seen, now_s)
         except UserError:
             raise
         except Exception as exc:
@@ -472,9 +483,7 @@ class Scheduler:
         rs.staged = None
         if self.store is None or not self._read_from_store(now_s, rs, g):
             g.enqueue_prefill(rs, front=rs.preemptions > 0)
-        view = self.views[g.group_id]
-        view.num_prefill_queued += 1
-        view.prefill_queued_tokens += rs.prefill_tokens
+        self.fleet.placed(g.group_id, rs.prefill_tokens)
         self.decisions.add(now_s, D.PLACE, g.group_id, rs.request_id,
                            math.nan if decision.decode_group is None else decision.decode_group)
         if self.hooks is not None:
@@ -560,7 +569,7 @@ class Scheduler:
         target = rs.decode_group
         if target is not None and not self.groups[target].alive:
             target = rs.decode_group = None                    # chosen at placement, failed since
-        if target is None and self._failed and not any(v.can_decode for v in self.views) \
+        if target is None and self._failed and not self.fleet.num_decode \
                 and not src.can_decode:
             src.release_prefill_kv(rs)
             self._reject(now_s, rs, "no live group can decode (failed: "
@@ -568,7 +577,7 @@ class Scheduler:
             return
         if target is None:
             try:
-                choice: object = self.policy.place_decode(self._info(rs), self.views, now_s)
+                choice: object = self.policy.place_decode(self._info(rs), self._seen, now_s)
             except UserError:
                 raise
             except Exception as exc:
@@ -591,7 +600,7 @@ class Scheduler:
             self._reject(now_s, rs, f"decode group {dst.name} cannot hold {rs.context_tokens} tokens", R.KV_CAPACITY)
             return
         dst.enqueue_decode(rs)
-        self.views[target].num_decode_queued += 1
+        self.fleet.routed_decode(target, 1)
         self._dirty.add(target)
 
     def _start_transfer(self, now_s: float, rs: RequestState, dst_id: int, timers: list[Timer],
@@ -713,7 +722,7 @@ class Scheduler:
     def _rebalance(self, now_s: float) -> None:
         """Start the role switches the policy asks for, keeping both roles served meanwhile."""
         try:
-            switches: list[object] = list(self.policy.rebalance(self.views, now_s))
+            switches: list[object] = list(self.policy.rebalance(self._seen, now_s))
         except UserError:
             raise
         except Exception as exc:
@@ -727,22 +736,18 @@ class Scheduler:
             role = Role(switch.role)
             if g.draining_to is not None or role is g.role:
                 continue
-            others = [h for h in self.groups if h is not g and h.draining_to is None]
-            if not any(h.can_prefill for h in others) or not any(h.can_decode for h in others):
+            # another group must keep each role meanwhile (a draining or failed one has neither)
+            if self.fleet.num_prefill - g.can_prefill < 1 or self.fleet.num_decode - g.can_decode < 1:
                 continue
             g.start_drain(role, now_s)
-            view = self.views[g.group_id]
-            view.can_prefill = view.can_decode = False
+            self.fleet.set_roles(g.group_id, False, False)
             self.decisions.add(now_s, D.DRAIN, g.group_id, None, role.code)
             self._dirty.add(g.group_id)
 
     def _take_role(self, now_s: float, g: GroupState) -> None:
         drain_s = now_s - g.drain_start_s
         g.take_role()
-        view = self.views[g.group_id]
-        view.role = g.role
-        view.can_prefill = g.can_prefill
-        view.can_decode = g.can_decode
+        self.fleet.set_roles(g.group_id, g.can_prefill, g.can_decode, g.role)
         self.decisions.add(now_s, D.ROLE, g.group_id, None, g.role.code, drain_s)
 
     def _complete(self, now_s: float, rs: RequestState, group_id: Optional[int]) -> None:
@@ -785,10 +790,5 @@ class Scheduler:
         del self._active[rs.request_id]
 
     def _report(self, g: GroupState, now_s: float) -> None:
-        v = self.views[g.group_id]
-        v.kv_blocks_free = g.kv.num_free
-        v.num_prefill_queued = g.num_pending_prefill
-        v.prefill_queued_tokens = g.pending_prefill_tokens
-        v.num_decode_queued = len(g.decode_queue)
-        v.num_decoding = g.num_decoding
-        v.reported_s = now_s
+        self.fleet.report(g.group_id, now_s, g.kv.num_free, g.num_pending_prefill, g.pending_prefill_tokens,
+                          len(g.decode_queue), g.num_decoding)

@@ -27,36 +27,89 @@ def max_min_rates(flows: Sequence[tuple[int, int]], egress: Sequence[float],
     """Max-min fair per-flow rates of flow classes ``(src, dst)`` over endpoint capacities.
 
     ``counts[i]`` flows share class ``i`` (default 1 each); every flow of a class gets the same
-    rate. Progressive filling: raise every unfrozen flow's rate together; when a resource
-    saturates, freeze the flows through it at the current level.
+    rate. See :func:`progressive_fill`.
     """
-    n = len(flows)
-    weight = list(counts) if counts is not None else [1] * n
+    index: dict[int, int] = {}            # egress of e: 2e, ingress of i: 2i + 1 -> resource number
+    capacity: list[float] = []
+    out_res: list[int] = []
+    in_res: list[int] = []
+    for src, dst in flows:
+        for key, cap, side in ((2 * src, egress[src], out_res), (2 * dst + 1, ingress[dst], in_res)):
+            r = index.get(key, -1)
+            if r < 0:
+                r = index[key] = len(capacity)
+                capacity.append(float(cap))
+            side.append(r)
+    return progressive_fill(out_res, in_res, list(counts) if counts is not None else [1] * len(flows), capacity)
+
+
+def _freeze(r: int, level: float, users: list[list[int]], froze: list[int], rates: list[float], out_res: list[int],
+            in_res: list[int], weight: list[int], residual: list[float], unfrozen: list[int],
+            heap: Optional[list[tuple[float, int, int]]]) -> None:
+    """Resource ``r`` saturates at ``level``: freeze its unfrozen flows there."""
+    for i in users[r]:
+        if froze[i] >= 0:
+            continue
+        froze[i] = r
+        rates[i] = level
+        other = in_res[i] if out_res[i] == r else out_res[i]
+        residual[other] -= level * weight[i]
+        unfrozen[other] -= weight[i]
+        if heap is not None and unfrozen[other] > 0:
+            left = residual[other] if residual[other] > 0.0 else 0.0
+            heapq.heappush(heap, (left / unfrozen[other], other, unfrozen[other]))
+    unfrozen[r] = 0
+
+
+def progressive_fill(out_res: list[int], in_res: list[int], weight: list[int], capacity: list[float]) -> list[float]:
+    """Max-min fair rates of flows ``i`` through resources ``out_res[i]`` and ``in_res[i]``
+    (numbers into ``capacity``), ``weight[i]`` flows each (see :func:`progressive_fill_bottlenecks`)."""
+    return progressive_fill_bottlenecks(out_res, in_res, weight, capacity)[0]
+
+
+def progressive_fill_bottlenecks(out_res: list[int], in_res: list[int], weight: list[int],
+                                 capacity: list[float]) -> tuple[list[float], list[int]]:
+    """Max-min fair rates of flows ``i`` through resources ``out_res[i]`` and ``in_res[i]``
+    (numbers into ``capacity``), ``weight[i]`` flows each.
+
+    Progressive filling: raise every unfrozen flow's rate together; when a resource saturates,
+    freeze the flows through it at the current level. The next resource to saturate is found by
+    a scan when there are few (as in a re-rating around one change), else from a heap keyed by
+    the level at which each would saturate: O((flows + resources) log resources). Ties go to the
+    lower resource number. Returns the rates and the resource each flow froze at (its bottleneck).
+    """
+    n = len(out_res)
+    num_res = len(capacity)
+    residual = list(capacity)
+    unfrozen = [0] * num_res              # weight of the unfrozen flows through each resource
+    users: list[list[int]] = [[] for _ in range(num_res)]
+    for i in range(n):
+        unfrozen[out_res[i]] += weight[i]
+        users[out_res[i]].append(i)
+        unfrozen[in_res[i]] += weight[i]
+        users[in_res[i]].append(i)
     rates = [0.0] * n
-    residual: dict[tuple[str, int], float] = {}
-    users: dict[tuple[str, int], list[int]] = {}
-    for i, (src, dst) in enumerate(flows):
-        for res, cap in ((("e", src), egress[src]), (("i", dst), ingress[dst])):
-            residual[res] = cap
-            users.setdefault(res, []).append(i)
-    frozen = [False] * n
-    left = n
-    while left:
-        level = min(residual[r] / sum(weight[i] for i in u) for r, u in users.items() if u)
-        saturated = [r for r, u in users.items()
-                     if u and residual[r] / sum(weight[i] for i in u) <= level * (1 + 1e-12)]
-        for r in saturated:
-            for i in list(users[r]):
-                if frozen[i]:
-                    continue
-                frozen[i] = True
-                left -= 1
-                rates[i] = level
-                src, dst = flows[i]
-                for res in (("e", src), ("i", dst)):
-                    residual[res] -= level * weight[i]
-                    users[res].remove(i)
-    return rates
+    froze = [-1] * n                      # the resource each flow froze at: its bottleneck
+    if num_res <= 32:                     # few resources: find the next to saturate by a scan
+        while True:
+            r = -1
+            level = 0.0
+            for k in range(num_res):
+                if unfrozen[k] > 0:
+                    lk = (residual[k] if residual[k] > 0.0 else 0.0) / unfrozen[k]
+                    if r < 0 or lk < level:
+                        r, level = k, lk
+            if r < 0:
+                return rates, froze
+            _freeze(r, level, users, froze, rates, out_res, in_res, weight, residual, unfrozen, None)
+    heap = [(residual[r] / unfrozen[r], r, unfrozen[r]) for r in range(num_res)]
+    heapq.heapify(heap)
+    while heap:
+        level, r, w = heapq.heappop(heap)
+        if w != unfrozen[r]:              # stale: flows through it froze since
+            continue
+        _freeze(r, level, users, froze, rates, out_res, in_res, weight, residual, unfrozen, heap)
+    return rates, froze
 
 
 @dataclass(frozen=True)
@@ -94,92 +147,193 @@ def layerwise_tail(num_bytes: float, prefill_s: float, num_layers: int, rate_byt
 class _Pair:
     """All transfers from one endpoint to another: they share one per-flow rate.
 
-    ``served`` counts the bytes each of its flows has received since the pair was created;
-    a flow that started when ``served`` was ``s`` with ``b`` bytes ends when it reaches ``s + b``,
-    so advancing time touches the pair, not each transfer.
+    ``served`` counts the bytes each of its flows had received by ``since_s`` (since the pair
+    last became active); a flow that started when ``served`` was ``s`` with ``b`` bytes ends when
+    it reaches ``s + b``. The rate is constant between rate changes, so ``served`` is settled
+    only when the rate changes, and advancing time touches nothing.
     """
 
-    __slots__ = ("src", "dst", "rate", "served", "ends")
+    __slots__ = ("src", "dst", "key", "rate", "served", "since_s", "ends", "version", "out_pos", "in_pos", "mark",
+                 "changed", "bottleneck_out", "next_rate", "next_out")
 
-    def __init__(self, src: int, dst: int) -> None:
+    def __init__(self, src: int, dst: int, key: int) -> None:
         self.src = src
         self.dst = dst
+        self.key = key
         self.rate = 0.0
         self.served = 0.0
+        self.since_s = 0.0
         self.ends: list[tuple[float, int, float]] = []   # heap of (served at finish, transfer id, bytes)
+        self.version = 0
+        """Bumped at every rate change: the due-heap entries of older versions are stale."""
+        self.out_pos = -1
+        """Where it sits in its source's list of active pairs (-1: idle)."""
+        self.in_pos = -1
+        self.mark = 0
+        self.changed = 0
+        self.bottleneck_out = True
+        """Whether its rate is set by its source's egress (else its destination's ingress)."""
+        self.next_rate = 0.0                # scratch of a re-rating
+        self.next_out = True
+
+    def settle(self, now_s: float) -> None:
+        """Count the bytes served up to ``now_s`` at the current rate."""
+        if now_s != self.since_s:
+            self.served += self.rate * (now_s - self.since_s)
+            self.since_s = now_s
+
+    def next_end_s(self) -> float:
+        """When the first of its flows finishes at the current rate."""
+        return self.since_s + (self.ends[0][0] - self.served) / self.rate
 
 
 class TransferNetwork:
-    """The set of transfers in flight and when the next one finishes."""
+    """The set of transfers in flight and when the next one finishes.
+
+    Only what changed is touched: a start or finish re-rates the pairs connected to it through
+    shared endpoints (max-min fairness decomposes over those components), and a heap of each
+    active pair's next finish answers "what is due" in O(log n) — no pass over all transfers,
+    pairs or groups per event.
+    """
 
     def __init__(self, egress_bytes_per_s: Sequence[float], ingress_bytes_per_s: Sequence[float]) -> None:
         self.egress = list(egress_bytes_per_s)
         self.ingress = list(ingress_bytes_per_s)
-        self._pairs: dict[tuple[int, int], _Pair] = {}
+        n = len(self.egress)
+        self._pairs: dict[int, _Pair] = {}
+        """Every pair used so far, by ``src * n + dst`` (an idle one restarts its count)."""
+        self._out: list[list[_Pair]] = [[] for _ in range(n)]   # active pairs by source endpoint
+        self._in: list[list[_Pair]] = [[] for _ in range(n)]    # active pairs by destination
+        self._out_mark = [0] * n            # scratch numbering of a component's resources
+        self._out_res = [0] * n
+        self._in_mark = [0] * n
+        self._in_res = [0] * n
+        self._out_x = [0] * n               # endpoints being re-rated (see _rerate)
+        self._in_x = [0] * n
+        self._due: list[tuple[float, int, _Pair, int]] = []     # heap of (next end, seq, pair, its version)
+        self._seq = 0
+        self._mark = 0
+        self._flows = 0
+        self._active = 0
         self.version = 0
         """Bumped whenever rates change; an event carrying an older version is stale."""
         self._last_s = 0.0
         self._carry: list[int] = []
-        """Transfers found finished by :meth:`cancel`'s advance, handed out by the next advance."""
+        """Transfers found finished by :meth:`cancel`, handed out by the next start or finish."""
+        self._pending: list[_Pair] = []
+        """Pairs whose flows changed at ``_pending_s``, not yet re-rated: the starts and finishes of
+        one instant (a prefill batch's transfers) are re-rated once, when the rates are next needed."""
+        self._pending_s = 0.0
 
     @property
     def num_active(self) -> int:
-        return sum(len(p.ends) for p in self._pairs.values())
+        return self._flows
+
+    def rates(self) -> dict[tuple[int, int], float]:
+        """The per-flow rate of every active pair ``(src, dst)`` (for tests and metrics)."""
+        self._flush()
+        return {(p.src, p.dst): p.rate for side in self._out for p in side}
+
+    def counts(self) -> dict[tuple[int, int], int]:
+        """How many transfers each active pair ``(src, dst)`` carries."""
+        return {(p.src, p.dst): len(p.ends) for side in self._out for p in side}
 
     def backlog_bytes(self, endpoint: int) -> float:
-        """Bytes still to move into or out of ``endpoint``."""
-        return sum(end - p.served for p in self._pairs.values() if endpoint in (p.src, p.dst)
-                   for end, _, _ in p.ends)
+        """Bytes still to move into or out of ``endpoint`` (as of the last change)."""
+        self._flush()
+        total = 0.0
+        for side in (self._out[endpoint], self._in[endpoint]):
+            for p in side:
+                served = p.served + p.rate * (self._last_s - p.since_s)
+                total += sum(end - served for end, _, _ in p.ends)
+        return total
 
     def start(self, now_s: float, transfer_id: int, src: int, dst: int, num_bytes: float) -> list[int]:
         """Add a transfer at ``now_s``; returns transfers that finished by then (usually none)."""
-        done = self._advance(now_s)
-        pair = self._pairs.get((src, dst))
+        if self._pending and self._pending_s != now_s:
+            self._flush()
+        touched = self._pending
+        self._pending_s = now_s
+        done = self._finish_by(now_s, touched)
+        key = src * len(self.egress) + dst
+        pair = self._pairs.get(key)
         if pair is None:
-            pair = self._pairs[(src, dst)] = _Pair(src, dst)
+            pair = self._pairs[key] = _Pair(src, dst, key)
+        if pair.out_pos < 0:                 # (re)activated: its count starts afresh
+            pair.served = 0.0
+            pair.since_s = now_s
+            pair.out_pos = len(self._out[src])
+            self._out[src].append(pair)
+            pair.in_pos = len(self._in[dst])
+            self._in[dst].append(pair)
+            self._active += 1
+        else:
+            pair.settle(now_s)
         heapq.heappush(pair.ends, (pair.served + float(num_bytes), transfer_id, float(num_bytes)))
-        self._rerate()
+        self._flows += 1
+        touched.append(pair)
+        self.version += 1
         return done
 
     def cancel(self, now_s: float, transfer_id: int) -> None:
         """Drop a transfer (an endpoint failed); the others keep their progress and share its rate."""
-        # _advance hands out (and resets) the carry plus what finished by now: keep all of it.
-        # Not ``self._carry.extend(self._advance(...))``: that extends the list _advance replaced.
-        self._carry = self._advance(now_s)
-        if transfer_id in self._carry:
-            self._carry.remove(transfer_id)
-        for p in self._pairs.values():
-            for i, entry in enumerate(p.ends):
-                if entry[1] == transfer_id:
-                    p.ends.pop(i)
-                    heapq.heapify(p.ends)
-                    break
-        self._rerate()
+        self._flush()
+        touched: list[_Pair] = []
+        carry = self._carry
+        self._carry = []
+        carry.extend(self._finish_by(now_s, touched))     # finished by now: handed out later, not lost
+        if transfer_id in carry:
+            carry.remove(transfer_id)
+        for side in self._out:                              # a failure path: a scan is fine here
+            for p in side:
+                for i, entry in enumerate(p.ends):
+                    if entry[1] == transfer_id:
+                        p.settle(now_s)
+                        p.ends.pop(i)
+                        heapq.heapify(p.ends)
+                        self._flows -= 1
+                        touched.append(p)
+                        break
+        self._carry = carry
+        self._rerate(now_s, touched)
+        self.version += 1
 
     def finish_due(self, now_s: float) -> list[int]:
         """Advance to ``now_s``; remove and return the transfers whose bytes have all moved."""
-        done = self._advance(now_s)
-        self._rerate()
+        if self._pending and self._pending_s != now_s:
+            self._flush()
+        self._pending_s = now_s
+        done = self._finish_by(now_s, self._pending)
+        self.version += 1
         return done
 
     def next_finish_s(self) -> Optional[float]:
         """When the next in-flight transfer finishes at current rates (None if idle)."""
-        best: Optional[float] = self._last_s if self._carry else None
-        for p in self._pairs.values():
-            if p.ends:
-                end = self._last_s + (p.ends[0][0] - p.served) / p.rate
-                if best is None or end < best:
-                    best = end
-        return best
+        self._flush()
+        if self._carry:
+            return self._last_s
+        due = self._due
+        while due:
+            _, _, p, version = due[0]
+            if version == p.version and p.ends:
+                return due[0][0]
+            heapq.heappop(due)
+        return None
 
-    def _advance(self, now_s: float) -> list[int]:
-        dt = now_s - self._last_s
+    def _finish_by(self, now_s: float, touched: list[_Pair]) -> list[int]:
+        """Pop the flows that finished by ``now_s`` (with what :meth:`cancel` carried); the pairs
+        they left go to ``touched`` (their rates must be recomputed)."""
         self._last_s = now_s
         done: list[int] = self._carry
         self._carry = []
-        for p in self._pairs.values():
-            p.served += p.rate * dt
+        due = self._due
+        while due and due[0][0] <= now_s:
+            _, _, p, version = heapq.heappop(due)
+            if version != p.version or not p.ends:
+                continue
+            p.settle(now_s)
             ends = p.ends
+            finished = False
             while ends:
                 end, tid, nbytes = ends[0]
                 left = end - p.served
@@ -188,18 +342,236 @@ class TransferNetwork:
                 if left <= 1e-9 * nbytes + 1e-6 or now_s + left / p.rate <= now_s:
                     heapq.heappop(ends)
                     done.append(tid)
+                    self._flows -= 1
+                    finished = True
                 else:
                     break
+            if finished:
+                touched.append(p)
+            else:                   # not quite there (rounding): due again at its recomputed end
+                p.version += 1
+                self._push(p)
+        if len(done) > 1:
+            done.sort()             # same-time finishes land in the order they started
         return done
 
-    def _rerate(self) -> None:
-        self.version += 1
-        live = [p for p in self._pairs.values() if p.ends]
-        if len(live) == 1:   # the common case: one path, nothing to share with another
-            p = live[0]
-            p.rate = min(self.egress[p.src], self.ingress[p.dst]) / len(p.ends)
-        elif live:
-            rates = max_min_rates([(p.src, p.dst) for p in live], self.egress, self.ingress,
-                                  [len(p.ends) for p in live])
-            for p, r in zip(live, rates):
-                p.rate = r
+    def _flush(self) -> None:
+        """Re-rate what changed at ``_pending_s``."""
+        if self._pending:
+            touched = self._pending
+            self._pending = []
+            self._rerate(self._pending_s, touched)
+
+    def _push(self, p: _Pair) -> None:
+        self._seq += 1
+        heapq.heappush(self._due, (p.next_end_s(), self._seq, p, p.version))
+
+    def _rerate(self, now_s: float, touched: list[_Pair]) -> None:
+        """Recompute the max-min rates that the changes to the pairs in ``touched`` affect.
+
+        Max-min rates change only through saturated endpoints, so the pairs at the touched
+        endpoints are re-rated first, with the other pairs' rates held fixed (what they use of a
+        shared endpoint is not available); then every endpoint where the two sets meet is
+        checked: a held pair must keep its bottleneck there (still saturated, still the fastest
+        there) and a re-rated pair bottlenecked there must be no slower than the held ones. Where
+        a check fails, that endpoint's pairs join the re-rated set and it runs again. The result
+        is the max-min allocation of the whole component (up to a 1e-9 tolerance), at the cost
+        of the neighbourhood of what changed — typically one prefill group's batch of transfers
+        — not of every transfer in flight.
+        """
+        if not touched:
+            return
+        if len(touched) == 1:       # the common cases: one path, nothing to share with another
+            p = touched[0]
+            if not p.ends:
+                self._deactivate(p)
+                if not self._out[p.src] and not self._in[p.dst]:
+                    return
+            elif len(self._out[p.src]) == 1 and len(self._in[p.dst]) == 1:
+                p.settle(now_s)
+                p.rate = min(self.egress[p.src], self.ingress[p.dst]) / len(p.ends)
+                p.bottleneck_out = self.egress[p.src] <= self.ingress[p.dst]
+                p.version += 1
+                self._push(p)
+                return
+        self._mark += 1
+        changed = self._mark                # marks the pairs whose flows changed
+        xs: list[int] = []                  # endpoints re-rated: out side e as 2e, in side as 2e + 1
+        self._mark += 1
+        xmark = self._mark
+        for p in touched:
+            if not p.ends and p.out_pos >= 0:   # idle now: it leaves; its neighbours are re-rated
+                self._deactivate(p)
+            p.changed = changed
+            for code, marks, e in ((2 * p.src, self._out_x, p.src), (2 * p.dst + 1, self._in_x, p.dst)):
+                if marks[e] != xmark:
+                    marks[e] = xmark
+                    xs.append(code)
+        for _ in range(8):
+            more = self._rerate_around(now_s, xs, xmark, changed)
+            if more is None:
+                break
+            xs.extend(more)
+        else:                               # spread too far: re-rate the whole component
+            self._rerate_component(now_s, xs, changed)
+        if len(self._due) > 4 * self._active + 64:   # stale entries: rebuild the heap
+            self._due = [e for e in self._due if e[3] == e[2].version and e[2].ends]
+            heapq.heapify(self._due)
+
+    def _rerate_around(self, now_s: float, xs: list[int], xmark: int, changed: int) -> Optional[list[int]]:
+        """Re-rate the pairs at endpoints ``xs`` (marked ``xmark``) holding the others; commit and
+        return None if the checks pass, else the endpoints to add."""
+        self._mark += 1
+        smark = self._mark                  # marks the pairs re-rated now
+        chosen: list[tuple[int, _Pair]] = []
+        for code in xs:
+            for q in (self._out[code >> 1] if code & 1 == 0 else self._in[code >> 1]):
+                if q.mark != smark:
+                    q.mark = smark
+                    chosen.append((q.key, q))
+        if not chosen:
+            return None
+        chosen.sort()                       # a deterministic order
+        self._mark += 1
+        rmark = self._mark                  # numbers this round's resources
+        capacity: list[float] = []
+        boundary: list[int] = []            # resource number -> endpoint code, for boundary resources
+        codes: list[int] = []
+        out_res: list[int] = []
+        in_res: list[int] = []
+        weight: list[int] = []
+        for _, q in chosen:
+            e = q.src
+            if self._out_mark[e] != rmark:
+                self._out_mark[e] = rmark
+                self._out_res[e] = len(capacity)
+                codes.append(2 * e)
+                if self._out_x[e] == xmark:
+                    capacity.append(self.egress[e])
+                else:                       # a boundary endpoint: what the held pairs leave
+                    boundary.append(len(capacity))
+                    capacity.append(_left(self.egress[e], self._out[e], smark))
+            out_res.append(self._out_res[e])
+            e = q.dst
+            if self._in_mark[e] != rmark:
+                self._in_mark[e] = rmark
+                self._in_res[e] = len(capacity)
+                codes.append(2 * e + 1)
+                if self._in_x[e] == xmark:
+                    capacity.append(self.ingress[e])
+                else:
+                    boundary.append(len(capacity))
+                    capacity.append(_left(self.ingress[e], self._in[e], smark))
+            in_res.append(self._in_res[e])
+            weight.append(len(q.ends))
+        rates, froze = progressive_fill_bottlenecks(out_res, in_res, weight, capacity)
+        for i in range(len(chosen)):
+            q = chosen[i][1]
+            q.next_rate = rates[i]
+            q.next_out = froze[i] == out_res[i]
+        more: list[int] = []
+        for r in boundary:                  # the checks where re-rated and held pairs meet
+            code = codes[r]
+            e = code >> 1
+            is_out = code & 1 == 0
+            side = self._out[e] if is_out else self._in[e]
+            cap = self.egress[e] if is_out else self.ingress[e]
+            used = 0.0
+            fastest_new = fastest_held = 0.0
+            for h in side:
+                if h.mark == smark:
+                    used += h.next_rate * len(h.ends)
+                    fastest_new = max(fastest_new, h.next_rate)
+                else:
+                    used += h.rate * len(h.ends)
+                    fastest_held = max(fastest_held, h.rate)
+            saturated = used >= cap * (1 - 1e-9)
+            ok = True
+            for h in side:
+                if h.mark == smark:
+                    if h.next_out == is_out and h.next_rate < fastest_held * (1 - 1e-9):
+                        ok = False          # re-rated, bottlenecked here, yet slower than a held one
+                elif h.bottleneck_out == is_out and (not saturated or h.rate < fastest_new * (1 - 1e-9)):
+                    ok = False              # held, bottlenecked here, and no longer is
+            if not ok:
+                (self._out_x if is_out else self._in_x)[e] = xmark
+                more.append(code)
+        if more:
+            return more
+        for _, q in chosen:                 # commit
+            if q.next_rate != q.rate or q.changed == changed:
+                q.settle(now_s)
+                q.rate = q.next_rate
+                q.version += 1
+                self._push(q)
+            q.bottleneck_out = q.next_out
+        return None
+
+    def _rerate_component(self, now_s: float, xs: list[int], changed: int) -> None:
+        """Re-rate every pair connected to the endpoints ``xs`` (the fallback of :meth:`_rerate`)."""
+        self._mark += 1
+        mark = self._mark
+        srcs = [code >> 1 for code in xs if code & 1 == 0]
+        dsts = [code >> 1 for code in xs if code & 1 == 1]
+        component: list[tuple[int, _Pair]] = []
+        while srcs or dsts:
+            side = self._out[srcs.pop()] if srcs else self._in[dsts.pop()]
+            for q in side:
+                if q.mark != mark:
+                    q.mark = mark
+                    component.append((q.key, q))
+                    srcs.append(q.src)
+                    dsts.append(q.dst)
+        if not component:
+            return
+        component.sort()
+        self._mark += 1
+        rmark = self._mark
+        capacity: list[float] = []
+        out_res: list[int] = []
+        in_res: list[int] = []
+        weight: list[int] = []
+        for _, q in component:
+            q.settle(now_s)
+            if self._out_mark[q.src] != rmark:
+                self._out_mark[q.src] = rmark
+                self._out_res[q.src] = len(capacity)
+                capacity.append(self.egress[q.src])
+            out_res.append(self._out_res[q.src])
+            if self._in_mark[q.dst] != rmark:
+                self._in_mark[q.dst] = rmark
+                self._in_res[q.dst] = len(capacity)
+                capacity.append(self.ingress[q.dst])
+            in_res.append(self._in_res[q.dst])
+            weight.append(len(q.ends))
+        rates, froze = progressive_fill_bottlenecks(out_res, in_res, weight, capacity)
+        for i in range(len(component)):
+            q = component[i][1]
+            q.rate = rates[i]
+            q.bottleneck_out = froze[i] == out_res[i]
+            q.version += 1
+            self._push(q)
+
+    def _deactivate(self, p: _Pair) -> None:
+        side = self._out[p.src]
+        last = side.pop()
+        if last is not p:                   # swap the last one into its place
+            side[p.out_pos] = last
+            last.out_pos = p.out_pos
+        side = self._in[p.dst]
+        last = side.pop()
+        if last is not p:
+            side[p.in_pos] = last
+            last.in_pos = p.in_pos
+        p.out_pos = p.in_pos = -1
+        p.version += 1
+        self._active -= 1
+
+
+def _left(capacity: float, side: list[_Pair], smark: int) -> float:
+    """What the pairs of ``side`` not marked ``smark`` leave of an endpoint's ``capacity``."""
+    held = 0.0
+    for h in side:
+        if h.mark != smark:
+            held += h.rate * len(h.ends)
+    return capacity - held if held < capacity else 0.0

@@ -20,6 +20,9 @@ requests already routed to it until they complete — and takes its new role onc
 request and no KV (logged as ``drain`` then ``role`` with the drain time). Nothing is evicted.
 The group keeps the KV budget split of its starting role (a group that starts as decode has
 no prefix cache after becoming a prefill group). Routing is ``disagg``'s.
+
+Backlogs come from the Fleet's running per-role totals and the switching group from two
+rankings of the mixed pool, so a scheduling step costs O(log G), not a pass over the groups.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+from hetero_sched.core.fleet import Fleet, as_fleet
 from hetero_sched.policies.base import GroupView, RoleSwitch
 from hetero_sched.policies.disagg import Disagg
 from hetero_sched.policies.registry import register
@@ -34,16 +38,9 @@ from hetero_sched.policies.registry import register
 
 def backlogs(groups: Sequence[GroupView]) -> tuple[float, float]:
     """``(P, D)``: prefill and decode backlog, each relative to its pool's capacity."""
-    queued = capacity = 0
-    load = slots = 0
-    for g in groups:
-        if g.can_prefill:
-            queued += g.prefill_queued_tokens
-            capacity += g.max_batch_tokens
-        if g.can_decode:
-            load += g.decode_load
-            slots += g.max_num_seqs
-    return (queued / capacity if capacity else 0.0), (load / slots if slots else 0.0)
+    f = as_fleet(groups)
+    return (f.prefill_tokens / f.prefill_batch_tokens if f.prefill_batch_tokens else 0.0,
+            f.decode_load / f.decode_slots if f.decode_slots else 0.0)
 
 
 @register
@@ -68,28 +65,30 @@ class Adaptive(Disagg):
         self.min_load = min_load
 
     def rebalance(self, groups: Sequence[GroupView], now_s: float) -> Sequence[RoleSwitch]:
-        if any(g.is_draining for g in groups):
+        fleet = as_fleet(groups)
+        if fleet.num_idle_roles:            # a group is switching (or failed): one at a time
             return ()
-        p, d = backlogs(groups)
+        p, d = backlogs(fleet)
         if max(p, d) < self.min_load:
             return ()
         ratio = p / d if d > 0 else math.inf
         if ratio >= self.to_prefill_ratio:
-            pick = self._pick(groups, decode=True)
+            pick = self._pick(fleet, decode=True)
             return (RoleSwitch(pick.group_id, "prefill"),) if pick is not None else ()
         if ratio <= self.to_decode_ratio:
-            pick = self._pick(groups, decode=False)
+            pick = self._pick(fleet, decode=False)
             return (RoleSwitch(pick.group_id, "decode"),) if pick is not None else ()
         return ()
 
-    def _pick(self, groups: Sequence[GroupView], decode: bool) -> Optional[GroupView]:
+    def _pick(self, fleet: Fleet, decode: bool) -> Optional[GroupView]:
         """The least-loaded mixed-pool group of a role, if another group keeps that role."""
-        role = [g for g in groups if (g.can_decode if decode else g.can_prefill)]
-        if len(role) < 2:
+        if (fleet.num_decode if decode else fleet.num_prefill) < 2:
             return None
-        mixed = [g for g in role if g.pool == self.mixed_pool and g.can_prefill != g.can_decode]
-        if not mixed:
-            return None
+        pool = self.mixed_pool
         if decode:
-            return min(mixed, key=lambda g: (g.decode_load, g.group_id))
-        return min(mixed, key=lambda g: (g.prefill_queued_tokens, g.group_id))
+            ranking = fleet.ranking(("adaptive-mixed-decode", pool), lambda g: g.decode_load,
+                                    lambda g: g.pool == pool and g.can_decode and not g.can_prefill)
+        else:
+            ranking = fleet.ranking(("adaptive-mixed-prefill", pool), lambda g: g.prefill_queued_tokens,
+                                    lambda g: g.pool == pool and g.can_prefill and not g.can_decode)
+        return fleet.best_of(ranking)

@@ -4,6 +4,11 @@ A policy decides; the scheduler checks the decision against capacity and applies
 Serve's router / Vidur's global scheduler split). Policies see a :class:`GroupView` per group,
 as of the group's last report (DESIGN contract §4), and a :class:`RequestInfo` carrying a
 *predicted* output length — never the true one unless the experiment sets ``oracle: true``.
+
+The ``groups`` a policy gets is a :class:`~hetero_sched.core.fleet.Fleet`: a sequence of views
+that also answers "the best group of this role" without scanning every group (``best``,
+``ranking``, ``sample``, ``prefix_holders``, per-role totals). A policy that scans ``groups``
+still works; at thousands of groups it is what the simulator spends its time on.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Final, NamedTuple, Optional, Sequence, Union
 
+from hetero_sched.core.fleet import as_fleet
 from hetero_sched.core.kvblocks import blocks_for
 from hetero_sched.core.kvmemory import prefix_hit_tokens, reservation_tokens
 from hetero_sched.core.kvtiers import PrefixPlan
@@ -223,10 +229,7 @@ class Policy(ABC):
 
     def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
         """Choose the decode group once prefill is done: least loaded, then most free KV."""
-        best: Optional[GroupView] = None
-        for g in groups:
-            if g.can_decode and (best is None or (g.decode_load, -g.kv_blocks_free) < (best.decode_load, -best.kv_blocks_free)):
-                best = g
+        best = as_fleet(groups).least_decode_loaded()
         if best is None:
             return Reject("no decode-capable group", RejectCode.NO_LIVE_GROUP)
         return best.group_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from hetero_sched.core.fleet import BOTH, PENDING_WORK, as_fleet
 from hetero_sched.policies.registry import register
 from hetero_sched.policies.base import Decision, GroupView, Placement, Policy, RequestInfo, require_roles
 
@@ -25,7 +26,6 @@ class Colocated(Policy):
         require_roles(self.name, [g for g in groups if g.can_prefill and g.can_decode], True, True)
 
     def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
-        w = self.decode_weight_tokens
-        best = min((g for g in groups if g.can_prefill and g.can_decode),
-                   key=lambda g: (g.prefill_queued_tokens + w * g.decode_load, g.group_id))
+        best = as_fleet(groups).best(PENDING_WORK, BOTH, weight=float(self.decode_weight_tokens))
+        assert best is not None   # check() made sure a colocated group exists
         return Placement(best.group_id, best.group_id)

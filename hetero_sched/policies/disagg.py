@@ -6,7 +6,8 @@ chosen when prefill finishes, by fewest decoding-or-waiting sequences (ties: mos
 ``choices: k`` is power-of-k-choices routing (Mitzenmacher; Ray Serve's default router, with
 k = 2): each decision samples ``k`` distinct groups of the right role with a seeded RNG and
 takes the less loaded of them (ties: the one sampled first), so the router never scans the
-whole pool and herds less on stale loads. ``fallback: true`` lets a saturated pool borrow
+whole pool and herds less on stale loads. Without ``choices`` the least-loaded group comes from
+the :class:`~hetero_sched.core.fleet.Fleet`'s indexes (no scan either). ``fallback: true`` lets a saturated pool borrow
 the other role's groups (see :mod:`hetero_sched.policies.fallback`).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Optional, Sequence, Union
 
+from hetero_sched.core.fleet import as_fleet
 from hetero_sched.policies.fallback import fallback_decode, fallback_prefill
 from hetero_sched.policies.registry import register
 from hetero_sched.policies.base import (Decision, GroupView, Placement, Policy, Reject,
@@ -46,21 +48,19 @@ class Disagg(Policy):
     def check(self, groups: Sequence[GroupView]) -> None:
         require_roles(self.name, groups, prefill=True, decode=True)
 
-    def _candidates(self, groups: Sequence[GroupView], prefill: bool) -> Sequence[GroupView]:
-        if self.choices is None:
-            return groups
-        pool = [g for g in groups if (g.can_prefill if prefill else g.can_decode)]
-        return pool if len(pool) <= self.choices else self._rng.sample(pool, self.choices)
-
     def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
+        fleet = as_fleet(groups)
         if self.fallback:
-            borrowed = self.borrowed_prefill(request, groups)
+            borrowed = self.borrowed_prefill(request, fleet)
             if borrowed is not None:
                 return borrowed
-        best: Optional[GroupView] = None
-        for g in self._candidates(groups, prefill=True):     # in order: ties go to the first
-            if g.can_prefill and (best is None or g.prefill_queued_tokens < best.prefill_queued_tokens):
-                best = g
+        if self.choices is None:
+            best = fleet.least_prefill_queued()
+        else:
+            best = None
+            for g in fleet.sample(self._rng, True, self.choices):    # in order: ties go to the first
+                if best is None or g.prefill_queued_tokens < best.prefill_queued_tokens:
+                    best = g
         assert best is not None   # check() made sure a prefill group exists
         return Placement(best.group_id)
 
@@ -70,14 +70,18 @@ class Disagg(Policy):
 
     def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
         """The prefill group itself under fallback, else the least-loaded (sampled) decode group."""
+        fleet = as_fleet(groups)
         if self.fallback:
-            own = fallback_decode(request, groups)
+            own = fallback_decode(request, fleet)
             if own is not None:
                 return own
-        best: Optional[GroupView] = None
-        for g in self._candidates(groups, prefill=False):
-            if g.can_decode and (best is None or (g.decode_load, -g.kv_blocks_free)
-                                 < (best.decode_load, -best.kv_blocks_free)):
-                best = g
-        assert best is not None
+        if self.choices is None:
+            best = fleet.least_decode_loaded()
+        else:
+            best = None
+            for g in fleet.sample(self._rng, False, self.choices):
+                if best is None or (g.decode_load, -g.kv_blocks_free) < (best.decode_load, -best.kv_blocks_free):
+                    best = g
+        if best is None:
+            return Reject("no decode-capable group")
         return best.group_id

@@ -15,12 +15,19 @@ plan leaves (:meth:`GroupView.prefix_plan`: blocks reused from device memory, ho
 the cluster store, where fetching beats recomputing), plus the plan's read time counted in blocks
 (one block's prefill time on that group): a prefix in a group's DRAM costs it a little, one only
 in the store costs the network read — the router sees where each prefix lives and at what cost.
+
+Without KV tiers only two kinds of group can win, so only they are scored: the groups whose prefix cache holds
+the request's first block (the Fleet's prefix holders), and the group with the fewest blocks in
+use (a group with no hit scores ``overlap_weight × blocks + blocks in use``, never less than
+that group's score) — the same choice as scoring every group, at O(holders + log G). With KV
+tiers every prefill group is scored (a prefix may sit in any group's DRAM or SSD, or the store).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from hetero_sched.core.fleet import KV_IN_USE, PREFILL, as_fleet
 from hetero_sched.policies.base import Decision, GroupView, Placement, RequestInfo
 from hetero_sched.policies.disagg import Disagg
 from hetero_sched.policies.registry import register
@@ -54,14 +61,22 @@ class DisaggPrefix(Disagg):
         self.overlap_weight = overlap_weight
 
     def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
-        borrowed = self.borrowed_prefill(request, groups)
+        fleet = as_fleet(groups)
+        borrowed = self.borrowed_prefill(request, fleet)
         if borrowed is not None:
             return borrowed
+        least = fleet.best(KV_IN_USE, PREFILL)
+        assert least is not None   # check() made sure a prefill group exists
+        if fleet.holders is None:  # KV tiers: any group may hold the prefix in DRAM, SSD or the store
+            candidates = [fleet[i] for i in fleet.role_ids(True)]
+        else:
+            candidates = [least]
+            if request.prefix_hashes:
+                candidates += [g for g in fleet.prefix_holders(request.prefix_hashes[0]) if g.can_prefill]
         best: Optional[tuple[float, int]] = None
-        for g in groups:
-            if g.can_prefill:
-                cost = kv_router_cost(request, g, self.overlap_weight)
-                if best is None or cost < best[0]:
-                    best = (cost, g.group_id)
-        assert best is not None   # check() made sure a prefill group exists
+        for g in candidates:
+            key = (kv_router_cost(request, g, self.overlap_weight), g.group_id)
+            if best is None or key < best:
+                best = key
+        assert best is not None
         return Placement(best[1])

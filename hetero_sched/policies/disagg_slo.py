@@ -18,6 +18,17 @@ placements meeting both SLOs, and rejects the request at once, with the reason, 
 does. The decode group is picked when prefill ends (fresher state), by the most reserved-KV
 headroom among those meeting the TPOT SLO (ties: lower predicted TPOT), else least loaded.
 Output lengths are the predictor's (``oracle: true`` in the experiment makes them exact).
+
+**At scale.** Groups built alike (a *kind*: same cost model and limits) predict alike, so the
+policy evaluates, per prefill kind, the group with the fewest queued prefill tokens plus the
+groups whose prefix cache holds the request's first block (the only ones whose prediction can
+beat it), and per decode kind the group with the most free KV among those with a free slot
+(the one with the most reserved-KV headroom: the one place_decode would try first). The
+prefill side is exactly the scan over every group; the decode side judges each decode kind at
+that one group — a decode group with less headroom that would meet the TPOT SLO while the
+most-headroom one does not is not considered (with one decode group per kind, as in the
+shipped experiments, nothing changes). A decision costs O(prefill kinds × decode kinds +
+prefix holders), not O(prefill groups × decode groups).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Union
 
+from hetero_sched.core.fleet import DECODE_SLOT, FREE_KV, PREFILL, PREFILL_TOKENS, Fleet, as_fleet
 from hetero_sched.policies.base import Decision, GroupView, Placement, Reject, RejectCode, RequestInfo
 from hetero_sched.policies.disagg import Disagg
 from hetero_sched.policies.registry import register
@@ -52,6 +64,36 @@ def predicted_tpot_s(request: RequestInfo, d: GroupView, transfer: float) -> Opt
     return d.decode_step_s(d.decode_load + 1, context) + transfer / max(request.predicted_output - 1, 1)
 
 
+def fastest_prefill(request: RequestInfo, fleet: Fleet, kind: int) -> Optional[tuple[float, int]]:
+    """``(predicted TTFT, group id)`` of the prefill group of ``kind`` with the lowest predicted
+    TTFT (ties: lowest id): the least-queued group not holding the request's first prefix block
+    (without a hit, TTFT grows with the queue), or one of the groups holding it."""
+    best: Optional[tuple[float, int]] = None
+    holders = [g for g in fleet.prefix_holders(request.prefix_hashes[0])
+               if g.can_prefill and fleet.kind_of(g.group_id) == kind] if request.prefix_hashes else []
+    candidates = list(holders)
+    held = {g.group_id for g in holders}
+    for g in fleet.ordered(PREFILL_TOKENS, PREFILL, kind):
+        if g.group_id not in held:
+            candidates.append(g)
+            break
+    for g in candidates:
+        key = (predicted_ttft_s(request, g), g.group_id)
+        if best is None or key < best:
+            best = key
+    return best
+
+
+def decode_candidates(fleet: Fleet) -> list[GroupView]:
+    """Per decode kind, the group with the most free KV among those with a free slot."""
+    out = []
+    for kind in range(fleet.num_kinds):
+        d = fleet.best(FREE_KV, DECODE_SLOT, kind)
+        if d is not None:
+            out.append(d)
+    return out
+
+
 @register
 class DisaggSLO(Disagg):
     """Predict TTFT and TPOT per placement; route to the fastest feasible one; reject early."""
@@ -67,28 +109,30 @@ class DisaggSLO(Disagg):
         self.tpot_slo_s = tpot_slo_s
 
     def place(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Decision:
-        borrowed = self.borrowed_prefill(request, groups)
+        fleet = as_fleet(groups)
+        borrowed = self.borrowed_prefill(request, fleet)
         if borrowed is not None:
             return borrowed
         best: Optional[tuple[float, int]] = None
         best_ttft = best_tpot = math.inf
-        for p in groups:
-            if not p.can_prefill:
+        decoders = decode_candidates(fleet)
+        for kind in range(fleet.num_kinds):
+            fastest = fastest_prefill(request, fleet, kind)
+            if fastest is None:
                 continue
-            ttft = predicted_ttft_s(request, p)
+            ttft, pid = fastest
             best_ttft = min(best_ttft, ttft)
             if ttft > self.ttft_slo_s:
                 continue
-            for d in groups:
-                if not d.can_decode:
-                    continue
+            p = fleet[pid]
+            for d in decoders:
                 move = p.transfer_s(request, d)
                 tpot = predicted_tpot_s(request, d, move)
                 if tpot is None:
                     continue
                 best_tpot = min(best_tpot, tpot)
-                if tpot <= self.tpot_slo_s and (best is None or ttft + move < best[0]):
-                    best = (ttft + move, p.group_id)
+                if tpot <= self.tpot_slo_s and (best is None or (ttft + move, pid) < best):
+                    best = (ttft + move, pid)
         if best is not None:
             return Placement(best[1])
         if best_ttft > self.ttft_slo_s:
@@ -100,11 +144,10 @@ class DisaggSLO(Disagg):
                       RejectCode.SLO_TPOT)
 
     def place_decode(self, request: RequestInfo, groups: Sequence[GroupView], now_s: float) -> Union[int, Reject]:
-        src = groups[request.prefill_group] if request.prefill_group is not None else None
+        fleet = as_fleet(groups)
+        src = fleet[request.prefill_group] if request.prefill_group is not None else None
         best: Optional[tuple[int, float, int]] = None
-        for d in groups:
-            if not d.can_decode:
-                continue
+        for d in decode_candidates(fleet):
             tpot = predicted_tpot_s(request, d, src.transfer_s(request, d) if src is not None else 0.0)
             if tpot is None or tpot > self.tpot_slo_s:
                 continue
@@ -113,4 +156,4 @@ class DisaggSLO(Disagg):
                 best = key
         if best is not None:
             return best[2]
-        return super().place_decode(request, groups, now_s)    # fallback, else least loaded
+        return super().place_decode(request, fleet, now_s)    # fallback, else least loaded

@@ -11,17 +11,28 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from hetero_sched.core.fleet import DECODE_ONLY_SLOT, DECODE_SLOT, FREE_KV, PREFILL, PREFILL_TOKENS, Fleet, as_fleet
 from hetero_sched.policies.base import GroupView, Placement, RequestInfo
 
 
 def decode_pool_saturated(request: RequestInfo, groups: Sequence[GroupView]) -> bool:
     """No decode group has a slot and KV room for ``request`` now (it would wait)."""
-    return not any(g.can_decode and g.has_decode_room(request) for g in groups)
+    fleet = as_fleet(groups)
+    for kind in range(fleet.num_kinds):   # the kind's most free KV among groups with a slot decides
+        g = fleet.best(FREE_KV, DECODE_SLOT, kind)
+        if g is not None and g.has_decode_room(request):
+            return False
+    return True
 
 
 def prefill_pool_saturated(groups: Sequence[GroupView], batches: float) -> bool:
     """Every prefill group has at least ``batches`` full prefill iterations queued."""
-    return all(g.prefill_queued_tokens >= batches * g.max_batch_tokens for g in groups if g.can_prefill)
+    fleet = as_fleet(groups)
+    for kind in range(fleet.num_kinds):   # the kind's least queued prefill group decides
+        g = fleet.best(PREFILL_TOKENS, PREFILL, kind)
+        if g is not None and not g.prefill_queued_tokens >= batches * g.max_batch_tokens:
+            return False
+    return True
 
 
 def fallback_decode(request: RequestInfo, groups: Sequence[GroupView]) -> Optional[int]:
@@ -37,11 +48,13 @@ def fallback_decode(request: RequestInfo, groups: Sequence[GroupView]) -> Option
 
 def fallback_prefill(request: RequestInfo, groups: Sequence[GroupView], batches: float) -> Optional[Placement]:
     """Prefill and decode on the decode group with most free KV, if every prefill group is backed up."""
-    if not prefill_pool_saturated(groups, batches):
+    fleet: Fleet = as_fleet(groups)
+    if not prefill_pool_saturated(fleet, batches):
         return None
     best: Optional[GroupView] = None
-    for g in groups:
-        if g.can_decode and not g.can_prefill and g.has_decode_room(request) \
-                and (best is None or g.kv_blocks_free > best.kv_blocks_free):
+    for kind in range(fleet.num_kinds):
+        g = fleet.best(FREE_KV, DECODE_ONLY_SLOT, kind)
+        if g is not None and g.has_decode_room(request) and (
+                best is None or (g.kv_blocks_free, -g.group_id) > (best.kv_blocks_free, -best.group_id)):
             best = g
     return None if best is None else Placement(best.group_id, best.group_id)

@@ -1,0 +1,109 @@
+"""How the simulator's speed holds as the cluster grows: simulated requests per wall second by size.
+
+    python bench/sim_scale.py                      # 5, 20, 80, 320, 1280 groups; 20,000 requests each
+    python bench/sim_scale.py --sizes 5,1280 --requests 50000 --repeat 5
+
+The shipped experiment (four trn2.48xlarge prefill groups, one four-CS-3 decode group: five
+groups) with every group's ``replicas`` multiplied by ``k`` (k = groups / 5), and a synthetic
+Azure-conversation workload (the shipped fitted length distributions) arriving at
+``--rate-per-group`` × groups requests per second, so each group sees the same load at every size.
+
+Each size runs in a fresh subprocess (so ``peak_rss_mb`` is that size's own peak resident set,
+``getrusage(RUSAGE_SELF).ru_maxrss``: interpreter, workload, scheduler and all), pinned to one
+core. ``requests_per_s`` is measured as ``bench/sim_speed.py`` measures it: the event loop
+alone, from the first arrival to the last completion, excluding workload generation, scheduler
+construction and metrics; the median of ``--repeat`` runs (fresh scheduler each), every run's
+figure in ``requests_per_s_runs``. Prints one JSON object per size as it goes, then one JSON
+list of every size last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from hetero_sched.engine.assembly import build_scheduler, resolve
+from hetero_sched.engine.loop import run_events
+from hetero_sched.workload import synthetic
+
+BASE_GROUPS = 5
+"""Groups in the shipped experiment (4 prefill replicas + 1 decode group): size 5 is k = 1."""
+
+
+def scaled_experiment(k: int, rate_per_s: float, num_requests: int) -> dict[str, Any]:
+    """The shipped experiment as a mapping, every group's replicas × ``k``."""
+    data = yaml.safe_load(resources.files("hetero_sched").joinpath("data", "experiment_default.yaml").read_text())
+    for g in data["groups"]:
+        g["replicas"] = int(g.get("replicas", 1)) * k
+    data["workload"] = dict(data["workload"], num_requests=num_requests, rate_per_s=rate_per_s)
+    return data
+
+
+def measure(groups: int, requests: int, rate_per_group: float, repeat: int) -> dict[str, Any]:
+    """One size, in this process."""
+    if groups % BASE_GROUPS:
+        raise SystemExit(f"error: --sizes must be multiples of {BASE_GROUPS} (got {groups})")
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    exp, base = resolve(scaled_experiment(groups // BASE_GROUPS, rate_per_group * groups, requests))
+    w = synthetic(requests, rate_per_group * groups, prompt="azure-conv", output="azure-conv", seed=exp.seed)
+    walls = []
+    sched = None
+    for _ in range(repeat):
+        sched = build_scheduler(exp, w, base)
+        t0 = time.perf_counter()
+        run_events(sched, w.requests())
+        walls.append(time.perf_counter() - t0)
+    assert sched is not None
+    wall = statistics.median(walls)
+    completed = sum(1 for r in sched.records if r[6] == "completed")
+    return {
+        "groups": len(sched.groups), "requests": len(w), "rate_per_s": rate_per_group * groups,
+        "wall_s": round(wall, 3), "requests_per_s": round(len(w) / wall, 1),
+        "requests_per_s_runs": [round(len(w) / x) for x in walls],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "completed": completed, "decisions": len(sched.decisions),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="5,20,80,320,1280", help="cluster sizes in groups (multiples of 5)")
+    ap.add_argument("--requests", type=int, default=20_000, help="requests per size (>= 20,000 for the issue's figure)")
+    ap.add_argument("--rate-per-group", type=float, default=3.2,
+                    help="arrival rate per group, req/s (3.2: 16 req/s for the 5-group experiment)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per size; the median is reported")
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)   # a child: one size
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(measure(args.one, args.requests, args.rate_per_group, args.repeat)))
+        return
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --sizes must be comma-separated integers (got {args.sizes!r})") from None
+    rows = []
+    for size in sizes:
+        out = subprocess.run([sys.executable, __file__, "--one", str(size), "--requests", str(args.requests),
+                              "--rate-per-group", str(args.rate_per_group), "--repeat", str(args.repeat)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.stderr.write(out.stderr)
+            raise SystemExit(f"error: size {size} failed (exit {out.returncode})")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

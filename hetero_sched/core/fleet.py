@@ -1,0 +1,533 @@
+"""The groups as policies see them, indexed: "the best group of this role" without a scan.
+
+A :class:`Fleet` is the sequence of :class:`~hetero_sched.policies.base.GroupView` policies get
+(``groups``), plus what a scheduling decision needs in O(log G) or better, whatever the number
+of groups G:
+
+- :meth:`Fleet.best`: the group with the least of a criterion among the groups of a role
+  (pending prefill tokens; decode load, then free KV; free KV among groups with a decode slot;
+  KV in use; pending work), over all groups or one *kind* (groups built alike: same cost model
+  and limits). A criterion's :class:`Ranking` is made on first use and kept up to date as views
+  change; ties go to the lowest group id, as a scan in group order would.
+- :meth:`Fleet.ranking`: the same for a policy's own criterion (a key and a filter of a view).
+- :meth:`Fleet.sample`: ``k`` groups of a role drawn as ``rng.sample(pool, k)`` would draw them
+  from the role's groups in id order, without building that list.
+- :attr:`Fleet.holders`: which groups' prefix caches hold a prefix block.
+- running totals per role (queued prefill tokens, decode load, their capacities).
+
+The scheduler changes views only through the Fleet (:meth:`placed`, :meth:`routed_decode`,
+:meth:`report`, :meth:`set_roles`), so the indexes always agree with what the views say —
+stale exactly as the views are (refreshed at span ends at most once per report interval, plus
+what the scheduler routed itself). A Fleet built over a plain list of views (a test, a direct
+caller) indexes that list's current state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left, insort
+from collections.abc import Sequence
+from typing import Any, Callable, Iterator, Optional
+
+from hetero_sched.core.kvblocks import PrefixHolders
+
+PREFILL_TOKENS = "prefill_tokens"
+"""Criterion: pending prefill tokens (queued or prefilling)."""
+DECODE_LOAD = "decode_load"
+"""Criterion: sequences decoding or waiting for a decode slot, then the most free KV."""
+FREE_KV = "free_kv"
+"""Criterion: the most free KV blocks."""
+KV_IN_USE = "kv_in_use"
+"""Criterion: pending prefill tokens plus the tokens of KV held (Dynamo's "blocks in use")."""
+PENDING_WORK = "pending_work"
+"""Criterion: pending prefill tokens plus ``weight`` × decode load (vLLM-style routing)."""
+CRITERIA = (PREFILL_TOKENS, DECODE_LOAD, FREE_KV, KV_IN_USE, PENDING_WORK)
+
+PREFILL = "prefill"
+"""Filter: groups that may prefill now."""
+DECODE = "decode"
+"""Filter: groups that may decode now."""
+BOTH = "both"
+"""Filter: groups that may do both (colocated)."""
+DECODE_SLOT = "decode_slot"
+"""Filter: groups that may decode and have a free decode slot."""
+DECODE_ONLY_SLOT = "decode_only_slot"
+"""Filter: decode groups (not prefill-capable) with a free decode slot."""
+FILTERS = (PREFILL, DECODE, BOTH, DECODE_SLOT, DECODE_ONLY_SLOT)
+
+_TOKENS = 1
+_LOAD = 2
+_FREE = 4
+_ROLE = 8
+_ALL = 15
+
+_DEPS = {PREFILL_TOKENS: _TOKENS, DECODE_LOAD: _LOAD | _FREE, FREE_KV: _FREE, KV_IN_USE: _TOKENS | _FREE,
+         PENDING_WORK: _TOKENS | _LOAD, PREFILL: _ROLE, DECODE: _ROLE, BOTH: _ROLE,
+         DECODE_SLOT: _ROLE | _LOAD, DECODE_ONLY_SLOT: _ROLE | _LOAD}
+"""Which of a group's numbers each criterion and filter reads (a change elsewhere skips it)."""
+_CODE = {name: i for i, name in enumerate(CRITERIA)} | {name: i for i, name in enumerate(FILTERS)}
+
+
+SCAN_LIMIT = 16
+"""A built-in ranking over at most this many groups is answered by a scan at query time: with
+so few groups that is cheaper than keeping a tree up to date at every change."""
+
+
+class Ranking:
+    """The least ``(primary, secondary, position)`` over a fixed list of groups, among members.
+
+    A tournament tree: a change costs O(log n), the best is read in O(1). Positions follow
+    group ids, so ties go to the lowest id. Built-in criteria are computed from the Fleet's
+    numbers; a policy's own ranking calls its ``key(view) -> float`` and ``where(view) -> bool``.
+    (A built-in ranking of at most :data:`SCAN_LIMIT` groups keeps no tree: the Fleet scans.)
+    """
+
+    def __init__(self, group_ids: list[int], criterion: str, among: str, weight: float = 0.0,
+                 key: Optional[Callable[[Any], float]] = None,
+                 where: Optional[Callable[[Any], bool]] = None) -> None:
+        self.group_ids = group_ids
+        self.criterion = criterion
+        self.among = among
+        self.weight = weight
+        self.key = key
+        self.where = where
+        self.custom = key is not None
+        self.deps = _ALL if self.custom else _DEPS[criterion] | _DEPS[among]
+        self.criterion_code = _CODE.get(criterion, -1)
+        self.among_code = _CODE.get(among, -1)
+        self.scan = False
+        """Kept no tree: the Fleet scans its groups when asked (few groups; see :data:`SCAN_LIMIT`)."""
+        size = 1
+        while size < len(group_ids):
+            size *= 2
+        self._size = size
+        self._primary = [math.inf] * size
+        self._secondary = [math.inf] * size
+        self._member = [False] * size
+        self._win = [-1] * (2 * size)
+
+    def best_id(self) -> int:
+        """The best member's group id, or -1 if there is none."""
+        leaf = self._win[1]
+        return -1 if leaf < 0 else self.group_ids[leaf]
+
+    def best_key(self) -> float:
+        """The best member's primary key (inf if there is none)."""
+        leaf = self._win[1]
+        return math.inf if leaf < 0 else self._primary[leaf]
+
+    def ordered(self) -> Iterator[int]:
+        """The members' group ids from the best on, lazily: O(log n) each (a best-first walk of
+        the tree), so the first few cost what they are, not a sort of every group."""
+        win = self._win
+        if win[1] < 0:
+            return
+        frontier: list[tuple[float, float, int, int]] = [self._entry(1)]
+        while frontier:
+            _, _, leaf, node = heapq.heappop(frontier)
+            while node < self._size:       # descend to the leaf, keeping the other branch
+                left = 2 * node
+                right = left + 1
+                if win[left] == leaf:
+                    node, other = left, right
+                else:
+                    node, other = right, left
+                if win[other] >= 0:
+                    heapq.heappush(frontier, self._entry(other))
+            yield self.group_ids[leaf]
+
+    def _entry(self, node: int) -> tuple[float, float, int, int]:
+        leaf = self._win[node]
+        return (self._primary[leaf], self._secondary[leaf], leaf, node)
+
+    def set(self, position: int, member: bool, primary: float, secondary: float) -> None:
+        """Position ``position``'s group is (or is not) a member, with this key."""
+        if (member == self._member[position] and primary == self._primary[position]
+                and secondary == self._secondary[position]):
+            return
+        self._member[position] = member
+        self._primary[position] = primary
+        self._secondary[position] = secondary
+        win = self._win
+        node = self._size + position
+        win[node] = position if member else -1
+        node >>= 1
+        while node:
+            a = win[2 * node]
+            b = win[2 * node + 1]
+            if a < 0:
+                w = b
+            elif b < 0:
+                w = a
+            else:
+                pa = self._primary[a]
+                pb = self._primary[b]
+                if pb < pa or (pb == pa and self._secondary[b] < self._secondary[a]):
+                    w = b
+                else:
+                    w = a          # equal keys: the left one, a lower group id
+            if win[node] == w and w != position:
+                break              # nothing above changes
+            win[node] = w
+            node >>= 1
+
+
+class Fleet:
+    """Group views plus indexes over them (see the module docstring). A read-only sequence to
+    policies; the scheduler reports every change through its methods."""
+
+    def __init__(self, views: Sequence[Any], holders: Optional[PrefixHolders] = None,
+                 scan_limit: int = SCAN_LIMIT) -> None:
+        self.views: list[Any] = list(views)
+        self._scan_limit = scan_limit
+        self.holders = holders
+        """Which groups' prefix caches hold each prefix block (kept by the caches; None: ask
+        every view's prefix probe instead, O(G))."""
+        n = len(self.views)
+        self._can_prefill = [bool(v.can_prefill) for v in self.views]
+        self._can_decode = [bool(v.can_decode) for v in self.views]
+        self._tokens = [int(v.prefill_queued_tokens) for v in self.views]
+        self._num_prefill = [int(v.num_prefill_queued) for v in self.views]
+        self._num_queued = [int(v.num_decode_queued) for v in self.views]
+        self._num_decoding = [int(v.num_decoding) for v in self.views]
+        self._load = [int(v.num_decoding) + int(v.num_decode_queued) for v in self.views]
+        self._free = [int(v.kv_blocks_free) for v in self.views]
+        self._total = [int(v.kv_blocks_total) for v in self.views]
+        self._block = [int(v.block_size) for v in self.views]
+        self._max_seqs = [int(v.max_num_seqs) for v in self.views]
+        self._max_batch = [int(v.max_batch_tokens) for v in self.views]
+        kinds: dict[tuple, int] = {}
+        self._kind_of: list[int] = []
+        self._kinds: list[list[int]] = []
+        for i, v in enumerate(self.views):
+            spec = (id(v.cost), v.device, self._total[i], self._block[i], self._max_seqs[i], self._max_batch[i])
+            k = kinds.get(spec)
+            if k is None:
+                k = kinds[spec] = len(self._kinds)
+                self._kinds.append([])
+            self._kinds[k].append(i)
+            self._kind_of.append(k)
+        self._rankings: dict[tuple[str, str, int, float], Ranking] = {}
+        self._least_prefill: Optional[Ranking] = None
+        self._least_decode: Optional[Ranking] = None
+        self._dirty: list[int] = []
+        """Groups whose numbers changed since the rankings last looked (they catch up on a query)."""
+        self._changed = [0] * n
+        """Per group: what changed (a mask) since then."""
+        self._custom: dict[Any, Ranking] = {}
+        self._covering: list[list[tuple[Ranking, int]]] = [[] for _ in range(n)]
+        self._prefill_ids = [i for i in range(n) if self._can_prefill[i]]
+        self._decode_ids = [i for i in range(n) if self._can_decode[i]]
+        self.prefill_tokens = 0
+        """Pending prefill tokens over the groups that may prefill."""
+        self.prefill_batch_tokens = 0
+        """Their ``max_batch_tokens``, summed (one iteration of every prefill group)."""
+        self.decode_load = 0
+        """Sequences decoding or waiting for a slot over the groups that may decode."""
+        self.decode_slots = 0
+        """Their ``max_num_seqs``, summed."""
+        self.num_idle_roles = 0
+        """Groups that may take neither role now (switching roles, or failed)."""
+        for i in range(n):
+            self._count(i, 1)
+
+    # --- the sequence policies see ----------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.views[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.views)
+
+    # --- kinds -----------------------------------------------------------------------------
+    @property
+    def num_kinds(self) -> int:
+        """Kinds of groups: groups of one kind share a cost model and limits."""
+        return len(self._kinds)
+
+    def kind_members(self, kind: int) -> list[int]:
+        """The group ids of ``kind``, ascending."""
+        return self._kinds[kind]
+
+    def kind_of(self, group_id: int) -> int:
+        return self._kind_of[group_id]
+
+    def role_ids(self, prefill: bool) -> list[int]:
+        """Ids of the groups that may prefill (or decode) now, ascending (do not modify)."""
+        return self._prefill_ids if prefill else self._decode_ids
+
+    @property
+    def num_prefill(self) -> int:
+        """Groups that may prefill now."""
+        return len(self._prefill_ids)
+
+    @property
+    def num_decode(self) -> int:
+        """Groups that may decode now."""
+        return len(self._decode_ids)
+
+    # --- queries -----------------------------------------------------------------------------
+    def best(self, criterion: str, among: str, kind: int = -1, weight: float = 0.0) -> Optional[Any]:
+        """The view with the least ``criterion`` among the groups passing ``among`` (of ``kind``;
+        -1: all), ties to the lowest id; None if no group passes. See :data:`CRITERIA` and
+        :data:`FILTERS`; ``weight`` is :data:`PENDING_WORK`'s decode-load weight."""
+        if self._dirty:
+            self._sync()
+        r = self._rankings.get((criterion, among, kind, weight))
+        if r is None:
+            if criterion not in CRITERIA or among not in FILTERS:
+                raise ValueError(f"unknown criterion {criterion!r} or filter {among!r} "
+                                 f"(criteria: {', '.join(CRITERIA)}; filters: {', '.join(FILTERS)})")
+            members = list(range(len(self.views))) if kind < 0 else self._kinds[kind]
+            r = self._add(Ranking(members, criterion, among, weight))
+            self._rankings[(criterion, among, kind, weight)] = r
+        gid = self._best_id(r)
+        return None if gid < 0 else self.views[gid]
+
+    def least_prefill_queued(self) -> Optional[Any]:
+        """``best(PREFILL_TOKENS, PREFILL)``: the prefill group with the fewest pending prefill
+        tokens (the least-loaded routing's question, asked once per request: kept at hand)."""
+        if self._dirty:
+            self._sync()
+        r = self._least_prefill
+        if r is None:
+            self.best(PREFILL_TOKENS, PREFILL)
+            r = self._least_prefill = self._rankings[(PREFILL_TOKENS, PREFILL, -1, 0.0)]
+        gid = self._best_id(r)
+        return None if gid < 0 else self.views[gid]
+
+    def least_decode_loaded(self) -> Optional[Any]:
+        """``best(DECODE_LOAD, DECODE)``: the decode group with the fewest decoding or waiting
+        sequences, then the most free KV."""
+        if self._dirty:
+            self._sync()
+        r = self._least_decode
+        if r is None:
+            self.best(DECODE_LOAD, DECODE)
+            r = self._least_decode = self._rankings[(DECODE_LOAD, DECODE, -1, 0.0)]
+        gid = self._best_id(r)
+        return None if gid < 0 else self.views[gid]
+
+    def ordered(self, criterion: str, among: str, kind: int = -1, weight: float = 0.0) -> Iterator[Any]:
+        """The views passing ``among`` from the least ``criterion`` on (as :meth:`best` ranks
+        them), lazily: taking the first few costs O(log G) each."""
+        self.best(criterion, among, kind, weight)
+        r = self._rankings[(criterion, among, kind, weight)]
+        if r.scan:
+            keyed = sorted((self._primary(r, g), self._secondary(r, g), g) for g in r.group_ids
+                           if self._is_member(r, g))
+            for _, _, gid in keyed:
+                yield self.views[gid]
+            return
+        for gid in r.ordered():
+            yield self.views[gid]
+
+    def ranking(self, name: Any, key: Callable[[Any], float], where: Callable[[Any], bool]) -> Ranking:
+        """A policy's own criterion, kept up to date like the built-in ones: the least
+        ``key(view)`` (ties: lowest id) among the views for which ``where(view)``; read it with
+        :meth:`best_of`. Made on the first call with ``name`` (any hashable naming the criterion
+        and its parameters); later calls with that name return it. Every view change calls
+        both functions, so keep them cheap."""
+        r = self._custom.get(name)
+        if r is None:
+            r = self._custom[name] = self._add(Ranking(list(range(len(self.views))), "", "", 0.0, key, where))
+        return r
+
+    def best_of(self, ranking: Ranking) -> Optional[Any]:
+        """The best view of ``ranking`` (None if no group passes its filter)."""
+        if self._dirty:
+            self._sync()
+        gid = ranking.best_id()
+        return None if gid < 0 else self.views[gid]
+
+    def sample(self, rng: Any, prefill: bool, k: int) -> list[Any]:
+        """``k`` distinct groups of a role, drawn as ``rng.sample(role_groups, k)`` would draw them
+        (``role_groups`` in id order) — all of them if there are at most ``k`` — without a list."""
+        pool = self._prefill_ids if prefill else self._decode_ids
+        if len(pool) <= k:
+            return [self.views[i] for i in pool]
+        return [self.views[pool[j]] for j in rng.sample(range(len(pool)), k)]
+
+    def prefix_holders(self, block_hash: int) -> list[Any]:
+        """Views of the groups whose prefix cache holds ``block_hash`` now, by id."""
+        if self.holders is None:
+            return [v for v in self.views if v.cached_prefix_blocks((block_hash,)) > 0]
+        return [self.views[g] for g in self.holders.holders(block_hash)]
+
+    # --- changes (the scheduler's) -------------------------------------------------------
+    def placed(self, group_id: int, tokens: int, count: int = 1) -> None:
+        """The scheduler queued a prompt of ``tokens`` at ``group_id`` (``count`` -1 and negative
+        ``tokens``: took one out, a cancellation)."""
+        v = self.views[group_id]
+        self._num_prefill[group_id] += count
+        v.num_prefill_queued = self._num_prefill[group_id]
+        self._tokens[group_id] += tokens
+        v.prefill_queued_tokens = self._tokens[group_id]
+        if self._can_prefill[group_id]:
+            self.prefill_tokens += tokens
+        self._touch(group_id, _TOKENS)
+
+    def routed_decode(self, group_id: int, delta: int) -> None:
+        """The scheduler queued (``delta`` > 0) or took out requests for decode at ``group_id``."""
+        v = self.views[group_id]
+        self._num_queued[group_id] += delta
+        v.num_decode_queued = self._num_queued[group_id]
+        self._load[group_id] += delta
+        if self._can_decode[group_id]:
+            self.decode_load += delta
+        self._touch(group_id, _LOAD)
+
+    def report(self, group_id: int, now_s: float, kv_blocks_free: int, num_prefill_queued: int,
+               prefill_queued_tokens: int, num_decode_queued: int, num_decoding: int) -> None:
+        """The group's state as reported at ``now_s``."""
+        v = self.views[group_id]             # (only what changed is written: views are Python objects)
+        v.reported_s = now_s
+        if self._num_prefill[group_id] != num_prefill_queued:
+            self._num_prefill[group_id] = num_prefill_queued
+            v.num_prefill_queued = num_prefill_queued
+        if self._num_queued[group_id] != num_decode_queued:
+            self._num_queued[group_id] = num_decode_queued
+            v.num_decode_queued = num_decode_queued
+        if self._num_decoding[group_id] != num_decoding:
+            self._num_decoding[group_id] = num_decoding
+            v.num_decoding = num_decoding
+        changed = 0
+        old = self._tokens[group_id]
+        if old != prefill_queued_tokens:
+            changed = _TOKENS
+            self._tokens[group_id] = prefill_queued_tokens
+            v.prefill_queued_tokens = prefill_queued_tokens
+            if self._can_prefill[group_id]:
+                self.prefill_tokens += prefill_queued_tokens - old
+        load = num_decoding + num_decode_queued
+        old = self._load[group_id]
+        if old != load:
+            changed |= _LOAD
+            self._load[group_id] = load
+            if self._can_decode[group_id]:
+                self.decode_load += load - old
+        if self._free[group_id] != kv_blocks_free:
+            changed |= _FREE
+            self._free[group_id] = kv_blocks_free
+            v.kv_blocks_free = kv_blocks_free
+        if changed:
+            self._touch(group_id, changed)
+
+    def set_roles(self, group_id: int, can_prefill: bool, can_decode: bool, role: Any = None) -> None:
+        """The group may now prefill / decode (a role switch, a drain, a failure, a restore)."""
+        v = self.views[group_id]
+        v.can_prefill = can_prefill
+        v.can_decode = can_decode
+        if role is not None:
+            v.role = role
+        self._count(group_id, -1)
+        for ids, was, now in ((self._prefill_ids, self._can_prefill[group_id], can_prefill),
+                              (self._decode_ids, self._can_decode[group_id], can_decode)):
+            if was and not now:
+                del ids[bisect_left(ids, group_id)]
+            elif now and not was:
+                insort(ids, group_id)
+        self._can_prefill[group_id] = can_prefill
+        self._can_decode[group_id] = can_decode
+        self._count(group_id, 1)
+        self._touch(group_id, _ALL)
+
+    # --- internals -------------------------------------------------------------------------
+    def _add(self, r: Ranking) -> Ranking:
+        if not r.custom and len(r.group_ids) <= self._scan_limit:
+            r.scan = True
+            return r
+        for position, gid in enumerate(r.group_ids):
+            self._covering[gid].append((r, position))
+            self._update(r, position, gid)
+        return r
+
+    def _best_id(self, r: Ranking) -> int:
+        if not r.scan:
+            return r.best_id()
+        best = -1
+        bp = bs = 0.0
+        for g in r.group_ids:               # ascending ids: strict comparisons keep the lowest
+            if self._is_member(r, g):
+                p = self._primary(r, g)
+                sec = self._secondary(r, g)
+                if best < 0 or p < bp or (p == bp and sec < bs):
+                    best, bp, bs = g, p, sec
+        return best
+
+    def _touch(self, group_id: int, changed: int) -> None:
+        if not self._covering[group_id]:    # no tree ranks this group: nothing to catch up
+            return
+        if not self._changed[group_id]:
+            self._dirty.append(group_id)
+        self._changed[group_id] |= changed
+
+    def _sync(self) -> None:
+        """Bring the rankings up to date with the groups that changed since the last query (a
+        group changed several times costs one update per ranking)."""
+        for g in self._dirty:
+            changed = self._changed[g]
+            self._changed[g] = 0
+            for r, position in self._covering[g]:
+                if r.deps & changed:
+                    self._update(r, position, g)
+        self._dirty.clear()
+
+    def _update(self, r: Ranking, position: int, g: int) -> None:
+        if r.custom:
+            v = self.views[g]
+            member = r.where is None or bool(r.where(v))
+            r.set(position, member, float(r.key(v)) if member and r.key is not None else 0.0, 0.0)
+        elif self._is_member(r, g):
+            r.set(position, True, self._primary(r, g), self._secondary(r, g))
+        else:                               # a non-member's key is not read: an unchanged no-op
+            r.set(position, False, math.inf, math.inf)
+
+    def _is_member(self, r: Ranking, g: int) -> bool:
+        among = r.among_code
+        if among == 0:                      # PREFILL
+            return self._can_prefill[g]
+        if among == 1:                      # DECODE
+            return self._can_decode[g]
+        if among == 2:                      # BOTH
+            return self._can_prefill[g] and self._can_decode[g]
+        if among == 3:                      # DECODE_SLOT
+            return self._can_decode[g] and self._load[g] < self._max_seqs[g]
+        return self._can_decode[g] and not self._can_prefill[g] and self._load[g] < self._max_seqs[g]
+
+    def _primary(self, r: Ranking, g: int) -> float:
+        criterion = r.criterion_code
+        if criterion == 0:                  # PREFILL_TOKENS
+            return float(self._tokens[g])
+        if criterion == 1:                  # DECODE_LOAD
+            return float(self._load[g])
+        if criterion == 2:                  # FREE_KV
+            return float(-self._free[g])
+        if criterion == 3:                  # KV_IN_USE
+            return float(self._tokens[g] + (self._total[g] - self._free[g]) * self._block[g])
+        return self._tokens[g] + r.weight * self._load[g]      # PENDING_WORK
+
+    def _secondary(self, r: Ranking, g: int) -> float:
+        return float(-self._free[g]) if r.criterion_code == 1 else 0.0    # DECODE_LOAD: most free KV
+
+    def _count(self, g: int, sign: int) -> None:
+        if self._can_prefill[g]:
+            self.prefill_tokens += sign * self._tokens[g]
+            self.prefill_batch_tokens += sign * self._max_batch[g]
+        if self._can_decode[g]:
+            self.decode_load += sign * self._load[g]
+            self.decode_slots += sign * self._max_seqs[g]
+        if not self._can_prefill[g] and not self._can_decode[g]:
+            self.num_idle_roles += sign
+
+
+Sequence.register(Fleet)   # a sequence of views to isinstance checks too (mypyc classes cannot inherit it)
+
+
+def as_fleet(groups: Sequence[Any]) -> Fleet:
+    """``groups`` itself if the scheduler passed a :class:`Fleet`, else a Fleet indexing a plain
+    list of views as they are now (O(G): for tests and direct callers)."""
+    return groups if isinstance(groups, Fleet) else Fleet(groups)
