@@ -11,7 +11,7 @@ from hetero_sched.core.fleet import BOTH, CRITERIA, DECODE, DECODE_SLOT, FILTERS
 from hetero_sched.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-DATACENTER = ROOT / "experiments" / "datacenter-trn2-cs3.yaml"
+DATACENTER = ROOT / "clusters" / "experiments" / "datacenter-trn2-cs3.yaml"
 
 
 class View:
