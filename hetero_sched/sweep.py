@@ -288,6 +288,7 @@ def expand(sweep: Sweep) -> list[Point]:
     """Every point of the grid, each validated (policy, groups, workload fields): a bad one is a
     UserError naming the axis values that made it."""
     points = []
+    policies_checked: set[str] = set()   # a policy's params are checked once, not once per point
     for combo in itertools.product(*[range(len(a.labels)) for a in sweep.axes]):
         exp = copy.deepcopy(sweep.base)
         labels = {}
@@ -298,7 +299,10 @@ def expand(sweep: Sweep) -> list[Point]:
                     set_path(exp, path, value)
                 labels[axis.name] = axis.values[i]
             parsed = parse_experiment(exp, "experiment")
-            make_policy(parsed.policy.name, parsed.policy.params)
+            policy_key = json.dumps([parsed.policy.name, parsed.policy.params], sort_keys=True, default=str)
+            if policy_key not in policies_checked:
+                make_policy(parsed.policy.name, parsed.policy.params)
+                policies_checked.add(policy_key)
             build_groups(parsed, Path.cwd())
         except UserError as exc:
             raise UserError(f"{sweep.source}: point {where}: {exc}") from None
