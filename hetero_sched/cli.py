@@ -87,7 +87,7 @@ def _import_from(folder: Path) -> None:
 @contextmanager
 def _progress(quiet: bool, total: Optional[int], *columns: Any, **fields: Any) -> Iterator[Optional[Callable[..., None]]]:
     """A transient progress bar on stderr, or None when quiet or stderr is not a terminal (a
-    log file or a pipe gets no bar debris); yields ``update(completed, total=None)``."""
+    log file or a pipe gets no bar debris); yields ``update(completed, total=None, **fields)``."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -97,7 +97,8 @@ def _progress(quiet: bool, total: Optional[int], *columns: Any, **fields: Any) -
         return
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("work", total=total, **fields)
-        yield lambda done, total=None: bar.update(task, completed=done, **({"total": total} if total else {}))
+        yield lambda done, total=None, **values: bar.update(task, completed=done, **({"total": total} if total else {}),
+                                                             **values)
 
 
 OTLP_ENDPOINT = typer.Option(
@@ -553,14 +554,18 @@ def sweep(
     out: Path = typer.Option(..., "--out", "-o", help="Sweep folder: points/<id>/ per point, sweep.parquet at the end. Rerunning skips finished points."),
     address: Optional[str] = typer.Option(None, help="Ray cluster ('auto', host:port; default: $RAY_ADDRESS, else a local Ray)."),
     no_ray: bool = typer.Option(False, "--no-ray", help="Run the points one by one in this process."),
+    points_per_task: Optional[int] = typer.Option(None, "--points-per-task", min=1, help="Points per Ray task (default: about 4 tasks per CPU of the cluster, at most 32 points each)."),
     sets: Optional[list[str]] = SET,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the table path only."),
     debug: bool = DEBUG,
 ) -> None:
-    """Run a grid of experiments as Ray tasks (one CPU each): progress bar, resumable, one Parquet.
+    """Run a grid of experiments as Ray tasks: progress bar with points/min, resumable, one Parquet.
 
+    Points run in batches (one CPU per task, a bounded number in flight); each task writes its
+    points' rows and run folders itself, so the driver stays idle however large the sweep.
     --set changes the base experiment (after the file's own set:). Prints the points table
-    (as `hetero-sched report` does, without the plots) and the path of sweep.parquet.
+    (as `hetero-sched report` does, without the plots), how many points ran at how many points
+    per minute, and the path of sweep.parquet.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -568,22 +573,27 @@ def sweep(
     from hetero_sched.configfile import parse_sets
     from hetero_sched.report import sweep_tables
     from hetero_sched.results import ensure_folder
-    from hetero_sched.sweep import expand, load_sweep, run_sweep
+    from hetero_sched.sweep import PointsRate, expand, load_sweep, run_sweep
 
     spec = load_sweep(sweep_file, parse_sets(sets or []))
     _import_from(Path(spec.source).parent)
     ensure_folder(out, "--out")
     points = expand(spec)                       # every point validated before anything runs
     columns = (TextColumn(f"sweep {spec.name}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("points"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with _progress(quiet, len(points), *columns) as update:
-        outcome = run_sweep(spec, out, address=address, use_ray=not no_ray, progress=update, points=points)
+               TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn())
+    with _progress(quiet, len(points), *columns, rate="") as update:
+        rate = PointsRate()
+        tick = None if update is None else (lambda done, total: update(done, total, rate=rate.text(done)))
+        outcome = run_sweep(spec, out, address=address, use_ray=not no_ray, progress=tick, points=points,
+                            points_per_task=points_per_task)
     errors = [r for r in outcome.rows if r.get("status") != "ok"]
     if not quiet:
         for table in sweep_tables(outcome.rows, [a.name for a in spec.axes] or ["policy", "cluster"],
                                   list(spec.goodput.tiers) if spec.goodput else []):
             Console().print(table)
-        typer.echo(f"{len(outcome.rows)} points: {outcome.computed} run now, {outcome.reused} reused from {out}"
+        speed = (f" in {outcome.run_s:.1f} s ({outcome.points_per_min:,.0f} points/min)"
+                 if outcome.points_per_min is not None else "")
+        typer.echo(f"{len(outcome.rows)} points: {outcome.computed} run now{speed}, {outcome.reused} reused from {out}"
                    + (f"; {len(errors)} could not run (see the error column), e.g. {errors[0]['error']}" if errors else ""))
     _warn(outcome.warnings)
     typer.echo(str(outcome.table_path))

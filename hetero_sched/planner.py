@@ -23,6 +23,7 @@ and the search stops (branch and bound). A plan file::
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hetero_sched.bound import (Bound, BoundMaker, GroupCapacity, group_capacity, prefill_pair_s,
+from hetero_sched.bound import (Bound, BoundMaker, GroupCapacity, WorkloadWork, group_capacity, prefill_pair_s,
                                 workload_work)
 from hetero_sched.catalog import GroupSpec, resolve_catalog
 from hetero_sched.configfile import apply_sets, expect_mapping, format_error, read_yaml, shipped_or_path
@@ -40,7 +41,7 @@ from hetero_sched.errors import UserError
 from hetero_sched.experiment import (Experiment, GroupConfig, PredictorConfig, SLOConfig, WorkloadConfig,
                                      build_workload, parse_experiment)
 from hetero_sched.goodput import GoodputResult, measure_goodput
-from hetero_sched.metrics import SLO_TIERS, short_trace_warning
+from hetero_sched.metrics import SLO, SLO_TIERS, short_trace_warning
 
 
 class DeviceOffer(BaseModel):
@@ -234,12 +235,10 @@ def candidates(plan: PlanFile, makers: dict[Shape, BoundMaker], caps: dict[tuple
         if cap is not None:
             by_role[role].append(shape)
     reps = range(1, plan.max_replicas + 1)
-    layouts: list[tuple[tuple[Shape, int, str], ...]] = []
-    for sp in by_role["prefill"]:
-        for sd in by_role["decode"]:
-            layouts.extend(((sp, n_p, "prefill"), (sd, n_d, "decode")) for n_p in reps for n_d in reps)
-    for sb in by_role["both"]:
-        layouts.extend(((sb, n, "both"),) for n in reps)
+    layouts = itertools.chain(   # generated, not listed: only the candidates that fit are kept
+        (((sp, n_p, "prefill"), (sd, n_d, "decode"))
+         for sp in by_role["prefill"] for sd in by_role["decode"] for n_p in reps for n_d in reps),
+        (((sb, n, "both"),) for sb in by_role["both"] for n in reps))
     out = []
     for parts in layouts:
         cost = fits(parts)
@@ -251,14 +250,12 @@ def candidates(plan: PlanFile, makers: dict[Shape, BoundMaker], caps: dict[tuple
     return out
 
 
-def plan_search(plan: PlanFile, base_dir: Path, progress: Optional[Any] = None) -> PlanResult:
-    """Rank candidates by bound per dollar, simulate in that order, stop when none can win."""
-    if not isinstance(plan.slo, str):
-        raise UserError("plan: slo must be a tier name (standard or high-speed)")
-    tier = plan.slo
-    slo = SLO_TIERS[tier]
-    workload = build_workload(plan.workload, plan.seed, base_dir)
-    work = workload_work(workload)
+def bounded_candidates(plan: PlanFile, work: WorkloadWork, slo: SLO) -> list[Candidate]:
+    """Every candidate with its bound, the best bound per dollar first (ties: cheaper, then by label).
+
+    Linear in the candidates: one bound each (a stage's bound is memoised per capacity, so only
+    the stages a candidate changes are recomputed); no pairwise work (``bench/plan_scale.py``).
+    """
     limits = GroupConfig(name="x", device="h100", role="both", **plan.group_limits).limits()
     caps: dict[tuple[Shape, str], Optional[GroupCapacity]] = {}
     makers: dict[Shape, BoundMaker] = {}
@@ -272,7 +269,17 @@ def plan_search(plan: PlanFile, base_dir: Path, progress: Optional[Any] = None) 
                 caps[(shape, role)] = cap if usable else None
                 if role != "decode" and shape not in makers:   # as upper_bound: prefill work weighted
                     makers[shape] = BoundMaker(work, slo, prefill_pair_s(cost, limits, work))  # by this shape
-    cands = sorted(candidates(plan, makers, caps), key=lambda c: (-c.bound_per_dollar, c.dollars_per_hour, c.label()))
+    return sorted(candidates(plan, makers, caps), key=lambda c: (-c.bound_per_dollar, c.dollars_per_hour, c.label()))
+
+
+def plan_search(plan: PlanFile, base_dir: Path, progress: Optional[Any] = None) -> PlanResult:
+    """Rank candidates by bound per dollar, simulate in that order, stop when none can win."""
+    if not isinstance(plan.slo, str):
+        raise UserError("plan: slo must be a tier name (standard or high-speed)")
+    tier = plan.slo
+    slo = SLO_TIERS[tier]
+    workload = build_workload(plan.workload, plan.seed, base_dir)
+    cands = bounded_candidates(plan, workload_work(workload), slo)
     if not cands:
         raise UserError("plan: no configuration fits the devices, chips and budget given "
                         "(does the model fit on any allowed group?)")

@@ -20,10 +20,14 @@ Paths index lists by position (``groups.0.count``); ``overrides.<key>`` sets one
 (its key is itself dotted: ``overrides.cost.cs3.dollars_per_hour``). Every point is validated
 before anything runs: a bad axis is one line naming it (exit status 2).
 
-Each point runs as one Ray task (``num_cpus=1``) and returns its row and run files; the driver
-alone writes ``points/<id>/`` — the id is a hash of the point's experiment and the goodput
-request, so a rerun finds finished points and does not run them again — and finally
-``sweep.parquet``, one row per point: the axes, summary metrics and goodput columns.
+Points run as Ray tasks (``num_cpus=1``) in batches, a bounded number in flight. A task writes
+what it finishes itself: each point's run files to ``points/<id>/run/`` and its row, as one
+line, to a shard of its own, ``shards/<pid>-<random>.jsonl`` (where the task cannot see the sweep
+folder, it returns them and the driver writes them). A point's id is a hash of its experiment
+and the goodput request, so a rerun reads the shards, finds the finished points and does not run
+them again. At the end the driver reads the shards once and writes ``sweep.parquet``, one row
+per point: the axes, summary metrics and goodput columns. The driver's work grows with the
+number of tasks, not of points (``bench/sweep_scale.py`` measures its CPU share).
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,7 +60,13 @@ from hetero_sched.experiment import (EXPERIMENT_FIELDS, Experiment, build_groups
 from hetero_sched.policies import make_policy
 
 POINTS_DIR = "points"
+SHARDS_DIR = "shards"
 TABLE = "sweep.parquet"
+TOKEN = ".sweep-token"
+"""A random token the driver writes into the sweep folder: a task that reads it back writes there."""
+TASKS_PER_CPU = 4
+MAX_BATCH = 32
+IN_FLIGHT_PER_CPU = 2
 
 
 class GoodputConfig(BaseModel):
@@ -140,6 +153,13 @@ class SweepOutcome:
     reused: int
     warnings: list[str] = field(default_factory=list)
     """Points whose goodput rests on a trace too short for its rate (:func:`short_trace_warning`)."""
+    run_s: float = 0.0
+    """Wall time spent running points now (connecting to Ray included; expanding and the table not)."""
+
+    @property
+    def points_per_min(self) -> Optional[float]:
+        """Points run now per minute of :attr:`run_s` (None when nothing ran)."""
+        return self.computed * 60 / self.run_s if self.computed and self.run_s > 0 else None
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -268,6 +288,7 @@ def expand(sweep: Sweep) -> list[Point]:
     """Every point of the grid, each validated (policy, groups, workload fields): a bad one is a
     UserError naming the axis values that made it."""
     points = []
+    policies_checked: set[str] = set()   # a policy's params are checked once, not once per point
     for combo in itertools.product(*[range(len(a.labels)) for a in sweep.axes]):
         exp = copy.deepcopy(sweep.base)
         labels = {}
@@ -278,7 +299,10 @@ def expand(sweep: Sweep) -> list[Point]:
                     set_path(exp, path, value)
                 labels[axis.name] = axis.values[i]
             parsed = parse_experiment(exp, "experiment")
-            make_policy(parsed.policy.name, parsed.policy.params)
+            policy_key = json.dumps([parsed.policy.name, parsed.policy.params], sort_keys=True, default=str)
+            if policy_key not in policies_checked:
+                make_policy(parsed.policy.name, parsed.policy.params)
+                policies_checked.add(policy_key)
             build_groups(parsed, Path.cwd())
         except UserError as exc:
             raise UserError(f"{sweep.source}: point {where}: {exc}") from None
@@ -357,21 +381,85 @@ def _point_dir(out: Path, pid: str) -> Path:
     return out / POINTS_DIR / pid
 
 
-def load_row(out: Path, pid: str) -> Optional[dict[str, Any]]:
-    """A finished point's row, or None if it has not run (``row.json`` is written last)."""
-    path = _point_dir(out, pid) / "row.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _write_run_files(out: Path, result: PointResult) -> None:
+    if result.files:
+        folder = _point_dir(out, result.row["point_id"]) / "run"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in result.files.items():
+            (folder / name).write_bytes(data)
 
 
-def save_point(out: Path, result: PointResult) -> None:
-    """Write a point's run files, then its row (atomically: its presence means finished)."""
-    folder = _point_dir(out, result.row["point_id"])
-    (folder / "run").mkdir(parents=True, exist_ok=True)
-    for name, data in result.files.items():
-        (folder / "run" / name).write_bytes(data)
-    tmp = folder / "row.json.tmp"
-    tmp.write_text(json.dumps(result.row, default=str))
-    os.replace(tmp, folder / "row.json")
+class ShardWriter:
+    """Appends finished points to one new shard, ``shards/<pid>-<random>.jsonl`` (a context manager).
+
+    A point's run files are written before its row, and each row is one flushed line, so a row
+    present means its point finished; a line cut short by a crash is ignored on reading.
+    Every writer (a task, or the driver) has its own shard: no two processes share a file.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        self.path = out / SHARDS_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"   # pid: who wrote it
+        self._file: Optional[IO[str]] = None
+
+    def save(self, result: PointResult) -> None:
+        _write_run_files(self.out, result)
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(result.row, default=str) + "\n")
+        self._file.flush()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def load_rows(out: Path) -> dict[str, dict[str, Any]]:
+    """Every finished point's row under ``out`` by id, read shard by shard (not point by point)."""
+    rows: dict[str, dict[str, Any]] = {}
+    shards = out / SHARDS_DIR
+    for path in sorted(shards.glob("*.jsonl")) if shards.is_dir() else ():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:      # the last line of a task killed mid-write
+                continue
+            rows.setdefault(row["point_id"], row)
+    return rows
+
+
+@dataclass
+class BatchResult:
+    """What a batch task returns: how many points it ran, and their results only when the task
+    could not write them itself (the sweep folder is not on its node's filesystem)."""
+
+    count: int
+    results: list[PointResult] = field(default_factory=list)
+
+
+def _sees_folder(out: Path, token: str) -> bool:
+    """Whether this process sees the driver's sweep folder (the token the driver wrote there)."""
+    try:
+        return (out / TOKEN).read_text() == token
+    except OSError:
+        return False
+
+
+def run_batch(points: Sequence[Point], out: str, token: str, goodput: Optional[GoodputConfig],
+              save_runs: bool) -> BatchResult:
+    """Run a batch of points (one Ray task): written to a shard of its own where the task sees the
+    sweep folder (one machine, or a shared filesystem), else returned for the driver to write."""
+    folder = Path(out)
+    if not _sees_folder(folder, token):
+        return BatchResult(len(points), [run_point(p, goodput, save_runs) for p in points])
+    with ShardWriter(folder) as shard:
+        for p in points:
+            shard.save(run_point(p, goodput, save_runs))
+    return BatchResult(len(points))
 
 
 def _connect_ray(address: Optional[str]) -> bool:
@@ -391,66 +479,114 @@ def _connect_ray(address: Optional[str]) -> bool:
     return True
 
 
+def batch_size(points: int, cpus: int) -> int:
+    """Points per task: about ``TASKS_PER_CPU`` tasks per CPU (so a slow batch does not leave
+    CPUs idle at the end), at most ``MAX_BATCH`` (so progress moves and a lost task costs little)."""
+    return max(1, min(MAX_BATCH, math.ceil(points / (TASKS_PER_CPU * max(1, cpus)))))
+
+
+def _run_on_ray(todo: Sequence[Point], out: Path, token: str, goodput: Optional[GoodputConfig], save_runs: bool,
+                points_per_task: Optional[int], advance: Callable[[int], None]) -> None:
+    """Run ``todo`` in batches as Ray tasks, at most ``IN_FLIGHT_PER_CPU`` per CPU at a time.
+
+    The driver's work per finished task is constant (a tiny result), so it grows with the number
+    of tasks, not points, and never with the sweep's size per step.
+    """
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = points_per_task or batch_size(len(todo), cpus)
+    task = ray.remote(num_cpus=1)(run_batch)
+    batches = iter([todo[i:i + size] for i in range(0, len(todo), size)])
+    limit = max(2, IN_FLIGHT_PER_CPU * cpus)
+    pending = [task.remote(b, str(out), token, goodput, save_runs) for b in itertools.islice(batches, limit)]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        batch: BatchResult = ray.get(ready[0])
+        if batch.results:                       # the task could not see the folder: write its shard here
+            with ShardWriter(out) as shard:
+                for result in batch.results:
+                    shard.save(result)
+        advance(batch.count)
+        pending.extend(task.remote(b, str(out), token, goodput, save_runs) for b in itertools.islice(batches, 1))
+
+
 def run_points(points: Sequence[Point], out: Path, goodput: Optional[GoodputConfig], save_runs: bool, *,
-               address: Optional[str] = None, use_ray: bool = True,
+               address: Optional[str] = None, use_ray: bool = True, points_per_task: Optional[int] = None,
                progress: Optional[Callable[[int, int], None]] = None) -> tuple[dict[str, dict[str, Any]], int]:
-    """Run every point not already finished under ``out`` (Ray tasks, or in-process with ``use_ray``
-    false); returns every point's row by id and how many were run now."""
-    rows: dict[str, dict[str, Any]] = {}
-    todo = []
-    for p in points:
-        row = load_row(out, p.point_id)
-        if row is None:
-            todo.append(p)
-        else:
-            rows[p.point_id] = row
-    done = len(rows)
-    if progress:
-        progress(done, len(points))
+    """Run every point not already finished under ``out`` (Ray tasks in batches, or in-process with
+    ``use_ray`` false); returns every point's row by id (read once from the shards at the end) and
+    how many were run now."""
+    finished = load_rows(out)
+    todo = [p for p in points if p.point_id not in finished]
+    done = len(points) - len(todo)
+    total = len(points)
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    advance(0)
     if todo and use_ray:
         import ray
 
+        token = uuid.uuid4().hex
+        (out / TOKEN).write_text(token)
         started = _connect_ray(address)
         try:
-            task = ray.remote(num_cpus=1)(run_point)
-            pending = {task.remote(p, goodput, save_runs): p for p in todo}
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    pending.pop(ref)
-                    result = ray.get(ref)
-                    save_point(out, result)
-                    rows[result.row["point_id"]] = result.row
-                    done += 1
-                    if progress:
-                        progress(done, len(points))
+            _run_on_ray(todo, out, token, goodput, save_runs, points_per_task, advance)
         finally:
             if started:
                 ray.shutdown()
-    else:
-        for p in todo:
-            result = run_point(p, goodput, save_runs)
-            save_point(out, result)
-            rows[p.point_id] = result.row
-            done += 1
-            if progress:
-                progress(done, len(points))
+    elif todo:
+        with ShardWriter(out) as shard:
+            for p in todo:
+                shard.save(run_point(p, goodput, save_runs))
+                advance(1)
+    rows = load_rows(out) if todo else finished
+    missing = [p.point_id for p in points if p.point_id not in rows]
+    if missing:
+        raise RuntimeError(f"sweep: {len(missing)} points finished without a row (first: {missing[0]}) under {out}")
     return rows, len(todo)
+
+
+@dataclass
+class PointsRate:
+    """Points per minute since the first count it saw (points reused from an earlier run are in
+    that first count, so they do not inflate the rate)."""
+
+    start: Optional[tuple[int, float]] = None
+
+    def per_min(self, done: int, now: Optional[float] = None) -> Optional[float]:
+        now = time.monotonic() if now is None else now
+        if self.start is None:
+            self.start = (done, now)
+        first, t0 = self.start
+        return (done - first) * 60 / (now - t0) if done > first and now > t0 else None
+
+    def text(self, done: int) -> str:
+        rate = self.per_min(done)
+        return "" if rate is None else f"{rate:,.0f} points/min"
 
 
 def run_sweep(sweep: Sweep, out: Union[str, Path], *, address: Optional[str] = None, use_ray: bool = True,
               progress: Optional[Callable[[int, int], None]] = None,
-              points: Optional[Sequence[Point]] = None) -> SweepOutcome:
+              points: Optional[Sequence[Point]] = None, points_per_task: Optional[int] = None) -> SweepOutcome:
     """Run every point not already finished under ``out``; write ``sweep.parquet``.
-    ``points``: the grid already expanded (:func:`expand`), else it is expanded here."""
+    ``points``: the grid already expanded (:func:`expand`), else it is expanded here;
+    ``points_per_task``: the batch size of a Ray task (default: :func:`batch_size`)."""
     out = ensure_folder(out, "sweep folder")
     points = list(points) if points is not None else expand(sweep)
     (out / "sweep.json").write_text(json.dumps({"name": sweep.name, "source": sweep.source,
                                                 "axes": [a.name for a in sweep.axes],
                                                 "goodput": sweep.goodput.model_dump(mode="json") if sweep.goodput else None,
                                                 "points": [p.point_id for p in points]}, indent=2))
+    t0 = time.monotonic()
     rows, computed = run_points(points, out, sweep.goodput, sweep.save_runs, address=address, use_ray=use_ray,
-                                progress=progress)
+                                points_per_task=points_per_task, progress=progress)
+    run_s = time.monotonic() - t0
     ordered = [rows[p.point_id] for p in points]
     add_breakeven(ordered, sweep.goodput.tiers if sweep.goodput else ())
     for name, ratio in sweep.ratios:
@@ -461,7 +597,7 @@ def run_sweep(sweep: Sweep, out: Union[str, Path], *, address: Optional[str] = N
     pq.write_table(rows_table(ordered), path)
     warnings = [f"point {', '.join(f'{k}={r.get(k)}' for k in (a.name for a in sweep.axes)) or r['point_id']}: {w}"
                 for r in ordered if r.get("status") == "ok" for w in _row_warnings(r, sweep)]
-    return SweepOutcome(path, ordered, computed, len(points) - computed, warnings)
+    return SweepOutcome(path, ordered, computed, len(points) - computed, warnings, run_s)
 
 
 def _row_warnings(row: dict[str, Any], sweep: Sweep) -> list[str]:

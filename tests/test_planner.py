@@ -80,3 +80,24 @@ def test_budget_and_chip_limits_restrict_candidates(tmp_path):
     result = plan_search(plan.model_copy(update={"prune": False}), tmp_path)
     assert {e.candidate.label() for e in result.ranked} == {"h100[1]:both", "2×h100[1]:both"}
     assert all(e.candidate.dollars_per_hour <= 30.0 for e in result.ranked)
+
+
+def test_a_space_of_thousands_is_bounded_once_and_simulated_only_up_to_the_cap(tmp_path, monkeypatch):
+    from hetero_sched import planner
+    from hetero_sched.bound import BoundMaker
+
+    plan = PlanFile.model_validate({
+        "name": "wide", "model": "llama-3.1-70b", "seed": 1, "slo": "standard",
+        "workload": {"kind": "synthetic", "num_requests": 40, "rate_per_s": 5.0},
+        "devices": {"trn2": {"max_chips": 64, "roles": ["prefill", "both"]},
+                    "cs3": {"max_chips": 16, "roles": ["decode", "both"]},
+                    "h100": {"max_chips": 64, "roles": ["prefill", "decode", "both"]}},
+        "max_replicas": 2, "max_evaluations": 2, "rel_tol": 0.2})
+    bounds = []
+    real_bound = BoundMaker.bound
+    monkeypatch.setattr(BoundMaker, "bound", lambda self, caps: bounds.append(1) or real_bound(self, caps))
+    result = planner.plan_search(plan, tmp_path)
+    assert result.candidates >= 1000
+    assert len(bounds) == result.candidates          # one bound per candidate, none twice
+    assert result.evaluated == 2 and result.stopped_early
+    assert result.ranked[0].goodput.requests_per_dollar >= result.ranked[1].goodput.requests_per_dollar
