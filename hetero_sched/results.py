@@ -139,13 +139,14 @@ def decisions_table(log: DecisionLog, reason_codes: Mapping[int, Optional[str]])
                                                 mask=pa.array(no_span)),
     }
     details = [_numbers(c, np.float64) for c in cols["details"]]
+    numbers = {name: np.full(n, np.nan) for name, typ in DETAIL_COLUMNS.items() if typ is not str}
+    for code in np.unique(kind).tolist():          # the kinds present, each one pass
+        at = kind == code
+        for j, (name, typ) in enumerate(DETAIL_FIELDS[KIND_NAMES[code]]):
+            if typ is not str:
+                numbers[name][at] = details[j][at]
     for name, typ in DETAIL_COLUMNS.items():
-        values = np.full(n, np.nan)
-        for code, kind_name in enumerate(KIND_NAMES):
-            for j, (field_name, _) in enumerate(DETAIL_FIELDS[kind_name]):
-                if field_name == name and typ is not str:
-                    at = kind == code
-                    values[at] = details[j][at]
+        values = numbers.get(name, np.zeros(0))
         if typ is str:
             texts: list[Optional[str]] = [None] * n
             for i, text in cols["reasons"].items():

@@ -6,12 +6,13 @@ gigabytes. :class:`RunStream` takes them out of the scheduler every few thousand
 writes them as Parquet row groups, so memory holds what is in flight plus one chunk, whatever
 the run's length. The files are the same tables an in-memory run writes (records sorted by
 request id, decisions in order), row for row: records finish out of order, so they wait in a
-small heap until every lower id has finished — a window as wide as the requests in flight.
+small list until every lower id has finished — a window as wide as the requests in flight.
 """
 
 from __future__ import annotations
 
-from heapq import heappop, heappush
+from bisect import bisect_right
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
@@ -30,6 +31,8 @@ RECORD_CHUNK = 65536
 DECISION_CHUNK = 262144
 """Decisions per Parquet row group (~16 MB in the log's columns)."""
 _CODE = RECORD_COLUMNS.index("reason_code")
+_DICTIONARY = ["kind", "status", "reason", "reason_code"]
+"""Columns Parquet dictionary-encodes (few distinct strings); numbers are written plain, twice as fast."""
 
 
 class RunStream:
@@ -52,7 +55,7 @@ class RunStream:
         """Records taken from the scheduler so far (the requests finished)."""
         self.records_written = 0
         self.decisions_written = 0
-        self._waiting: list[tuple] = []           # heap of records whose lower ids have not all finished
+        self._waiting: list[tuple] = []           # records not yet in id order with all lower ids
         self._next_id = 0
         self._ready: list[tuple] = []             # records in id order, not yet written
         self._codes: dict[int, Optional[str]] = {}  # rejected ids -> reason_code, until their decision is written
@@ -71,15 +74,13 @@ class RunStream:
         """
         records = self.scheduler.records
         for row in records:
-            heappush(self._waiting, row)
             if row[_CODE] is not None:             # a reason_code: the decisions table shows it
                 self._codes[row[0]] = row[_CODE]
         self.finished += len(records)
+        self._waiting.extend(records)
         records.clear()
-        while self._waiting and (final or self._waiting[0][0] == self._next_id):
-            row = heappop(self._waiting)
-            self._ready.append(row)
-            self._next_id = row[0] + 1
+        if len(self._waiting) >= self.record_chunk or final:
+            self._order(final)
         if len(self._ready) >= self.record_chunk or (final and self._ready):
             self._write(REQUESTS_FILE, records_table(self._ready, self.slo))
             self.records_written += len(self._ready)
@@ -90,6 +91,19 @@ class RunStream:
                 self._write(DECISIONS_FILE, decisions_table(chunk, self._codes))
             self.decisions_written += len(chunk)
             self._codes = {}
+
+    def _order(self, final: bool) -> None:
+        """Move the waiting records whose ids run on from the last one moved (all, when
+        ``final``) to the ready list, in id order."""
+        waiting = self._waiting
+        waiting.sort(key=itemgetter(0))            # nearly sorted already: finishing follows arrival
+        # ids are unique, so id - position never decreases: the run continues up to the first
+        # place it exceeds the next id expected
+        n = len(waiting) if final else bisect_right(range(len(waiting)), self._next_id, key=lambda i: waiting[i][0] - i)
+        if n:
+            self._ready.extend(waiting[:n])
+            self._next_id = waiting[n - 1][0] + 1
+            del waiting[:n]
 
     def close(self) -> Path:
         """Write what is left and close the files (both exist, even for an empty run); the folder."""
@@ -109,7 +123,7 @@ class RunStream:
         try:
             if name not in self._writers:   # a file, not a path: pyarrow reads "A:/x" as a URI
                 f = open(self.folder / name, "wb")
-                self._writers[name] = (f, pq.ParquetWriter(f, table.schema))
+                self._writers[name] = (f, pq.ParquetWriter(f, table.schema, use_dictionary=_DICTIONARY))
             self._writers[name][1].write_table(table)
         except OSError as exc:
             raise UserError(f"{self.folder}: cannot write the run folder ({exc.strerror or exc})") from None
