@@ -7,11 +7,18 @@ writes them as Parquet row groups, so memory holds what is in flight plus one ch
 the run's length. The files are the same tables an in-memory run writes (records sorted by
 request id, decisions in order), row for row: records finish out of order, so they wait in a
 small list until every lower id has finished — a window as wide as the requests in flight.
+
+Tables are made and written by one writer thread, chunk after chunk in order, while the event
+loop goes on (Parquet encoding and numpy release the GIL: on a second core the writing costs
+the run little). At most :data:`MAX_QUEUED` chunks wait for it; then the run waits.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
@@ -30,6 +37,8 @@ RECORD_CHUNK = 65536
 """Records per Parquet row group (~25 MB as tuples while they wait)."""
 DECISION_CHUNK = 262144
 """Decisions per Parquet row group (~16 MB in the log's columns)."""
+MAX_QUEUED = 4
+"""Chunks handed to the writer thread and not yet written, at most (memory stays bounded)."""
 _CODE = RECORD_COLUMNS.index("reason_code")
 _DICTIONARY = ["kind", "status", "reason", "reason_code"]
 """Columns Parquet dictionary-encodes (few distinct strings); numbers are written plain, twice as fast."""
@@ -59,7 +68,9 @@ class RunStream:
         self._next_id = 0
         self._ready: list[tuple] = []             # records in id order, not yet written
         self._codes: dict[int, Optional[str]] = {}  # rejected ids -> reason_code, until their decision is written
-        self._writers: dict[str, tuple[BinaryIO, pq.ParquetWriter]] = {}
+        self._writers: dict[str, tuple[BinaryIO, pq.ParquetWriter]] = {}   # the writer thread's
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-stream")
+        self._queued: deque[Future] = deque()
 
     def progress_fn(self, _pending: int) -> None:
         """The event loop's progress callback: take what finished, report the count onward."""
@@ -82,13 +93,13 @@ class RunStream:
         if len(self._waiting) >= self.record_chunk or final:
             self._order(final)
         if len(self._ready) >= self.record_chunk or (final and self._ready):
-            self._write(REQUESTS_FILE, records_table(self._ready, self.slo))
+            self._submit(REQUESTS_FILE, partial(records_table, self._ready, self.slo))
             self.records_written += len(self._ready)
             self._ready = []
         if len(self.scheduler.decisions) >= self.decision_chunk or final:
             chunk = self.scheduler.decisions.drain()
             if len(chunk) or not self.decisions_written:
-                self._write(DECISIONS_FILE, decisions_table(chunk, self._codes))
+                self._submit(DECISIONS_FILE, partial(decisions_table, chunk, self._codes))
             self.decisions_written += len(chunk)
             self._codes = {}
 
@@ -108,8 +119,11 @@ class RunStream:
     def close(self) -> Path:
         """Write what is left and close the files (both exist, even for an empty run); the folder."""
         self.take(final=True)
-        if REQUESTS_FILE not in self._writers:
-            self._write(REQUESTS_FILE, records_table([], self.slo))
+        if not self.records_written:
+            self._submit(REQUESTS_FILE, partial(records_table, [], self.slo))
+        while self._queued:
+            self._queued.popleft().result()
+        self._pool.shutdown()
         try:
             for f, writer in self._writers.values():
                 writer.close()
@@ -119,7 +133,15 @@ class RunStream:
         self._writers = {}
         return self.folder
 
-    def _write(self, name: str, table: pa.Table) -> None:
+    def _submit(self, name: str, make: Callable[[], pa.Table]) -> None:
+        """Have the writer thread make a chunk's table and append it to ``name`` (after the
+        chunks before it); wait while :data:`MAX_QUEUED` are queued. A write's error surfaces here."""
+        while len(self._queued) >= MAX_QUEUED or (self._queued and self._queued[0].done()):
+            self._queued.popleft().result()
+        self._queued.append(self._pool.submit(self._write, name, make))
+
+    def _write(self, name: str, make: Callable[[], pa.Table]) -> None:
+        table = make()
         try:
             if name not in self._writers:   # a file, not a path: pyarrow reads "A:/x" as a URI
                 f = open(self.folder / name, "wb")
