@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hetero_sched.core.scheduler import RECORD_COLUMNS
 
@@ -59,7 +60,7 @@ def records_table(rows: Sequence[tuple], slo: Optional[SLO] = None) -> pa.Table:
     t1 = _np(table, "token1_s")
     fin = _np(table, "finish_s")
     out = _np(table, "output_tokens")
-    completed = np.array(table.column("status").to_pylist(), dtype=object) == "completed"
+    completed = _is(table.column("status"), "completed")
     with np.errstate(invalid="ignore", divide="ignore"):
         ttft = np.where(completed, t1 - arrival, np.nan)
         tpot = np.where(completed & (out > 1), (fin - t1) / (out - 1), np.nan)
@@ -72,7 +73,12 @@ def records_table(rows: Sequence[tuple], slo: Optional[SLO] = None) -> pa.Table:
     return table
 
 
-def _np(table: pa.Table, name: str) -> np.ndarray:
+def _is(status: Any, value: str) -> np.ndarray:
+    """Per request: ``status == value`` (bool numpy)."""
+    return np.asarray(pc.equal(status, value).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _np(table: Columns, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
@@ -133,26 +139,39 @@ class GroupUsage:
                 "kv_occupancy": kv, "dollars_per_hour": self.dollars_per_hour}
 
 
-def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> dict:
-    """The run summary: counts, latency percentiles, attainment, throughput, utilization, $."""
+class Columns(Protocol):
+    """What a summary reads of a records table: a :class:`pyarrow.Table`, or a streamed run's
+    Parquet file read a column at a time (:class:`~hetero_sched.runstream.ParquetColumns`)."""
+
+    num_rows: int
+    column_names: list[str]
+
+    def column(self, name: str) -> Any: ...
+
+
+def summarize(table: Columns, slo: SLO, groups: Sequence[GroupUsage] = ()) -> dict:
+    """The run summary: counts, latency percentiles, attainment, throughput, utilization, $.
+
+    Column-wise (no Python object per request): it reads a ten-million-row file as well."""
     n = table.num_rows
-    status = table.column("status").to_pylist()
-    completed = status.count("completed")
+    status = table.column("status")
+    done = _is(status, "completed")
+    completed = int(done.sum())
     arrival = _np(table, "arrival_s")
     fin = _np(table, "finish_s")
     start = float(arrival.min()) if n else 0.0
     end = float(np.nanmax(fin)) if n else 0.0
     makespan = max(end - start, 1e-12)
-    done = np.array(status, dtype=object) == "completed"
     out_tokens = int(_np(table, "output_tokens")[done].sum()) if n else 0
     counts: dict[str, int] = {}
     examples: dict[str, str] = {}
-    codes = table.column("reason_code").to_pylist() if "reason_code" in table.column_names else [None] * n
-    for s, code, reason in zip(status, codes, table.column("reason").to_pylist()):
-        if s != "completed":
-            key = code or "unknown"
-            counts[key] = counts.get(key, 0) + 1
-            examples.setdefault(key, reason or "")
+    missed = pa.array(np.flatnonzero(~done))
+    codes = table.column("reason_code").take(missed).to_pylist() if "reason_code" in table.column_names \
+        else [None] * len(missed)
+    for code, reason in zip(codes, table.column("reason").take(missed).to_pylist()):
+        key = code or "unknown"
+        counts[key] = counts.get(key, 0) + 1
+        examples.setdefault(key, reason or "")
     by_count = sorted(counts, key=lambda k: (-counts[k], k))
     prompt = _np(table, "prompt_tokens")[done]
     cached = _np(table, "cached_tokens")[done]
@@ -164,8 +183,8 @@ def summarize(table: pa.Table, slo: SLO, groups: Sequence[GroupUsage] = ()) -> d
     return {
         "requests": n,
         "completed": completed,
-        "rejected": status.count("rejected"),
-        "cancelled": status.count("cancelled"),
+        "rejected": int(_is(status, "rejected").sum()),
+        "cancelled": int(_is(status, "cancelled").sum()),
         "reject_reasons": {k: counts[k] for k in by_count},
         "reject_examples": {k: examples[k] for k in by_count},
         "slo": {"name": slo.name, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},

@@ -7,16 +7,19 @@ revision (DESIGN contract §10), so a number found in a folder can be traced to 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import hetero_sched
-from hetero_sched.core.events import DETAIL_COLUMNS, TABLE_COLUMNS, DecisionLog
+from hetero_sched.core.events import DETAIL_COLUMNS, DETAIL_FIELDS, KIND_NAMES, DecisionKind, DecisionLog
 from hetero_sched.errors import UserError
 
 
@@ -53,40 +56,121 @@ class RunResult:
 
     experiment: dict[str, Any]
     summary: dict[str, Any]
-    records: pa.Table
-    decisions: DecisionLog = field(default_factory=DecisionLog)
+    records: Optional[pa.Table]
+    """One row per request; None for a streamed run (they are in ``folder``/requests.parquet)."""
+    decisions: Optional[DecisionLog] = field(default_factory=DecisionLog)
+    """The decision log; None for a streamed run (it is in ``folder``/decisions.parquet)."""
     stamp: dict[str, Any] = field(default_factory=dict)
     tokens: dict[int, list[int]] = field(default_factory=dict)
     """Generated token ids per request (live runs with the numpy backend)."""
+    folder: Optional[Path] = None
+    """The run folder a streamed run wrote its records and decisions to as it went."""
 
     def decisions_table(self) -> pa.Table:
         """The decision log as an Arrow table: ``time_s, kind, group_id, request_id,
         request_ids`` (a span's requests), one typed column per detail field (null where the
         kind has none; see ``DETAIL_FIELDS``), and a rejection's ``reason_code`` beside its
-        ``reason`` (from the request's record)."""
-        cols = self.decisions.columns()
-        arrow = {"time_s": pa.float64(), "kind": pa.string(), "group_id": pa.int64(), "request_id": pa.int64(),
-                 "request_ids": pa.list_(pa.int64())}
-        arrow.update({name: _ARROW[typ] for name, typ in DETAIL_COLUMNS.items()})
-        table = pa.table({name: pa.array(cols[name], arrow[name]) for name in TABLE_COLUMNS})
-        codes = dict(zip(self.records.column("request_id").to_pylist(), self.records.column("reason_code").to_pylist())) \
-            if "reason_code" in self.records.column_names else {}
-        rejected = [codes.get(r) if k == "reject" else None for k, r in zip(cols["kind"], cols["request_id"])]
-        at = table.column_names.index("reason") + 1
-        return table.add_column(at, "reason_code", pa.array(rejected, pa.string()))
+        ``reason`` (from the request's record). A streamed run's is read from its folder."""
+        if self.decisions is None:
+            return self._read("decisions.parquet")
+        records = self.records if self.records is not None else self._read("requests.parquet")
+        codes = dict(zip(records.column("request_id").to_pylist(), records.column("reason_code").to_pylist())) \
+            if "reason_code" in records.column_names else {}
+        return decisions_table(self.decisions, codes)
+
+    def requests_table(self) -> pa.Table:
+        """The per-request records (a streamed run's are read from its folder)."""
+        return self.records if self.records is not None else self._read("requests.parquet")
+
+    def _read(self, name: str) -> pa.Table:
+        if self.folder is None:
+            raise ValueError(f"this result keeps no {name}: neither in memory nor in a run folder")
+        with open(self.folder / name, "rb") as f:
+            return pq.read_table(f)
 
     def write(self, out_dir: str | Path) -> Path:
-        """Write ``requests.parquet``, ``decisions.parquet`` and ``summary.json`` into ``out_dir``."""
+        """Write ``requests.parquet``, ``decisions.parquet`` and ``summary.json`` into ``out_dir``
+        (a streamed run's Parquet files are already in its folder: copied if ``out_dir`` is another)."""
         out = ensure_folder(out_dir, "run folder")
         doc = {"summary": self.summary, "experiment": self.experiment, "stamp": self.stamp}
         try:
-            for name, table in (("requests.parquet", self.records), ("decisions.parquet", self.decisions_table())):
-                with open(out / name, "wb") as f:  # a file, not a path: pyarrow reads "A:/x" as a URI
-                    pq.write_table(table, f)
+            if self.folder is not None and self.records is None:
+                if out.resolve() != self.folder.resolve():
+                    for name in ("requests.parquet", "decisions.parquet"):
+                        shutil.copyfile(self.folder / name, out / name)
+            else:
+                for name, table in (("requests.parquet", self.records), ("decisions.parquet", self.decisions_table())):
+                    with open(out / name, "wb") as f:  # a file, not a path: pyarrow reads "A:/x" as a URI
+                        pq.write_table(table, f)
             (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
         except OSError as exc:
             raise UserError(f"{out}: cannot write the run folder ({exc.strerror or exc})") from None
         return out
+
+
+DECISIONS_SCHEMA = pa.schema([("time_s", pa.float64()), ("kind", pa.string()), ("group_id", pa.int64()),
+                              ("request_id", pa.int64()), ("request_ids", pa.list_(pa.int64())),
+                              *((name, _ARROW[typ]) for name, typ in DETAIL_COLUMNS.items())])
+"""``decisions.parquet`` without its ``reason_code`` (which :func:`decisions_table` adds after ``reason``)."""
+
+
+def decisions_table(log: DecisionLog, reason_codes: Mapping[int, Optional[str]]) -> pa.Table:
+    """A decision log as an Arrow table (see :meth:`RunResult.decisions_table`), built column by
+    column from the log's typed arrays: a run's tens of millions of decisions never become
+    Python tuples. ``reason_codes`` maps a rejected request's id to its ``reason_code``."""
+    cols = log.state()                              # (packs the pending decisions)
+    n = len(log)
+    kind = _numbers(cols["kind"], np.int8)
+    group = _ints(cols["group_id"])
+    request = _ints(cols["request_id"])
+    rows = _ints(cols["span_rows"])
+    ends = _ints(cols["span_ends"])
+    counts = np.zeros(n, dtype=np.int64)
+    counts[rows] = np.diff(ends, prepend=0)
+    no_span = np.ones(n, dtype=bool)
+    no_span[rows] = False
+    arrays: dict[str, pa.Array] = {
+        "time_s": pa.array(_numbers(cols["time_s"], np.float64)),
+        "kind": pa.array(KIND_NAMES, pa.string()).take(pa.array(kind.astype(np.int32))),
+        "group_id": pa.array(group, pa.int64(), mask=group < 0),
+        "request_id": pa.array(request, pa.int64(), mask=request < 0),
+        "request_ids": pa.ListArray.from_arrays(pa.array(np.concatenate(([0], np.cumsum(counts))), pa.int32()),
+                                                pa.array(_ints(cols["span_ids"]), pa.int64()),
+                                                mask=pa.array(no_span)),
+    }
+    details = [_numbers(c, np.float64) for c in cols["details"]]
+    numbers = {name: np.full(n, np.nan) for name, typ in DETAIL_COLUMNS.items() if typ is not str}
+    for code in np.unique(kind).tolist():          # the kinds present, each one pass
+        at = kind == code
+        for j, (name, typ) in enumerate(DETAIL_FIELDS[KIND_NAMES[code]]):
+            if typ is not str:
+                numbers[name][at] = details[j][at]
+    for name, typ in DETAIL_COLUMNS.items():
+        values = numbers.get(name, np.zeros(0))
+        if typ is str:
+            texts: list[Optional[str]] = [None] * n
+            for i, text in cols["reasons"].items():
+                texts[i] = text
+            arrays[name] = pa.array(texts, pa.string())
+        elif typ is int:
+            missing = np.isnan(values)
+            arrays[name] = pa.array(np.trunc(np.where(missing, 0.0, values)).astype(np.int64), pa.int64(), mask=missing)
+        else:
+            arrays[name] = pa.array(values, pa.float64(), mask=np.isnan(values))
+    rejected: list[Optional[str]] = [None] * n
+    for i in np.flatnonzero(kind == KIND_NAMES.index(DecisionKind.REJECT)).tolist():
+        rejected[i] = reason_codes.get(int(request[i]))
+    table = pa.Table.from_arrays(list(arrays.values()), schema=DECISIONS_SCHEMA)
+    return table.add_column(table.column_names.index("reason") + 1, "reason_code", pa.array(rejected, pa.string()))
+
+
+def _ints(column: Any) -> np.ndarray:
+    return _numbers(column, np.int64)
+
+
+def _numbers(column: Any, dtype: Any) -> np.ndarray:
+    """An ``array`` column as numpy — a copy: a view would keep the array from growing."""
+    return np.frombuffer(column, dtype=dtype).copy() if len(column) else np.zeros(0, dtype=dtype)
 
 
 def make_stamp(assumptions: dict[str, Any], workload_source: dict[str, Any], clock: str) -> dict[str, Any]:

@@ -211,6 +211,20 @@ class DecisionLog:
         self._span_ids.extend(request_ids)
         self._span_ends.append(len(self.span_ids) + len(self._span_ids))
 
+    def drain(self) -> "DecisionLog":
+        """Move every decision so far into a new log and start empty (a streamed run writes
+        its log out in chunks: memory holds one chunk, not the run)."""
+        self._compact()
+        chunk = DecisionLog()
+        chunk.time_s, chunk.kind, chunk.group_id, chunk.request_id = self.time_s, self.kind, self.group_id, self.request_id
+        chunk.details, chunk.reasons = self.details, self.reasons
+        chunk.span_rows, chunk.span_ends, chunk.span_ids = self.span_rows, self.span_ends, self.span_ids
+        self.time_s, self.kind, self.group_id, self.request_id = array("d"), array("b"), array("q"), array("q")
+        self.details = (array("d"), array("d"), array("d"), array("d"))
+        self.reasons = {}
+        self.span_rows, self.span_ends, self.span_ids = array("q"), array("q"), array("q")
+        return chunk
+
     def add_reject(self, time_s: float, request_id: int, reason: str) -> None:
         """Append a rejection and its reason."""
         self.reasons[len(self)] = reason
