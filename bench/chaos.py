@@ -20,9 +20,9 @@ run's actors is sampled every second.
 - ``recovery_p99_s``: p99 end-to-end latency (modeled seconds) of the requests in flight at a
   kill (of a group actor or of the scheduler), against ``p99_s`` of all requests;
 - ``group_down_s_mean``: modeled seconds a killed group was out of service (its actor's restart);
-- ``rss_mb_start`` / ``rss_mb_end``: summed RSS of the scheduler and group actors while the
-  first 10–20% of requests finish (after warm-up) and over the last 10% of samples (flat = no
-  leak).
+- ``rss_mb_start`` / ``rss_mb_end``: summed RSS of this cluster's scheduler and group actors
+  while the first 10–20% of requests finish (after warm-up) and over the last 10% of samples
+  (flat = no leak); ``rss_mb_by_actor``: the same two figures per actor class.
 
 Prints one JSON object last.
 """
@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 import psutil
@@ -49,24 +50,35 @@ from hetero_sched.engine.assembly import resolve  # noqa: E402
 ACTOR_TITLES = ("ray::DeviceGroupActor", "ray::SchedulerActor")
 
 
-def _actor_processes(prefix: str = "ray::") -> list[psutil.Process]:
+def _actor_processes(address: str, prefix: str = "ray::") -> list[psutil.Process]:
+    """This cluster's actor processes whose title starts with ``prefix`` (a worker's parent is its
+    node's raylet, started with the cluster's GCS address): another Ray cluster on the machine —
+    a test suite's — is neither killed nor counted."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"]
-        if cmd and cmd[0].startswith(prefix):
-            out.append(p)
+        if not (cmd and cmd[0].startswith(prefix)):
+            continue
+        try:
+            parent = p.parent()
+            if parent is not None and f"--gcs-address={address}" in parent.cmdline():
+                out.append(p)
+        except psutil.Error:
+            pass
     return out
 
 
-def _rss_mb() -> float:
-    total = 0
-    for p in _actor_processes():
-        if p.info["cmdline"][0].startswith(ACTOR_TITLES):
+def _rss_mb(address: str) -> dict[str, float]:
+    """Resident MB of this cluster's scheduler and group actors, by actor class."""
+    total = {title: 0.0 for title in ACTOR_TITLES}
+    for p in _actor_processes(address):
+        title = next((t for t in ACTOR_TITLES if p.info["cmdline"][0].startswith(t)), None)
+        if title is not None:
             try:
-                total += p.memory_info().rss
+                total[title] += p.memory_info().rss / 2**20
             except psutil.NoSuchProcess:
                 pass
-    return total / 2**20
+    return total
 
 
 def main() -> None:
@@ -93,17 +105,18 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     stop = threading.Event()
     kills: list[float] = []
-    rss: list[tuple[int, float]] = []                   # (requests done, MB)
+    rss: list[tuple[int, dict[str, float]]] = []        # (requests done, MB by actor class)
+    address = [""]
     done_now = [0]
 
     def chaos() -> None:
         next_kill = time.monotonic() + args.kill_every_s
         while not stop.wait(1.0):
-            rss.append((done_now[0], _rss_mb()))
+            rss.append((done_now[0], _rss_mb(address[0])))
             if time.monotonic() >= next_kill:
                 k = args.scheduler_kill_every
                 at_scheduler = k > 0 and (len(kills) + 1) % k == 0
-                victims = _actor_processes("ray::SchedulerActor" if at_scheduler else "ray::DeviceGroupActor")
+                victims = _actor_processes(address[0], "ray::SchedulerActor" if at_scheduler else "ray::DeviceGroupActor")
                 if victims:
                     victim = victims[int(rng.integers(len(victims)))]
                     try:
@@ -115,6 +128,7 @@ def main() -> None:
 
     with LocalCluster(nodes_for(exp)) as cluster:
         connect(cluster.address)
+        address[0] = cluster.address
         progress_at = [0]
 
         def progress(done: int, total: int) -> None:
@@ -154,6 +168,11 @@ def main() -> None:
             down.append(t - failed_at.pop(gid))
     warm = [mb for done, mb in rss if args.requests // 10 <= done <= args.requests // 5]
     tail = [mb for _, mb in rss[-max(1, len(rss) // 10):]]
+
+    def mean_mb(samples: list[dict[str, float]], title: Optional[str] = None) -> Optional[float]:
+        values = [sum(mb.values()) if title is None else mb[title] for mb in samples]
+        return round(float(np.mean(values)), 1) if values else None
+
     out = {
         "submitted": args.requests,
         "completed": completed,
@@ -169,8 +188,9 @@ def main() -> None:
         "restarted": sum(1 for f in failures if f["restarted"]),
         "recovery_p99_s": float(np.percentile(hit, 99)) if hit.size else None,
         "p99_s": float(np.percentile(e2e, 99)) if e2e.size else None,
-        "rss_mb_start": float(np.mean(warm)) if warm else None,
-        "rss_mb_end": float(np.mean(tail)) if tail else None,
+        "rss_mb_start": mean_mb(warm),
+        "rss_mb_end": mean_mb(tail),
+        "rss_mb_by_actor": {t.removeprefix("ray::"): [mean_mb(warm, t), mean_mb(tail, t)] for t in ACTOR_TITLES},
         "group_down_s_mean": float(np.mean(down)) if down else None,
         "lateness_ms_p99": r.summary["runtime"]["lateness_ms_p99"],
         "stuck_actors": r.summary["runtime"]["stuck_actors"],

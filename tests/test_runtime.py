@@ -9,7 +9,7 @@ import ray
 
 import hetero_sched as hs
 from hetero_sched.core.events import DecisionKind as D
-from hetero_sched.errors import UserError
+from hetero_sched.errors import RunFailed, UserError
 from hetero_sched.runtime.cluster import object_store_usage
 from hetero_sched.policies import PolicyFailed
 from hetero_sched.runtime.live import _result, run_live
@@ -147,7 +147,8 @@ def _small(n=200, rate=20.0):
 def test_a_slower_device_slows_exactly_what_it_runs(ray_cluster):
     """Virtual clock, the CS-3 decode device 20% slower than the model: every decode step takes
     1.25x, so TPOT grows by that while prefill (TTFT) is untouched — the run is what the devices
-    reported, not the core's arithmetic (at speed 1 the same run equals the simulator)."""
+    reported, not the core's arithmetic (at speed 1 the same run equals the simulator). Such a
+    device promises its pace exactly: the engine takes its next events while reports are out."""
     exp = _small()
     sim = hs.simulate(exp)
     slow = run_live(exp, address=ray_cluster.address, clock="virtual", device_speed={"d": 0.8})
@@ -157,6 +158,8 @@ def test_a_slower_device_slows_exactly_what_it_runs(ray_cluster):
     ratio = slow.summary["tpot_s"]["p50"] / sim.summary["tpot_s"]["p50"]
     assert 1.2 < ratio < 1.3
     assert slow.summary["runtime"]["device_pace"] == pytest.approx({"p-0": 1.0, "p-1": 1.0, "d": 1.25})
+    # a device without jitter says exactly when its spans end: the engine runs on meanwhile
+    assert slow.summary["runtime"]["events_ahead"] > 0.5 * slow.summary["runtime"]["span_reports"]
 
 
 def test_a_device_that_stops_short_changes_the_run_and_loses_no_token(ray_cluster):
@@ -173,6 +176,21 @@ def test_a_device_that_stops_short_changes_the_run_and_loses_no_token(ray_cluste
     spans = lambda r: sum(1 for d in r.decisions if d[1] == D.DECODE)  # noqa: E731
     assert spans(short) > spans(sim)
     assert short.summary["runtime"]["kv_held_after_run"] == 0
+
+
+def test_the_engine_runs_ahead_of_the_reports_and_fails_a_device_that_reports_early(ray_cluster):
+    """Virtual clock: the engine stops for a report only when its next event could come after
+    the span's earliest end — a jittered device promises a floor only, and two runs are still
+    the same run (which answers the engine waited for depends on the plan alone). A device that
+    says it is slower than it runs reports before its promise: the run fails, saying so."""
+    exp = _small()
+    runs = [run_live(exp, address=ray_cluster.address, clock="virtual", device_jitter={"d": 0.3}) for _ in range(2)]
+    assert runs[0].decisions == runs[1].decisions
+    assert runs[0].records.equals(runs[1].records)
+    assert runs[0].decisions != hs.simulate(exp).decisions                 # the jitter is in the run
+    with pytest.raises(RunFailed, match=r"device-group actor 2 reported span \d+ ending at .* before the "
+                                        r"earliest its pace allows"):
+        run_live(exp, address=ray_cluster.address, clock="virtual", faults={"overpromise_group": "d"})
 
 
 def test_wall_clock_results_are_what_the_devices_reported(ray_cluster):

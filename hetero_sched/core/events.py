@@ -52,6 +52,17 @@ class EventQueue:
         self._seq += 1
         heappush(self._heap, (time_s, PRIORITY_OF[kind], self._seq, kind, payload))
 
+    def reserve(self) -> int:
+        """Take a place in the same-time order now, for an event whose time is known only later
+        (a device's report of a span dispatched now): pushed with :meth:`push_reserved`, it sorts
+        as if it had been pushed now."""
+        self._seq += 1
+        return self._seq
+
+    def push_reserved(self, time_s: float, kind: int, payload: Any, seq: int) -> None:
+        """Schedule ``kind`` at ``time_s`` in the place :meth:`reserve` took."""
+        heappush(self._heap, (time_s, PRIORITY_OF[kind], seq, kind, payload))
+
     def pop(self) -> tuple[float, int, int, int, Any]:
         """Remove and return the earliest event."""
         return heappop(self._heap)

@@ -24,6 +24,10 @@ import numpy as np
 from hetero_sched.core.spans import Span, SpanKind, SpanReport, decode_span_duration, steps_until
 
 
+MIN_JITTER_FACTOR = 0.05
+"""A jittered span takes at least this fraction of its modeled time (a normal draw is unbounded)."""
+
+
 @dataclass(frozen=True)
 class DevicePace:
     """How a modeled device departs from the cost model: ``speed`` (0.8: 20% slower), ``jitter``
@@ -35,12 +39,19 @@ class DevicePace:
     short_steps: int = 0
     """Fault injection: every decode span of two or more steps stops this many steps short."""
 
+    def bounds(self) -> tuple[float, float]:
+        """The least and the most seconds the device takes per modeled second, over all spans
+        (``inf``: unbounded). A report is never earlier than the least allows: the engine need
+        not wait for a span's report before that (virtual clock)."""
+        f = 1.0 / self.speed
+        return (f * MIN_JITTER_FACTOR, math.inf) if self.jitter > 0 else (f, f)
+
     def factor(self, group_id: int, span_id: int) -> float:
         """Seconds the device takes per modeled second, for one span."""
         f = 1.0 / self.speed
         if self.jitter > 0:
             rng = np.random.default_rng([self.seed, group_id, span_id, zlib.crc32(b"jitter")])
-            f *= max(0.05, 1.0 + self.jitter * float(rng.standard_normal()))
+            f *= max(MIN_JITTER_FACTOR, 1.0 + self.jitter * float(rng.standard_normal()))
         return f
 
 
@@ -110,6 +121,25 @@ class Timeline:
         return {"start_s": self.start_s, "end_s": end, "steps": steps,
                 "first_step_end_s": self.start_s + a + s * c0,
                 "max_step_s": max(a + s * c0, a + s * (c0 + self.batch_size * (steps - 1)))}
+
+
+def earliest_end(span: Span, factor_lo: float, factor_hi: float, short_steps: int = 0,
+                 cut_at_s: Optional[float] = None) -> float:
+    """The earliest a device whose factor lies in ``[factor_lo, factor_hi]`` can report ``span``
+    ending (cut at ``cut_at_s``, if cut; ``short_steps``: it may stop that many decode steps
+    short). Exact when the two factors are equal: such a device runs the model scaled."""
+    if span.kind is not SpanKind.DECODE:
+        return span.start_s + span.duration_s * factor_lo
+    a, s = span.line
+    steps = max(1, span.planned_steps - short_steps) if short_steps and span.planned_steps >= 2 else span.planned_steps
+    if cut_at_s is not None:
+        # the first boundary at or after the cut: the slowest device reaches it in the fewest steps
+        fewest = 1 if math.isinf(factor_hi) else \
+            Timeline("decode", span.start_s, steps, (a * factor_hi, s * factor_hi), span.context0,
+                     span.batch_size).stop_at(cut_at_s)
+        steps = min(steps, fewest)
+    lo = Timeline("decode", span.start_s, steps, (a * factor_lo, s * factor_lo), span.context0, span.batch_size)
+    return lo.end_s()
 
 
 def span_report(span: Span, times: dict[str, float]) -> SpanReport:

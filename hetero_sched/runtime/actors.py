@@ -127,6 +127,8 @@ class DeviceGroupActor:
         self._hang_at = 0 if faults.get("hang_group") != self.name or _restarted() \
             else int(faults.get("hang_at_span", 0))
         """Injected fault: this span's report never comes (once: not after Ray restarts the actor)."""
+        self._overpromise = 2.0 if faults.get("overpromise_group") == self.name else 1.0
+        """Injected fault: the device says it is twice as slow as it runs (its reports come early)."""
         self._corrupt_every = int(faults.get("corrupt_every", 0))
         self._fault_rng = np.random.default_rng(int(faults.get("seed", 0)))
         self._exports = 0
@@ -206,6 +208,12 @@ class DeviceGroupActor:
 
     async def incarnation_id(self) -> int:
         return self.incarnation
+
+    async def pace_bounds(self) -> tuple[float, float, int]:
+        """What this device promises about its reports: the least and most seconds it takes per
+        modeled second, and how many decode steps short it may stop a span (a fault injected)."""
+        lo, hi = self.pace.bounds()
+        return lo * self._overpromise, hi * self._overpromise, self.pace.short_steps
 
     async def recover(self) -> int:
         """The handshake with a restarted scheduler: how many requests' KV this group held for
@@ -587,7 +595,7 @@ class SchedulerActor:
             "usage": [(g.name, g.device, g.role.value, b, g.cost.dollars_per_hour, g.decode_seq_s, g.kv_block_s,
                        g.limits.max_num_seqs, g.kv.num_blocks) for g, b in zip(scheduler.groups, busy)],
             "tokens": devices.tokens,
-            "stats": {"actor_calls": st.actor_calls, "span_reports": st.span_reports, "transfers": st.transfers,
+            "stats": {"actor_calls": st.actor_calls, "span_reports": st.span_reports, "events_ahead": st.events_ahead, "transfers": st.transfers,
                       "bytes_moved": st.bytes_moved, "import_s": st.import_s, "min_margin": st.min_margin,
                       "import_fetch_s": st.fetch_s, "import_queued_s": st.queued_s,
                       "kv_damaged": st.kv_damaged, "stuck_actors": st.stuck, "kv_bad_unverified": st.unverified_bad,

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
-from ray._private.internal_api import memory_summary  # private: its one use is object_store_usage
+# private: their one use is object_store_usage
+from ray._private.internal_api import get_memory_info_reply, get_state_from_address, store_stats_summary
 from ray.cluster_utils import Cluster
 
 # Ray private APIs (Ray is pinned to 2.60): the calls ray.init() itself makes to set up token
@@ -402,8 +403,14 @@ def ensure_cluster(exp: Experiment, address: Optional[str] = None) -> Iterator[s
 
 
 def object_store_usage(address: str) -> tuple[int, int]:
-    """``(MiB, objects)`` held in the cluster's object stores (from the raylets; no dashboard needed)."""
-    text = memory_summary(address, stats_only=True)
+    """``(MiB, objects)`` held in the cluster's object stores (from the raylets; no dashboard needed).
+
+    Asked of this process's own node's raylet: Ray would ask the first node the GCS lists as
+    alive, which may be one just killed that the GCS has not yet declared dead."""
+    me = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == me)
+    reply = get_memory_info_reply(get_state_from_address(address), node["NodeManagerAddress"], node["NodeManagerPort"])
+    text = store_stats_summary(reply)
     match = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
     if match is None:
         raise RuntimeError(f"unexpected memory summary from Ray: {text[:200]!r}")

@@ -6,8 +6,13 @@ the span on its own clock and answers with a report; :meth:`RayDevices.wait`, ca
 the engine takes its next event, turns answers into ``SPAN_END`` events:
 
 - **virtual clock**: an actor answers a span at once with its timeline on the device's clock
-  (provisional: a cut answers with the revised one), so ``wait`` collects every answer
-  before time moves on — the run is the simulator's, but through what the devices said;
+  (provisional: a cut answers with the revised one). ``wait`` collects an answer only before
+  the engine's next event could come after the span's end: each device says how fast it can be
+  at most (:meth:`DeviceGroupActor.pace_bounds`), which gives every span an earliest end
+  (:func:`~hetero_sched.engine.pacing.earliest_end`), and until then the engine runs on while
+  the devices answer — a conservative lookahead, as in parallel discrete-event simulation. A
+  report takes the place in the event order its span took when dispatched, so the run is the
+  simulator's, but through what the devices said (a report earlier than promised fails the run);
 - **wall clock**: an actor answers when the span has really ended; ``wait`` sleeps until the
   next timer is due *or* a report comes in, and a report becomes an event *now*. A span whose
   report is ``call_timeout_s`` past its expected end is stuck: its actor is restarted.
@@ -23,12 +28,12 @@ With a cluster KV store (``runtime/store.py``): a write the core starts makes th
 actor export those prefix blocks, whose bundle goes on to the store actors (each keeps its
 blocks as objects it owns); a read the core starts asks the store actors for the blocks' refs and
 hands them to the reading group's actor with an ``import_blocks`` before its prefill. A read
-waits until the writes of its blocks have reached the store (never on the virtual clock, where
-every call is answered before time moves).
+waits until the writes of its blocks have reached the store.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait as wait_futures
 from dataclasses import dataclass, field
@@ -40,7 +45,7 @@ from hetero_sched.core.events import EventQueue, Kind
 from hetero_sched.core.request import Phase, RequestState
 from hetero_sched.core.spans import Span, SpanKind, SpanReport, decode_span_duration
 from hetero_sched.engine.devices import Devices
-from hetero_sched.engine.pacing import span_report
+from hetero_sched.engine.pacing import earliest_end, span_report
 from hetero_sched.errors import RunFailed
 from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.inbox import Cancel, Inbox
@@ -94,6 +99,10 @@ class _Call:
     future: Optional["Future[Any]"] = None
     """Wall clock: done when the answer is in (what the engine's wait sleeps on)."""
     flow: int = 0                      # store: the write it carries
+    seq: int = 0
+    """Virtual clock: the place in the event order its report takes (reserved at dispatch)."""
+    earliest_s: float = math.inf
+    """Virtual clock: the earliest its answer can end a span (inf: it ends none)."""
 
 
 
@@ -103,6 +112,9 @@ class DeviceStats:
 
     actor_calls: int = 0
     span_reports: int = 0
+    events_ahead: int = 0
+    """Virtual clock: events the engine took while devices' answers were still out (0 if it
+    waited for every answer before time moved on)."""
     transfers: int = 0
     bytes_moved: int = 0
     import_s: float = 0.0
@@ -169,6 +181,8 @@ class RayDevices(Devices):
         """(time, group, restarted) for every actor death seen; ``restarted`` turns True when the
         group is back in service (a group whose actor never returns stays False)."""
         self._incarnations: list[int] = ask_all(actors, "incarnation_id", call_timeout_s)
+        self._bounds: list[tuple[float, float, int]] = [tuple(b) for b in ask_all(actors, "pace_bounds", call_timeout_s)]
+        """Per group: the device's least and most seconds per modeled second, steps it may stop short."""
         self._seqs = [0] * len(actors)
         self._calls: dict[ray.ObjectRef, _Call] = {}
         self._outbox: dict[int, _Outbox] = {}
@@ -197,11 +211,15 @@ class RayDevices(Devices):
             ordered = self.wall is None or self.verify_imports
             ref = actor.run_span.remote(pack("span", span=self._span_message(span), expect=self._incarnations[gid],
                                              seq=self._next_seq(gid) if ordered else -1))
-            self._calls[ref] = _Call(gid, "span", span, 0, future=self._future(ref))
+            call = _Call(gid, "span", span, 0, future=self._future(ref))
+            if self.wall is None:
+                call.seq, call.earliest_s = queue.reserve(), earliest_end(span, *self._bounds[gid])
+            self._calls[ref] = call
         elif self.wall is None:        # virtual: in order; the answer is the revised timeline
             ref = actor.cut.remote(pack("cut", span_id=span.span_id, at_s=float(now_s),
                                         expect=self._incarnations[gid], seq=self._next_seq(gid)))
-            self._calls[ref] = _Call(gid, "cut", span, span.cuts)
+            self._calls[ref] = _Call(gid, "cut", span, span.cuts, seq=queue.reserve(),
+                                     earliest_s=earliest_end(span, *self._bounds[gid], cut_at_s=now_s))
         else:                          # wall: at once, past whatever the actor is doing
             actor.cut.remote(pack("cut", span_id=span.span_id, at_s=float(now_s),
                                   expect=self._incarnations[gid], seq=-1))
@@ -240,10 +258,16 @@ class RayDevices(Devices):
         self._changed = None
         self._queue = queue
         if self.wall is None:
-            while self._calls or self._outbox:
-                self._send()
-                self._collect(self._calls_list(), timeout_s=self.call_timeout_s)
-            return self._changed
+            while True:
+                next_s = queue.peek_time()
+                self._send(min_ops=0 if next_s is None else self.LAZY_OPS)
+                due = self._answers_due(next_s)
+                if not due:
+                    self.stats.events_ahead += 1 if self._calls else 0
+                    return self._changed
+                self._collect(due, timeout_s=self.call_timeout_s)
+                if self._changed is not None:
+                    return self._changed
         while True:
             if self.inbox is not None and self._take_inbox():
                 break                                   # requests came in, or a client gave up
@@ -315,7 +339,7 @@ class RayDevices(Devices):
         if self.journal is not None:            # group commit: one write per plan
             self.journal.commit(now_s, self.scheduler.decisions, [g.busy_s for g in self.scheduler.groups])
         self._check_restarts()
-        self._send()
+        self._send(min_ops=0 if self.wall is not None else self.LAZY_OPS)
         return True                              # a restart may have changed the core: ask it
 
     # --- core: ExecutorHooks --------------------------------------------------------------------
@@ -399,8 +423,7 @@ class RayDevices(Devices):
             self.store_actors[index].evict.remote([(h, version[h]) for h in sub])
 
     def _await_puts(self, hashes: tuple[int, ...]) -> None:
-        """Wait until the writes of ``hashes`` reached their store actors (wall clock only: on the
-        virtual clock every call was answered before the read's time came)."""
+        """Wait until the writes of ``hashes`` reached their store actors."""
         deadline = time.monotonic() + self.call_timeout_s
         while True:
             flows = {self._put_pending[h] for h in hashes if h in self._put_pending}
@@ -484,12 +507,21 @@ class RayDevices(Devices):
         box.ops.append({"op": "import", "id": rid, "last": last, "ref": k, "index": index})
         box.imports[rid] = transfer_id
 
-    def _send(self, only: Optional[int] = None) -> None:
-        """One ``step`` call per actor with KV operations waiting (or for actor ``only``); calls
-        to one actor run in the order sent."""
+    LAZY_OPS = 512
+    """Virtual clock: KV operations wait in an actor's outbox until its next span (which needs
+    them first) or until this many gather; nothing on that clock depends on them sooner
+    (imports whose verdict is waited for are sent then) — one call instead of one per plan."""
+
+    def _send(self, only: Optional[int] = None, min_ops: int = 0) -> None:
+        """One ``step`` call per actor with KV operations waiting (or for actor ``only``; or for
+        actors with at least ``min_ops`` waiting); calls to one actor run in the order sent."""
         if not self._outbox:
             return
-        if only is None:
+        if min_ops > 0:
+            outbox = {gid: box for gid, box in self._outbox.items() if len(box.ops) >= min_ops}
+            for gid in outbox:
+                del self._outbox[gid]
+        elif only is None:
             outbox, self._outbox = self._outbox, {}
         elif only in self._outbox:
             outbox = {only: self._outbox.pop(only)}
@@ -516,6 +548,18 @@ class RayDevices(Devices):
 
     def _calls_list(self) -> list[ray.ObjectRef]:
         return list(self._calls)
+
+    def _answers_due(self, next_s: Optional[float]) -> list[ray.ObjectRef]:
+        """Virtual clock: the calls to collect before the event at ``next_s`` (None: the run's
+        end) — those whose span may end by then, with every call sent before them to the same
+        actor (answered already: an actor answers in order). Which calls these are depends on
+        the plan alone, never on how fast the actors answered, so a run is reproducible."""
+        calls = list(self._calls.items())
+        last: dict[int, int] = {}
+        for i, (_, call) in enumerate(calls):
+            if next_s is None or call.earliest_s <= next_s:
+                last[call.group_id] = i
+        return [ref for i, (ref, call) in enumerate(calls) if i <= last.get(call.group_id, -1)]
 
     # --- answers --------------------------------------------------------------------------------
     def _collect(self, refs: list[ray.ObjectRef], timeout_s: float) -> None:
@@ -573,7 +617,11 @@ class RayDevices(Devices):
             span = call.span
             assert span is not None
             if self.wall is None:   # provisional until its time comes: a later cut supersedes it
-                self._queue.push(float(msg["end_s"]), Kind.SPAN_END, (span, call.cuts, msg, out_refs))
+                end_s = float(msg["end_s"])
+                if end_s < call.earliest_s - 1e-9 * max(1.0, abs(call.earliest_s)):
+                    raise RunFailed(f"device-group actor {gid} reported span {span.span_id} ending at {end_s:.9f} s, "
+                                    f"before the earliest its pace allows ({call.earliest_s:.9f} s)")
+                self._queue.push_reserved(end_s, Kind.SPAN_END, (span, call.cuts, msg, out_refs), call.seq)
             else:                   # final: the device is done with it, whatever the core cut since
                 self._queue.push(self.wall.now(), Kind.SPAN_END, (span, None, msg, out_refs))
                 queued = True
