@@ -12,11 +12,16 @@ import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import typer
 
 from hetero_sched.errors import RunFailed, UserError
+
+if TYPE_CHECKING:      # imported where used: a command's startup pays only for what it needs
+    from rich.console import Console
+
+    from hetero_sched.catalog import GroupSpec
 
 _CLICK = sys.modules[typer.BadParameter.__module__]
 """click's exceptions module (recent typer vendors its own click, so not ``import click``)."""
