@@ -55,6 +55,12 @@ class DevicePace:
         return f
 
 
+def device_steps(planned: int, short_steps: int) -> int:
+    """Decode steps a device makes of ``planned`` when it stops ``short_steps`` short (a fault
+    injected into spans of two or more steps)."""
+    return max(1, planned - short_steps) if short_steps and planned >= 2 else planned
+
+
 @dataclass
 class Timeline:
     """One span on a device's clock: when it started, its scaled step-time line, its steps."""
@@ -74,17 +80,18 @@ class Timeline:
         if span["kind"] != "decode":
             return Timeline(span["kind"], start_s, span["steps"], duration_s=span["duration_s"] * factor)
         a, s = span["line"]
-        steps = span["steps"]
-        if short_steps and steps >= 2:
-            steps = max(1, steps - short_steps)
-        return Timeline("decode", start_s, steps, (a * factor, s * factor), span["context0"], span["batch_size"])
+        return Timeline("decode", start_s, device_steps(span["steps"], short_steps), (a * factor, s * factor),
+                        span["context0"], span["batch_size"])
 
     @staticmethod
-    def of_span(span: Span, start_s: float) -> "Timeline":
-        """The timeline of a core's span on a device that runs it as modeled, from ``start_s``."""
+    def of_span(span: Span, start_s: float, factor: float = 1.0, short_steps: int = 0) -> "Timeline":
+        """The timeline of a core's span on a device that takes ``factor`` s per modeled s (at 1.0:
+        runs it as modeled), from ``start_s``."""
         if span.kind is not SpanKind.DECODE:
-            return Timeline(span.kind.value, start_s, span.planned_steps, duration_s=span.duration_s)
-        return Timeline("decode", start_s, span.planned_steps, span.line, span.context0, span.batch_size)
+            return Timeline(span.kind.value, start_s, span.planned_steps, duration_s=span.duration_s * factor)
+        a, s = span.line
+        return Timeline("decode", start_s, device_steps(span.planned_steps, short_steps), (a * factor, s * factor),
+                        span.context0, span.batch_size)
 
     def end_s(self, steps: Optional[int] = None) -> float:
         """When step ``steps`` (default: the last) ends."""
@@ -128,18 +135,13 @@ def earliest_end(span: Span, factor_lo: float, factor_hi: float, short_steps: in
     """The earliest a device whose factor lies in ``[factor_lo, factor_hi]`` can report ``span``
     ending (cut at ``cut_at_s``, if cut; ``short_steps``: it may stop that many decode steps
     short). Exact when the two factors are equal: such a device runs the model scaled."""
-    if span.kind is not SpanKind.DECODE:
-        return span.start_s + span.duration_s * factor_lo
-    a, s = span.line
-    steps = max(1, span.planned_steps - short_steps) if short_steps and span.planned_steps >= 2 else span.planned_steps
-    if cut_at_s is not None:
-        # the first boundary at or after the cut: the slowest device reaches it in the fewest steps
-        fewest = 1 if math.isinf(factor_hi) else \
-            Timeline("decode", span.start_s, steps, (a * factor_hi, s * factor_hi), span.context0,
-                     span.batch_size).stop_at(cut_at_s)
-        steps = min(steps, fewest)
-    lo = Timeline("decode", span.start_s, steps, (a * factor_lo, s * factor_lo), span.context0, span.batch_size)
-    return lo.end_s()
+    fastest = Timeline.of_span(span, span.start_s, factor_lo, short_steps)
+    if cut_at_s is None or span.kind is not SpanKind.DECODE:
+        return fastest.end_s()
+    # the first boundary at or after the cut: the slowest device reaches it in the fewest steps
+    fewest = 1 if math.isinf(factor_hi) else \
+        Timeline.of_span(span, span.start_s, factor_hi, short_steps).stop_at(cut_at_s)
+    return fastest.end_s(min(fastest.steps, fewest))
 
 
 def span_report(span: Span, times: dict[str, float]) -> SpanReport:
