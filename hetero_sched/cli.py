@@ -615,6 +615,7 @@ def sensitivity(
     address: Optional[str] = typer.Option(None, help="Ray cluster ('auto', host:port; default: $RAY_ADDRESS, else a local Ray)."),
     no_ray: bool = typer.Option(False, "--no-ray", help="Run the design points one by one in this process."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the summary path only."),
+    debug: bool = DEBUG,
 ) -> None:
     """Vary every assumed or fitted parameter over its range (one at a time and jointly) and report
     intervals on goodput, goodput per dollar and the sweep's ratios, with a tornado plot per output.
@@ -732,6 +733,7 @@ def report(
 def tokenizer(
     folder: Optional[Path] = typer.Argument(None, help="Write the tokenizer's files into this folder (created). Default: print the packaged copy's folder."),
     hf_cache: bool = typer.Option(False, "--hf-cache", help="Make FOLDER a Hugging Face hub cache holding the tokenizer as hetero-sched/byte-256 (for HF_HUB_OFFLINE=1 HF_HUB_CACHE=FOLDER); prints the id."),
+    debug: bool = DEBUG,
 ) -> None:
     """The byte-level tokenizer of the tiny model (vocabulary 256, no special tokens), as Hugging Face files.
 

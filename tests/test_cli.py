@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import typer
 import yaml
 
 import hetero_sched as hs
@@ -199,6 +200,18 @@ def test_debug_prints_the_traceback_of_what_failed(tmp_path, monkeypatch, capsys
     assert err.strip().splitlines()[-1].startswith("error: policy mine:Raises raised ValueError")
     code, _, err = run_cli(monkeypatch, capsys, "catalog", "--device", "trn2", "--debug")   # a plain UserError
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: --device and --model")
+    code, _, err = run_cli(monkeypatch, capsys, "tokenizer", "--hf-cache", "--debug")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1] == "error: --hf-cache needs a FOLDER"
+    code, _, err = run_cli(monkeypatch, capsys, "sensitivity", str(tmp_path / "absent.yaml"), "-o", str(tmp_path / "s"),
+                           "--debug")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].endswith("no such sweep or experiment file")
+
+
+@pytest.mark.parametrize("command", sorted(typer.main.get_command(cli.app).commands))
+def test_every_command_accepts_debug(command, monkeypatch, capsys):
+    """The README promises --debug on every command: a command added without it fails here."""
+    code, out, err = run_cli(monkeypatch, capsys, command, "--debug", "--help")
+    assert code == 0 and "--debug" in out, err
 
 
 def test_a_policy_module_next_to_the_experiment_is_importable(tmp_path, monkeypatch, capsys):
