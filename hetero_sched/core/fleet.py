@@ -30,6 +30,8 @@ from bisect import bisect_left, insort
 from collections.abc import Sequence
 from typing import Any, Callable, Iterator, Optional
 
+from mypy_extensions import i64
+
 from hetero_sched.core.kvblocks import PrefixHolders
 
 PREFILL_TOKENS = "prefill_tokens"
@@ -74,6 +76,19 @@ SCAN_LIMIT = 16
 so few groups that is cheaper than keeping a tree up to date at every change."""
 
 
+class _Entry:
+    """One group's place in a ranking. An object, not numbers in lists, so that the compiled tree
+    compares two entries by reading doubles (lists of floats box and unbox every value)."""
+
+    __slots__ = ("position", "member", "primary", "secondary")
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self.member = False
+        self.primary = math.inf
+        self.secondary = math.inf
+
+
 class Ranking:
     """The least ``(primary, secondary, position)`` over a fixed list of groups, among members.
 
@@ -102,72 +117,67 @@ class Ranking:
         while size < len(group_ids):
             size *= 2
         self._size = size
-        self._primary = [math.inf] * size
-        self._secondary = [math.inf] * size
-        self._member = [False] * size
-        self._win = [-1] * (2 * size)
+        self._entries = [_Entry(i) for i in range(size)]
+        self._win: list[Optional[_Entry]] = [None] * (2 * size)
+        """Node i's best member (None: no member below it); the leaves are ``size + position``."""
 
     def best_id(self) -> int:
         """The best member's group id, or -1 if there is none."""
-        leaf = self._win[1]
-        return -1 if leaf < 0 else self.group_ids[leaf]
+        e = self._win[1]
+        return -1 if e is None else self.group_ids[e.position]
 
     def best_key(self) -> float:
         """The best member's primary key (inf if there is none)."""
-        leaf = self._win[1]
-        return math.inf if leaf < 0 else self._primary[leaf]
+        e = self._win[1]
+        return math.inf if e is None else e.primary
 
     def ordered(self) -> Iterator[int]:
         """The members' group ids from the best on, lazily: O(log n) each (a best-first walk of
         the tree), so the first few cost what they are, not a sort of every group."""
         win = self._win
-        if win[1] < 0:
+        top = win[1]
+        if top is None:
             return
-        frontier: list[tuple[float, float, int, int]] = [self._entry(1)]
+        frontier: list[tuple[float, float, int, int]] = [(top.primary, top.secondary, top.position, 1)]
         while frontier:
-            _, _, leaf, node = heapq.heappop(frontier)
+            _, _, position, node = heapq.heappop(frontier)
             while node < self._size:       # descend to the leaf, keeping the other branch
                 left = 2 * node
                 right = left + 1
-                if win[left] == leaf:
+                w = win[left]
+                if w is not None and w.position == position:
                     node, other = left, right
                 else:
                     node, other = right, left
-                if win[other] >= 0:
-                    heapq.heappush(frontier, self._entry(other))
-            yield self.group_ids[leaf]
-
-    def _entry(self, node: int) -> tuple[float, float, int, int]:
-        leaf = self._win[node]
-        return (self._primary[leaf], self._secondary[leaf], leaf, node)
+                o = win[other]
+                if o is not None:
+                    heapq.heappush(frontier, (o.primary, o.secondary, o.position, other))
+            yield self.group_ids[position]
 
     def set(self, position: int, member: bool, primary: float, secondary: float) -> None:
         """Position ``position``'s group is (or is not) a member, with this key."""
-        if (member == self._member[position] and primary == self._primary[position]
-                and secondary == self._secondary[position]):
+        e = self._entries[position]
+        if member == e.member and primary == e.primary and secondary == e.secondary:
             return
-        self._member[position] = member
-        self._primary[position] = primary
-        self._secondary[position] = secondary
+        e.member = member
+        e.primary = primary
+        e.secondary = secondary
         win = self._win
-        node = self._size + position
-        win[node] = position if member else -1
+        node: i64 = self._size + position
+        win[node] = e if member else None
         node >>= 1
         while node:
-            a = win[2 * node]
-            b = win[2 * node + 1]
-            if a < 0:
+            a = win[node + node]
+            b = win[node + node + 1]
+            if a is None:
                 w = b
-            elif b < 0:
+            elif b is None:
                 w = a
+            elif b.primary < a.primary or (b.primary == a.primary and b.secondary < a.secondary):
+                w = b
             else:
-                pa = self._primary[a]
-                pb = self._primary[b]
-                if pb < pa or (pb == pa and self._secondary[b] < self._secondary[a]):
-                    w = b
-                else:
-                    w = a          # equal keys: the left one, a lower group id
-            if win[node] == w and w != position:
+                w = a              # equal keys: the left one, a lower group id
+            if win[node] is w and w is not e:
                 break              # nothing above changes
             win[node] = w
             node >>= 1
