@@ -303,9 +303,10 @@ def serve(
     actor prefills, the KV moves as Arrow through the object store, a CS-3 decode actor streams
     the tokens it makes. Endpoints: POST /v1/completions and /v1/chat/completions (SSE with
     "stream": true), GET /v1/models, /health, /ready, /metrics (Prometheus, vLLM's names).
-    Admission rejections are 429 with Retry-After; bad requests 400. The tokenizer clients load
-    is `hetero-sched tokenizer` (byte-level, 256 ids). With tracing, each request is one trace
-    rooted at its HTTP request (under a client's W3C traceparent). Also as a Ray job:
+    Rejections for load are 429 with Retry-After; bad requests, and requests no group can ever
+    hold, are 400. The tokenizer clients load is `hetero-sched tokenizer` (byte-level, 256 ids).
+    With tracing, each request is one trace rooted at its HTTP request (under a client's W3C
+    traceparent). Also as a Ray job:
     `ray job submit --address ADDR -- hetero-sched serve EXPERIMENT.yaml --address auto`.
     """
     import signal

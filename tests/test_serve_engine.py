@@ -3,8 +3,9 @@ cluster), driven by the official ``openai`` client.
 
 The engine behind the server is the one ``hetero-sched run`` uses: device-group actors run the
 spans and stream each token as they make it. These tests check what a client gets (text, usage,
-streaming, 429, 400) and what the cluster does with it (a client that leaves frees its request's
-KV and slots everywhere; the numpy backend's text is the tiny Llama's, token for token).
+streaming, 429 for load, 400 for what can never be served) and what the cluster does with it (a
+client that leaves frees its request's KV and slots everywhere; the numpy backend's text is the
+tiny Llama's, token for token).
 """
 
 from __future__ import annotations
@@ -159,6 +160,28 @@ def test_overload_is_429_with_retry_after_and_the_reason(ray_cluster: Any) -> No
             assert "max_inflight" in r.json()["error"]["message"]
         for r in streams:
             r.close()
+    finally:
+        s.stop()
+
+
+def test_a_request_no_group_can_ever_hold_is_400_without_retry_after(ray_cluster: Any) -> None:
+    """A prompt within the model's window but beyond the KV every decode group could hold even
+    empty can never be served: 400 with an OpenAI error body and no Retry-After (a 429 would have
+    clients retry it forever), while what fits is still served."""
+    exp = disagg_experiment(model=MODEL)
+    exp["groups"][1]["kv_capacity_tokens"] = 4096          # the only decode group; window 131,072
+    s = Server(exp)
+    try:
+        r = requests.post(f"{s.url}/v1/completions", json={"model": MODEL, "prompt": "z" * 5000, "max_tokens": 8},
+                          timeout=60)
+        assert r.status_code == 400, r.text
+        assert "Retry-After" not in r.headers
+        error = r.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "kv_capacity"), error
+        assert "exceed the KV capacity of every group that can decode" in error["message"]
+        with pytest.raises(openai.BadRequestError):                     # the client does not retry a 400
+            s.client().completions.create(model=MODEL, prompt="z" * 5000, max_tokens=8)
+        assert s.client().completions.create(model=MODEL, prompt="fits", max_tokens=4).usage.completion_tokens == 4
     finally:
         s.stop()
 

@@ -174,6 +174,12 @@ class RejectCode:
     CANCELLED: Final = "cancelled"                # not a rejection: the client gave up (serving)
 
 
+NEVER_SERVABLE: Final = frozenset({RejectCode.CONTEXT_TOO_LONG, RejectCode.KV_CAPACITY})
+"""Codes of requests this deployment can never serve, however long a client waits (beyond the
+model's window, more KV than a group can hold); every other code is load or a passing state
+that a retry may find gone. A server answers the first kind 400, the rest 429 with Retry-After."""
+
+
 @dataclass(frozen=True, slots=True)
 class Reject:
     """Turn the request away, with a reason the record keeps and a short code summaries group by

@@ -3,10 +3,11 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when ``stream``),
 ``GET /v1/models``, ``/health``, ``/ready``, ``/metrics``. Every error, ours or aiohttp's (404,
 405, 413), is an OpenAI-style JSON body; an unexpected exception is a 500 and is logged -- the
-server keeps serving. Admission rejections are 429 with ``Retry-After``. The runner cancels a
-handler whose client went away (``handler_cancellation``), so a disconnect -- mid-stream or
-while a non-streamed reply is being gathered -- closes the request's stream, which cancels it
-in the core (:class:`~hetero_sched.serve.servecore.EventStream`).
+server keeps serving. A request the core refuses is 429 with ``Retry-After`` if it may be served
+later, 400 if it never can be (:func:`_rejection`). The runner cancels a handler whose client
+went away (``handler_cancellation``), so a disconnect -- mid-stream or while a non-streamed
+reply is being gathered -- closes the request's stream, which cancels it in the core
+(:class:`~hetero_sched.serve.servecore.EventStream`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from hetero_sched.serve.metrics import CONTENT_TYPE, ServeMetrics
-from hetero_sched.serve.openai_api import (ApiError, ApiRequest, Endpoint, full_response, now_created,
+from hetero_sched.serve.openai_api import (ApiError, ApiRequest, Endpoint, bad, full_response, now_created,
                                            parse_request, retry_after_header, stream_chunk, usage_chunk)
 from hetero_sched.serve.servecore import FinalEvent, FinishReason, Rejected, ServeCore, ServeRequest, TokenStream
 from hetero_sched.serve.tokenizer import ByteTokenizer, Detokenizer
@@ -49,6 +50,15 @@ def _sse(obj: Any) -> bytes:
 
 
 _DONE = b"data: [DONE]\n\n"
+
+
+def _rejection(exc: Rejected, headers: dict[str, str]) -> web.Response:
+    """The core's refusal: 429 with ``Retry-After`` when a retry may succeed; 400 with no
+    ``Retry-After`` when the request can never be served here (a client would retry it forever)."""
+    if not exc.retryable:
+        return _json(bad(f"rejected: {exc.reason}", code=exc.code or "invalid_value").body(), 400, headers)
+    error = ApiError(429, f"rejected: {exc.reason}", type="rate_limit_error", code="rate_limit_exceeded")
+    return _json(error.body(), 429, headers={**headers, "Retry-After": retry_after_header(exc.retry_after_s)})
 
 
 @dataclass
@@ -188,8 +198,7 @@ class ServeApp:
             stream = await self.core.submit(core_request)
         except Rejected as exc:
             self.metrics.rejected.labels(self.metrics.model_name).inc()
-            error = ApiError(429, f"rejected: {exc.reason}", type="rate_limit_error", code="rate_limit_exceeded")
-            return _json(error.body(), 429, headers={**headers, "Retry-After": retry_after_header(exc.retry_after_s)})
+            return _rejection(exc, headers)
         timing = _Timing(received)
         finished = False
         try:

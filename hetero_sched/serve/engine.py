@@ -6,7 +6,8 @@ clock, in a thread of the server's process:
 
 - a request becomes a :class:`~hetero_sched.core.request.Request` (its prompt's token ids, its
   ``max_tokens`` as its output length) left in the engine's :class:`~hetero_sched.runtime.inbox.Inbox`;
-  ``submit`` returns once the core placed it (admitted) or rejected it (HTTP 429);
+  ``submit`` returns once the core placed it (admitted) or rejected it (HTTP 429, or 400 for
+  what no group can ever serve: ``NEVER_SERVABLE``);
 - device actors stream each token as they make it (``deliver``: progress messages), so a client
   sees tokens at the times the devices produced them; the numpy backend's tokens are the tiny
   Llama's, the modeled backend's are placeholder text (its devices compute nothing);
@@ -36,6 +37,7 @@ from hetero_sched.core.spans import Span, SpanReport
 from hetero_sched.engine.assembly import ExperimentLike, build_scheduler, resolve
 from hetero_sched.engine.loop import run_events
 from hetero_sched.experiment import Experiment
+from hetero_sched.policies.base import NEVER_SERVABLE
 from hetero_sched.predictor import predict_outputs
 from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.devices import RayDevices
@@ -262,29 +264,30 @@ class EngineCore:
         self._call(self._admit, rs.request_id, None)
 
     def finished(self, rs: RequestState, tokens: Optional[list[int]]) -> None:
-        self._call(self._end, rs.request_id, rs.phase, rs.reject_reason, rs.finish_s, rs.generated,
-                   rs.cached_tokens, tokens)
+        self._call(self._end, rs.request_id, rs.phase, rs.reject_reason, rs.reject_code, rs.finish_s,
+                   rs.generated, rs.cached_tokens, tokens)
 
     def _call(self, fn: Any, *args: Any) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
 
-    def _admit(self, rid: int, rejection: Optional[str]) -> None:
+    def _admit(self, rid: int, rejection: Optional[str], code: Optional[str] = None) -> None:
         live = self._live.get(rid)
         if live is None or live.admitted.done():
             return
         if rejection is None:
             live.admitted.set_result(None)
         else:
-            live.admitted.set_exception(Rejected(rejection, self.options.retry_after_s))
+            live.admitted.set_exception(Rejected(rejection, self.options.retry_after_s, code=code,
+                                                 retryable=code not in NEVER_SERVABLE))
 
-    def _end(self, rid: int, phase: Phase, reason: Optional[str], finish_s: Optional[float], generated: int,
-             cached: int, tokens: Optional[list[int]]) -> None:
+    def _end(self, rid: int, phase: Phase, reason: Optional[str], code: Optional[str], finish_s: Optional[float],
+             generated: int, cached: int, tokens: Optional[list[int]]) -> None:
         live = self._live.get(rid)
         if live is None:
             return
-        if not live.admitted.done():            # rejected on arrival: the client gets a 429
-            self._admit(rid, reason or "rejected")
+        if not live.admitted.done():            # rejected on arrival: the client gets a 429 or 400
+            self._admit(rid, reason or "rejected", code)
             return
         t = self._origin + (finish_s if finish_s is not None else self._wall.now())
         if phase is Phase.COMPLETED:
@@ -304,7 +307,8 @@ class EngineCore:
 
     def _fail_all(self) -> None:
         for rid, live in list(self._live.items()):
-            self._end(rid, Phase.REJECTED, f"the engine stopped: {self._failure}", None, live.next_index, 0, None)
+            self._end(rid, Phase.REJECTED, f"the engine stopped: {self._failure}", None, None, live.next_index, 0,
+                      None)
 
 
 def _mean(values: list[float]) -> float:

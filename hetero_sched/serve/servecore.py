@@ -9,8 +9,8 @@ test double of it.
 Contract:
 
 - ``submit`` returns once the request is **admitted** (or raises :class:`Rejected` with the
-  reason and a retry hint, which the HTTP layer answers with 429 and ``Retry-After``); it must
-  not wait for the first token.
+  reason and a retry hint, which the HTTP layer answers with 429 and ``Retry-After`` -- or 400
+  if the core can never serve the request); it must not wait for the first token.
 - The returned :class:`TokenStream` yields zero or more :class:`TokenEvent` (one per device
   report: a decode step, or several tokens reported at once) and then exactly one
   :class:`FinalEvent`, after which iteration stops.
@@ -147,12 +147,19 @@ class EventStream:
 
 
 class Rejected(Exception):
-    """Admission refused the request: HTTP 429 with ``Retry-After`` and ``reason``."""
+    """The core refused the request, saying why (``reason``; ``code``: its short reason code).
 
-    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
+    ``retryable``: it may be served later (load, a passing state) -- HTTP 429 with ``Retry-After``;
+    else this deployment can never serve it -- HTTP 400, so that a client does not retry forever.
+    """
+
+    def __init__(self, reason: str, retry_after_s: float = 1.0, *, code: Optional[str] = None,
+                 retryable: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.code = code
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
