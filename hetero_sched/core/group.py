@@ -66,6 +66,25 @@ class GroupLimits:
     """Share of the prefill side's KV memory budgeted for the prefix cache / KV retention."""
 
 
+PREFILL_MEMO_SIZE = 1 << 16
+"""One-prompt prefill times a :class:`CostMemo` keeps, at most (then it asks the cost model)."""
+
+
+class CostMemo:
+    """What groups asked of one cost model, kept for every group that shares that model.
+
+    The cost model is plain Python (a prefill time is ~3 µs, a tenth of a simulated request),
+    and batch sizes and prompt lengths repeat: decode-step lines per batch size, and the prefill
+    time of a one-prompt span per (new, cached) tokens. The answers are the cost model's own.
+    """
+
+    __slots__ = ("lines", "prefill_s")
+
+    def __init__(self) -> None:
+        self.lines: dict[int, tuple[Line, ...]] = {}
+        self.prefill_s: dict[int, float] = {}
+
+
 class GroupState:
     """One device group's queues, batch and KV memory, with closed-form spans."""
 
@@ -104,7 +123,7 @@ class GroupState:
         """Σ KV blocks in use × time (sampled whenever the scheduler touches the group)."""
         self._kv_used = 0
         self._kv_since_s = 0.0
-        self._lines: dict[int, tuple[Line, ...]] = {}
+        self._memo = CostMemo()
         self.chunk_budget: Optional[int] = None
         """Tokens per iteration when prefill is chunked (Sarathi-Serve); None: whole prompts."""
         self._partial: list[RequestState] = []            # chunked prefills under way, in order
@@ -211,17 +230,31 @@ class GroupState:
         """Sequences holding a decode slot: running, ready to join, or with KV in transit."""
         return len(self.batch) + self.in_transit
 
-    def share_step_lines(self, cache: dict[int, tuple[Line, ...]]) -> None:
-        """Use ``cache`` for the decode-step lines per batch size: groups with one cost model
-        share it (each batch size is then asked of the cost model once, not once per group)."""
-        cache.update(self._lines)
-        self._lines = cache
+    def share_cost_memo(self, memo: CostMemo) -> None:
+        """Use ``memo`` for what this group asks its cost model: groups with one cost model
+        share one (each question is then asked of the cost model once, not once per group)."""
+        memo.lines.update(self._memo.lines)
+        memo.prefill_s.update(self._memo.prefill_s)
+        self._memo = memo
 
     def decode_lines(self, batch_size: int) -> tuple[Line, ...]:
-        lines = self._lines.get(batch_size)
+        lines = self._memo.lines.get(batch_size)
         if lines is None:
-            lines = self._lines[batch_size] = self.cost.decode_step_lines(batch_size)
+            lines = self._memo.lines[batch_size] = self.cost.decode_step_lines(batch_size)
         return lines
+
+    def prefill_s(self, new_tokens: list[int], cached_tokens: list[int]) -> float:
+        """The cost model's prefill time of a span (one prompt's: from the memo when asked before)."""
+        if len(new_tokens) != 1 or cached_tokens[0] >= 1 << 32:
+            return self.cost.prefill_time_s(new_tokens, cached_tokens)
+        key = new_tokens[0] << 32 | cached_tokens[0]
+        memo = self._memo.prefill_s
+        duration = memo.get(key)
+        if duration is None:
+            duration = self.cost.prefill_time_s(new_tokens, cached_tokens)
+            if len(memo) < PREFILL_MEMO_SIZE:
+                memo[key] = duration
+        return duration
 
     def fits_ever(self, tokens: int) -> bool:
         """Whether ``tokens`` of KV could fit this group at all (when empty)."""
@@ -467,7 +500,7 @@ class GroupState:
             total += new
         if not batch:
             return None
-        duration = self.cost.prefill_time_s(new_list, cached_list)
+        duration = self.prefill_s(new_list, cached_list)
         if plans is not None and tiers is not None:
             duration = tiers.span_s(duration, [p for _, p in plans])
         self._next_span_id += 1
@@ -544,7 +577,7 @@ class GroupState:
         cached_list = [start for _, start, _ in chunks]
         # prefix-cache hits of the prompts starting here (a later chunk attends to earlier ones)
         first_cached = sum(start for rs, start, _ in chunks if rs.prefill_done == 0)
-        duration = self.cost.prefill_time_s(new_list, cached_list)
+        duration = self.prefill_s(new_list, cached_list)
         tiers = self.memory.tiers
         if plans and tiers is not None:
             duration = tiers.span_s(duration, [p for _, p in plans])

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, cast
 
 from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
 from hetero_sched.core.fleet import Fleet
-from hetero_sched.core.group import GroupState, Role
+from hetero_sched.core.group import CostMemo, GroupState, Role
 from hetero_sched.core.hooks import ExecutorHooks
 from hetero_sched.core.kvblocks import PrefixHolders
 from hetero_sched.core.kvstore import ClusterKVStore, PrefixPlanner
@@ -31,13 +31,13 @@ from hetero_sched.core.rejection import capacity, infeasible
 from hetero_sched.core.request import Phase, Request, RequestState
 from hetero_sched.core.spans import Span, SpanKind, SpanOutcome, SpanReport
 from hetero_sched.core.transfer import LayerwiseStreaming, TransferNetwork, layerwise_tail
-from hetero_sched.costmodel import Line
 from hetero_sched.errors import UserError
 from hetero_sched.policies.base import (GroupView, Placement, Policy, PolicyFailed, Reject, RejectCode as R,
                                         RequestInfo, RoleSwitch)
 
 Timer = tuple[float, int, Any]
 """``(time_s, Kind.*, payload)``: something the driver must call back at ``time_s``."""
+_new_tuple = tuple.__new__
 
 RECORD_COLUMNS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "predicted_output",
@@ -80,11 +80,11 @@ class Scheduler:
         self.fleet = Fleet(self.views, holders)
         """The views as policies get them, with the indexes that spare them a scan of every group."""
         self._seen = cast(Sequence[GroupView], self.fleet)    # a Fleet is a sequence of views
-        lines: dict[int, dict[int, tuple[Line, ...]]] = {}
+        memos: dict[int, CostMemo] = {}
         for g in self.groups:
             if holders is not None:
                 g.memory.index_prefixes(holders, g.group_id)
-            g.share_step_lines(lines.setdefault(id(g.cost), {}))
+            g.share_cost_memo(memos.setdefault(id(g.cost), CostMemo()))
         try:
             policy.check(self._seen)
         except UserError:
@@ -450,8 +450,10 @@ class Scheduler:
     # --- internals --------------------------------------------------------------------------
     def _info(self, rs: RequestState) -> RequestInfo:
         r = rs.request
-        return RequestInfo(rs.request_id, r.arrival_s, rs.prefill_tokens, rs.predicted_output,
-                           r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group, rs.generated)
+        # tuple.__new__ with every field: a NamedTuple's own __new__ is interpreted Python, ten
+        # times the cost (and this runs twice per request)
+        return _new_tuple(RequestInfo, (rs.request_id, r.arrival_s, rs.prefill_tokens, rs.predicted_output,
+                                        r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group, rs.generated))
 
     def _place(self, now_s: float, rs: RequestState) -> None:
         if rs.cancelled:                    # its client gave up while it was being resumed
