@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import sys
 import textwrap
@@ -43,6 +44,58 @@ def test_event_queue_same_time_order():
     q.push(0.5, Kind.ARRIVAL, "early")
     q.push(1.0, Kind.ARRIVAL, "arrival-2")
     assert [q.pop()[4] for _ in range(5)] == ["early", "completion", "kv", "arrival", "arrival-2"]
+
+
+def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
+    # against heapq over (time, priority, seq) tuples, pushes and pops interleaved, ties frequent
+    # (a few repeated times), and reserved places (a span's report pushed later, sorting as if
+    # pushed at dispatch)
+    rng = np.random.default_rng(7)
+    priority = {Kind.SPAN_END: 0, Kind.TRANSFER: 1, Kind.KV_ARRIVAL: 1, Kind.ARRIVAL: 2}
+    for _ in range(50):
+        q, ref, seq, got, want, reserved = EventQueue(), [], 0, [], [], []
+        for i in range(int(rng.integers(1, 300))):
+            step = rng.random()
+            if ref and step < 0.35:
+                got.append(q.pop())
+                want.append(heapq.heappop(ref))
+                continue
+            t = float(rng.choice([0.5, 1.0, 2.0, rng.random() * 3]))
+            kind = int(rng.choice([Kind.SPAN_END, Kind.TRANSFER, Kind.KV_ARRIVAL, Kind.ARRIVAL]))
+            if step < 0.5:
+                reserved.append((q.reserve(), kind, i))
+                seq += 1
+                continue
+            if reserved and step < 0.6:
+                s, kind, payload = reserved.pop(0)
+                q.push_reserved(t, kind, payload, s)
+                heapq.heappush(ref, (t, priority[kind], s, kind, payload))
+                continue
+            q.push(t, kind, i)
+            seq += 1
+            heapq.heappush(ref, (t, priority[kind], seq, kind, i))
+        while ref:
+            got.append(q.pop())
+            want.append(heapq.heappop(ref))
+        assert got == want and len(q) == 0 and q.peek_time() is None
+
+
+def test_groups_with_one_cost_model_share_its_memo_and_get_its_answers():
+    exp, base = resolve(disagg_experiment())
+    sched = build_scheduler(exp, build_workload(exp.workload, exp.seed, base), base)
+    by_cost: dict[int, list[GroupState]] = {}
+    for g in sched.groups:
+        by_cost.setdefault(id(g.cost), []).append(g)
+    assert any(len(gs) > 1 for gs in by_cost.values())
+    rng = np.random.default_rng(3)
+    for gs in by_cost.values():
+        assert len({id(g._memo) for g in gs}) == 1          # one memo per cost model
+        for _ in range(200):
+            g = gs[int(rng.integers(len(gs)))]
+            new, cached = int(rng.integers(1, 3000)), int(rng.integers(0, 2000))
+            assert g.prefill_s([new], [cached]) == g.cost.prefill_time_s([new], [cached])
+            assert g.prefill_s([new, 5], [cached, 0]) == g.cost.prefill_time_s([new, 5], [cached, 0])
+        assert gs[0]._memo.prefill_s                         # it remembered
 
 
 def _exact_cost(capacity: int) -> FittedCost:
