@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import json
 import math
 
@@ -62,7 +63,9 @@ def test_streamed_run_equals_in_memory_run(tmp_path, chunks):
     doc = _experiment(max_inflight=60)
     memory = simulate(doc)
     seen: list[int] = []
+    interval = sys.getswitchinterval()
     streamed, stream = _streamed(doc, tmp_path / "run", *chunks, progress=seen.append)
+    assert sys.getswitchinterval() == interval                                 # close() restored it
     records = pq.read_table(tmp_path / "run" / "requests.parquet")
     decisions = pq.read_table(tmp_path / "run" / "decisions.parquet")
     assert records.num_rows == 1500 and memory.summary["rejected"] > 0 and memory.summary["completed"] > 0
