@@ -1,10 +1,10 @@
 """Events, their same-time order, and the decision log (DESIGN contract §2).
 
-An event is ``(time_s, priority, seq, kind, payload)``; the queue pops them in that order. At the same time,
-lower priority runs first — completions (span ends), then KV arrivals (transfer events), then
-request arrivals — and the scheduler's decisions run after every event of that time (the
-drivers call :meth:`~hetero_sched.core.scheduler.Scheduler.plan` once the clock is about to
-move). ``seq`` is monotonic, so the remaining ties keep insertion order and a run is
+An event is ``(time_s, priority, seq, kind, payload)``; the queue pops them in that order. At
+the same time, lower priority runs first — completions (span ends), then KV arrivals (transfer
+events), then request arrivals — and the scheduler's decisions run after every event of that
+time (the drivers call :meth:`~hetero_sched.core.scheduler.Scheduler.plan` once the clock is
+about to move). ``seq`` is monotonic, so the remaining ties keep insertion order and a run is
 reproducible bit for bit.
 """
 
