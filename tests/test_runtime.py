@@ -13,7 +13,7 @@ from hetero_sched.errors import RunFailed, UserError
 from hetero_sched.runtime.cluster import object_store_usage
 from hetero_sched.policies import PolicyFailed
 from hetero_sched.runtime.live import _result, run_live
-from hetero_sched.runtime.messages import MessageError, pack, unpack
+from hetero_sched.runtime.messages import SCHEMA_VERSION, MessageError, pack, unpack, unpack_any
 from hetero_sched.workload import Workload
 
 from helpers import colocated_experiment, disagg_experiment, prefix_families, reference_tokens
@@ -34,8 +34,10 @@ def _check_placement(result, exp):
 
 @pytest.mark.parametrize("make,n", [(disagg_experiment, 300), (colocated_experiment, 150)])
 def test_virtual_clock_run_equals_the_simulator(ray_cluster, make, n):
-    """Every span ends by its device's report (the tests below show a device that reports
-    otherwise changes the run): devices at the model's pace give the simulator's run exactly."""
+    """Devices at the model's pace give the simulator's run exactly. Each promises its pace
+    exactly, so its spans go out in batches (a few calls for hundreds of spans) and end as
+    promised, every report checked against its promise when it comes (the tests below show a
+    device that reports otherwise changes the run, or fails it)."""
     exp = make()
     exp["workload"] = dict(exp["workload"], num_requests=n)
     live = run_live(exp, address=ray_cluster.address, clock="virtual")
@@ -45,6 +47,7 @@ def test_virtual_clock_run_equals_the_simulator(ray_cluster, make, n):
     assert live.records.equals(sim.records)
     spans = sum(1 for d in sim.decisions if d[1] in (D.PREFILL, D.DECODE, D.CHUNK))
     assert live.summary["runtime"]["span_reports"] == spans
+    assert live.summary["runtime"]["actor_calls"] < spans / 4
     assert live.summary["runtime"]["kv_held_after_run"] == 0
     _check_placement(live, exp)
     if make is disagg_experiment:
@@ -225,3 +228,10 @@ def test_control_messages_are_validated():
         unpack(msgpack.packb({"v": 99, "kind": "step", "ops": []}), "step")
     with pytest.raises(MessageError, match="not valid msgpack"):
         unpack(b"\xc1", "step")
+    # a batch's items: span, cut and step messages only, each checked against its own schema
+    assert unpack_any(data, ("span", "cut", "step"))["kind"] == "step"
+    with pytest.raises(MessageError, match="batch item: expected one of span, cut, step, got 'span_report'"):
+        unpack_any(pack("span_report", span_id=1, start_s=0.0, end_s=1.0, steps=1, first_step_end_s=1.0, max_step_s=1.0,
+                        tokens={}, margins={}, exports=[], compute_s=0.0, incarnation=1), ("span", "cut", "step"))
+    with pytest.raises(MessageError, match="cut message: missing field 'at_s'"):
+        unpack_any(msgpack.packb({"v": SCHEMA_VERSION, "kind": "cut", "span_id": 1}), ("span", "cut", "step"))

@@ -28,7 +28,7 @@ from hetero_sched.runtime.devices import RayDevices, ask_all
 from hetero_sched.runtime.journal import JournalError
 from hetero_sched.runtime.kvcodec import KVCorruptionError, flip_payload_bit
 from hetero_sched.runtime.livemetrics import LiveMetrics
-from hetero_sched.runtime.messages import pack, unpack
+from hetero_sched.runtime.messages import pack, unpack, unpack_any
 from hetero_sched.engine.pacing import DevicePace, Timeline, measured_report
 from hetero_sched.runtime.recovery import Recovered, RunJournal
 from hetero_sched.engine.assembly import build_scheduler
@@ -79,6 +79,11 @@ class _Streamer:
                                           tokens=self._items))
             self._items = []
             self._sent = time.monotonic()
+
+
+def _bundles(exports: list[tuple[int, Any]]) -> list[ray.ObjectRef]:
+    """A call's exported KV batches as one object this actor owns (none if it exported none)."""
+    return [ray.put([batch for _, batch in exports])] if exports else []
 
 
 def _void_report(incarnation: int, span_id: int = -1) -> bytes:
@@ -238,7 +243,39 @@ class DeviceGroupActor:
     # --- spans --------------------------------------------------------------------------------
     async def run_span(self, msg: bytes) -> tuple[bytes, list[ray.ObjectRef]]:
         """Run one span; answer with its report (and the KV bundle it exported, if any)."""
-        m = unpack(msg, "span")
+        report, exports = await self._span(unpack(msg, "span"))
+        return report, _bundles(exports)
+
+    @ray.method(num_returns=2)
+    async def run_batch(self, msg: bytes, refs: list[ray.ObjectRef]) -> tuple[bytes, list[Any]]:
+        """Virtual clock, a device that promised its pace exactly: a stretch of its calls —
+        spans, cuts and KV steps, in order — in one Ray call, since one call per span costs
+        more than the span. Answers every call's report, and (the second return) every KV
+        batch the stretch exported, as one bundle in order; ``refs`` are the bundles its
+        imports read (one list for the whole stretch)."""
+        batch = unpack(msg, "batch")
+        if batch["expect"] != self.incarnation:
+            return pack("batch_report", reports=[], incarnation=self.incarnation), []
+        t0 = time.perf_counter()
+        bundles = [await self._fetch(ref) for ref in refs]
+        fetch_s = time.perf_counter() - t0
+        reports: list[bytes] = []
+        exports: list[tuple[int, Any]] = []
+        for data in batch["items"]:
+            m = unpack_any(data, ("span", "cut", "step"))
+            if m["kind"] == "span":
+                report, made = await self._span(m)
+            elif m["kind"] == "cut":
+                report, made = await self._cut(m), []
+            else:
+                report, made, _ = await self._step(m, bundles, fetch_s, 0.0)
+                fetch_s = 0.0
+            reports.append(report)
+            exports.extend(made)
+        return pack("batch_report", reports=reports, incarnation=self.incarnation), [b for _, b in exports]
+
+    async def _span(self, m: dict[str, Any]) -> tuple[bytes, list[tuple[int, Any]]]:
+        """Run one span message; its report and the KV batches it exported."""
         if m["expect"] != self.incarnation:
             # restarted since this span was planned: the state it acts on died with the old
             # process, so run none of it and say so (the scheduler resumes those requests)
@@ -271,8 +308,7 @@ class DeviceGroupActor:
         if not virtual:
             self._running = None
         compute_s = time.perf_counter() - t0
-        refs = [ray.put([batch for _, batch in exports])] if exports else []
-        return self._report(run, times, [rid for rid, _ in exports], compute_s), refs
+        return self._report(run, times, [rid for rid, _ in exports], compute_s), exports
 
     def _report(self, run: _Running, times: dict[str, float], exports: list[int], compute_s: float) -> bytes:
         return pack("span_report", span_id=run.span_id, **times, tokens=run.tokens, margins=run.margins,
@@ -376,27 +412,27 @@ class DeviceGroupActor:
 
     async def cut(self, msg: bytes) -> tuple[bytes, list[ray.ObjectRef]]:
         """Stop the running span at its first step boundary at or after ``at_s`` (and after now)."""
-        m = unpack(msg, "cut")
+        return await self._cut(unpack(msg, "cut")), []
+
+    async def _cut(self, m: dict[str, Any]) -> bytes:
         run = self._running
         if m["expect"] != self.incarnation:
-            return _void_report(self.incarnation), []
+            return _void_report(self.incarnation)
         if self.clock == "virtual":
             async with self._in_turn(m["seq"]):
                 return self._virtual_cut(m["span_id"], float(m["at_s"]))
         if run is None or run.span_id != m["span_id"]:
-            return _void_report(self.incarnation), []        # over already: its report says how it ended
-        if self.clock == "wall":
-            run.stop_at_s = max(float(m["at_s"]), self._now())
-            if run.cut is not None:
-                run.cut.set()
-            return _void_report(self.incarnation), []
-        return _void_report(self.incarnation), []
+            return _void_report(self.incarnation)            # over already: its report says how it ended
+        run.stop_at_s = max(float(m["at_s"]), self._now())
+        if run.cut is not None:
+            run.cut.set()
+        return _void_report(self.incarnation)
 
-    def _virtual_cut(self, span_id: int, at_s: float) -> tuple[bytes, list[ray.ObjectRef]]:
+    def _virtual_cut(self, span_id: int, at_s: float) -> bytes:
         """The span's revised timeline, its steps past the cut undone (virtual clock)."""
         run = self._running
         if run is None or run.span_id != span_id:
-            return _void_report(self.incarnation), []
+            return _void_report(self.incarnation)
         steps = run.timeline.stop_at(at_s)
         if steps < run.steps:
             if self.computes:
@@ -404,7 +440,7 @@ class DeviceGroupActor:
                 for toks in run.tokens.values():
                     del toks[steps:]
             run.steps = steps
-        return self._report(run, run.timeline.report(run.steps), [], 0.0), []
+        return self._report(run, run.timeline.report(run.steps), [], 0.0)
 
     # --- KV hand-offs ---------------------------------------------------------------------------
     def _export(self, request_id: int, true_bytes: int) -> Any:
@@ -427,15 +463,24 @@ class DeviceGroupActor:
         this actor owns: one object per step, not per request (a put costs ~1 ms).
         """
         step = unpack(msg, "step")
-        if step["expect"] != self.incarnation:
-            return pack("step_report", import_bytes=0, import_s=0.0, fetch_s=0.0, queued_s=0.0, imported=[],
-                        bad_kv=[], exports=[], block_exports=[], store_bytes=0, incarnation=self.incarnation), []
         t0 = time.perf_counter()
+        if step["expect"] != self.incarnation:
+            return (await self._step(step, [], 0.0, 0.0))[0], []
         async with self._in_turn(step["seq"]):     # in the order sent, spans included
-            return await self._step(step, refs, time.perf_counter() - t0)
+            queued_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            bundles = [await self._fetch(ref) for ref in refs]
+            report, exports, blocks = await self._step(step, bundles, time.perf_counter() - t0, queued_s, turn=False)
+        out = _bundles(exports)
+        if blocks:
+            out.append(ray.put(blocks))
+        return report, out
 
-    async def _step(self, step: dict[str, Any], refs: list[ray.ObjectRef],
-                    queued_s: float) -> tuple[bytes, list[ray.ObjectRef]]:
+    async def _step(self, step: dict[str, Any], bundles: list[Optional[list[Any]]], fetch_s: float,
+                    queued_s: float, turn: bool = True) -> tuple[bytes, list[tuple[int, Any]], list[Any]]:
+        """A step message's operations (in its turn, unless the caller holds it): its report, the
+        KV batches it exported, the prefix blocks it exported for the KV store. ``bundles``: the
+        call's KV bundles, fetched (None: lost)."""
         imported: list[int] = []
         bad_kv: list[int] = []
         exports: list[tuple[int, Any]] = []
@@ -444,48 +489,45 @@ class DeviceGroupActor:
         store_bytes = 0
         import_bytes = 0
         import_s = 0.0
-        t0 = time.perf_counter()
-        bundles = [await self._fetch(ref) for ref in refs]
-        fetch_s = time.perf_counter() - t0
-        for op in step["ops"]:
-            kind = op["op"]
-            if kind == "import":
-                t0 = time.perf_counter()
-                bundle = bundles[op["ref"]]
-                try:
-                    if bundle is None:
-                        raise KVCorruptionError(f"KV of request {op['id']}: its object was lost")
-                    moved = self.backend.import_kv(op["id"], bundle[op["index"]], op["last"])
-                except KVCorruptionError:
-                    bad_kv.append(op["id"])         # never decoded from: the scheduler sends it again
-                    continue
-                dt = time.perf_counter() - t0
-                imported.append(op["id"])
-                import_bytes += moved
-                import_s += dt
-                if self.tracing is not None:
-                    self._measure(op["id"], "decode", dt, **{"hetero.kv.decode_s": dt, "hetero.kv.bytes_moved": moved})
-            elif kind == "export":
-                exports.append((op["id"], self._export(op["id"], op["true_bytes"])))
-            elif kind == "trace":
-                measured = self._measured.pop(op["id"], {})
-                if self.tracing is not None:
-                    emit_shipped(self.tracing.tracer, op["spans"], measured)
-            elif kind == "export_blocks":
-                blocks.extend(self.backend.export_blocks(op["hashes"], op["block_bytes"]))
-                block_flows.append(op["flow"])
-            elif kind == "import_blocks":
-                store_bytes += await self._import_blocks(op["id"], op["hashes"], bundles[op["ref"]])
-            else:
-                self.backend.forget(op["ids"])
-        del bundles
+        if step["expect"] != self.incarnation:         # meant for an earlier incarnation: do none of it
+            return pack("step_report", import_bytes=0, import_s=0.0, fetch_s=0.0, queued_s=0.0, imported=[], bad_kv=[],
+                        exports=[], block_exports=[], store_bytes=0, incarnation=self.incarnation), [], []
+        async with (self._in_turn(step["seq"]) if turn else contextlib.nullcontext()):
+            for op in step["ops"]:
+                kind = op["op"]
+                if kind == "import":
+                    t0 = time.perf_counter()
+                    bundle = bundles[op["ref"]]
+                    try:
+                        if bundle is None:
+                            raise KVCorruptionError(f"KV of request {op['id']}: its object was lost")
+                        moved = self.backend.import_kv(op["id"], bundle[op["index"]], op["last"])
+                    except KVCorruptionError:
+                        bad_kv.append(op["id"])         # never decoded from: the scheduler sends it again
+                        continue
+                    dt = time.perf_counter() - t0
+                    imported.append(op["id"])
+                    import_bytes += moved
+                    import_s += dt
+                    if self.tracing is not None:
+                        self._measure(op["id"], "decode", dt, **{"hetero.kv.decode_s": dt, "hetero.kv.bytes_moved": moved})
+                elif kind == "export":
+                    exports.append((op["id"], self._export(op["id"], op["true_bytes"])))
+                elif kind == "trace":
+                    measured = self._measured.pop(op["id"], {})
+                    if self.tracing is not None:
+                        emit_shipped(self.tracing.tracer, op["spans"], measured)
+                elif kind == "export_blocks":
+                    blocks.extend(self.backend.export_blocks(op["hashes"], op["block_bytes"]))
+                    block_flows.append(op["flow"])
+                elif kind == "import_blocks":
+                    store_bytes += await self._import_blocks(op["id"], op["hashes"], bundles[op["ref"]])
+                else:
+                    self.backend.forget(op["ids"])
         report = pack("step_report", import_bytes=import_bytes, import_s=import_s, fetch_s=fetch_s, queued_s=queued_s,
                       imported=imported, bad_kv=bad_kv, exports=[rid for rid, _ in exports],
                       block_exports=block_flows, store_bytes=store_bytes, incarnation=self.incarnation)
-        refs = [ray.put([batch for _, batch in exports])] if exports else []
-        if blocks:
-            refs.append(ray.put(blocks))
-        return report, refs
+        return report, exports, blocks
 
     async def _import_blocks(self, request_id: int, hashes: list[int], block_refs: Optional[list[Any]]) -> int:
         """Prefix blocks read from the KV store by ref, verified, into the backend's prefix cache.
@@ -502,7 +544,7 @@ class DeviceGroupActor:
         """A KV bundle, or None if it is gone (its owner, the exporting actor, died) or unreadable."""
         try:
             return await asyncio.wait_for(ref, timeout=self._fetch_timeout_s)
-        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, asyncio.TimeoutError):
+        except (ray.exceptions.RayError, asyncio.TimeoutError):     # lost, its owner or maker died
             return None
 
 

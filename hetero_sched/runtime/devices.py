@@ -12,7 +12,12 @@ the engine takes its next event, turns answers into ``SPAN_END`` events:
   (:func:`~hetero_sched.engine.pacing.earliest_end`), and until then the engine runs on while
   the devices answer — a conservative lookahead, as in parallel discrete-event simulation. A
   report takes the place in the event order its span took when dispatched, so the run is the
-  simulator's, but through what the devices said (a report earlier than promised fails the run);
+  simulator's, but through what the devices said (a report earlier than promised fails the run).
+  A device whose promise is exact (no jitter, no short steps; modeled tokens, no KV store)
+  needs no answer to move on: its report is its promise, queued at once as the simulator's
+  virtual devices do, and its spans, cuts and KV steps go out ``BATCH_ITEMS`` at a time in one
+  ``run_batch`` call; each answer is checked against its promise when it comes in, and one that
+  differs fails the run;
 - **wall clock**: an actor answers when the span has really ended; ``wait`` sleeps until the
   next timer is due *or* a report comes in, and a report becomes an event *now*. A span whose
   report is ``call_timeout_s`` past its expected end is stuck: its actor is restarted.
@@ -45,7 +50,7 @@ from hetero_sched.core.events import EventQueue, Kind
 from hetero_sched.core.request import Phase, RequestState
 from hetero_sched.core.spans import Span, SpanKind, SpanReport, decode_span_duration
 from hetero_sched.engine.devices import Devices
-from hetero_sched.engine.pacing import earliest_end, span_report
+from hetero_sched.engine.pacing import Timeline, earliest_end, span_report
 from hetero_sched.errors import RunFailed
 from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.inbox import Cancel, Inbox
@@ -76,15 +81,41 @@ def ask_all(actors: list[Any], method: str, timeout_s: float, *args: Any) -> lis
     return answers
 
 
-@dataclass
+@dataclass(eq=False)
 class _Outbox:
-    """KV operations one actor will be asked to carry out at the next send."""
+    """What one actor will be asked to do at the next send: KV operations (one ``step``) and, for
+    a device that runs on its promise, the spans and cuts between them (one ``batch``)."""
 
+    group_id: int
     ops: list[dict[str, Any]] = field(default_factory=list)
-    refs: list[ray.ObjectRef] = field(default_factory=list)     # KV bundles the import ops read
+    refs: list[Any] = field(default_factory=list)
+    """KV bundles the import ops read: ObjectRefs, or the outbox of a batch not sent yet (its
+    exports' bundle, once it is)."""
     imports: dict[int, int] = field(default_factory=dict)       # request id -> transfer id of its import
     exports: list[int] = field(default_factory=list)            # transfer ids of export ops, in order
     block_puts: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)   # store writes' (flow, blocks)
+    items: list[bytes] = field(default_factory=list)
+    """Batch: the packed span, cut and step messages, in order."""
+    promised: list["_Promise"] = field(default_factory=list)
+    """Batch: per item, what its report must say."""
+    num_exports: int = 0
+    """Batch: KV batches its items export so far (an export's index in the bundle)."""
+    bundle: Optional[ray.ObjectRef] = None
+    """Batch, once sent: every KV batch it exported, as one bundle (the call's second return)."""
+
+    def waits(self) -> bool:
+        """Whether an import here reads a batch not sent yet."""
+        return any(isinstance(r, _Outbox) and r.bundle is None for r in self.refs)
+
+
+@dataclass
+class _Promise:
+    """A batch item's expected answer: a span's (or a cut's) times on the device's clock, or,
+    for a step, the step's outbox (its imports' verdicts are applied as for a ``step`` call)."""
+
+    span: Optional[Span] = None
+    times: Optional[dict[str, float]] = None
+    step: Optional[_Outbox] = None
 
 
 @dataclass
@@ -92,7 +123,7 @@ class _Call:
     """A call in flight: what it was, so its answer (or its actor's death) can be applied."""
 
     group_id: int
-    kind: str                          # "span" | "cut" | "step" | "store" (a store actor's put)
+    kind: str                          # "span" | "cut" | "step" | "batch" | "store" (a store actor's put)
     span: Optional[Span] = None
     cuts: int = 0
     box: Optional[_Outbox] = None
@@ -183,12 +214,21 @@ class RayDevices(Devices):
         self._incarnations: list[int] = ask_all(actors, "incarnation_id", call_timeout_s)
         self._bounds: list[tuple[float, float, int]] = [tuple(b) for b in ask_all(actors, "pace_bounds", call_timeout_s)]
         """Per group: the device's least and most seconds per modeled second, steps it may stop short."""
+        self._promised = [wall is None and not real_tokens and not self.store_actors and lo == hi
+                          and math.isfinite(lo) and not short for lo, hi, short in self._bounds]
+        """Per group: its device promises its pace exactly (virtual clock, modeled tokens, no KV
+        store) — its reports are known when its spans are sent, so they go out in batches
+        (:meth:`_promise`). Real tokens are needed as they are made (a request prefilled again
+        carries them), and a store's reads wait for its writes: those run call by call."""
+        self._reap = False                    # a batch went out since its answers were last taken
+        self._timelines: dict[int, tuple[Span, Timeline]] = {}
+        """Promised groups: the span each device runs and its timeline, for the cuts that follow."""
         self._seqs = [0] * len(actors)
         self._calls: dict[ray.ObjectRef, _Call] = {}
         self._outbox: dict[int, _Outbox] = {}
-        self._exported: dict[int, tuple[ray.ObjectRef, int]] = {}   # request -> its prefill's export
+        self._exported: dict[int, tuple[Any, int]] = {}   # request -> its prefill's export (a ref, or a batch's outbox)
         self._transfers: dict[int, tuple[int, int, int]] = {}       # transfer -> (request, src, dst)
-        self._refs: dict[int, tuple[ray.ObjectRef, int]] = {}        # transfer -> (KV bundle, index)
+        self._refs: dict[int, tuple[Any, int]] = {}        # transfer -> (KV bundle or a batch's outbox, index)
         self._verdicts: dict[int, bool] = {}                         # transfer -> imported intact
         self._awaiting: set[int] = set()      # transfers done on the network, waiting for their import
         self._dead: set[int] = set()
@@ -203,6 +243,9 @@ class RayDevices(Devices):
     def dispatch(self, now_s: float, span: Span, queue: EventQueue) -> None:
         gid = span.group_id
         self._now = now_s
+        if self._promised[gid]:
+            self._promise(now_s, span, queue)
+            return
         actor = self.actors[gid]
         self._send(gid)                        # its KV operations go first: the span may need them
         if span.cuts == 0:
@@ -224,6 +267,55 @@ class RayDevices(Devices):
             actor.cut.remote(pack("cut", span_id=span.span_id, at_s=float(now_s),
                                   expect=self._incarnations[gid], seq=-1))
         self.stats.actor_calls += 1
+
+    def _promise(self, now_s: float, span: Span, queue: EventQueue) -> None:
+        """A span (or a cut) for a device that promised its pace exactly: its report is known
+        now — the span's timeline on the device's clock — so its end is queued at once, as the
+        simulator's virtual devices do, and the span joins the actor's next batch; the report
+        that comes back must be the promised one to the bit, or the run fails (:meth:`_kept`).
+        One Ray call per span costs more than a span: on this clock nothing waits for it."""
+        gid = span.group_id
+        box = self._box(gid)
+        self._close_step(box)
+        if span.cuts == 0:
+            timeline = Timeline.of_span(span, span.start_s, self._bounds[gid][0])
+            self._timelines[gid] = (span, timeline)
+            message = self._span_message(span)
+            for item in message["requests"]:
+                if item["export"]:              # the device exports it as the span ends: the batch's bundle
+                    self._exported[item["id"]] = (box, box.num_exports)
+                    box.num_exports += 1
+            box.items.append(pack("span", span=message, expect=self._incarnations[gid], seq=self._next_seq(gid)))
+        else:
+            running = self._timelines[gid]
+            assert running[0] is span, "a cut of a span its device is not running"
+            timeline = running[1]
+            timeline.steps = min(timeline.steps, timeline.stop_at(now_s))
+            box.items.append(pack("cut", span_id=span.span_id, at_s=float(now_s),
+                                  expect=self._incarnations[gid], seq=self._next_seq(gid)))
+        times = timeline.report(timeline.steps)
+        box.promised.append(_Promise(span=span, times=times))
+        queue.push(times["end_s"], Kind.SPAN_END, (span, span.cuts, {**times, "tokens": {}, "margins": {}, "exports": []}, []))
+
+    def _close_step(self, box: _Outbox) -> None:
+        """A batch's KV operations so far become one step item (the spans after them may need them)."""
+        if not box.ops:
+            return
+        box.items.append(pack("step", ops=box.ops, expect=self._incarnations[box.group_id],
+                              seq=self._next_seq(box.group_id)))
+        step = _Outbox(box.group_id, imports=box.imports)
+        box.promised.append(_Promise(step=step))
+        box.ops, box.imports = [], {}
+
+    def _kept(self, gid: int, promise: _Promise, msg: dict[str, Any]) -> None:
+        """A promised device's report of a span (or a cut) is what it promised, else the run fails."""
+        assert promise.span is not None and promise.times is not None
+        want = promise.times
+        if (msg["start_s"], msg["end_s"], msg["steps"]) != (want["start_s"], want["end_s"], want["steps"]):
+            when = "before the earliest" if msg["end_s"] < want["end_s"] else "not when"
+            raise RunFailed(f"device-group actor {gid} reported span {promise.span.span_id} ending at {msg['end_s']:.9f} s "
+                            f"after {msg['steps']} step(s), {when} its pace allows ({want['end_s']:.9f} s after "
+                            f"{want['steps']}; it promised its pace exactly)")
 
     def report(self, now_s: float, payload: Any) -> Optional[SpanReport]:
         span, cuts, msg, refs = payload
@@ -261,9 +353,13 @@ class RayDevices(Devices):
             while True:
                 next_s = queue.peek_time()
                 self._send(min_ops=0 if next_s is None else self.LAZY_OPS)
+                if self._reap:
+                    self._take_batches()
+                    if self._changed is not None:
+                        return self._changed
                 due = self._answers_due(next_s)
                 if not due:
-                    self.stats.events_ahead += 1 if self._calls else 0
+                    self.stats.events_ahead += 1 if self._calls or self._outbox else 0
                     return self._changed
                 self._collect(due, timeout_s=self.call_timeout_s)
                 if self._changed is not None:
@@ -482,7 +578,7 @@ class RayDevices(Devices):
     def _box(self, group_id: int) -> _Outbox:
         box = self._outbox.get(group_id)
         if box is None:
-            box = self._outbox[group_id] = _Outbox()
+            box = self._outbox[group_id] = _Outbox(group_id)
         return box
 
     def _forget(self, group_id: int, request_id: int) -> None:
@@ -498,8 +594,12 @@ class RayDevices(Devices):
         """Send the transfer's KV to its destination actor (its ref is known)."""
         rid, _, dst = self._transfers[transfer_id]
         bundle, index = self._refs.pop(transfer_id)             # the scheduler's reference goes with it
+        if isinstance(bundle, _Outbox):         # exported by a batch: its bundle's ref, once sent
+            if bundle.bundle is None and bundle.waits():
+                self._send(bundle.group_id)     # send it first, so outboxes never wait on each other in a cycle
+            bundle = bundle.bundle if bundle.bundle is not None else bundle
         box = self._box(dst)
-        k = next((i for i, r in enumerate(box.refs) if r == bundle), None)
+        k = next((i for i, r in enumerate(box.refs) if r is bundle or r == bundle), None)
         if k is None:
             k = len(box.refs)
             box.refs.append(bundle)
@@ -512,13 +612,18 @@ class RayDevices(Devices):
     them first) or until this many gather; nothing on that clock depends on them sooner
     (imports whose verdict is waited for are sent then) — one call instead of one per plan."""
 
+    BATCH_ITEMS = 128
+    """Virtual clock, a promised device: its spans, cuts and steps go out this many at a time."""
+
     def _send(self, only: Optional[int] = None, min_ops: int = 0) -> None:
-        """One ``step`` call per actor with KV operations waiting (or for actor ``only``; or for
-        actors with at least ``min_ops`` waiting); calls to one actor run in the order sent."""
+        """One call per actor with something waiting (or for actor ``only``; or for actors with
+        at least ``min_ops`` KV operations, or a full batch, waiting); calls to one actor run in
+        the order sent: a ``step`` of KV operations, or a promised device's ``batch``."""
         if not self._outbox:
             return
         if min_ops > 0:
-            outbox = {gid: box for gid, box in self._outbox.items() if len(box.ops) >= min_ops}
+            outbox = {gid: box for gid, box in self._outbox.items()
+                      if len(box.ops) >= min_ops or len(box.items) >= self.BATCH_ITEMS}
             for gid in outbox:
                 del self._outbox[gid]
         elif only is None:
@@ -527,14 +632,53 @@ class RayDevices(Devices):
             outbox = {only: self._outbox.pop(only)}
         else:
             return
-        for gid, box in outbox.items():
+        # an import may read a batch about to go: that batch goes first (its bundle's ref is its answer)
+        for gid, box in sorted(outbox.items(), key=lambda kv: kv[1].waits()):
             if gid in self._dead:
                 continue
+            refs = self._ready_refs(box)
+            if self._promised[gid]:
+                self._send_batch(box, refs)
+                continue
             ref = self.actors[gid].step.remote(pack("step", ops=box.ops, expect=self._incarnations[gid],
-                                                    seq=self._next_seq(gid)), box.refs)
+                                                    seq=self._next_seq(gid)), refs)
             box.refs = []                       # the call holds them now
             self._calls[ref] = _Call(gid, "step", box=box, future=self._future(ref))
             self.stats.actor_calls += 1
+
+    def _ready_refs(self, box: _Outbox) -> list[ray.ObjectRef]:
+        """``box``'s KV bundles as ObjectRefs: a batch they come from not sent yet is sent now."""
+        refs: list[ray.ObjectRef] = []
+        for source in box.refs:
+            if isinstance(source, _Outbox):
+                if source.bundle is None:
+                    self._send(source.group_id)
+                if source.bundle is None:       # its group died first: the KV is lost, the import says so
+                    source.bundle = ray.put(None)
+                source = source.bundle
+            refs.append(source)
+        return refs
+
+    def _send_batch(self, box: _Outbox, refs: list[ray.ObjectRef]) -> None:
+        gid = box.group_id
+        self._close_step(box)
+        if not box.items:
+            return
+        ref, box.bundle = self.actors[gid].run_batch.remote(
+            pack("batch", items=box.items, expect=self._incarnations[gid]), refs)
+        self._calls[ref] = _Call(gid, "batch", box=box)
+        box.refs, box.items = [], []            # the call holds them now
+        self.stats.actor_calls += 1
+        self._reap = True
+
+    def _take_batches(self) -> None:
+        """Check the promised devices' answers that are in (nothing waits for them but the check:
+        taken at the next event after a batch is sent, and at the end)."""
+        self._reap = False
+        refs = [r for r, c in self._calls.items() if c.kind == "batch"]
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            self._apply_answers(ready)
 
     def _future(self, ref: ray.ObjectRef) -> "Optional[Future[Any]]":
         """Wall clock: a future of the call's answer, for the wait to sleep on with others."""
@@ -589,6 +733,21 @@ class RayDevices(Devices):
             gid = call.group_id
             if gid in self._dead:
                 continue
+            if call.kind == "batch":
+                try:
+                    batch = unpack(ray.get(ref), "batch_report")
+                except ray.exceptions.RayActorError:
+                    batch = None
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    raise RunFailed(f"device-group actor {gid} failed: {cause}") from None
+                if batch is None or batch["incarnation"] != self._incarnations[gid]:
+                    if gid not in died:
+                        died.append(gid)
+                    continue
+                assert call.box is not None
+                self._batch_answered(gid, call.box, batch["reports"])
+                continue
             try:
                 msg_bytes, out_refs = ray.get(ref)
             except ray.exceptions.RayActorError:
@@ -628,6 +787,14 @@ class RayDevices(Devices):
         for gid in died:
             self._group_died(gid)
         return queued
+
+    def _batch_answered(self, gid: int, box: _Outbox, reports: list[bytes]) -> None:
+        """Check a promised device's reports against its promises; apply its steps' verdicts."""
+        for promise, data in zip(box.promised, reports):
+            if promise.step is not None:
+                self._step_answered(promise.step, unpack(data, "step_report"), [])
+            else:
+                self._kept(gid, promise, unpack(data, "span_report"))
 
     def _step_answered(self, box: _Outbox, msg: dict[str, Any], out_refs: list[ray.ObjectRef]) -> bool:
         """Exports go on to their destinations; import verdicts settle their KV arrivals; prefix

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _REPORT: dict[str, tuple[type, ...]] = {
     "span_id": (int,), "start_s": (float, int), "end_s": (float, int), "steps": (int,),
@@ -71,6 +71,12 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
                     "block_exports": (list,),   # flows whose prefix blocks were exported (a second bundle)
                     "store_bytes": (int,),      # bytes of prefix blocks read from the KV store
                     "incarnation": (int,)},
+    # Virtual clock, a device that promised its pace exactly: a stretch of its calls in one —
+    # items: packed span, cut and step messages, acted on in order (each in its own turn);
+    # answered by their reports in order (span_report or step_report, packed), with every KV batch
+    # the stretch exported returned beside as one bundle (import ops' refs: the batch call's).
+    "batch": {"items": (list,), "expect": (int,)},
+    "batch_report": {"reports": (list,), "incarnation": (int,)},
 }
 
 SPAN_FIELDS = {"span_id": (int,), "kind": (str,), "steps": (int,), "start_s": (float, int),
@@ -97,13 +103,27 @@ def pack(kind: str, **fields: Any) -> bytes:
 
 def unpack(data: bytes, kind: str) -> dict[str, Any]:
     """Decode and validate a message of the expected ``kind``."""
+    msg = _decode(data, f"{kind} message")
+    _validate(msg, kind)
+    return msg
+
+
+def unpack_any(data: bytes, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """Decode and validate a message of one of ``kinds`` (the items of a batch)."""
+    msg = _decode(data, "batch item")
+    if msg.get("kind") not in kinds:
+        raise MessageError(f"batch item: expected one of {', '.join(kinds)}, got {msg.get('kind')!r}")
+    _validate(msg, msg["kind"])
+    return msg
+
+
+def _decode(data: bytes, what: str) -> dict[str, Any]:
     try:
         msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
-        raise MessageError(f"{kind} message: not valid msgpack ({exc})") from None
+        raise MessageError(f"{what}: not valid msgpack ({exc})") from None
     if not isinstance(msg, dict):
-        raise MessageError(f"{kind} message: expected a map, got {type(msg).__name__}")
-    _validate(msg, kind)
+        raise MessageError(f"{what}: expected a map, got {type(msg).__name__}")
     return msg
 
 
