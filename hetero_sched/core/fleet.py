@@ -162,25 +162,30 @@ class Ranking:
         e.member = member
         e.primary = primary
         e.secondary = secondary
+        # Carry the winner w up, meeting only the sibling subtree's winner s at each level (the
+        # right one wins only if strictly less: ties go to the left, a lower group id); stop where
+        # a node keeps a winner other than e: nothing above it changes.
         win = self._win
         node: i64 = self._size + position
-        win[node] = e if member else None
-        node >>= 1
-        while node:
-            a = win[node + node]
-            b = win[node + node + 1]
-            if a is None:
-                w = b
-            elif b is None:
-                w = a
-            elif b.primary < a.primary or (b.primary == a.primary and b.secondary < a.secondary):
-                w = b
-            else:
-                w = a              # equal keys: the left one, a lower group id
-            if win[node] is w and w is not e:
-                break              # nothing above changes
-            win[node] = w
+        w: Optional[_Entry] = e if member else None
+        win[node] = w
+        while node > 1:
+            s = win[node ^ 1]
+            if s is not None:
+                if w is None:
+                    w = s
+                elif node & 1:          # w is the right child
+                    if not (w.primary < s.primary or (w.primary == s.primary and w.secondary < s.secondary)):
+                        w = s
+                elif s.primary < w.primary or (s.primary == w.primary and s.secondary < w.secondary):
+                    w = s
             node >>= 1
+            old = win[node]
+            if old is w:
+                if w is not e:
+                    break
+            else:
+                win[node] = w
 
 
 class Fleet:
