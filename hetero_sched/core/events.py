@@ -215,6 +215,11 @@ detail field, null where the kind has no such field."""
 Decision = tuple[float, str, Optional[int], Optional[int], tuple]
 
 
+def _none_as_minus_one(ids: list[Any]) -> list[Any]:
+    # the ids as the objects they are (typed Any: compiled code would unbox and box each again)
+    return [-1 if i is None else i for i in ids]
+
+
 class DecisionLog:
     """Every decision of a run, in typed columns.
 
@@ -233,8 +238,8 @@ class DecisionLog:
         # Decisions not yet in the columns: one list per column, packed 64k at a time.
         self._time_s: list[float] = []
         self._kind: list[str] = []
-        self._group_id: list[int] = []
-        self._request_id: list[int] = []
+        self._group_id: list[Optional[int]] = []       # None: none (packed as -1)
+        self._request_id: list[Optional[int]] = []
         self._details: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
         # Request ids of span decisions, as ragged rows: row index, end offset into span_ids
         # (pending ones in lists too, packed with the rest).
@@ -254,8 +259,10 @@ class DecisionLog:
         """
         self._time_s.append(time_s)
         self._kind.append(kind)
-        self._group_id.append(-1 if group_id is None else group_id)
-        self._request_id.append(-1 if request_id is None else request_id)
+        # kept as given: "-1 if None" would unbox an id and box it again, a new int object for
+        # every id past 256 (request ids, and group ids in a large cluster)
+        self._group_id.append(group_id)
+        self._request_id.append(request_id)
         p0, p1, p2, p3 = self._details
         p0.append(d0)
         p1.append(d1)
@@ -279,8 +286,8 @@ class DecisionLog:
         self.time_s.frombytes(struct.pack(f"{n}d", *self._time_s))
         codes = _KIND_CODES
         self.kind.frombytes(struct.pack(f"{n}b", *[codes[k] for k in self._kind]))
-        self.group_id.frombytes(struct.pack(f"{n}q", *self._group_id))
-        self.request_id.frombytes(struct.pack(f"{n}q", *self._request_id))
+        self.group_id.frombytes(struct.pack(f"{n}q", *_none_as_minus_one(self._group_id)))
+        self.request_id.frombytes(struct.pack(f"{n}q", *_none_as_minus_one(self._request_id)))
         for column, pending in zip(self.details, self._details):
             column.frombytes(struct.pack(f"{n}d", *pending))
             pending.clear()

@@ -228,6 +228,8 @@ class Fleet:
         self._least_decode: Optional[Ranking] = None
         self._dirty: list[int] = []
         """Groups whose numbers changed since the rankings last looked (they catch up on a query)."""
+        self._boxed_ids: list[Any] = list(range(n))
+        """Group ids as Python ints made once, for ``_dirty``: boxing an id past 256 allocates."""
         self._changed = [0] * n
         """Per group: what changed (a mask) since then."""
         self._custom: dict[Any, Ranking] = {}
@@ -477,7 +479,7 @@ class Fleet:
         if not self._covering[group_id]:    # no tree ranks this group: nothing to catch up
             return
         if not self._changed[group_id]:
-            self._dirty.append(group_id)
+            self._dirty.append(self._boxed_ids[group_id])
         self._changed[group_id] |= changed
 
     def _sync(self) -> None:
