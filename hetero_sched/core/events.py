@@ -220,6 +220,10 @@ def _none_as_minus_one(ids: list[Any]) -> list[Any]:
     return [-1 if i is None else i for i in ids]
 
 
+PENDING_DECISIONS = 1024
+"""Decisions kept as Python values before they are packed into the typed columns."""
+
+
 class DecisionLog:
     """Every decision of a run, in typed columns.
 
@@ -268,7 +272,7 @@ class DecisionLog:
         p1.append(d1)
         p2.append(d2)
         p3.append(d3)
-        if len(self._time_s) >= 65536:
+        if len(self._time_s) >= PENDING_DECISIONS:
             self._compact()
 
     def _compact(self) -> None:

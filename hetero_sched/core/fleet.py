@@ -89,6 +89,32 @@ class _Entry:
         self.secondary = math.inf
 
 
+class _Numbers:
+    """One group's numbers as the rankings read them, in one compiled object: a ranking update
+    reads a few fields of one object instead of an item of each of ten lists of boxed ints
+    (with a thousand groups those lists and their ints are spread over memory the caches
+    cannot hold)."""
+
+    def __init__(self, group_id: int, v: Any) -> None:
+        self.group_id = group_id
+        self.can_prefill = bool(v.can_prefill)
+        self.can_decode = bool(v.can_decode)
+        self.tokens: i64 = int(v.prefill_queued_tokens)
+        self.num_prefill: i64 = int(v.num_prefill_queued)
+        self.num_queued: i64 = int(v.num_decode_queued)
+        self.num_decoding: i64 = int(v.num_decoding)
+        self.load: i64 = self.num_decoding + self.num_queued
+        self.free: i64 = int(v.kv_blocks_free)
+        self.total: i64 = int(v.kv_blocks_total)
+        self.block: i64 = int(v.block_size)
+        self.max_seqs: i64 = int(v.max_num_seqs)
+        self.max_batch: i64 = int(v.max_batch_tokens)
+        self.changed: i64 = 0
+        """What changed (a mask) since the rankings last looked."""
+        self.covering: list[tuple[Ranking, int]] = []
+        """The tree rankings this group is in, with its position in each."""
+
+
 class Ranking:
     """The least ``(primary, secondary, position)`` over a fixed list of groups, among members.
 
@@ -200,23 +226,13 @@ class Fleet:
         """Which groups' prefix caches hold each prefix block (kept by the caches; None: ask
         every view's prefix probe instead, O(G))."""
         n = len(self.views)
-        self._can_prefill = [bool(v.can_prefill) for v in self.views]
-        self._can_decode = [bool(v.can_decode) for v in self.views]
-        self._tokens = [int(v.prefill_queued_tokens) for v in self.views]
-        self._num_prefill = [int(v.num_prefill_queued) for v in self.views]
-        self._num_queued = [int(v.num_decode_queued) for v in self.views]
-        self._num_decoding = [int(v.num_decoding) for v in self.views]
-        self._load = [int(v.num_decoding) + int(v.num_decode_queued) for v in self.views]
-        self._free = [int(v.kv_blocks_free) for v in self.views]
-        self._total = [int(v.kv_blocks_total) for v in self.views]
-        self._block = [int(v.block_size) for v in self.views]
-        self._max_seqs = [int(v.max_num_seqs) for v in self.views]
-        self._max_batch = [int(v.max_batch_tokens) for v in self.views]
+        self._nums = [_Numbers(i, v) for i, v in enumerate(self.views)]
         kinds: dict[tuple, int] = {}
         self._kind_of: list[int] = []
         self._kinds: list[list[int]] = []
         for i, v in enumerate(self.views):
-            spec = (id(v.cost), v.device, self._total[i], self._block[i], self._max_seqs[i], self._max_batch[i])
+            m = self._nums[i]
+            spec = (id(v.cost), v.device, m.total, m.block, m.max_seqs, m.max_batch)
             k = kinds.get(spec)
             if k is None:
                 k = kinds[spec] = len(self._kinds)
@@ -226,16 +242,11 @@ class Fleet:
         self._rankings: dict[tuple[str, str, int, float], Ranking] = {}
         self._least_prefill: Optional[Ranking] = None
         self._least_decode: Optional[Ranking] = None
-        self._dirty: list[int] = []
+        self._dirty: list[_Numbers] = []
         """Groups whose numbers changed since the rankings last looked (they catch up on a query)."""
-        self._boxed_ids: list[Any] = list(range(n))
-        """Group ids as Python ints made once, for ``_dirty``: boxing an id past 256 allocates."""
-        self._changed = [0] * n
-        """Per group: what changed (a mask) since then."""
         self._custom: dict[Any, Ranking] = {}
-        self._covering: list[list[tuple[Ranking, int]]] = [[] for _ in range(n)]
-        self._prefill_ids = [i for i in range(n) if self._can_prefill[i]]
-        self._decode_ids = [i for i in range(n) if self._can_decode[i]]
+        self._prefill_ids = [i for i in range(n) if self._nums[i].can_prefill]
+        self._decode_ids = [i for i in range(n) if self._nums[i].can_decode]
         self.prefill_tokens = 0
         """Pending prefill tokens over the groups that may prefill."""
         self.prefill_batch_tokens = 0
@@ -247,7 +258,7 @@ class Fleet:
         self.num_idle_roles = 0
         """Groups that may take neither role now (switching roles, or failed)."""
         for i in range(n):
-            self._count(i, 1)
+            self._count(self._nums[i], 1)
 
     # --- the sequence policies see ----------------------------------------------------------
     def __len__(self) -> int:
@@ -334,8 +345,9 @@ class Fleet:
         self.best(criterion, among, kind, weight)
         r = self._rankings[(criterion, among, kind, weight)]
         if r.scan:
-            keyed = sorted((self._primary(r, g), self._secondary(r, g), g) for g in r.group_ids
-                           if self._is_member(r, g))
+            nums = self._nums
+            keyed = sorted((self._primary(r, nums[g]), self._secondary(r, nums[g]), g) for g in r.group_ids
+                           if self._is_member(r, nums[g]))
             for _, _, gid in keyed:
                 yield self.views[gid]
             return
@@ -379,59 +391,62 @@ class Fleet:
         """The scheduler queued a prompt of ``tokens`` at ``group_id`` (``count`` -1 and negative
         ``tokens``: took one out, a cancellation)."""
         v = self.views[group_id]
-        self._num_prefill[group_id] += count
-        v.num_prefill_queued = self._num_prefill[group_id]
-        self._tokens[group_id] += tokens
-        v.prefill_queued_tokens = self._tokens[group_id]
-        if self._can_prefill[group_id]:
+        m = self._nums[group_id]
+        m.num_prefill += count
+        v.num_prefill_queued = m.num_prefill
+        m.tokens += tokens
+        v.prefill_queued_tokens = m.tokens
+        if m.can_prefill:
             self.prefill_tokens += tokens
-        self._touch(group_id, _TOKENS)
+        self._touch(m, _TOKENS)
 
     def routed_decode(self, group_id: int, delta: int) -> None:
         """The scheduler queued (``delta`` > 0) or took out requests for decode at ``group_id``."""
         v = self.views[group_id]
-        self._num_queued[group_id] += delta
-        v.num_decode_queued = self._num_queued[group_id]
-        self._load[group_id] += delta
-        if self._can_decode[group_id]:
+        m = self._nums[group_id]
+        m.num_queued += delta
+        v.num_decode_queued = m.num_queued
+        m.load += delta
+        if m.can_decode:
             self.decode_load += delta
-        self._touch(group_id, _LOAD)
+        self._touch(m, _LOAD)
 
     def report(self, group_id: int, now_s: float, kv_blocks_free: int, num_prefill_queued: int,
                prefill_queued_tokens: int, num_decode_queued: int, num_decoding: int) -> None:
         """The group's state as reported at ``now_s``."""
         v = self.views[group_id]             # (only what changed is written: views are Python objects)
         v.reported_s = now_s
-        if self._num_prefill[group_id] != num_prefill_queued:
-            self._num_prefill[group_id] = num_prefill_queued
+        m = self._nums[group_id]
+        if m.num_prefill != num_prefill_queued:
+            m.num_prefill = num_prefill_queued
             v.num_prefill_queued = num_prefill_queued
-        if self._num_queued[group_id] != num_decode_queued:
-            self._num_queued[group_id] = num_decode_queued
+        if m.num_queued != num_decode_queued:
+            m.num_queued = num_decode_queued
             v.num_decode_queued = num_decode_queued
-        if self._num_decoding[group_id] != num_decoding:
-            self._num_decoding[group_id] = num_decoding
+        if m.num_decoding != num_decoding:
+            m.num_decoding = num_decoding
             v.num_decoding = num_decoding
         changed = 0
-        old = self._tokens[group_id]
+        old = m.tokens
         if old != prefill_queued_tokens:
             changed = _TOKENS
-            self._tokens[group_id] = prefill_queued_tokens
+            m.tokens = prefill_queued_tokens
             v.prefill_queued_tokens = prefill_queued_tokens
-            if self._can_prefill[group_id]:
+            if m.can_prefill:
                 self.prefill_tokens += prefill_queued_tokens - old
         load = num_decoding + num_decode_queued
-        old = self._load[group_id]
+        old = m.load
         if old != load:
             changed |= _LOAD
-            self._load[group_id] = load
-            if self._can_decode[group_id]:
+            m.load = load
+            if m.can_decode:
                 self.decode_load += load - old
-        if self._free[group_id] != kv_blocks_free:
+        if m.free != kv_blocks_free:
             changed |= _FREE
-            self._free[group_id] = kv_blocks_free
+            m.free = kv_blocks_free
             v.kv_blocks_free = kv_blocks_free
         if changed:
-            self._touch(group_id, changed)
+            self._touch(m, changed)
 
     def set_roles(self, group_id: int, can_prefill: bool, can_decode: bool, role: Any = None) -> None:
         """The group may now prefill / decode (a role switch, a drain, a failure, a restore)."""
@@ -440,17 +455,18 @@ class Fleet:
         v.can_decode = can_decode
         if role is not None:
             v.role = role
-        self._count(group_id, -1)
-        for ids, was, now in ((self._prefill_ids, self._can_prefill[group_id], can_prefill),
-                              (self._decode_ids, self._can_decode[group_id], can_decode)):
+        m = self._nums[group_id]
+        self._count(m, -1)
+        for ids, was, now in ((self._prefill_ids, m.can_prefill, can_prefill),
+                              (self._decode_ids, m.can_decode, can_decode)):
             if was and not now:
                 del ids[bisect_left(ids, group_id)]
             elif now and not was:
                 insort(ids, group_id)
-        self._can_prefill[group_id] = can_prefill
-        self._can_decode[group_id] = can_decode
-        self._count(group_id, 1)
-        self._touch(group_id, _ALL)
+        m.can_prefill = can_prefill
+        m.can_decode = can_decode
+        self._count(m, 1)
+        self._touch(m, _ALL)
 
     # --- internals -------------------------------------------------------------------------
     def _add(self, r: Ranking) -> Ranking:
@@ -458,8 +474,9 @@ class Fleet:
             r.scan = True
             return r
         for position, gid in enumerate(r.group_ids):
-            self._covering[gid].append((r, position))
-            self._update(r, position, gid)
+            m = self._nums[gid]
+            m.covering.append((r, position))
+            self._update(r, position, m)
         return r
 
     def _best_id(self, r: Ranking) -> int:
@@ -467,77 +484,79 @@ class Fleet:
             return r.best_id()
         best = -1
         bp = bs = 0.0
+        nums = self._nums
         for g in r.group_ids:               # ascending ids: strict comparisons keep the lowest
-            if self._is_member(r, g):
-                p = self._primary(r, g)
-                sec = self._secondary(r, g)
+            m = nums[g]
+            if self._is_member(r, m):
+                p = self._primary(r, m)
+                sec = self._secondary(r, m)
                 if best < 0 or p < bp or (p == bp and sec < bs):
                     best, bp, bs = g, p, sec
         return best
 
-    def _touch(self, group_id: int, changed: int) -> None:
-        if not self._covering[group_id]:    # no tree ranks this group: nothing to catch up
+    def _touch(self, m: _Numbers, changed: i64) -> None:
+        if not m.covering:                  # no tree ranks this group: nothing to catch up
             return
-        if not self._changed[group_id]:
-            self._dirty.append(self._boxed_ids[group_id])
-        self._changed[group_id] |= changed
+        if not m.changed:
+            self._dirty.append(m)
+        m.changed |= changed
 
     def _sync(self) -> None:
         """Bring the rankings up to date with the groups that changed since the last query (a
         group changed several times costs one update per ranking)."""
-        for g in self._dirty:
-            changed = self._changed[g]
-            self._changed[g] = 0
-            for r, position in self._covering[g]:
+        for m in self._dirty:
+            changed = m.changed
+            m.changed = 0
+            for r, position in m.covering:
                 if r.deps & changed:
-                    self._update(r, position, g)
+                    self._update(r, position, m)
         self._dirty.clear()
 
-    def _update(self, r: Ranking, position: int, g: int) -> None:
+    def _update(self, r: Ranking, position: int, m: _Numbers) -> None:
         if r.custom:
-            v = self.views[g]
+            v = self.views[m.group_id]
             member = r.where is None or bool(r.where(v))
             r.set(position, member, float(r.key(v)) if member and r.key is not None else 0.0, 0.0)
-        elif self._is_member(r, g):
-            r.set(position, True, self._primary(r, g), self._secondary(r, g))
+        elif self._is_member(r, m):
+            r.set(position, True, self._primary(r, m), self._secondary(r, m))
         else:                               # a non-member's key is not read: an unchanged no-op
             r.set(position, False, math.inf, math.inf)
 
-    def _is_member(self, r: Ranking, g: int) -> bool:
+    def _is_member(self, r: Ranking, m: _Numbers) -> bool:
         among = r.among_code
         if among == 0:                      # PREFILL
-            return self._can_prefill[g]
+            return m.can_prefill
         if among == 1:                      # DECODE
-            return self._can_decode[g]
+            return m.can_decode
         if among == 2:                      # BOTH
-            return self._can_prefill[g] and self._can_decode[g]
+            return m.can_prefill and m.can_decode
         if among == 3:                      # DECODE_SLOT
-            return self._can_decode[g] and self._load[g] < self._max_seqs[g]
-        return self._can_decode[g] and not self._can_prefill[g] and self._load[g] < self._max_seqs[g]
+            return m.can_decode and m.load < m.max_seqs
+        return m.can_decode and not m.can_prefill and m.load < m.max_seqs
 
-    def _primary(self, r: Ranking, g: int) -> float:
+    def _primary(self, r: Ranking, m: _Numbers) -> float:
         criterion = r.criterion_code
         if criterion == 0:                  # PREFILL_TOKENS
-            return float(self._tokens[g])
+            return float(m.tokens)
         if criterion == 1:                  # DECODE_LOAD
-            return float(self._load[g])
+            return float(m.load)
         if criterion == 2:                  # FREE_KV
-            return float(-self._free[g])
+            return float(-m.free)
         if criterion == 3:                  # KV_IN_USE
-            return float(self._tokens[g] + (self._total[g] - self._free[g]) * self._block[g])
-        return self._tokens[g] + r.weight * self._load[g]      # PENDING_WORK
+            return float(m.tokens + (m.total - m.free) * m.block)
+        return float(m.tokens) + r.weight * float(m.load)      # PENDING_WORK
 
-    def _secondary(self, r: Ranking, g: int) -> float:
-        return float(-self._free[g]) if r.criterion_code == 1 else 0.0    # DECODE_LOAD: most free KV
+    def _secondary(self, r: Ranking, m: _Numbers) -> float:
+        return float(-m.free) if r.criterion_code == 1 else 0.0    # DECODE_LOAD: most free KV
 
-    def _count(self, g: int, sign: int) -> None:
-        if self._can_prefill[g]:
-            self.prefill_tokens += sign * self._tokens[g]
-            self.prefill_batch_tokens += sign * self._max_batch[g]
-        if self._can_decode[g]:
-            self.decode_load += sign * self._load[g]
-            self.decode_slots += sign * self._max_seqs[g]
-        if not self._can_prefill[g] and not self._can_decode[g]:
+    def _count(self, m: _Numbers, sign: int) -> None:
+        if m.can_prefill:
+            self.prefill_tokens += sign * m.tokens
+            self.prefill_batch_tokens += sign * m.max_batch
+        if m.can_decode:
+            self.decode_load += sign * m.load
+            self.decode_slots += sign * m.max_seqs
+        if not m.can_prefill and not m.can_decode:
             self.num_idle_roles += sign
 
 

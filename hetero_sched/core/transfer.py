@@ -201,7 +201,9 @@ class TransferNetwork:
         self.ingress = list(ingress_bytes_per_s)
         n = len(self.egress)
         self._pairs: dict[int, _Pair] = {}
-        """Every pair used so far, by ``src * n + dst`` (an idle one restarts its count)."""
+        """The active pairs, by ``src * n + dst``. An idle pair leaves (a pair that starts again is
+        made afresh): with a thousand groups most pairs carry one transfer, and a dict of every
+        pair ever used would outgrow the caches."""
         self._out: list[list[_Pair]] = [[] for _ in range(n)]   # active pairs by source endpoint
         self._in: list[list[_Pair]] = [[] for _ in range(n)]    # active pairs by destination
         self._out_mark = [0] * n            # scratch numbering of a component's resources
@@ -566,6 +568,7 @@ class TransferNetwork:
         p.out_pos = p.in_pos = -1
         p.version += 1
         self._active -= 1
+        del self._pairs[p.key]
 
 
 def _left(capacity: float, side: list[_Pair], smark: int) -> float:
