@@ -63,16 +63,31 @@ class EventQueue:
     """A heap of events ordered by ``(time_s, priority, seq)``: a total order, so a run is
     reproducible bit for bit."""
 
-    __slots__ = ("_heap", "_seq")
+    __slots__ = ("_heap", "_seq", "_spare")
 
     def __init__(self) -> None:
         self._heap: list[Event] = []
         self._seq = 0
+        self._spare: list[Event] = []
+        """Popped events, reused by the next pushes: a new event per push costs an allocation
+        and, when it dies, an unlink from the collector's list through neighbours that are
+        cold when thousands of events are pending."""
 
     def push(self, time_s: float, kind: int, payload: Any) -> None:
         """Schedule ``kind`` at ``time_s``."""
         self._seq += 1
-        self._sift_up(Event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | self._seq, kind, payload))
+        self._sift_up(self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | self._seq, kind, payload))
+
+    def _event(self, time_s: float, order: i64, kind: int, payload: Any) -> Event:
+        spare = self._spare
+        if not spare:
+            return Event(time_s, order, kind, payload)
+        e = spare.pop()
+        e.time_s = time_s
+        e.order = order
+        e.kind = kind
+        e.payload = payload
+        return e
 
     def reserve(self) -> int:
         """Take a place in the same-time order now, for an event whose time is known only later
@@ -83,7 +98,7 @@ class EventQueue:
 
     def push_reserved(self, time_s: float, kind: int, payload: Any, seq: int) -> None:
         """Schedule ``kind`` at ``time_s`` in the place :meth:`reserve` took."""
-        self._sift_up(Event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | seq, kind, payload))
+        self._sift_up(self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | seq, kind, payload))
 
     # A 4-ary heap: half the levels of a binary one for the same comparisons per pop, and each
     # node's children share a cache line of the list. "a before b" is written out (a.time_s <
@@ -138,7 +153,10 @@ class EventQueue:
                 heap[i] = child
                 i = c
             heap[i] = last
-        return top.time_s, top.order >> ORDER_BITS, top.order & ORDER_MASK, top.kind, top.payload
+        payload = top.payload
+        top.payload = None
+        self._spare.append(top)
+        return top.time_s, top.order >> ORDER_BITS, top.order & ORDER_MASK, top.kind, payload
 
     def peek_time(self) -> float | None:
         """Time of the earliest event, or None when empty."""
@@ -239,7 +257,7 @@ class DecisionLog:
         self.request_id = array("q")
         self.details = (array("d"), array("d"), array("d"), array("d"))
         self.reasons: dict[int, str] = {}
-        # Decisions not yet in the columns: one list per column, packed 64k at a time.
+        # Decisions not yet in the columns: one list per column, packed 1,024 at a time.
         self._time_s: list[float] = []
         self._kind: list[str] = []
         self._group_id: list[Optional[int]] = []       # None: none (packed as -1)
@@ -258,7 +276,7 @@ class DecisionLog:
             d0: float = math.nan, d1: float = math.nan, d2: float = math.nan, d3: float = math.nan) -> None:
         """Append one decision; ``d0..d3`` are its detail values in DETAIL_FIELDS order (NaN: none).
 
-        Decisions wait in per-column lists and move into the typed columns 64k at a time
+        Decisions wait in per-column lists and move into the typed columns 1,024 at a time
         (list appends on the hot path; bounded memory).
         """
         self._time_s.append(time_s)

@@ -78,11 +78,13 @@ so few groups that is cheaper than keeping a tree up to date at every change."""
 
 class _Entry:
     """One group's place in a ranking. An object, not numbers in lists, so that the compiled tree
-    compares two entries by reading doubles (lists of floats box and unbox every value)."""
+    compares two entries by reading doubles (lists of floats box and unbox every value); it
+    names its ranking, so a group's list of entries is all an update needs."""
 
-    __slots__ = ("position", "member", "primary", "secondary")
+    __slots__ = ("ranking", "position", "member", "primary", "secondary")
 
-    def __init__(self, position: int) -> None:
+    def __init__(self, ranking: "Ranking", position: i64) -> None:
+        self.ranking = ranking
         self.position = position
         self.member = False
         self.primary = math.inf
@@ -111,8 +113,8 @@ class _Numbers:
         self.max_batch: i64 = int(v.max_batch_tokens)
         self.changed: i64 = 0
         """What changed (a mask) since the rankings last looked."""
-        self.covering: list[tuple[Ranking, int]] = []
-        """The tree rankings this group is in, with its position in each."""
+        self.covering: list[_Entry] = []
+        """The group's entries in the tree rankings it is in."""
 
 
 class Ranking:
@@ -134,7 +136,7 @@ class Ranking:
         self.key = key
         self.where = where
         self.custom = key is not None
-        self.deps = _ALL if self.custom else _DEPS[criterion] | _DEPS[among]
+        self.deps: i64 = _ALL if self.custom else _DEPS[criterion] | _DEPS[among]
         self.criterion_code = _CODE.get(criterion, -1)
         self.among_code = _CODE.get(among, -1)
         self.scan = False
@@ -143,7 +145,7 @@ class Ranking:
         while size < len(group_ids):
             size *= 2
         self._size = size
-        self._entries = [_Entry(i) for i in range(size)]
+        self._entries = [_Entry(self, i) for i in range(size)]
         self._win: list[Optional[_Entry]] = [None] * (2 * size)
         """Node i's best member (None: no member below it); the leaves are ``size + position``."""
 
@@ -180,9 +182,12 @@ class Ranking:
                     heapq.heappush(frontier, (o.primary, o.secondary, o.position, other))
             yield self.group_ids[position]
 
-    def set(self, position: int, member: bool, primary: float, secondary: float) -> None:
-        """Position ``position``'s group is (or is not) a member, with this key."""
-        e = self._entries[position]
+    def entry(self, position: int) -> _Entry:
+        """The entry of the group at ``position``."""
+        return self._entries[position]
+
+    def set(self, e: _Entry, member: bool, primary: float, secondary: float) -> None:
+        """Entry ``e``'s group is (or is not) a member, with this key."""
         if member == e.member and primary == e.primary and secondary == e.secondary:
             return
         e.member = member
@@ -192,7 +197,7 @@ class Ranking:
         # right one wins only if strictly less: ties go to the left, a lower group id); stop where
         # a node keeps a winner other than e: nothing above it changes.
         win = self._win
-        node: i64 = self._size + position
+        node: i64 = self._size + e.position
         w: Optional[_Entry] = e if member else None
         win[node] = w
         while node > 1:
@@ -475,8 +480,9 @@ class Fleet:
             return r
         for position, gid in enumerate(r.group_ids):
             m = self._nums[gid]
-            m.covering.append((r, position))
-            self._update(r, position, m)
+            e = r.entry(position)
+            m.covering.append(e)
+            self._update(r, e, m)
         return r
 
     def _best_id(self, r: Ranking) -> int:
@@ -507,20 +513,21 @@ class Fleet:
         for m in self._dirty:
             changed = m.changed
             m.changed = 0
-            for r, position in m.covering:
+            for e in m.covering:
+                r = e.ranking
                 if r.deps & changed:
-                    self._update(r, position, m)
+                    self._update(r, e, m)
         self._dirty.clear()
 
-    def _update(self, r: Ranking, position: int, m: _Numbers) -> None:
+    def _update(self, r: Ranking, e: _Entry, m: _Numbers) -> None:
         if r.custom:
             v = self.views[m.group_id]
             member = r.where is None or bool(r.where(v))
-            r.set(position, member, float(r.key(v)) if member and r.key is not None else 0.0, 0.0)
+            r.set(e, member, float(r.key(v)) if member and r.key is not None else 0.0, 0.0)
         elif self._is_member(r, m):
-            r.set(position, True, self._primary(r, m), self._secondary(r, m))
+            r.set(e, True, self._primary(r, m), self._secondary(r, m))
         else:                               # a non-member's key is not read: an unchanged no-op
-            r.set(position, False, math.inf, math.inf)
+            r.set(e, False, math.inf, math.inf)
 
     def _is_member(self, r: Ranking, m: _Numbers) -> bool:
         among = r.among_code
