@@ -48,19 +48,41 @@ def test_event_queue_same_time_order():
 
 def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
     # against heapq over (time, priority, seq) tuples, pushes and pops interleaved, ties frequent
-    # (a few repeated times), and reserved places (a span's report pushed later, sorting as if
-    # pushed at dispatch)
+    # (a few repeated times), reserved places (a span's report pushed later, sorting as if
+    # pushed at dispatch) and moves (a cut span's end re-timed: as a new push with the old one
+    # dropped)
     rng = np.random.default_rng(7)
     priority = {Kind.SPAN_END: 0, Kind.TRANSFER: 1, Kind.KV_ARRIVAL: 1, Kind.ARRIVAL: 2}
+    moves = 0
     for _ in range(50):
         q, ref, seq, got, want, reserved = EventQueue(), [], 0, [], [], []
+        pending: dict[int, tuple] = {}     # seq -> (event, kind): pushed, not popped
+        dropped: set[int] = set()
+
+        def pop_ref():
+            while True:
+                e = heapq.heappop(ref)
+                if e[2] not in dropped:
+                    pending.pop(e[2], None)
+                    return e
+
         for i in range(int(rng.integers(1, 300))):
             step = rng.random()
-            if ref and step < 0.35:
-                got.append(q.pop())
-                want.append(heapq.heappop(ref))
-                continue
             t = float(rng.choice([0.5, 1.0, 2.0, rng.random() * 3]))
+            if len(q) and step < 0.35:
+                got.append(q.pop())
+                want.append(pop_ref())
+                continue
+            if pending and step < 0.42:
+                old = sorted(pending)[int(rng.integers(len(pending)))]
+                event, kind = pending.pop(old)
+                dropped.add(old)
+                q.move(event, t, ("moved", i))
+                seq += 1
+                heapq.heappush(ref, (t, priority[kind], seq, kind, ("moved", i)))
+                pending[seq] = (event, kind)
+                moves += 1
+                continue
             kind = int(rng.choice([Kind.SPAN_END, Kind.TRANSFER, Kind.KV_ARRIVAL, Kind.ARRIVAL]))
             if step < 0.5:
                 reserved.append((q.reserve(), kind, i))
@@ -71,13 +93,14 @@ def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
                 q.push_reserved(t, kind, payload, s)
                 heapq.heappush(ref, (t, priority[kind], s, kind, payload))
                 continue
-            q.push(t, kind, i)
             seq += 1
+            pending[seq] = (q.push(t, kind, i), kind)
             heapq.heappush(ref, (t, priority[kind], seq, kind, i))
-        while ref:
+        while len(q):
             got.append(q.pop())
-            want.append(heapq.heappop(ref))
-        assert got == want and len(q) == 0 and q.peek_time() is None
+            want.append(pop_ref())
+        assert got == want and q.peek_time() is None and all(e[2] in dropped for e in ref)
+    assert moves > 500
 
 
 def test_groups_with_one_cost_model_share_its_memo_and_get_its_answers():

@@ -49,7 +49,7 @@ class Event:
     reading two doubles: a tuple comparison costs three rich comparisons, and with G groups'
     span ends pending every pop walks log4(G) levels (at a thousand groups, a sixth of a run)."""
 
-    __slots__ = ("time_s", "order", "kind", "payload")
+    __slots__ = ("time_s", "order", "kind", "payload", "index")
 
     def __init__(self, time_s: float, order: i64, kind: int, payload: Any) -> None:
         self.time_s = time_s
@@ -57,6 +57,8 @@ class Event:
         """``priority << ORDER_BITS | seq``: a machine integer, compared without unboxing."""
         self.kind = kind
         self.payload = payload
+        self.index: i64 = -1
+        """Its place in the heap while pending (-1: popped)."""
 
 
 class EventQueue:
@@ -73,10 +75,41 @@ class EventQueue:
         and, when it dies, an unlink from the collector's list through neighbours that are
         cold when thousands of events are pending."""
 
-    def push(self, time_s: float, kind: int, payload: Any) -> None:
-        """Schedule ``kind`` at ``time_s``."""
+    def push(self, time_s: float, kind: int, payload: Any) -> Event:
+        """Schedule ``kind`` at ``time_s``; returns the pending event (valid until popped)."""
         self._seq += 1
-        self._sift_up(self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | self._seq, kind, payload))
+        e = self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | self._seq, kind, payload)
+        heap = self._heap
+        heap.append(e)
+        self._sift_up(e, len(heap) - 1)
+        return e
+
+    def move(self, e: Event, time_s: float, payload: Any) -> None:
+        """Re-time the pending event ``e`` to ``time_s`` (with ``payload``), ordered as if pushed
+        now: what pushing a new event and ignoring ``e`` would do, without ``e`` staying queued
+        (a cut decode span's end: with thousands of groups, a third of the heap was stale ends)."""
+        self._seq += 1
+        e.time_s = time_s
+        e.order = (PRIORITY_OF[e.kind] << ORDER_BITS) | self._seq
+        e.payload = payload
+        i = e.index
+        self._sift_up(e, i)
+        if e.index == i:
+            self._sift_down(e, i)
+
+    def reserve(self) -> int:
+        """Take a place in the same-time order now, for an event whose time is known only later
+        (a device's report of a span dispatched now): pushed with :meth:`push_reserved`, it sorts
+        as if it had been pushed now."""
+        self._seq += 1
+        return self._seq
+
+    def push_reserved(self, time_s: float, kind: int, payload: Any, seq: int) -> None:
+        """Schedule ``kind`` at ``time_s`` in the place :meth:`reserve` took."""
+        e = self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | seq, kind, payload)
+        heap = self._heap
+        heap.append(e)
+        self._sift_up(e, len(heap) - 1)
 
     def _event(self, time_s: float, order: i64, kind: int, payload: Any) -> Event:
         spare = self._spare
@@ -89,26 +122,14 @@ class EventQueue:
         e.payload = payload
         return e
 
-    def reserve(self) -> int:
-        """Take a place in the same-time order now, for an event whose time is known only later
-        (a device's report of a span dispatched now): pushed with :meth:`push_reserved`, it sorts
-        as if it had been pushed now."""
-        self._seq += 1
-        return self._seq
-
-    def push_reserved(self, time_s: float, kind: int, payload: Any, seq: int) -> None:
-        """Schedule ``kind`` at ``time_s`` in the place :meth:`reserve` took."""
-        self._sift_up(self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | seq, kind, payload))
-
     # A 4-ary heap: half the levels of a binary one for the same comparisons per pop, and each
     # node's children share a cache line of the list. "a before b" is written out (a.time_s <
     # b.time_s, then a.order < b.order), the moving event's keys read once: with G groups' span
     # ends pending the heap is log4(G) levels deep, and a function call per comparison was most
-    # of a level's cost.
-    def _sift_up(self, e: Event) -> None:
+    # of a level's cost. Each event knows its place (``index``), so a pending one can be moved.
+    def _sift_up(self, e: Event, i: i64) -> None:
+        """Place ``e`` at ``i`` or above it."""
         heap = self._heap
-        heap.append(e)
-        i: i64 = len(heap) - 1
         t = e.time_s
         order = e.order
         while i > 0:
@@ -118,43 +139,52 @@ class EventQueue:
             if pt < t or (pt == t and p.order < order):
                 break
             heap[i] = p
+            p.index = i
             i = parent
         heap[i] = e
+        e.index = i
+
+    def _sift_down(self, e: Event, i: i64) -> None:
+        """Place ``e`` at ``i`` or below it."""
+        heap = self._heap
+        n: i64 = len(heap)
+        t = e.time_s
+        order = e.order
+        while True:
+            first = 4 * i + 1
+            if first >= n:
+                break
+            c = first
+            child = heap[c]
+            ct = child.time_s
+            end = first + 4 if first + 4 < n else n
+            j = first + 1
+            while j < end:              # the earliest of the (up to four) children
+                other = heap[j]
+                ot = other.time_s
+                if ot < ct or (ot == ct and other.order < child.order):
+                    c = j
+                    child = other
+                    ct = ot
+                j += 1
+            if t < ct or (t == ct and order < child.order):
+                break
+            heap[i] = child
+            child.index = i
+            i = c
+        heap[i] = e
+        e.index = i
 
     def pop(self) -> tuple[float, int, int, int, Any]:
         """Remove and return the earliest event: ``(time_s, priority, seq, kind, payload)``."""
         heap = self._heap
         top = heap[0]
         last = heap.pop()
-        n: i64 = len(heap)
-        if n:
-            t = last.time_s
-            order = last.order
-            i: i64 = 0
-            while True:
-                first = 4 * i + 1
-                if first >= n:
-                    break
-                c = first
-                child = heap[c]
-                ct = child.time_s
-                end = first + 4 if first + 4 < n else n
-                j = first + 1
-                while j < end:              # the earliest of the (up to four) children
-                    other = heap[j]
-                    ot = other.time_s
-                    if ot < ct or (ot == ct and other.order < child.order):
-                        c = j
-                        child = other
-                        ct = ot
-                    j += 1
-                if t < ct or (t == ct and order < child.order):
-                    break
-                heap[i] = child
-                i = c
-            heap[i] = last
+        if len(heap):
+            self._sift_down(last, 0)
         payload = top.payload
         top.payload = None
+        top.index = -1
         self._spare.append(top)
         return top.time_s, top.order >> ORDER_BITS, top.order & ORDER_MASK, top.kind, payload
 

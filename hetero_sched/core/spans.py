@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from hetero_sched.core.request import RequestState
 from hetero_sched.core.kvtiers import PrefixPlan
@@ -66,6 +66,8 @@ class Span:
         """Mixed spans: ``(request, start, end)`` — prefill-token positions this span computes."""
         self.fetches: tuple[tuple[RequestState, PrefixPlan], ...] = ()
         """With KV tiers: each prompt starting here and how it reuses its prefix (reads from lower tiers)."""
+        self.end_event: Any = None
+        """The virtual devices' pending ``SPAN_END`` event for it, re-timed at a cut."""
 
 
 class SpanReport:

@@ -27,8 +27,8 @@ class Devices:
     may be used.
 
     This base class runs every span exactly as planned — the simulator's *virtual devices*: a
-    span's report is its plan, due at its planned end, and a cut moves that end (the earlier
-    event, still queued, is stale: its cut count no longer matches). The live runtime's
+    span's report is its plan, due at its planned end, and a cut moves that end (the queued
+    event is re-timed, :meth:`EventQueue.move`, not left behind stale). The live runtime's
     ``RayDevices`` overrides every method to run spans on Ray actors. (One concrete base rather
     than a Protocol: compiled, the event loop then calls it natively, a tenth of the
     simulator's time.)
@@ -37,11 +37,15 @@ class Devices:
     def dispatch(self, now_s: float, span: Span, queue: EventQueue) -> None:
         """Run ``span`` on its group's device (a cut of a running span when ``span.cuts`` grew);
         its report becomes a ``SPAN_END`` event in ``queue``."""
-        queue.push(span.end_s, Kind.SPAN_END, (span, span.cuts))
+        if span.end_event is None:
+            span.end_event = queue.push(span.end_s, Kind.SPAN_END, (span, span.cuts))
+        else:                               # a cut: its end event moves (none is left stale)
+            queue.move(span.end_event, span.end_s, (span, span.cuts))
 
     def report(self, now_s: float, payload: Any) -> Optional[SpanReport]:
         """The report a ``SPAN_END`` event carries, or None if it is stale (superseded by a cut)."""
         span, cuts = payload
+        span.end_event = None               # popped: the queue reuses it
         return planned_report(span) if cuts == span.cuts else None
 
     def wait(self, queue: EventQueue) -> Optional[float]:
