@@ -1,20 +1,23 @@
 """How the simulator's speed holds as the cluster grows: simulated requests per wall second by size.
 
     python bench/sim_scale.py                      # 5, 20, 80, 320, 1280 groups; 20,000 requests each
-    python bench/sim_scale.py --sizes 5,1280 --requests 50000 --repeat 5
+    python bench/sim_scale.py --sizes 5,1280 --requests 50000 --repeat 5 --processes 5
 
 The shipped experiment (four trn2.48xlarge prefill groups, one four-CS-3 decode group: five
 groups) with every group's ``replicas`` multiplied by ``k`` (k = groups / 5), and a synthetic
 Azure-conversation workload (the shipped fitted length distributions) arriving at
 ``--rate-per-group`` × groups requests per second, so each group sees the same load at every size.
 
-Each size runs in a fresh subprocess (so ``peak_rss_mb`` is that size's own peak resident set,
-``getrusage(RUSAGE_SELF).ru_maxrss``: interpreter, workload, scheduler and all), pinned to one
-core. ``requests_per_s`` is measured as ``bench/sim_speed.py`` measures it: the event loop
-alone, from the first arrival to the last completion, excluding workload generation, scheduler
-construction and metrics; the median of ``--repeat`` runs (fresh scheduler each), every run's
-figure in ``requests_per_s_runs``. Prints one JSON object per size as it goes, then one JSON
-list of every size last.
+Each size runs in ``--processes`` fresh subprocesses, one after the other (so ``peak_rss_mb`` is
+that size's own peak resident set, ``getrusage(RUSAGE_SELF).ru_maxrss``: interpreter, workload,
+scheduler and all — the largest of its processes), pinned to one core. ``requests_per_s`` is
+measured as ``bench/sim_speed.py`` measures it: the event loop alone, from the first arrival to
+the last completion, excluding workload generation, scheduler construction and metrics; the
+median of every run (``--repeat`` per process, a fresh scheduler each), every run's figure in
+``requests_per_s_runs``. (A process's memory layout moves its figure by a few percent on this
+VM: the median over several processes says more than any one.) ``vs_smallest`` is a size's
+``requests_per_s`` over the smallest size's. Prints one JSON object per size as it goes, then
+one JSON list of every size last.
 """
 
 from __future__ import annotations
@@ -50,9 +53,7 @@ def scaled_experiment(k: int, rate_per_s: float, num_requests: int) -> dict[str,
 
 
 def measure(groups: int, requests: int, rate_per_group: float, repeat: int) -> dict[str, Any]:
-    """One size, in this process."""
-    if groups % BASE_GROUPS:
-        raise SystemExit(f"error: --sizes must be multiples of {BASE_GROUPS} (got {groups})")
+    """One size, in this process: every run's wall time."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     exp, base = resolve(scaled_experiment(groups // BASE_GROUPS, rate_per_group * groups, requests))
     w = synthetic(requests, rate_per_group * groups, prompt="azure-conv", output="azure-conv", seed=exp.seed)
@@ -64,14 +65,26 @@ def measure(groups: int, requests: int, rate_per_group: float, repeat: int) -> d
         run_events(sched, w.requests())
         walls.append(time.perf_counter() - t0)
     assert sched is not None
-    wall = statistics.median(walls)
     completed = sum(1 for r in sched.records if r[6] == "completed")
     return {
-        "groups": len(sched.groups), "requests": len(w), "rate_per_s": rate_per_group * groups,
-        "wall_s": round(wall, 3), "requests_per_s": round(len(w) / wall, 1),
-        "requests_per_s_runs": [round(len(w) / x) for x in walls],
+        "groups": len(sched.groups), "requests": len(w), "rate_per_s": rate_per_group * groups, "walls_s": walls,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "completed": completed, "decisions": len(sched.decisions),
+    }
+
+
+def combine(children: list[dict[str, Any]]) -> dict[str, Any]:
+    """One size's row from its processes' measurements: the median of all their runs."""
+    first = children[0]
+    walls = [x for c in children for x in c["walls_s"]]
+    wall = statistics.median(walls)
+    n = first["requests"]
+    return {
+        "groups": first["groups"], "requests": n, "rate_per_s": first["rate_per_s"],
+        "wall_s": round(wall, 3), "requests_per_s": round(n / wall, 1),
+        "requests_per_s_runs": [round(n / x) for x in walls],
+        "peak_rss_mb": max(c["peak_rss_mb"] for c in children),
+        "completed": first["completed"], "decisions": first["decisions"],
     }
 
 
@@ -81,25 +94,37 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20_000, help="requests per size (>= 20,000 for the issue's figure)")
     ap.add_argument("--rate-per-group", type=float, default=3.2,
                     help="arrival rate per group, req/s (3.2: 16 req/s for the 5-group experiment)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per size; the median is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per process; the median of all runs is reported")
+    ap.add_argument("--processes", type=int, default=3, help="fresh processes per size, one after the other")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)   # a child: one size
     args = ap.parse_args()
+    for name in ("requests", "repeat", "processes"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if not args.rate_per_group > 0:
+        ap.error(f"--rate-per-group must be positive (got {args.rate_per_group})")
     if args.one is not None:
         print(json.dumps(measure(args.one, args.requests, args.rate_per_group, args.repeat)))
         return
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
-        raise SystemExit(f"error: --sizes must be comma-separated integers (got {args.sizes!r})") from None
-    rows = []
+        ap.error(f"--sizes must be comma-separated integers (got {args.sizes!r})")
+    if any(size < BASE_GROUPS or size % BASE_GROUPS for size in sizes):
+        ap.error(f"--sizes must be multiples of {BASE_GROUPS} (got {args.sizes})")
+    rows: list[dict[str, Any]] = []
     for size in sizes:
-        out = subprocess.run([sys.executable, __file__, "--one", str(size), "--requests", str(args.requests),
-                              "--rate-per-group", str(args.rate_per_group), "--repeat", str(args.repeat)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.stderr.write(out.stderr)
-            raise SystemExit(f"error: size {size} failed (exit {out.returncode})")
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        children = []
+        for _ in range(args.processes):
+            out = subprocess.run([sys.executable, __file__, "--one", str(size), "--requests", str(args.requests),
+                                  "--rate-per-group", str(args.rate_per_group), "--repeat", str(args.repeat)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr)
+                raise SystemExit(f"error: size {size} failed (exit {out.returncode})")
+            children.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        row = combine(children)
+        row["vs_smallest"] = round(row["requests_per_s"] / (rows[0] if rows else row)["requests_per_s"], 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(json.dumps(rows))

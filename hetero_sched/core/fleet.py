@@ -516,6 +516,8 @@ class Fleet:
             for e in m.covering:
                 r = e.ranking
                 if r.deps & changed:
+                    if 0 <= r.among_code <= 2 and not changed & _ROLE and not self._is_member(r, m):
+                        continue            # not of the role, still (its entry is not read)
                     self._update(r, e, m)
         self._dirty.clear()
 
