@@ -292,7 +292,8 @@ class DecisionLog:
         self._kind: list[str] = []
         self._group_id: list[Optional[int]] = []       # None: none (packed as -1)
         self._request_id: list[Optional[int]] = []
-        self._details: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
+        self._details: tuple[list[Any], list[Any], list[Any], list[Any]] = ([], [], [], [])
+        self._none: Any = math.nan
         # Request ids of span decisions, as ragged rows: row index, end offset into span_ids
         # (pending ones in lists too, packed with the rest).
         self.span_rows = array("q")
@@ -316,10 +317,11 @@ class DecisionLog:
         self._group_id.append(group_id)
         self._request_id.append(request_id)
         p0, p1, p2, p3 = self._details
-        p0.append(d0)
-        p1.append(d1)
-        p2.append(d2)
-        p3.append(d3)
+        none = self._none                   # most details are none: one shared NaN, not a new float each
+        p0.append(d0 if d0 == d0 else none)
+        p1.append(d1 if d1 == d1 else none)
+        p2.append(d2 if d2 == d2 else none)
+        p3.append(d3 if d3 == d3 else none)
         if len(self._time_s) >= PENDING_DECISIONS:
             self._compact()
 
