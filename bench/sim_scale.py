@@ -8,7 +8,8 @@ groups) with every group's ``replicas`` multiplied by ``k`` (k = groups / 5), an
 Azure-conversation workload (the shipped fitted length distributions) arriving at
 ``--rate-per-group`` × groups requests per second, so each group sees the same load at every size.
 
-Each size runs in ``--processes`` fresh subprocesses, one after the other (so ``peak_rss_mb`` is
+Each size runs in ``--processes`` fresh subprocesses, the sizes taking turns (one process of
+each size per round, so that a drift in the VM's speed meets every size alike; ``peak_rss_mb`` is
 that size's own peak resident set, ``getrusage(RUSAGE_SELF).ru_maxrss``: interpreter, workload,
 scheduler and all — the largest of its processes), pinned to one core. ``requests_per_s`` is
 measured as ``bench/sim_speed.py`` measures it: the event loop alone, from the first arrival to
@@ -16,8 +17,8 @@ the last completion, excluding workload generation, scheduler construction and m
 median of every run (``--repeat`` per process, a fresh scheduler each), every run's figure in
 ``requests_per_s_runs``. (A process's memory layout moves its figure by a few percent on this
 VM: the median over several processes says more than any one.) ``vs_smallest`` is a size's
-``requests_per_s`` over the smallest size's. Prints one JSON object per size as it goes, then
-one JSON list of every size last.
+``requests_per_s`` over the smallest size's. Prints a progress line per process to stderr, one
+JSON object per size once all rounds are done, then one JSON list of every size last.
 """
 
 from __future__ import annotations
@@ -112,21 +113,23 @@ def main() -> None:
         ap.error(f"--sizes must be comma-separated integers (got {args.sizes!r})")
     if any(size < BASE_GROUPS or size % BASE_GROUPS for size in sizes):
         ap.error(f"--sizes must be multiples of {BASE_GROUPS} (got {args.sizes})")
-    rows: list[dict[str, Any]] = []
-    for size in sizes:
-        children = []
-        for _ in range(args.processes):
+    children: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
+    for round_ in range(args.processes):
+        for size in sizes:
             out = subprocess.run([sys.executable, __file__, "--one", str(size), "--requests", str(args.requests),
                                   "--rate-per-group", str(args.rate_per_group), "--repeat", str(args.repeat)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 sys.stderr.write(out.stderr)
                 raise SystemExit(f"error: size {size} failed (exit {out.returncode})")
-            children.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        row = combine(children)
-        row["vs_smallest"] = round(row["requests_per_s"] / (rows[0] if rows else row)["requests_per_s"], 3)
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            children[size].append(child)
+            runs = ", ".join(f"{child['requests'] / w:,.0f}" for w in child["walls_s"])
+            print(f"round {round_ + 1}/{args.processes}, {size} groups: {runs} req/s", file=sys.stderr, flush=True)
+    rows = [combine(children[size]) for size in sizes]
+    for row in rows:
+        row["vs_smallest"] = round(row["requests_per_s"] / rows[0]["requests_per_s"], 3)
         print(json.dumps(row), flush=True)
-        rows.append(row)
     print(json.dumps(rows))
 
 
