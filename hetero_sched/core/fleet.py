@@ -115,6 +115,9 @@ class _Numbers:
         """What changed (a mask) since the rankings last looked."""
         self.covering: list[_Entry] = []
         """The group's entries in the tree rankings it is in."""
+        self.ranked = False
+        """Whether ``covering`` has any (read on every change: a field beside ``changed``, not
+        the list's header, another cache line)."""
 
 
 class Ranking:
@@ -482,6 +485,7 @@ class Fleet:
             m = self._nums[gid]
             e = r.entry(position)
             m.covering.append(e)
+            m.ranked = True
             self._update(r, e, m)
         return r
 
@@ -501,7 +505,7 @@ class Fleet:
         return best
 
     def _touch(self, m: _Numbers, changed: i64) -> None:
-        if not m.covering:                  # no tree ranks this group: nothing to catch up
+        if not m.ranked:                    # no tree ranks this group: nothing to catch up
             return
         if not m.changed:
             self._dirty.append(m)
