@@ -361,6 +361,32 @@ def test_decision_log_round_trips_and_compares():
     assert cols["reason"] == [None, None, "no capacity"] and "detail" not in cols
 
 
+def test_decision_log_reads_the_same_across_its_packed_chunks():
+    # thousands of decisions (several packed chunks, read back partly packed, partly pending),
+    # span ids and reasons among them, against plain Python lists
+    from hetero_sched.core.events import PENDING_DECISIONS, DecisionLog
+    rng = np.random.default_rng(3)
+    log, want_rows, want_ids = DecisionLog(), [], []
+    for i in range(3 * PENDING_DECISIONS + 77):
+        if i % 5 == 0:
+            log.add_reject(i / 10, i, f"reason {i}")
+            want_rows.append((i / 10, "reject", None, i, (f"reason {i}",)))
+            want_ids.append(None)
+        elif i % 5 == 1:
+            ids = [int(x) for x in rng.integers(0, 10**6, int(rng.integers(1, 6)))]
+            log.add(i / 10, "decode", i % 300, None, len(ids), 4, 0.5)
+            log.add_ids(ids)
+            want_rows.append((i / 10, "decode", i % 300, None, (len(ids), 4, 0.5)))
+            want_ids.append(ids)
+        else:
+            log.add(i / 10, "place", i % 300, i)
+            want_rows.append((i / 10, "place", i % 300, i, (None,)))
+            want_ids.append(None)
+        assert len(log) == i + 1
+    assert list(log) == want_rows and log.columns()["request_ids"] == want_ids
+    assert DecisionLog.from_state(log.state()) == log
+
+
 class _CancelAt(Devices):
     """Virtual devices through which clients give up: request ``rid`` at time ``t``."""
 
