@@ -78,11 +78,7 @@ class EventQueue:
     def push(self, time_s: float, kind: int, payload: Any) -> Event:
         """Schedule ``kind`` at ``time_s``; returns the pending event (valid until popped)."""
         self._seq += 1
-        e = self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | self._seq, kind, payload)
-        heap = self._heap
-        heap.append(e)
-        self._sift_up(e, len(heap) - 1)
-        return e
+        return self._add(self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | self._seq, kind, payload))
 
     def move(self, e: Event, time_s: float, payload: Any) -> None:
         """Re-time the pending event ``e`` to ``time_s`` (with ``payload``), ordered as if pushed
@@ -106,10 +102,13 @@ class EventQueue:
 
     def push_reserved(self, time_s: float, kind: int, payload: Any, seq: int) -> None:
         """Schedule ``kind`` at ``time_s`` in the place :meth:`reserve` took."""
-        e = self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | seq, kind, payload)
+        self._add(self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | seq, kind, payload))
+
+    def _add(self, e: Event) -> Event:
         heap = self._heap
         heap.append(e)
         self._sift_up(e, len(heap) - 1)
+        return e
 
     def _event(self, time_s: float, order: i64, kind: int, payload: Any) -> Event:
         spare = self._spare
