@@ -486,7 +486,7 @@ class Fleet:
             e = r.entry(position)
             m.covering.append(e)
             m.ranked = True
-            self._update(r, e, m)
+            self._update(r, e, m, _ALL)
         return r
 
     def _best_id(self, r: Ranking) -> int:
@@ -520,18 +520,19 @@ class Fleet:
             for e in m.covering:
                 r = e.ranking
                 if r.deps & changed:
-                    if 0 <= r.among_code <= 2 and not changed & _ROLE and not self._is_member(r, m):
-                        continue            # not of the role, still (its entry is not read)
-                    self._update(r, e, m)
+                    self._update(r, e, m, changed)
         self._dirty.clear()
 
-    def _update(self, r: Ranking, e: _Entry, m: _Numbers) -> None:
+    def _update(self, r: Ranking, e: _Entry, m: _Numbers, changed: i64) -> None:
+        """Entry ``e`` of ``r`` after the changes ``changed`` (a mask) to group ``m``."""
         if r.custom:
             v = self.views[m.group_id]
             member = r.where is None or bool(r.where(v))
             r.set(e, member, float(r.key(v)) if member and r.key is not None else 0.0, 0.0)
         elif self._is_member(r, m):
             r.set(e, True, self._primary(r, m), self._secondary(r, m))
+        elif r.among_code <= 2 and not changed & _ROLE:
+            pass                            # not of a role-only filter's role, still: its entry is not read
         else:                               # a non-member's key is not read: an unchanged no-op
             r.set(e, False, math.inf, math.inf)
 

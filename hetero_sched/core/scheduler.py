@@ -170,7 +170,7 @@ class Scheduler:
         self._apply(now_s, g, out)
         if now_s - self.views[group_id].reported_s >= self.report_interval_s:
             self._report(g, now_s)
-        self._dirty.add(self._boxed_ids[group_id])
+        self._mark_dirty(group_id)
 
     def on_transfer(self, now_s: float, version: int) -> list[Timer]:
         """The transfer network's next change is due: returns KV-arrival timers."""
@@ -195,8 +195,8 @@ class Scheduler:
         if self.hooks is not None:
             self.hooks.kv_landed(now_s, transfer_id, rs, src_id, dst_id)
         self.decisions.add(now_s, D.KV_ARRIVED, dst.group_id, rs.request_id)
-        self._dirty.add(self._boxed_ids[src.group_id])
-        self._dirty.add(self._boxed_ids[dst.group_id])
+        self._mark_dirty(src.group_id)
+        self._mark_dirty(dst.group_id)
 
     def fail_group(self, now_s: float, group_id: int, delivered: Optional[dict[int, int]] = None,
                    restarted: bool = False) -> None:
@@ -236,7 +236,7 @@ class Scheduler:
                 hooks.transfer_cancelled(now_s, tid, rs, src_id, dst_id)
             if src_id == group_id:                             # the KV's source is gone
                 self.groups[dst_id].cancel_admission(rs)
-                self._dirty.add(self._boxed_ids[dst_id])
+                self._mark_dirty(dst_id)
                 again[rs.request_id] = rs
             else:                                              # the destination is gone
                 reroute[rs.request_id] = rs
@@ -283,7 +283,7 @@ class Scheduler:
             g = self.groups[rs.prefill_group]
             g.unqueue_prefill(rs)
             self.fleet.placed(g.group_id, -rs.prefill_tokens, -1)
-            self._dirty.add(self._boxed_ids[g.group_id])
+            self._mark_dirty(g.group_id)
             self._end_cancelled(now_s, rs, None)
         elif phase is Phase.WAITING_DECODE and rs.decode_group is not None:
             self.groups[rs.decode_group].decode_queue.remove(rs)
@@ -298,12 +298,12 @@ class Scheduler:
                 hooks.transfer_cancelled(now_s, tid, rs, src_id, dst_id)
             self.groups[dst_id].cancel_admission(rs)
             rs.decode_blocks = 0
-            self._dirty.add(self._boxed_ids[dst_id])
+            self._mark_dirty(dst_id)
             self._release_source(now_s, rs)
             self._end_cancelled(now_s, rs, None)
         elif phase is Phase.DECODING and rs.decode_group is not None:
             g = self.groups[rs.decode_group]
-            self._dirty.add(self._boxed_ids[g.group_id])      # a running span is cut for it at the next plan
+            self._mark_dirty(g.group_id)      # a running span is cut for it at the next plan
             if g.cancel_decode(rs, now_s):
                 if hooks is not None:
                     hooks.request_left(now_s, g.group_id, rs, "cancelled")
@@ -317,7 +317,7 @@ class Scheduler:
             self.groups[src].release_prefill_kv(rs)
             if self.hooks is not None:
                 self.hooks.request_left(now_s, src, rs, "cancelled")
-            self._dirty.add(self._boxed_ids[src])
+            self._mark_dirty(src)
 
     def whereabouts(self) -> dict[int, str]:
         """Where each request the core still holds sits (for the "unfinished request" error)."""
@@ -356,7 +356,7 @@ class Scheduler:
         self.fleet.set_roles(group_id, g.can_prefill, g.can_decode)
         self._report(g, now_s)
         self.decisions.add(now_s, D.RESTORE, group_id, None)
-        self._dirty.add(self._boxed_ids[group_id])
+        self._mark_dirty(group_id)
 
     def _resume_delivered(self, now_s: float, rs: RequestState) -> None:
         """A request the previous scheduler accepted: continue after the tokens it delivered.
@@ -374,7 +374,7 @@ class Scheduler:
         src_id = rs.prefill_group
         if src_id is not None and src_id != failed_id and rs.prefill_blocks:
             self.groups[src_id].release_prefill_kv(rs)         # a live group's copy, no longer wanted
-            self._dirty.add(self._boxed_ids[src_id])
+            self._mark_dirty(src_id)
             if self.hooks is not None:
                 self.hooks.request_left(now_s, src_id, rs, "failed")
         rs.prefill_blocks = 0
@@ -453,6 +453,10 @@ class Scheduler:
         return timers
 
     # --- internals --------------------------------------------------------------------------
+    def _mark_dirty(self, group_id: int) -> None:
+        """``group_id`` changed: the next :meth:`plan` looks at it."""
+        self._dirty.add(self._boxed_ids[group_id])
+
     def _info(self, rs: RequestState) -> RequestInfo:
         r = rs.request
         # tuple.__new__ with every field: a NamedTuple's own __new__ is interpreted Python, ten
@@ -495,7 +499,7 @@ class Scheduler:
                            math.nan if decision.decode_group is None else decision.decode_group)
         if self.hooks is not None:
             self.hooks.request_placed(now_s, rs, g.group_id)
-        self._dirty.add(self._boxed_ids[g.group_id])
+        self._mark_dirty(g.group_id)
 
     def _check(self, p: Placement, rs: RequestState) -> Optional[tuple[str, str]]:
         """Capacity check of a policy's placement (the policy decides, the scheduler verifies):
@@ -608,7 +612,7 @@ class Scheduler:
             return
         dst.enqueue_decode(rs)
         self.fleet.routed_decode(target, 1)
-        self._dirty.add(self._boxed_ids[target])
+        self._mark_dirty(target)
 
     def _start_transfer(self, now_s: float, rs: RequestState, dst_id: int, timers: list[Timer],
                         admitted: bool = True) -> None:
@@ -721,7 +725,7 @@ class Scheduler:
             return
         g = self.groups[flow.group_id]
         g.fetch_landed(rs, frozenset(flow.hashes))
-        self._dirty.add(self._boxed_ids[g.group_id])
+        self._mark_dirty(g.group_id)
         if self.hooks is not None:
             tokens = min(len(flow.hashes) * store.block_tokens, rs.prefill_tokens - 1)
             self.hooks.kv_fetched(now_s, rs, g.group_id, STORE, flow.start_s, now_s, flow.num_bytes, tokens)
@@ -749,7 +753,7 @@ class Scheduler:
             g.start_drain(role, now_s)
             self.fleet.set_roles(g.group_id, False, False)
             self.decisions.add(now_s, D.DRAIN, g.group_id, None, role.code)
-            self._dirty.add(self._boxed_ids[g.group_id])
+            self._mark_dirty(g.group_id)
 
     def _take_role(self, now_s: float, g: GroupState) -> None:
         drain_s = now_s - g.drain_start_s
