@@ -17,7 +17,8 @@ the last completion, excluding workload generation, scheduler construction and m
 median of every run (``--repeat`` per process, a fresh scheduler each), every run's figure in
 ``requests_per_s_runs``. (A process's memory layout moves its figure by a few percent on this
 VM: the median over several processes says more than any one.) ``vs_smallest`` is a size's
-``requests_per_s`` over the smallest size's. Prints a progress line per process to stderr, one
+``requests_per_s`` over the smallest size's, and ``vs_smallest_rounds`` the same ratio within each
+round (its processes' medians: how far the ratio moves from one round to the next on this VM). Prints a progress line per process to stderr, one
 JSON object per size once all rounds are done, then one JSON list of every size last.
 """
 
@@ -127,8 +128,10 @@ def main() -> None:
             runs = ", ".join(f"{child['requests'] / w:,.0f}" for w in child["walls_s"])
             print(f"round {round_ + 1}/{args.processes}, {size} groups: {runs} req/s", file=sys.stderr, flush=True)
     rows = [combine(children[size]) for size in sizes]
-    for row in rows:
+    for size, row in zip(sizes, rows):
         row["vs_smallest"] = round(row["requests_per_s"] / rows[0]["requests_per_s"], 3)
+        row["vs_smallest_rounds"] = [round(statistics.median(a["walls_s"]) / statistics.median(b["walls_s"]), 3)
+                                     for a, b in zip(children[sizes[0]], children[size])]
         print(json.dumps(row), flush=True)
     print(json.dumps(rows))
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import heapq
 import importlib
+import json
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,3 +432,19 @@ def test_a_cancelled_request_frees_everything_it_held_wherever_it_was(make, rate
         assert g.kv.num_free == g.kv.num_blocks and g.in_transit == 0 and not g.prefill_queue
         assert not g.decode_queue and not g.batch.running
     assert scheduler.num_active == 0
+
+
+def test_bench_sim_scale_prints_one_row_per_size_last_and_refuses_bad_flags():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "sim_scale.py"
+    proc = subprocess.run([sys.executable, str(bench), "--sizes", "5,10", "--requests", "300", "--repeat", "1",
+                           "--processes", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["groups"] for r in rows] == [5, 10]
+    for r in rows:
+        assert r["completed"] == 300 and r["requests_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert len(r["requests_per_s_runs"]) == 2 and len(r["vs_smallest_rounds"]) == 2
+    assert rows[0]["vs_smallest"] == 1.0 and rows[0]["vs_smallest_rounds"] == [1.0, 1.0]
+    assert rows[1]["vs_smallest"] == round(rows[1]["requests_per_s"] / rows[0]["requests_per_s"], 3)
+    bad = subprocess.run([sys.executable, str(bench), "--sizes", "7"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "multiples of 5" in bad.stderr and "Traceback" not in bad.stderr

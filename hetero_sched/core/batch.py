@@ -50,7 +50,7 @@ class DecodeBatch:
             rs.join_step = self.steps_done
             rs.join_span = self._spans_done
             self.context_tokens += rs.context_tokens
-            rs.finish_step = self.steps_done + rs.request.output_tokens - rs.generated
+            rs.finish_step = self.steps_done + rs.output_tokens - rs.generated
             heapq.heappush(self._finish_heap, (rs.finish_step, rs.request_id, rs))
             rs.phase = Phase.DECODING
             rs.decode_group = group_id

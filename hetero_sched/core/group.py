@@ -453,7 +453,7 @@ class GroupState:
             return 0
         block = rs.request.prefix_block_tokens
         return prefix_hit_tokens(self.memory.prefix_cache_for(block).matched_blocks(hashes), block,
-                                 rs.request.prompt_tokens, rs.prefill_tokens)
+                                 rs.prompt_tokens, rs.prefill_tokens)
 
     def _start_prefill(self, rs: RequestState, cached: int) -> None:
         """Take ``rs`` off the queue head: its KV (the decode reservation, if it decodes here)."""
@@ -516,7 +516,7 @@ class GroupState:
         hashes = rs.request.prefix_hashes
         if not hashes:
             return None
-        return tiers.plan(hashes, rs.request.prefix_block_tokens, rs.request.prompt_tokens, rs.prefill_tokens,
+        return tiers.plan(hashes, rs.request.prefix_block_tokens, rs.prompt_tokens, rs.prefill_tokens,
                           rs.staged)
 
     @staticmethod
@@ -664,10 +664,10 @@ class GroupState:
             block = rs.request.prefix_block_tokens
             tiers = self.memory.tiers
             if tiers is None:
-                self.memory.prefix_cache_for(block).use(hashes[:rs.request.prompt_tokens // block])
+                self.memory.prefix_cache_for(block).use(hashes[:rs.prompt_tokens // block])
             else:
                 tiers.sized(block)
-                tiers.use(hashes[:rs.request.prompt_tokens // block])
+                tiers.use(hashes[:rs.prompt_tokens // block])
         rs.on_token(token_s)
         out.prefilled.append(rs)
 

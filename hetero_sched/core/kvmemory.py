@@ -97,7 +97,7 @@ class KVMemory:
         (``prefill_pending``: the prefill about to run produces one more token).
         """
         generated = rs.generated + (1 if prefill_pending else 0)
-        return reservation_tokens(rs.request.prompt_tokens, rs.predicted_output, generated,
+        return reservation_tokens(rs.prompt_tokens, rs.predicted_output, generated,
                                   self.num_blocks * self.block_size)
 
     def can_reserve(self, rs: RequestState, prefill_pending: bool, own_blocks: int = 0) -> bool:

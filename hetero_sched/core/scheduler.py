@@ -390,7 +390,7 @@ class Scheduler:
         complete it if every token was already delivered, else place it to be prefilled again."""
         rs.preemptions += 1
         self.decisions.add(now_s, D.PREEMPT, group_id, rs.request_id, rs.generated)
-        if rs.generated >= rs.request.output_tokens:
+        if rs.generated >= rs.output_tokens:
             self._complete(now_s, rs, group_id)
         else:
             self._place(now_s, rs)
@@ -551,7 +551,7 @@ class Scheduler:
                 g.release_decode_kv(rs)
                 g.release_prefill_kv(rs)
                 self._end_cancelled(now_s, rs, g.group_id)
-            elif rs.generated >= rs.request.output_tokens:
+            elif rs.generated >= rs.output_tokens:
                 if hooks is not None:
                     hooks.request_left(now_s, g.group_id, rs, "completed")
                 g.release_decode_kv(rs)         # decoding here: its reservation; else: none

@@ -18,6 +18,8 @@ import math
 from enum import Enum
 from typing import Any, Optional
 
+from mypy_extensions import mypyc_attr
+
 from hetero_sched.core.request import RequestState
 from hetero_sched.core.kvtiers import PrefixPlan
 from hetero_sched.costmodel import Line
@@ -70,6 +72,7 @@ class Span:
         """The virtual devices' pending ``SPAN_END`` event for it, re-timed at a cut."""
 
 
+@mypyc_attr(acyclic=True)
 class SpanReport:
     """What a device says a span did: the facts the core applies (contract §3).
 
@@ -95,6 +98,7 @@ class SpanReport:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+@mypyc_attr(acyclic=True)
 class SpanOutcome:
     """What a finished span changed, for the scheduler to act on (plain class: see :class:`Span`)."""
 

@@ -14,6 +14,8 @@ import heapq
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from mypy_extensions import mypyc_attr
+
 
 def uncontended_transfer_s(num_bytes: float, egress_bytes_per_s: float, ingress_bytes_per_s: float,
                            message_s: float) -> float:
@@ -144,6 +146,7 @@ def layerwise_tail(num_bytes: float, prefill_s: float, num_layers: int, rate_byt
     return num_bytes - hidden_bytes, max(-hidden_s, 0.0)
 
 
+@mypyc_attr(acyclic=True)
 class _Pair:
     """All transfers from one endpoint to another: they share one per-flow rate.
 
