@@ -17,9 +17,10 @@ the last completion, excluding workload generation, scheduler construction and m
 median of every run (``--repeat`` per process, a fresh scheduler each), every run's figure in
 ``requests_per_s_runs``. (A process's memory layout moves its figure by a few percent on this
 VM: the median over several processes says more than any one.) ``vs_smallest`` is a size's
-``requests_per_s`` over the smallest size's, and ``vs_smallest_rounds`` the same ratio within each
-round (its processes' medians: how far the ratio moves from one round to the next on this VM). Prints a progress line per process to stderr, one
-JSON object per size once all rounds are done, then one JSON list of every size last.
+``requests_per_s`` over the smallest size's, and ``vs_smallest_rounds`` the same ratio within
+each round, from that round's processes' medians (how far the ratio moves from one round to the
+next). Prints a progress line per process to stderr, one JSON object per size once all rounds
+are done, then one JSON list of every size last.
 """
 
 from __future__ import annotations

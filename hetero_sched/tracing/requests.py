@@ -166,7 +166,7 @@ class RequestTracer:
             tl.end("queue.prefill", now_s)
             tl.start("prefill", now_s, where=group_id, measure="prefill", attrs={
                 **self._group_attrs(group_id), "hetero.batch_size": batch_size,
-                "gen_ai.usage.input_tokens": rs.request.prompt_tokens,
+                "gen_ai.usage.input_tokens": rs.prompt_tokens,
                 "hetero.prefill_tokens": rs.prefill_tokens,
                 "gen_ai.usage.cache_read.input_tokens": rs.cached_tokens,
                 "hetero.attempt": tl.attempt, "hetero.chunks": 0})
