@@ -13,7 +13,7 @@ import heapq
 from bisect import bisect_left
 from typing import Optional
 
-from hetero_sched.core.request import Phase, RequestState
+from hetero_sched.core.request import ID_BITS, ID_MASK, Phase, RequestState, step_key
 
 
 class DecodeBatch:
@@ -25,7 +25,8 @@ class DecodeBatch:
         self.steps_done = 0
         self.context_tokens = 0
         """KV tokens of the running requests, as of ``steps_done``."""
-        self._finish_heap: list[tuple[int, int, RequestState]] = []
+        self._finish_heap: list[int] = []
+        """``step_key(finish step, request id)`` of the running requests (maybe stale)."""
         self._spans_done = 0
         self._gap_idx: list[int] = []     # monotone stack of (span index, gap): max gap since a span
         self._gap_val: list[float] = []
@@ -51,7 +52,7 @@ class DecodeBatch:
             rs.join_span = self._spans_done
             self.context_tokens += rs.context_tokens
             rs.finish_step = self.steps_done + rs.output_tokens - rs.generated
-            heapq.heappush(self._finish_heap, (rs.finish_step, rs.request_id, rs))
+            heapq.heappush(self._finish_heap, step_key(rs.finish_step, rs.request_id))
             rs.phase = Phase.DECODING
             rs.decode_group = group_id
             self.running[rs.request_id] = rs
@@ -59,7 +60,7 @@ class DecodeBatch:
 
     def steps_to_next_finish(self) -> int:
         """Steps until the earliest completion in the batch (its heap's head, maybe stale: sooner)."""
-        return self._finish_heap[0][0] - self.steps_done
+        return (self._finish_heap[0] >> ID_BITS) - self.steps_done
 
     def first_step(self, joiners: list[RequestState], token_s: float) -> float:
         """A span's first decode tokens came out at ``token_s``: note the joiners' token 2 and
@@ -88,10 +89,12 @@ class DecodeBatch:
         """Pop the running requests that made all their tokens (still here, not already gone)."""
         done: list[RequestState] = []
         heap = self._finish_heap
-        while heap and heap[0][0] <= self.steps_done:
-            step, _, rs = heapq.heappop(heap)
-            if rs.phase is Phase.DECODING and rs.decode_group == group_id and rs.finish_step == step \
-                    and rs.request_id in self.running and not (done and done[-1] is rs):
+        last = (self.steps_done + 1) << ID_BITS
+        while heap and heap[0] < last:
+            key = heapq.heappop(heap)
+            rs = self.running.get(key & ID_MASK)
+            if rs is not None and rs.phase is Phase.DECODING and rs.decode_group == group_id \
+                    and rs.finish_step == key >> ID_BITS and not (done and done[-1] is rs):
                 done.append(rs)             # (in the heap twice when it joined again: popped in a row)
         return done
 

@@ -286,13 +286,18 @@ class DecisionLog:
         self.request_id = array("q")
         self.details = (array("d"), array("d"), array("d"), array("d"))
         self.reasons: dict[int, str] = {}
-        # Decisions not yet in the columns: one list per column, packed 1,024 at a time.
-        self._time_s: list[float] = []
-        self._kind: list[str] = []
-        self._group_id: list[Optional[int]] = []       # None: none (packed as -1)
-        self._request_id: list[Optional[int]] = []
-        self._details: tuple[list[Any], list[Any], list[Any], list[Any]] = ([], [], [], [])
+        # Decisions not yet in the columns: the first ``_pending`` items of one list per column,
+        # packed 1,024 at a time. The lists keep their length (written by index, not appended
+        # and cleared): a list grown from empty again after every pack was reallocated tens of
+        # times per pack, into memory that is cold by then when a thousand groups are simulated.
+        self._pending = 0
         self._none: Any = math.nan
+        self._time_s: list[float] = [0.0] * PENDING_DECISIONS
+        self._kind: list[str] = [""] * PENDING_DECISIONS
+        self._group_id: list[Optional[int]] = [None] * PENDING_DECISIONS       # None: none (packed as -1)
+        self._request_id: list[Optional[int]] = [None] * PENDING_DECISIONS
+        none = [self._none] * PENDING_DECISIONS
+        self._details: tuple[list[Any], list[Any], list[Any], list[Any]] = (none, none[:], none[:], none[:])
         # Packed decisions not yet joined into the columns: per column (time_s, kind, group_id,
         # request_id, the four details, span_rows, span_ends, span_ids), a list of bytes.
         self._chunks: list[list[bytes]] = [[] for _ in range(11)]
@@ -314,19 +319,21 @@ class DecisionLog:
         Decisions wait in per-column lists and move into the typed columns 1,024 at a time
         (list appends on the hot path; bounded memory).
         """
-        self._time_s.append(time_s)
-        self._kind.append(kind)
+        i = self._pending
+        self._time_s[i] = time_s
+        self._kind[i] = kind
         # kept as given: "-1 if None" would unbox an id and box it again, a new int object for
         # every id past 256 (request ids, and group ids in a large cluster)
-        self._group_id.append(group_id)
-        self._request_id.append(request_id)
+        self._group_id[i] = group_id
+        self._request_id[i] = request_id
         p0, p1, p2, p3 = self._details
         none = self._none                   # most details are none: one shared NaN, not a new float each
-        p0.append(d0 if d0 == d0 else none)
-        p1.append(d1 if d1 == d1 else none)
-        p2.append(d2 if d2 == d2 else none)
-        p3.append(d3 if d3 == d3 else none)
-        if len(self._time_s) >= PENDING_DECISIONS:
+        p0[i] = d0 if d0 == d0 else none
+        p1[i] = d1 if d1 == d1 else none
+        p2[i] = d2 if d2 == d2 else none
+        p3[i] = d3 if d3 == d3 else none
+        self._pending = i + 1
+        if i + 1 >= PENDING_DECISIONS:
             self._pack()
 
     def _pack(self) -> None:
@@ -346,22 +353,22 @@ class DecisionLog:
             self._span_rows.clear()
             self._span_ends.clear()
             self._span_ids.clear()
-        n = len(self._time_s)
+        n = self._pending
         if not n:
             return
-        chunks[0].append(struct.pack(f"{n}d", *self._time_s))
+        full = n == PENDING_DECISIONS
+        time_s, kind, group_id, request_id = self._time_s, self._kind, self._group_id, self._request_id
+        if not full:                        # (the last decisions of a run, or a read of the log)
+            time_s, kind, group_id, request_id = time_s[:n], kind[:n], group_id[:n], request_id[:n]
+        chunks[0].append(struct.pack(f"{n}d", *time_s))
         codes = _KIND_CODES
-        chunks[1].append(struct.pack(f"{n}b", *[codes[k] for k in self._kind]))
-        chunks[2].append(struct.pack(f"{n}q", *_none_as_minus_one(self._group_id)))
-        chunks[3].append(struct.pack(f"{n}q", *_none_as_minus_one(self._request_id)))
+        chunks[1].append(struct.pack(f"{n}b", *[codes[k] for k in kind]))
+        chunks[2].append(struct.pack(f"{n}q", *_none_as_minus_one(group_id)))
+        chunks[3].append(struct.pack(f"{n}q", *_none_as_minus_one(request_id)))
         for i, pending in enumerate(self._details):
-            chunks[4 + i].append(struct.pack(f"{n}d", *pending))
-            pending.clear()
+            chunks[4 + i].append(struct.pack(f"{n}d", *(pending if full else pending[:n])))
         self._packed += n
-        self._time_s.clear()
-        self._kind.clear()
-        self._group_id.clear()
-        self._request_id.clear()
+        self._pending = 0
 
     def _compact(self) -> None:
         """Every decision into the typed columns (before the log is read)."""
@@ -403,7 +410,7 @@ class DecisionLog:
         self.add(time_s, DecisionKind.REJECT, None, request_id)
 
     def __len__(self) -> int:
-        return len(self.time_s) + self._packed + len(self._time_s)
+        return len(self.time_s) + self._packed + self._pending
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DecisionLog):

@@ -30,6 +30,7 @@ from bisect import bisect_left, insort
 from collections.abc import Sequence
 from typing import Any, Callable, Iterator, Optional
 
+from librt.vecs import vec
 from mypy_extensions import i64
 
 from hetero_sched.core.kvblocks import PrefixHolders
@@ -76,29 +77,18 @@ SCAN_LIMIT = 16
 so few groups that is cheaper than keeping a tree up to date at every change."""
 
 
-class _Entry:
-    """One group's place in a ranking. An object, not numbers in lists, so that the compiled tree
-    compares two entries by reading doubles (lists of floats box and unbox every value); it
-    names its ranking, so a group's list of entries is all an update needs."""
-
-    __slots__ = ("ranking", "position", "member", "primary", "secondary")
-
-    def __init__(self, ranking: "Ranking", position: i64) -> None:
-        self.ranking = ranking
-        self.position = position
-        self.member = False
-        self.primary = math.inf
-        self.secondary = math.inf
-
-
 class _Numbers:
     """One group's numbers as the rankings read them, in one compiled object: a ranking update
     reads a few fields of one object instead of an item of each of ten lists of boxed ints
     (with a thousand groups those lists and their ints are spread over memory the caches
     cannot hold)."""
 
-    def __init__(self, group_id: int, v: Any) -> None:
+    def __init__(self, group_id: i64, v: Any) -> None:
         self.group_id = group_id
+        self.kind: i64 = -1
+        """Its kind (see :meth:`Fleet.kind_members`)."""
+        self.kind_position: i64 = -1
+        """Its place among the groups of its kind (a kind's ranking's position for it)."""
         self.can_prefill = bool(v.can_prefill)
         self.can_decode = bool(v.can_decode)
         self.tokens: i64 = int(v.prefill_queued_tokens)
@@ -113,11 +103,6 @@ class _Numbers:
         self.max_batch: i64 = int(v.max_batch_tokens)
         self.changed: i64 = 0
         """What changed (a mask) since the rankings last looked."""
-        self.covering: list[_Entry] = []
-        """The group's entries in the tree rankings it is in."""
-        self.ranked = False
-        """Whether ``covering`` has any (read on every change: a field beside ``changed``, not
-        the list's header, another cache line)."""
 
 
 class Ranking:
@@ -131,8 +116,10 @@ class Ranking:
 
     def __init__(self, group_ids: list[int], criterion: str, among: str, weight: float = 0.0,
                  key: Optional[Callable[[Any], float]] = None,
-                 where: Optional[Callable[[Any], bool]] = None) -> None:
+                 where: Optional[Callable[[Any], bool]] = None, kind: i64 = -1) -> None:
         self.group_ids = group_ids
+        self.kind = kind
+        """The kind whose groups it ranks, in id order (-1: every group; a group's position is its id)."""
         self.criterion = criterion
         self.among = among
         self.weight = weight
@@ -148,78 +135,81 @@ class Ranking:
         while size < len(group_ids):
             size *= 2
         self._size = size
-        self._entries = [_Entry(self, i) for i in range(size)]
-        self._win: list[Optional[_Entry]] = [None] * (2 * size)
-        """Node i's best member (None: no member below it); the leaves are ``size + position``."""
+        # The tree in three unboxed arrays over its nodes (node 1 the root, leaves at
+        # ``size + position``): each node's best member's position (-1: no member below it) and
+        # that member's two keys, copied up. A change compares a node's keys with its sibling's
+        # by reading doubles from two arrays, where a tree of objects read an object per level
+        # (with a thousand groups, cold memory at every level).
+        self._pos = vec[i64]([-1] * (2 * size))
+        self._primary = vec[float]([math.inf] * (2 * size))
+        self._secondary = vec[float]([math.inf] * (2 * size))
 
     def best_id(self) -> int:
         """The best member's group id, or -1 if there is none."""
-        e = self._win[1]
-        return -1 if e is None else self.group_ids[e.position]
+        p = self._pos[1]
+        return -1 if p < 0 else self.group_ids[p]
 
     def best_key(self) -> float:
         """The best member's primary key (inf if there is none)."""
-        e = self._win[1]
-        return math.inf if e is None else e.primary
+        return self._primary[1]
 
     def ordered(self) -> Iterator[int]:
         """The members' group ids from the best on, lazily: O(log n) each (a best-first walk of
         the tree), so the first few cost what they are, not a sort of every group."""
-        win = self._win
-        top = win[1]
-        if top is None:
+        pos = self._pos
+        if pos[1] < 0:
             return
-        frontier: list[tuple[float, float, int, int]] = [(top.primary, top.secondary, top.position, 1)]
+        frontier: list[tuple[float, float, int, int]] = [(self._primary[1], self._secondary[1], pos[1], 1)]
         while frontier:
             _, _, position, node = heapq.heappop(frontier)
             while node < self._size:       # descend to the leaf, keeping the other branch
                 left = 2 * node
                 right = left + 1
-                w = win[left]
-                if w is not None and w.position == position:
+                if pos[left] == position:
                     node, other = left, right
                 else:
                     node, other = right, left
-                o = win[other]
-                if o is not None:
-                    heapq.heappush(frontier, (o.primary, o.secondary, o.position, other))
+                if pos[other] >= 0:
+                    heapq.heappush(frontier, (self._primary[other], self._secondary[other], pos[other], other))
             yield self.group_ids[position]
 
-    def entry(self, position: int) -> _Entry:
-        """The entry of the group at ``position``."""
-        return self._entries[position]
-
-    def set(self, e: _Entry, member: bool, primary: float, secondary: float) -> None:
-        """Entry ``e``'s group is (or is not) a member, with this key."""
-        if member == e.member and primary == e.primary and secondary == e.secondary:
+    def set(self, position: i64, member: bool, primary: float, secondary: float) -> None:
+        """The group at ``position`` is (or is not) a member, with this key."""
+        pos = self._pos
+        pk = self._primary
+        sk = self._secondary
+        node: i64 = self._size + position
+        w: i64 = position
+        if not member:
+            w = -1
+            primary = secondary = math.inf
+        if pos[node] == w and pk[node] == primary and sk[node] == secondary:
             return
-        e.member = member
-        e.primary = primary
-        e.secondary = secondary
-        # Carry the winner w up, meeting only the sibling subtree's winner s at each level (the
+        pos[node] = w
+        pk[node] = primary
+        sk[node] = secondary
+        # Carry the winner w up, meeting only the sibling subtree's winner at each level (the
         # right one wins only if strictly less: ties go to the left, a lower group id); stop where
-        # a node keeps a winner other than e: nothing above it changes.
-        win = self._win
-        node: i64 = self._size + e.position
-        w: Optional[_Entry] = e if member else None
-        win[node] = w
+        # a node keeps a winner other than this group: nothing above it changes.
         while node > 1:
-            s = win[node ^ 1]
-            if s is not None:
-                if w is None:
-                    w = s
+            sibling = node ^ 1
+            s = pos[sibling]
+            if s >= 0:
+                sp = pk[sibling]
+                ss = sk[sibling]
+                if w < 0:
+                    w, primary, secondary = s, sp, ss
                 elif node & 1:          # w is the right child
-                    if not (w.primary < s.primary or (w.primary == s.primary and w.secondary < s.secondary)):
-                        w = s
-                elif s.primary < w.primary or (s.primary == w.primary and s.secondary < w.secondary):
-                    w = s
+                    if not (primary < sp or (primary == sp and secondary < ss)):
+                        w, primary, secondary = s, sp, ss
+                elif sp < primary or (sp == primary and ss < secondary):
+                    w, primary, secondary = s, sp, ss
             node >>= 1
-            old = win[node]
-            if old is w:
-                if w is not e:
-                    break
-            else:
-                win[node] = w
+            if pos[node] == w and w != position:
+                break
+            pos[node] = w
+            pk[node] = primary
+            sk[node] = secondary
 
 
 class Fleet:
@@ -245,11 +235,15 @@ class Fleet:
             if k is None:
                 k = kinds[spec] = len(self._kinds)
                 self._kinds.append([])
+            m.kind = k
+            m.kind_position = len(self._kinds[k])
             self._kinds[k].append(i)
             self._kind_of.append(k)
         self._rankings: dict[tuple[str, str, int, float], Ranking] = {}
         self._least_prefill: Optional[Ranking] = None
         self._least_decode: Optional[Ranking] = None
+        self._trees: list[Ranking] = []
+        """The rankings that keep a tree (every change to a group they rank updates them)."""
         self._dirty: list[_Numbers] = []
         """Groups whose numbers changed since the rankings last looked (they catch up on a query)."""
         self._custom: dict[Any, Ranking] = {}
@@ -318,7 +312,7 @@ class Fleet:
                 raise ValueError(f"unknown criterion {criterion!r} or filter {among!r} "
                                  f"(criteria: {', '.join(CRITERIA)}; filters: {', '.join(FILTERS)})")
             members = list(range(len(self.views))) if kind < 0 else self._kinds[kind]
-            r = self._add(Ranking(members, criterion, among, weight))
+            r = self._add(Ranking(members, criterion, among, weight, kind=kind))
             self._rankings[(criterion, among, kind, weight)] = r
         gid = self._best_id(r)
         return None if gid < 0 else self.views[gid]
@@ -481,12 +475,9 @@ class Fleet:
         if not r.custom and len(r.group_ids) <= self._scan_limit:
             r.scan = True
             return r
+        self._trees.append(r)
         for position, gid in enumerate(r.group_ids):
-            m = self._nums[gid]
-            e = r.entry(position)
-            m.covering.append(e)
-            m.ranked = True
-            self._update(r, e, m, _ALL)
+            self._update(r, position, self._nums[gid], _ALL)
         return r
 
     def _best_id(self, r: Ranking) -> int:
@@ -505,7 +496,7 @@ class Fleet:
         return best
 
     def _touch(self, m: _Numbers, changed: i64) -> None:
-        if not m.ranked:                    # no tree ranks this group: nothing to catch up
+        if not self._trees:                 # no tree to catch up (few groups: queries scan)
             return
         if not m.changed:
             self._dirty.append(m)
@@ -514,27 +505,30 @@ class Fleet:
     def _sync(self) -> None:
         """Bring the rankings up to date with the groups that changed since the last query (a
         group changed several times costs one update per ranking)."""
+        trees = self._trees
         for m in self._dirty:
             changed = m.changed
             m.changed = 0
-            for e in m.covering:
-                r = e.ranking
+            for r in trees:                 # (a group's place in each is its id, or its place in its kind)
                 if r.deps & changed:
-                    self._update(r, e, m, changed)
+                    if r.kind < 0:
+                        self._update(r, m.group_id, m, changed)
+                    elif r.kind == m.kind:
+                        self._update(r, m.kind_position, m, changed)
         self._dirty.clear()
 
-    def _update(self, r: Ranking, e: _Entry, m: _Numbers, changed: i64) -> None:
-        """Entry ``e`` of ``r`` after the changes ``changed`` (a mask) to group ``m``."""
+    def _update(self, r: Ranking, position: i64, m: _Numbers, changed: i64) -> None:
+        """Group ``m``, at ``position`` in ``r``, after the changes ``changed`` (a mask)."""
         if r.custom:
             v = self.views[m.group_id]
             member = r.where is None or bool(r.where(v))
-            r.set(e, member, float(r.key(v)) if member and r.key is not None else 0.0, 0.0)
+            r.set(position, member, float(r.key(v)) if member and r.key is not None else 0.0, 0.0)
         elif self._is_member(r, m):
-            r.set(e, True, self._primary(r, m), self._secondary(r, m))
+            r.set(position, True, self._primary(r, m), self._secondary(r, m))
         elif r.among_code <= 2 and not changed & _ROLE:
             pass                            # not of a role-only filter's role, still: its entry is not read
         else:                               # a non-member's key is not read: an unchanged no-op
-            r.set(e, False, math.inf, math.inf)
+            r.set(position, False, math.inf, math.inf)
 
     def _is_member(self, r: Ranking, m: _Numbers) -> bool:
         among = r.among_code

@@ -623,8 +623,9 @@ class GroupState:
                     decode_span_duration(line, c0, b, steps), steps, joiners, line, b, c0)
 
     # --- applying a finished span ---------------------------------------------------------
-    def finish(self, now_s: float, report: SpanReport) -> SpanOutcome:
-        """Apply the running span as its device reported it (applied at ``now_s``).
+    def finish(self, now_s: float, report: SpanReport, out: Optional[SpanOutcome] = None) -> SpanOutcome:
+        """Apply the running span as its device reported it (applied at ``now_s``); returns what
+        changed, in ``out`` (emptied first) if given.
 
         Tokens come out at the reported times; a decode span counts the steps the device made
         (never more than planned), so a request whose last step did not run is not complete.
@@ -635,7 +636,10 @@ class GroupState:
         self.busy_s += report.end_s - report.start_s
         if span.kind is not SpanKind.PREFILL:
             self.decode_seq_s += span.batch_size * (report.end_s - report.start_s)
-        out = SpanOutcome()
+        if out is None:
+            out = SpanOutcome()
+        else:
+            out.clear()
         if span.kind is SpanKind.PREFILL:
             duration = report.end_s - report.start_s
             for rs in span.batch:
@@ -691,11 +695,9 @@ class GroupState:
         batch = self.batch
         mem = self.memory
         while True:
-            rs = mem.exhausted(batch.steps_done)
+            rs = mem.exhausted(batch.steps_done, batch.running)
             if rs is None:
                 return
-            if rs.request_id not in batch.running:
-                continue
             new_reserved, need = mem.extension(rs, self.limits.extend_tokens)
             context_now = rs.context_tokens + batch.made(rs)   # progress is lazy
             if not self.fits_ever(new_reserved) and not self.fits_ever(context_now + 1):

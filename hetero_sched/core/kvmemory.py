@@ -15,7 +15,7 @@ import heapq
 from typing import TYPE_CHECKING, Optional
 
 from hetero_sched.core.kvblocks import BlockAllocator, PrefixCache, PrefixHolders, blocks_for
-from hetero_sched.core.request import RequestState
+from hetero_sched.core.request import ID_BITS, ID_MASK, RequestState, step_key
 
 if TYPE_CHECKING:
     from hetero_sched.core.kvtiers import KVTiers
@@ -48,7 +48,8 @@ class KVMemory:
         self.prefix_cache: Optional[PrefixCache] = None
         self.tiers: Optional["KVTiers"] = None
         """KV tiers (device memory, host DRAM, SSD) replacing the plain prefix cache when configured."""
-        self._exhaust_heap: list[tuple[int, int, RequestState]] = []
+        self._exhaust_heap: list[int] = []
+        """``step_key(exhaust step, request id)`` of the reservations watched (maybe stale)."""
         self._holders: Optional[PrefixHolders] = None
         self._owner = -1
 
@@ -137,18 +138,21 @@ class KVMemory:
         """``rs`` joined the batch at ``steps_done``: note the step its reservation runs out."""
         rs.exhaust_step = steps_done + rs.reserved_tokens - rs.context_tokens
         if rs.exhaust_step < rs.finish_step:
-            heapq.heappush(self._exhaust_heap, (rs.exhaust_step, rs.request_id, rs))
+            heapq.heappush(self._exhaust_heap, step_key(rs.exhaust_step, rs.request_id))
 
     def steps_to_exhaustion(self, steps_done: int) -> Optional[int]:
         """Steps until the earliest reservation runs out (its heap's head, maybe stale: sooner)."""
-        return self._exhaust_heap[0][0] - steps_done if self._exhaust_heap else None
+        return (self._exhaust_heap[0] >> ID_BITS) - steps_done if self._exhaust_heap else None
 
-    def exhausted(self, steps_done: int) -> Optional[RequestState]:
-        """Pop the next request whose reservation ran out by ``steps_done`` (None: none left)."""
+    def exhausted(self, steps_done: int, running: dict[int, RequestState]) -> Optional[RequestState]:
+        """Pop the next request of ``running`` (the batch's, by id) whose reservation ran out by
+        ``steps_done`` (None: none left)."""
         heap = self._exhaust_heap
-        while heap and heap[0][0] <= steps_done:
-            step, _, rs = heapq.heappop(heap)
-            if rs.exhaust_step == step:
+        last = (steps_done + 1) << ID_BITS
+        while heap and heap[0] < last:
+            key = heapq.heappop(heap)
+            rs = running.get(key & ID_MASK)
+            if rs is not None and rs.exhaust_step == key >> ID_BITS:
                 return rs
         return None
 
@@ -167,4 +171,4 @@ class KVMemory:
         rs.reserved_tokens = new_reserved
         rs.exhaust_step = steps_done + new_reserved - context_now
         if rs.exhaust_step < rs.finish_step:
-            heapq.heappush(self._exhaust_heap, (rs.exhaust_step, rs.request_id, rs))
+            heapq.heappush(self._exhaust_heap, step_key(rs.exhaust_step, rs.request_id))

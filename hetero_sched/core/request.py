@@ -4,9 +4,21 @@ through the core (:class:`RequestState`, mutable, owned by the scheduler)."""
 from __future__ import annotations
 
 from enum import Enum
-from typing import NamedTuple, Optional
+from typing import Final, NamedTuple, Optional
 
 from mypy_extensions import mypyc_attr
+
+ID_BITS: Final = 32
+"""Request ids are below ``2**ID_BITS`` (a workload numbers its requests from 0; serving counts)."""
+ID_MASK: Final = (1 << ID_BITS) - 1
+
+
+def step_key(step: int, request_id: int) -> int:
+    """``(step, request_id)`` as one int, ordered as the pair: the heaps of steps at which a
+    group's requests finish or run out of KV hold these. A tuple per entry was an allocation
+    and a collector link to undo when it died, cold by then with a thousand groups in flight;
+    an int is neither tracked nor compared item by item."""
+    return step << ID_BITS | request_id
 
 
 class Request(NamedTuple):
@@ -62,6 +74,8 @@ class RequestState:
     )
 
     def __init__(self, request: Request, predicted_output: int) -> None:
+        if not 0 <= request.request_id <= ID_MASK:
+            raise ValueError(f"request id {request.request_id} is outside 0..{ID_MASK}")
         self.request = request
         self.request_id = request.request_id
         self.prompt_tokens = request.prompt_tokens

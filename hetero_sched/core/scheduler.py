@@ -119,6 +119,8 @@ class Scheduler:
         compiled code keeps ints unboxed and boxes one at every such store, and CPython has only
         ids up to 256 ready-made, so past 257 groups each store allocated an int."""
         self._network_version = -1
+        self._outcome = SpanOutcome()
+        """What the span being applied changed (one, emptied for each span end)."""
         self._timers: list[Timer] = []
         """Timers made between plans (a re-sent transfer), handed out by the next :meth:`plan`."""
         self._failed: set[int] = set()
@@ -164,7 +166,7 @@ class Scheduler:
                 or span.kind is not SpanKind.DECODE and report.steps != planned:
             raise ValueError(f"group {g.name} reported {report.steps} step(s) for a {span.kind.value} span "
                              f"planned with {planned}")
-        out = g.finish(now_s, report)
+        out = g.finish(now_s, report, self._outcome)
         if self.hooks is not None:
             self.hooks.span_applied(now_s, group_id, span, report)
         self._apply(now_s, g, out)
