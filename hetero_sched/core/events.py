@@ -15,6 +15,7 @@ import struct
 from array import array
 from typing import Any, Final, Iterator, Optional
 
+from librt.vecs import vec
 from mypy_extensions import i64
 
 
@@ -262,13 +263,9 @@ detail field, null where the kind has no such field."""
 Decision = tuple[float, str, Optional[int], Optional[int], tuple]
 
 
-def _none_as_minus_one(ids: list[Any]) -> list[Any]:
-    # the ids as the objects they are (typed Any: compiled code would unbox and box each again)
-    return [-1 if i is None else i for i in ids]
-
-
-PENDING_DECISIONS = 1024
-"""Decisions kept as Python values before they are packed into the typed columns."""
+PENDING_DECISIONS: Final = 1024
+"""Decisions kept in fixed arrays before they are packed into the typed columns."""
+_NAN: Final = math.nan
 
 
 class DecisionLog:
@@ -286,18 +283,19 @@ class DecisionLog:
         self.request_id = array("q")
         self.details = (array("d"), array("d"), array("d"), array("d"))
         self.reasons: dict[int, str] = {}
-        # Decisions not yet in the columns: the first ``_pending`` items of one list per column,
-        # packed 1,024 at a time. The lists keep their length (written by index, not appended
-        # and cleared): a list grown from empty again after every pack was reallocated tens of
-        # times per pack, into memory that is cold by then when a thousand groups are simulated.
+        # Decisions not yet in the columns: the first ``_pending`` items of one unboxed array
+        # per column (the kinds' names in a list), packed 1,024 at a time. Nothing is made per
+        # decision: a boxed time, id or detail per decision, held until its pack, was an
+        # allocation, and a free of memory cold by then when a thousand groups are simulated.
         self._pending = 0
-        self._none: Any = math.nan
-        self._time_s: list[float] = [0.0] * PENDING_DECISIONS
+        self._time_s = vec[float]([0.0] * PENDING_DECISIONS)
         self._kind: list[str] = [""] * PENDING_DECISIONS
-        self._group_id: list[Optional[int]] = [None] * PENDING_DECISIONS       # None: none (packed as -1)
-        self._request_id: list[Optional[int]] = [None] * PENDING_DECISIONS
-        none = [self._none] * PENDING_DECISIONS
-        self._details: tuple[list[Any], list[Any], list[Any], list[Any]] = (none, none[:], none[:], none[:])
+        self._group_id = vec[i64]([-1] * PENDING_DECISIONS)       # -1: none
+        self._request_id = vec[i64]([-1] * PENDING_DECISIONS)
+        self._d0 = vec[float]([math.nan] * PENDING_DECISIONS)
+        self._d1 = vec[float]([math.nan] * PENDING_DECISIONS)
+        self._d2 = vec[float]([math.nan] * PENDING_DECISIONS)
+        self._d3 = vec[float]([math.nan] * PENDING_DECISIONS)
         # Packed decisions not yet joined into the columns: per column (time_s, kind, group_id,
         # request_id, the four details, span_rows, span_ends, span_ids), a list of bytes.
         self._chunks: list[list[bytes]] = [[] for _ in range(11)]
@@ -316,22 +314,19 @@ class DecisionLog:
             d0: float = math.nan, d1: float = math.nan, d2: float = math.nan, d3: float = math.nan) -> None:
         """Append one decision; ``d0..d3`` are its detail values in DETAIL_FIELDS order (NaN: none).
 
-        Decisions wait in per-column lists and move into the typed columns 1,024 at a time
-        (list appends on the hot path; bounded memory).
+        Decisions wait in fixed per-column arrays and move into the typed columns 1,024 at a
+        time (stores into unboxed arrays on the hot path; bounded memory).
         """
         i = self._pending
         self._time_s[i] = time_s
         self._kind[i] = kind
-        # kept as given: "-1 if None" would unbox an id and box it again, a new int object for
-        # every id past 256 (request ids, and group ids in a large cluster)
-        self._group_id[i] = group_id
-        self._request_id[i] = request_id
-        p0, p1, p2, p3 = self._details
-        none = self._none                   # most details are none: one shared NaN, not a new float each
-        p0[i] = d0 if d0 == d0 else none
-        p1[i] = d1 if d1 == d1 else none
-        p2[i] = d2 if d2 == d2 else none
-        p3[i] = d3 if d3 == d3 else none
+        self._group_id[i] = -1 if group_id is None else group_id
+        self._request_id[i] = -1 if request_id is None else request_id
+        # one NaN for "none" (a computed NaN may differ in its bits, and logs compare bytewise)
+        self._d0[i] = d0 if d0 == d0 else _NAN
+        self._d1[i] = d1 if d1 == d1 else _NAN
+        self._d2[i] = d2 if d2 == d2 else _NAN
+        self._d3[i] = d3 if d3 == d3 else _NAN
         self._pending = i + 1
         if i + 1 >= PENDING_DECISIONS:
             self._pack()
@@ -339,9 +334,8 @@ class DecisionLog:
     def _pack(self) -> None:
         """Pending decisions into packed chunks, one bytes object per column.
 
-        array.extend converts item by item through a format parser, and compiled code unboxes
-        a whole row tuple to read one field (together a quarter of a run's instructions);
-        struct packs a whole column list at C speed, into the same bytes. The chunks are joined
+        The pending arrays are machine values already: a chunk is a copy of their first bytes
+        (array.extend would convert item by item through a format parser). The chunks are joined
         into the typed columns only when the log is read: growing an array by a chunk at a time
         reallocates and copies the whole column every few chunks (half the 5-group run's
         cache misses)."""
@@ -356,17 +350,12 @@ class DecisionLog:
         n = self._pending
         if not n:
             return
-        full = n == PENDING_DECISIONS
-        time_s, kind, group_id, request_id = self._time_s, self._kind, self._group_id, self._request_id
-        if not full:                        # (the last decisions of a run, or a read of the log)
-            time_s, kind, group_id, request_id = time_s[:n], kind[:n], group_id[:n], request_id[:n]
-        chunks[0].append(struct.pack(f"{n}d", *time_s))
         codes = _KIND_CODES
-        chunks[1].append(struct.pack(f"{n}b", *[codes[k] for k in kind]))
-        chunks[2].append(struct.pack(f"{n}q", *_none_as_minus_one(group_id)))
-        chunks[3].append(struct.pack(f"{n}q", *_none_as_minus_one(request_id)))
-        for i, pending in enumerate(self._details):
-            chunks[4 + i].append(struct.pack(f"{n}d", *(pending if full else pending[:n])))
+        chunks[1].append(struct.pack(f"{n}b", *[codes[k] for k in self._kind[:n]]))
+        for i, column in ((0, self._time_s), (4, self._d0), (5, self._d1), (6, self._d2), (7, self._d3)):
+            chunks[i].append(memoryview(column)[:n].tobytes())
+        chunks[2].append(memoryview(self._group_id)[:n].tobytes())
+        chunks[3].append(memoryview(self._request_id)[:n].tobytes())
         self._packed += n
         self._pending = 0
 

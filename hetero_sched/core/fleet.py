@@ -28,7 +28,7 @@ import heapq
 import math
 from bisect import bisect_left, insort
 from collections.abc import Sequence
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Final, Iterator, Optional
 
 from librt.vecs import vec
 from mypy_extensions import i64
@@ -59,11 +59,11 @@ DECODE_ONLY_SLOT = "decode_only_slot"
 """Filter: decode groups (not prefill-capable) with a free decode slot."""
 FILTERS = (PREFILL, DECODE, BOTH, DECODE_SLOT, DECODE_ONLY_SLOT)
 
-_TOKENS = 1
-_LOAD = 2
-_FREE = 4
-_ROLE = 8
-_ALL = 15
+_TOKENS: Final = 1
+_LOAD: Final = 2
+_FREE: Final = 4
+_ROLE: Final = 8
+_ALL: Final = 15
 
 _DEPS = {PREFILL_TOKENS: _TOKENS, DECODE_LOAD: _LOAD | _FREE, FREE_KV: _FREE, KV_IN_USE: _TOKENS | _FREE,
          PENDING_WORK: _TOKENS | _LOAD, PREFILL: _ROLE, DECODE: _ROLE, BOTH: _ROLE,
@@ -72,7 +72,7 @@ _DEPS = {PREFILL_TOKENS: _TOKENS, DECODE_LOAD: _LOAD | _FREE, FREE_KV: _FREE, KV
 _CODE = {name: i for i, name in enumerate(CRITERIA)} | {name: i for i, name in enumerate(FILTERS)}
 
 
-SCAN_LIMIT = 16
+SCAN_LIMIT: Final = 16
 """A built-in ranking over at most this many groups is answered by a scan at query time: with
 so few groups that is cheaper than keeping a tree up to date at every change."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import Final, Optional
 
 from hetero_sched.core.batch import DecodeBatch
 from hetero_sched.core.kvblocks import BlockAllocator
@@ -66,7 +66,7 @@ class GroupLimits:
     """Share of the prefill side's KV memory budgeted for the prefix cache / KV retention."""
 
 
-PREFILL_MEMO_SIZE = 1 << 16
+PREFILL_MEMO_SIZE: Final = 1 << 16
 """One-prompt prefill times a :class:`CostMemo` keeps, at most (then it asks the cost model)."""
 
 

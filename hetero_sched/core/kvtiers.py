@@ -31,19 +31,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Final, NamedTuple, Optional, Sequence
 
 from hetero_sched.core.eviction import BlockSet, make_block_set
 from hetero_sched.core.kvmemory import prefix_hit_tokens
 
-HBM = 0
-DRAM = 1
-SSD = 2
-STORE = 3
+HBM: Final = 0
+DRAM: Final = 1
+SSD: Final = 2
+STORE: Final = 3
 TIER_NAMES = ("hbm", "dram", "ssd", "store")
 """Tier codes index these names (``store``: the cluster KV store, :mod:`hetero_sched.core.kvstore`)."""
 
-FREE = math.inf
+FREE: Final = math.inf
 """Read bandwidth of blocks already in device memory (the prefix cache, or fetched ahead)."""
 
 PrefillTime = Callable[[int, int], float]
@@ -87,7 +87,7 @@ class PrefixPlan(NamedTuple):
         return max(self.tier_s)
 
 
-NO_TIERS = (0, 0, 0, 0)
+NO_TIERS: Final = (0, 0, 0, 0)
 
 
 def overlap_s(fetch_s: float, compute_s: float, layers: int) -> float:

@@ -18,7 +18,7 @@ Every decision is added to :attr:`Scheduler.decisions` (a
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Final, Optional, Sequence, cast
 
 from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
 from hetero_sched.core.fleet import Fleet
@@ -37,7 +37,7 @@ from hetero_sched.policies.base import (GroupView, Placement, Policy, PolicyFail
 
 Timer = tuple[float, int, Any]
 """``(time_s, Kind.*, payload)``: something the driver must call back at ``time_s``."""
-_new_tuple = tuple.__new__
+_new_tuple: Final = tuple.__new__
 
 RECORD_COLUMNS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "predicted_output",
