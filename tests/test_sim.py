@@ -390,6 +390,22 @@ def test_decision_log_reads_the_same_across_its_packed_chunks():
     assert DecisionLog.from_state(log.state()) == log
 
 
+def test_step_keys_sort_as_step_then_request_id():
+    # a decode batch's finish heap and KV memory's exhaust heap hold one int per (step, request
+    # id): the ints must sort as the pairs do (steps past 2**31 included), and an id that would
+    # not fit below the step is refused, not silently misordered
+    from hetero_sched.core.request import ID_BITS, ID_MASK, RequestState, step_key
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, ID_MASK + 1, 3000)
+    pairs = [(int(s), int(r)) for s, r in zip(rng.integers(0, 2**40, 3000), ids)]
+    pairs += [(int(s), int(r)) for s, r in zip(rng.integers(0, 4, 3000), ids)]     # neighbouring steps
+    pairs += [(7, 0), (7, ID_MASK), (8, 0), (0, 0)]
+    assert sorted(pairs, key=lambda p: step_key(*p)) == sorted(pairs)
+    assert all((step_key(s, r) >> ID_BITS, step_key(s, r) & ID_MASK) == (s, r) for s, r in pairs)
+    with pytest.raises(ValueError, match="request id 4294967296 is outside"):
+        RequestState(Request(ID_MASK + 1, 0.0, 10, 10), 10)
+
+
 class _CancelAt(Devices):
     """Virtual devices through which clients give up: request ``rid`` at time ``t``."""
 
