@@ -354,13 +354,13 @@ class GroupState:
         """The request's KV is here: it joins the batch at the next step boundary."""
         self.in_transit -= 1
         rs.phase = Phase.DECODING
-        self.batch.ready.append(rs)
+        self.batch.add_ready(rs)
 
     def decode_here(self, rs: RequestState) -> None:
         """``rs`` was prefilled here and decodes here (colocated or a fallback): its KV stays."""
         rs.phase = Phase.DECODING
         rs.decode_group = self.group_id
-        self.batch.ready.append(rs)
+        self.batch.add_ready(rs)
 
     def unqueue_prefill(self, rs: RequestState) -> None:
         """Take a request that has not started prefilling out of the prefill queue (or out of
@@ -374,8 +374,7 @@ class GroupState:
         """The client of ``rs`` (decoding here) gave up. True if it left at once — it was waiting
         to join, or the group is between spans (at a step boundary): its reservation is freed;
         False if a span is running: it leaves at that span's end (:meth:`finish`)."""
-        if rs in self.batch.ready:
-            self.batch.ready.remove(rs)
+        if self.batch.remove_ready(rs):
             self.memory.release_decode(rs)
             return True
         if self.span is None:

@@ -170,7 +170,8 @@ class Scheduler:
         if self.hooks is not None:
             self.hooks.span_applied(now_s, group_id, span, report)
         self._apply(now_s, g, out)
-        if now_s - self.views[group_id].reported_s >= self.report_interval_s:
+        interval = self.report_interval_s   # (0, the default: every span end reports, no view read)
+        if interval <= 0.0 or now_s - self.views[group_id].reported_s >= interval:
             self._report(g, now_s)
         self._mark_dirty(group_id)
 
