@@ -13,7 +13,7 @@ import heapq
 from bisect import bisect_left
 from typing import Optional
 
-from hetero_sched.core.request import ID_BITS, ID_MASK, Phase, RequestState, step_key
+from hetero_sched.core.request import ID_MASK, Phase, RequestState, key_step, pop_due, step_key
 
 
 class DecodeBatch:
@@ -45,9 +45,10 @@ class DecodeBatch:
 
     def remove_ready(self, rs: RequestState) -> bool:
         """Take ``rs`` out of the requests waiting to join; False if it is not among them."""
-        if rs not in self.ready:
+        try:
+            self.ready.remove(rs)
+        except ValueError:
             return False
-        self.ready.remove(rs)
         self.size -= 1
         return True
 
@@ -76,7 +77,7 @@ class DecodeBatch:
 
     def steps_to_next_finish(self) -> int:
         """Steps until the earliest completion in the batch (its heap's head, maybe stale: sooner)."""
-        return (self._finish_heap[0] >> ID_BITS) - self.steps_done
+        return key_step(self._finish_heap[0]) - self.steps_done
 
     def first_step(self, joiners: list[RequestState], token_s: float) -> float:
         """A span's first decode tokens came out at ``token_s``: note the joiners' token 2 and
@@ -104,13 +105,10 @@ class DecodeBatch:
     def finished(self, group_id: int) -> list[RequestState]:
         """Pop the running requests that made all their tokens (still here, not already gone)."""
         done: list[RequestState] = []
-        heap = self._finish_heap
-        last = (self.steps_done + 1) << ID_BITS
-        while heap and heap[0] < last:
-            key = heapq.heappop(heap)
+        while (key := pop_due(self._finish_heap, self.steps_done)) >= 0:
             rs = self.running.get(key & ID_MASK)
             if rs is not None and rs.phase is Phase.DECODING and rs.decode_group == group_id \
-                    and rs.finish_step == key >> ID_BITS and not (done and done[-1] is rs):
+                    and rs.finish_step == key_step(key) and not (done and done[-1] is rs):
                 done.append(rs)             # (in the heap twice when it joined again: popped in a row)
         return done
 

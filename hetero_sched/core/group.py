@@ -622,9 +622,9 @@ class GroupState:
                     decode_span_duration(line, c0, b, steps), steps, joiners, line, b, c0)
 
     # --- applying a finished span ---------------------------------------------------------
-    def finish(self, now_s: float, report: SpanReport, out: Optional[SpanOutcome] = None) -> SpanOutcome:
+    def finish(self, now_s: float, report: SpanReport, out: SpanOutcome) -> SpanOutcome:
         """Apply the running span as its device reported it (applied at ``now_s``); returns what
-        changed, in ``out`` (emptied first) if given.
+        changed, in ``out`` (emptied first: the scheduler passes one outcome for every span).
 
         Tokens come out at the reported times; a decode span counts the steps the device made
         (never more than planned), so a request whose last step did not run is not complete.
@@ -635,10 +635,7 @@ class GroupState:
         self.busy_s += report.end_s - report.start_s
         if span.kind is not SpanKind.PREFILL:
             self.decode_seq_s += span.batch_size * (report.end_s - report.start_s)
-        if out is None:
-            out = SpanOutcome()
-        else:
-            out.clear()
+        out.clear()
         if span.kind is SpanKind.PREFILL:
             duration = report.end_s - report.start_s
             for rs in span.batch:

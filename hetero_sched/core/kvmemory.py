@@ -15,7 +15,7 @@ import heapq
 from typing import TYPE_CHECKING, Optional
 
 from hetero_sched.core.kvblocks import BlockAllocator, PrefixCache, PrefixHolders, blocks_for
-from hetero_sched.core.request import ID_BITS, ID_MASK, RequestState, step_key
+from hetero_sched.core.request import ID_MASK, RequestState, key_step, pop_due, step_key
 
 if TYPE_CHECKING:
     from hetero_sched.core.kvtiers import KVTiers
@@ -142,17 +142,14 @@ class KVMemory:
 
     def steps_to_exhaustion(self, steps_done: int) -> Optional[int]:
         """Steps until the earliest reservation runs out (its heap's head, maybe stale: sooner)."""
-        return (self._exhaust_heap[0] >> ID_BITS) - steps_done if self._exhaust_heap else None
+        return key_step(self._exhaust_heap[0]) - steps_done if self._exhaust_heap else None
 
     def exhausted(self, steps_done: int, running: dict[int, RequestState]) -> Optional[RequestState]:
         """Pop the next request of ``running`` (the batch's, by id) whose reservation ran out by
         ``steps_done`` (None: none left)."""
-        heap = self._exhaust_heap
-        last = (steps_done + 1) << ID_BITS
-        while heap and heap[0] < last:
-            key = heapq.heappop(heap)
+        while (key := pop_due(self._exhaust_heap, steps_done)) >= 0:
             rs = running.get(key & ID_MASK)
-            if rs is not None and rs.exhaust_step == key >> ID_BITS:
+            if rs is not None and rs.exhaust_step == key_step(key):
                 return rs
         return None
 

@@ -3,6 +3,7 @@ through the core (:class:`RequestState`, mutable, owned by the scheduler)."""
 
 from __future__ import annotations
 
+import heapq
 from enum import Enum
 from typing import Final, NamedTuple, Optional
 
@@ -19,6 +20,19 @@ def step_key(step: int, request_id: int) -> int:
     and a collector link to undo when it died, cold by then with a thousand groups in flight;
     an int is neither tracked nor compared item by item."""
     return step << ID_BITS | request_id
+
+
+def key_step(key: int) -> int:
+    """The step of a :func:`step_key`."""
+    return key >> ID_BITS
+
+
+def pop_due(heap: list[int], steps_done: int) -> int:
+    """Pop the earliest step key of ``heap`` if its step is at most ``steps_done`` (-1: none
+    due). The key's request id is ``key & ID_MASK``."""
+    if heap and heap[0] >> ID_BITS <= steps_done:
+        return heapq.heappop(heap)
+    return -1
 
 
 class Request(NamedTuple):
