@@ -406,6 +406,40 @@ def test_step_keys_sort_as_step_then_request_id():
         RequestState(Request(ID_MASK + 1, 0.0, 10, 10), 10)
 
 
+class _CountNetworkEvents(Devices):
+    """Virtual devices that look into the queue before every event: the most ``TRANSFER``
+    events pending at once, and the most transfers in flight."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.most_pending, self.most_in_flight = scheduler, 0, 0
+
+    def wait(self, queue):
+        pending = sum(1 for e in queue._heap if e.kind == Kind.TRANSFER)
+        self.most_pending = max(self.most_pending, pending)
+        self.most_in_flight = max(self.most_in_flight, self.scheduler.network.num_active)
+        return None
+
+
+def test_one_transfer_event_is_pending_however_many_transfers_are_in_flight():
+    """A transfer starting while others are in flight moves the network's pending event rather
+    than leaving it behind stale: one ``TRANSFER`` event is pending at most, and the run is
+    the same as the plain simulation's."""
+    exp = disagg_experiment(groups=[
+        {"name": "p", "device": "trn2", "count": 4, "tp": 16, "replicas": 8, "role": "prefill"},
+        {"name": "d", "device": "cs3", "count": 1, "role": "decode", "replicas": 4, "max_num_seqs": 64}],
+        workload={"kind": "synthetic", "num_requests": 600, "rate_per_s": 240.0})
+    e, base = resolve(exp)
+    work = build_workload(e.workload, e.seed, base)
+    scheduler = build_scheduler(e, work, base)
+    devices = _CountNetworkEvents(scheduler)
+    run_events(scheduler, work.requests(), devices=devices)
+    assert devices.most_in_flight >= 4                      # transfers overlapped
+    assert devices.most_pending == 1
+    plain = build_scheduler(e, work, base)
+    run_events(plain, work.requests())
+    assert scheduler.decisions == plain.decisions and scheduler.records == plain.records
+
+
 class _CancelAt(Devices):
     """Virtual devices through which clients give up: request ``rid`` at time ``t``."""
 

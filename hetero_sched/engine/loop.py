@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 from typing import Callable, Iterable, Optional
 
-from hetero_sched.core.events import EventQueue, Kind
+from hetero_sched.core.events import Event, EventQueue, Kind
 from hetero_sched.core.request import Request
 from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.engine.devices import Devices
@@ -53,13 +53,14 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
         queue.push(nxt.arrival_s, Kind.ARRIVAL, nxt)
     now = 0.0
     events = 0
+    network: Optional[Event] = None     # the pending TRANSFER event (at most one is kept)
     on_arrival, on_span_end = scheduler.on_arrival, scheduler.on_span_end
     on_transfer, on_kv_arrival = scheduler.on_transfer, scheduler.on_kv_arrival
     while True:
         changed = devices.wait(queue)
         if changed is not None:                     # a device failed meanwhile: decide again
             now = max(now, changed)
-            _plan(now, scheduler, devices, queue)
+            network = _plan(now, scheduler, devices, queue, network)
             continue
         if not len(queue):
             break
@@ -79,11 +80,12 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
             if devices.kv_ready(now, payload):
                 on_kv_arrival(now, payload)
         else:
+            network = None
             for t, k, p in on_transfer(now, payload):
                 queue.push(t, k, p)
         next_time = queue.peek_time()
         if next_time is None or next_time > now:   # decisions run after every event of a time
-            _plan(now, scheduler, devices, queue)
+            network = _plan(now, scheduler, devices, queue, network)
         events += 1
         if progress is not None and events % progress_every == 0:
             progress(len(scheduler.records))
@@ -96,14 +98,25 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
     return now
 
 
-def _plan(now: float, scheduler: Scheduler, devices: Devices, queue: EventQueue) -> None:
+def _plan(now: float, scheduler: Scheduler, devices: Devices, queue: EventQueue,
+          network: Optional[Event]) -> Optional[Event]:
     """The decisions of ``now``: spans go to their devices, other timers into the queue (again
-    while a device reports news as the decisions go out: an actor found dead)."""
+    while a device reports news as the decisions go out: an actor found dead).
+
+    ``network`` is the pending ``TRANSFER`` event, if any; returns the one pending after. The
+    network's next change supersedes the pending one, which is moved rather than left stale
+    (with hundreds of transfers in flight a new one starts before the last change is due: a
+    stale event per transfer, popped for nothing, and hundreds of them deepening the heap).
+    """
     while True:
         for t, k, p in scheduler.plan(now):
             if k == Kind.SPAN_END:
                 devices.dispatch(now, p, queue)
+            elif k == Kind.TRANSFER and network is not None:
+                queue.move(network, t, p)
+            elif k == Kind.TRANSFER:
+                network = queue.push(t, k, p)
             else:
                 queue.push(t, k, p)
         if not devices.after_plan(now) or not scheduler.needs_plan():
-            return
+            return network
