@@ -422,8 +422,8 @@ class _CountNetworkEvents(Devices):
 
 def test_one_transfer_event_is_pending_however_many_transfers_are_in_flight():
     """A transfer starting while others are in flight moves the network's pending event rather
-    than leaving it behind stale: one ``TRANSFER`` event is pending at most, and the run is
-    the same as the plain simulation's."""
+    than leaving it behind stale: one ``TRANSFER`` event is pending at most (and watching the
+    queue does not change the run)."""
     exp = disagg_experiment(groups=[
         {"name": "p", "device": "trn2", "count": 4, "tp": 16, "replicas": 8, "role": "prefill"},
         {"name": "d", "device": "cs3", "count": 1, "role": "decode", "replicas": 4, "max_num_seqs": 64}],

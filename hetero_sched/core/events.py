@@ -94,6 +94,14 @@ class EventQueue:
         if e.index == i:
             self._sift_down(e, i)
 
+    def push_or_move(self, e: Optional[Event], time_s: float, kind: int, payload: Any) -> Event:
+        """Schedule ``kind`` at ``time_s``, superseding ``e`` (its owner's pending event, or None):
+        ``e`` is moved rather than left queued stale. Returns the pending event."""
+        if e is None:
+            return self.push(time_s, kind, payload)
+        self.move(e, time_s, payload)
+        return e
+
     def reserve(self) -> int:
         """Take a place in the same-time order now, for an event whose time is known only later
         (a device's report of a span dispatched now): pushed with :meth:`push_reserved`, it sorts

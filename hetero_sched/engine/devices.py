@@ -37,10 +37,8 @@ class Devices:
     def dispatch(self, now_s: float, span: Span, queue: EventQueue) -> None:
         """Run ``span`` on its group's device (a cut of a running span when ``span.cuts`` grew);
         its report becomes a ``SPAN_END`` event in ``queue``."""
-        if span.end_event is None:
-            span.end_event = queue.push(span.end_s, Kind.SPAN_END, (span, span.cuts))
-        else:                               # a cut: its end event moves (none is left stale)
-            queue.move(span.end_event, span.end_s, (span, span.cuts))
+        # a cut moves the span's pending end event (none is left stale)
+        span.end_event = queue.push_or_move(span.end_event, span.end_s, Kind.SPAN_END, (span, span.cuts))
 
     def report(self, now_s: float, payload: Any) -> Optional[SpanReport]:
         """The report a ``SPAN_END`` event carries, or None if it is stale (superseded by a cut)."""

@@ -112,10 +112,8 @@ def _plan(now: float, scheduler: Scheduler, devices: Devices, queue: EventQueue,
         for t, k, p in scheduler.plan(now):
             if k == Kind.SPAN_END:
                 devices.dispatch(now, p, queue)
-            elif k == Kind.TRANSFER and network is not None:
-                queue.move(network, t, p)
             elif k == Kind.TRANSFER:
-                network = queue.push(t, k, p)
+                network = queue.push_or_move(network, t, k, p)
             else:
                 queue.push(t, k, p)
         if not devices.after_plan(now) or not scheduler.needs_plan():
