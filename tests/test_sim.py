@@ -390,19 +390,34 @@ def test_decision_log_reads_the_same_across_its_packed_chunks():
     assert DecisionLog.from_state(log.state()) == log
 
 
-def test_step_keys_sort_as_step_then_request_id():
-    # a decode batch's finish heap and KV memory's exhaust heap hold one int per (step, request
-    # id): the ints must sort as the pairs do (steps past 2**31 included), and an id that would
-    # not fit below the step is refused, not silently misordered
-    from hetero_sched.core.request import ID_BITS, ID_MASK, RequestState, step_key
-    rng = np.random.default_rng(5)
-    ids = rng.integers(0, ID_MASK + 1, 3000)
-    pairs = [(int(s), int(r)) for s, r in zip(rng.integers(0, 2**40, 3000), ids)]
-    pairs += [(int(s), int(r)) for s, r in zip(rng.integers(0, 4, 3000), ids)]     # neighbouring steps
-    pairs += [(7, 0), (7, ID_MASK), (8, 0), (0, 0)]
-    assert sorted(pairs, key=lambda p: step_key(*p)) == sorted(pairs)
-    assert all((step_key(s, r) >> ID_BITS, step_key(s, r) & ID_MASK) == (s, r) for s, r in pairs)
-    with pytest.raises(ValueError, match="request id 4294967296 is outside"):
+def test_step_heap_pops_due_pairs_in_order():
+    # the finish and exhaust heaps: pop_due hands out exactly the (step, request id) pairs whose
+    # step is due, in pair order, however pushes and pops interleave (duplicates included: a
+    # request that joined twice; steps past 2**31 and ids past 2**32 included); head_step is the
+    # earliest step left; an id the core cannot hold unboxed is refused, not silently wrapped
+    from hetero_sched.core.request import ID_MASK, RequestState, StepHeap
+    rng = np.random.default_rng(11)
+    for base in (0, 2**40):
+        heap, pending, steps_done = StepHeap(), [], base
+        for _ in range(3000):
+            if rng.random() < 0.55:
+                step = steps_done + int(rng.integers(0, 50))
+                rid = int(rng.integers(0, 40)) if rng.random() < 0.8 else int(rng.integers(0, 2**40))
+                heap.push(step, rid)
+                pending.append((step, rid))
+            else:
+                steps_done += int(rng.integers(0, 4))
+                got = []
+                while (rid := heap.pop_due(steps_done)) >= 0:
+                    got.append((heap.popped_step, rid))
+                assert got == sorted(p for p in pending if p[0] <= steps_done)
+                pending = [p for p in pending if p[0] > steps_done]
+            assert len(heap) == len(pending)
+            if pending:
+                assert heap.head_step() == min(pending)[0]
+        heap.clear()
+        assert len(heap) == 0 and heap.pop_due(2**62) == -1
+    with pytest.raises(ValueError, match=f"request id {ID_MASK + 1} is outside"):
         RequestState(Request(ID_MASK + 1, 0.0, 10, 10), 10)
 
 

@@ -9,11 +9,12 @@ monotone stack of per-span gaps.
 
 from __future__ import annotations
 
-import heapq
-from bisect import bisect_left
 from typing import Optional
 
-from hetero_sched.core.request import ID_MASK, Phase, RequestState, key_step, pop_due, step_key
+from librt.vecs import append, pop, vec
+from mypy_extensions import i64
+
+from hetero_sched.core.request import Phase, RequestState, StepHeap
 
 
 class DecodeBatch:
@@ -28,11 +29,11 @@ class DecodeBatch:
         self.steps_done = 0
         self.context_tokens = 0
         """KV tokens of the running requests, as of ``steps_done``."""
-        self._finish_heap: list[int] = []
-        """``step_key(finish step, request id)`` of the running requests (maybe stale)."""
+        self._finish = StepHeap()
+        """The running requests' finish steps (maybe stale)."""
         self._spans_done = 0
-        self._gap_idx: list[int] = []     # monotone stack of (span index, gap): max gap since a span
-        self._gap_val: list[float] = []
+        self._gap_idx = vec[i64]()       # monotone stack of (span index, gap): max gap since a span
+        self._gap_val = vec[float]()
         self._last_decode_end: Optional[float] = None
 
     def __len__(self) -> int:
@@ -69,7 +70,7 @@ class DecodeBatch:
             rs.join_span = self._spans_done
             self.context_tokens += rs.context_tokens
             rs.finish_step = self.steps_done + rs.output_tokens - rs.generated
-            heapq.heappush(self._finish_heap, step_key(rs.finish_step, rs.request_id))
+            self._finish.push(rs.finish_step, rs.request_id)
             rs.phase = Phase.DECODING
             rs.decode_group = group_id
             self.running[rs.request_id] = rs
@@ -77,7 +78,7 @@ class DecodeBatch:
 
     def steps_to_next_finish(self) -> int:
         """Steps until the earliest completion in the batch (its heap's head, maybe stale: sooner)."""
-        return key_step(self._finish_heap[0]) - self.steps_done
+        return self._finish.head_step() - self.steps_done
 
     def first_step(self, joiners: list[RequestState], token_s: float) -> float:
         """A span's first decode tokens came out at ``token_s``: note the joiners' token 2 and
@@ -105,10 +106,11 @@ class DecodeBatch:
     def finished(self, group_id: int) -> list[RequestState]:
         """Pop the running requests that made all their tokens (still here, not already gone)."""
         done: list[RequestState] = []
-        while (key := pop_due(self._finish_heap, self.steps_done)) >= 0:
-            rs = self.running.get(key & ID_MASK)
+        finish = self._finish
+        while (request_id := finish.pop_due(self.steps_done)) >= 0:
+            rs = self.running.get(request_id)
             if rs is not None and rs.phase is Phase.DECODING and rs.decode_group == group_id \
-                    and rs.finish_step == key_step(key) and not (done and done[-1] is rs):
+                    and rs.finish_step == finish.popped_step and not (done and done[-1] is rs):
                 done.append(rs)             # (in the heap twice when it joined again: popped in a row)
         return done
 
@@ -140,19 +142,32 @@ class DecodeBatch:
         self.ready = []
         self.size = 0
         self.context_tokens = 0
-        self._finish_heap = []
-        self._gap_idx = []
-        self._gap_val = []
+        self._finish.clear()
+        self._gap_idx = vec[i64]()
+        self._gap_val = vec[float]()
         self._last_decode_end = None
         return lost
 
-    def _push_gap(self, span_index: int, gap: float) -> None:
-        while self._gap_val and self._gap_val[-1] <= gap:
-            self._gap_val.pop()
-            self._gap_idx.pop()
-        self._gap_idx.append(span_index)
-        self._gap_val.append(gap)
+    # The stack is two unboxed arrays (not lists of boxed numbers: a cache line per number read,
+    # cold with a thousand groups taking turns).
+    def _push_gap(self, span_index: i64, gap: float) -> None:
+        vals = self._gap_val
+        idx = self._gap_idx
+        while len(vals) and vals[len(vals) - 1] <= gap:
+            vals, _ = pop(vals)
+            idx, _ = pop(idx)
+        self._gap_idx = append(idx, span_index)
+        self._gap_val = append(vals, gap)
 
-    def _max_gap_since(self, span_index: int) -> float:
-        i = bisect_left(self._gap_idx, span_index)
-        return self._gap_val[i] if i < len(self._gap_val) else 0.0
+    def _max_gap_since(self, span_index: i64) -> float:
+        """The largest gap pushed at ``span_index`` or later (0.0 if none)."""
+        idx = self._gap_idx
+        lo: i64 = 0
+        hi: i64 = len(idx)
+        while lo < hi:                  # the first entry at or after span_index (bisect_left)
+            mid = (lo + hi) >> 1
+            if idx[mid] < span_index:
+                lo = mid + 1
+            else:
+                hi = mid
+        return self._gap_val[lo] if lo < len(self._gap_val) else 0.0

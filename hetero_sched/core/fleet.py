@@ -72,6 +72,9 @@ _DEPS = {PREFILL_TOKENS: _TOKENS, DECODE_LOAD: _LOAD | _FREE, FREE_KV: _FREE, KV
 _CODE = {name: i for i, name in enumerate(CRITERIA)} | {name: i for i, name in enumerate(FILTERS)}
 
 
+_POS: Final = 2
+"""A Ranking tree node's third number: its best member's position."""
+
 SCAN_LIMIT: Final = 16
 """A built-in ranking over at most this many groups is answered by a scan at query time: with
 so few groups that is cheaper than keeping a tree up to date at every change."""
@@ -135,69 +138,68 @@ class Ranking:
         while size < len(group_ids):
             size *= 2
         self._size = size
-        # The tree in three unboxed arrays over its nodes (node 1 the root, leaves at
-        # ``size + position``): each node's best member's position (-1: no member below it) and
-        # that member's two keys, copied up. A change compares a node's keys with its sibling's
-        # by reading doubles from two arrays, where a tree of objects read an object per level
-        # (with a thousand groups, cold memory at every level).
-        self._pos = vec[i64]([-1] * (2 * size))
-        self._primary = vec[float]([math.inf] * (2 * size))
-        self._secondary = vec[float]([math.inf] * (2 * size))
+        # The tree in one unboxed array, three numbers per node (node 1 the root, leaves at
+        # ``size + position``): the node's best member's two keys, copied up, and its position
+        # (-1: no member below it). A change compares a node with its sibling, the node next to
+        # it: one or two cache lines per level, where an array per number read three (and a tree
+        # of objects an object per level: with a thousand groups, cold memory at every level).
+        self._tree = vec[float]([-1.0 if i % 3 == _POS else math.inf for i in range(6 * size)])
 
     def best_id(self) -> int:
         """The best member's group id, or -1 if there is none."""
-        p = self._pos[1]
-        return -1 if p < 0 else self.group_ids[p]
+        p = self._tree[3 + _POS]
+        return -1 if p < 0.0 else self.group_ids[int(p)]
 
     def best_key(self) -> float:
         """The best member's primary key (inf if there is none)."""
-        return self._primary[1]
+        return self._tree[3]
 
     def ordered(self) -> Iterator[int]:
         """The members' group ids from the best on, lazily: O(log n) each (a best-first walk of
         the tree), so the first few cost what they are, not a sort of every group."""
-        pos = self._pos
-        if pos[1] < 0:
+        t = self._tree
+        if t[3 + _POS] < 0.0:
             return
-        frontier: list[tuple[float, float, int, int]] = [(self._primary[1], self._secondary[1], pos[1], 1)]
+        frontier: list[tuple[float, float, float, int]] = [(t[3], t[4], t[3 + _POS], 1)]
         while frontier:
             _, _, position, node = heapq.heappop(frontier)
             while node < self._size:       # descend to the leaf, keeping the other branch
                 left = 2 * node
                 right = left + 1
-                if pos[left] == position:
+                if t[3 * left + _POS] == position:
                     node, other = left, right
                 else:
                     node, other = right, left
-                if pos[other] >= 0:
-                    heapq.heappush(frontier, (self._primary[other], self._secondary[other], pos[other], other))
-            yield self.group_ids[position]
+                o = 3 * other
+                if t[o + _POS] >= 0.0:
+                    heapq.heappush(frontier, (t[o], t[o + 1], t[o + _POS], other))
+            yield self.group_ids[int(position)]
 
     def set(self, position: i64, member: bool, primary: float, secondary: float) -> None:
         """The group at ``position`` is (or is not) a member, with this key."""
-        pos = self._pos
-        pk = self._primary
-        sk = self._secondary
+        t = self._tree
         node: i64 = self._size + position
-        w: i64 = position
+        me = float(position)
+        w = me
         if not member:
-            w = -1
+            w = -1.0
             primary = secondary = math.inf
-        if pos[node] == w and pk[node] == primary and sk[node] == secondary:
+        at: i64 = 3 * node
+        if t[at + _POS] == w and t[at] == primary and t[at + 1] == secondary:
             return
-        pos[node] = w
-        pk[node] = primary
-        sk[node] = secondary
+        t[at] = primary
+        t[at + 1] = secondary
+        t[at + _POS] = w
         # Carry the winner w up, meeting only the sibling subtree's winner at each level (the
         # right one wins only if strictly less: ties go to the left, a lower group id); stop where
         # a node keeps a winner other than this group: nothing above it changes.
         while node > 1:
-            sibling = node ^ 1
-            s = pos[sibling]
-            if s >= 0:
-                sp = pk[sibling]
-                ss = sk[sibling]
-                if w < 0:
+            sib: i64 = 3 * (node ^ 1)
+            s = t[sib + _POS]
+            if s >= 0.0:
+                sp = t[sib]
+                ss = t[sib + 1]
+                if w < 0.0:
                     w, primary, secondary = s, sp, ss
                 elif node & 1:          # w is the right child
                     if not (primary < sp or (primary == sp and secondary < ss)):
@@ -205,11 +207,12 @@ class Ranking:
                 elif sp < primary or (sp == primary and ss < secondary):
                     w, primary, secondary = s, sp, ss
             node >>= 1
-            if pos[node] == w and w != position:
+            at = 3 * node
+            if t[at + _POS] == w and w != me:
                 break
-            pos[node] = w
-            pk[node] = primary
-            sk[node] = secondary
+            t[at] = primary
+            t[at + 1] = secondary
+            t[at + _POS] = w
 
 
 class Fleet:

@@ -11,11 +11,10 @@ their own granularity, budgeted from the same memory.
 
 from __future__ import annotations
 
-import heapq
 from typing import TYPE_CHECKING, Optional
 
 from hetero_sched.core.kvblocks import BlockAllocator, PrefixCache, PrefixHolders, blocks_for
-from hetero_sched.core.request import ID_MASK, RequestState, key_step, pop_due, step_key
+from hetero_sched.core.request import RequestState, StepHeap
 
 if TYPE_CHECKING:
     from hetero_sched.core.kvtiers import KVTiers
@@ -48,8 +47,8 @@ class KVMemory:
         self.prefix_cache: Optional[PrefixCache] = None
         self.tiers: Optional["KVTiers"] = None
         """KV tiers (device memory, host DRAM, SSD) replacing the plain prefix cache when configured."""
-        self._exhaust_heap: list[int] = []
-        """``step_key(exhaust step, request id)`` of the reservations watched (maybe stale)."""
+        self._exhaust = StepHeap()
+        """The exhaust steps of the reservations watched (maybe stale)."""
         self._holders: Optional[PrefixHolders] = None
         self._owner = -1
 
@@ -71,7 +70,7 @@ class KVMemory:
         self.prefix_cache = None
         if self.tiers is not None:
             self.tiers.reset()
-        self._exhaust_heap = []
+        self._exhaust.clear()
 
     def fits_ever(self, tokens: int) -> bool:
         """Whether ``tokens`` of KV could fit at all (when empty)."""
@@ -138,18 +137,19 @@ class KVMemory:
         """``rs`` joined the batch at ``steps_done``: note the step its reservation runs out."""
         rs.exhaust_step = steps_done + rs.reserved_tokens - rs.context_tokens
         if rs.exhaust_step < rs.finish_step:
-            heapq.heappush(self._exhaust_heap, step_key(rs.exhaust_step, rs.request_id))
+            self._exhaust.push(rs.exhaust_step, rs.request_id)
 
     def steps_to_exhaustion(self, steps_done: int) -> Optional[int]:
         """Steps until the earliest reservation runs out (its heap's head, maybe stale: sooner)."""
-        return key_step(self._exhaust_heap[0]) - steps_done if self._exhaust_heap else None
+        return self._exhaust.head_step() - steps_done if len(self._exhaust) else None
 
     def exhausted(self, steps_done: int, running: dict[int, RequestState]) -> Optional[RequestState]:
         """Pop the next request of ``running`` (the batch's, by id) whose reservation ran out by
         ``steps_done`` (None: none left)."""
-        while (key := pop_due(self._exhaust_heap, steps_done)) >= 0:
-            rs = running.get(key & ID_MASK)
-            if rs is not None and rs.exhaust_step == key_step(key):
+        exhaust = self._exhaust
+        while (request_id := exhaust.pop_due(steps_done)) >= 0:
+            rs = running.get(request_id)
+            if rs is not None and rs.exhaust_step == exhaust.popped_step:
                 return rs
         return None
 
@@ -168,4 +168,4 @@ class KVMemory:
         rs.reserved_tokens = new_reserved
         rs.exhaust_step = steps_done + new_reserved - context_now
         if rs.exhaust_step < rs.finish_step:
-            heapq.heappush(self._exhaust_heap, step_key(rs.exhaust_step, rs.request_id))
+            self._exhaust.push(rs.exhaust_step, rs.request_id)

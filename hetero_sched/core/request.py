@@ -3,36 +3,92 @@ through the core (:class:`RequestState`, mutable, owned by the scheduler)."""
 
 from __future__ import annotations
 
-import heapq
 from enum import Enum
 from typing import Final, NamedTuple, Optional
 
-from mypy_extensions import mypyc_attr
+from librt.vecs import append, pop, vec
+from mypy_extensions import i64, mypyc_attr
 
-ID_BITS: Final = 32
-"""Request ids are below ``2**ID_BITS`` (a workload numbers its requests from 0; serving counts)."""
-ID_MASK: Final = (1 << ID_BITS) - 1
-
-
-def step_key(step: int, request_id: int) -> int:
-    """``(step, request_id)`` as one int, ordered as the pair: the heaps of steps at which a
-    group's requests finish or run out of KV hold these. A tuple per entry was an allocation
-    and a collector link to undo when it died, cold by then with a thousand groups in flight;
-    an int is neither tracked nor compared item by item."""
-    return step << ID_BITS | request_id
+ID_MASK: Final = (1 << 63) - 1
+"""The largest request id: the core keeps ids unboxed (64-bit), e.g. in a :class:`StepHeap`
+(a workload numbers its requests from 0; serving counts)."""
 
 
-def key_step(key: int) -> int:
-    """The step of a :func:`step_key`."""
-    return key >> ID_BITS
+class StepHeap:
+    """A min-heap of ``(step, request id)``: the steps at which a group's requests finish or run
+    out of KV, earliest first (entries may be stale: their owners check them when popped).
 
+    The pairs are unboxed in one array, step and id side by side: a list of Python ints (or of
+    tuples) was a list header, an item array and an object per entry, three cache lines apart
+    and all cold by the time a group's next span ends when a thousand groups take turns. Pairs
+    are totally ordered, so the pop order is theirs however the heap is laid out.
+    """
 
-def pop_due(heap: list[int], steps_done: int) -> int:
-    """Pop the earliest step key of ``heap`` if its step is at most ``steps_done`` (-1: none
-    due). The key's request id is ``key & ID_MASK``."""
-    if heap and heap[0] >> ID_BITS <= steps_done:
-        return heapq.heappop(heap)
-    return -1
+    def __init__(self) -> None:
+        self._items = vec[i64]()
+        self.popped_step: i64 = -1
+        """The step of the pair :meth:`pop_due` returned last."""
+
+    def __len__(self) -> int:
+        return len(self._items) >> 1
+
+    def clear(self) -> None:
+        self._items = vec[i64]()
+
+    def push(self, step: i64, request_id: i64) -> None:
+        self._items = append(append(self._items, step), request_id)
+        self._place(len(self._items) // 2 - 1, step, request_id, True)
+
+    def head_step(self) -> i64:
+        """The earliest pair's step (the heap must not be empty)."""
+        return self._items[0]
+
+    def pop_due(self, steps_done: i64) -> i64:
+        """Pop the earliest pair if its step is at most ``steps_done``: returns its request id
+        (its step is then :attr:`popped_step`), or -1 if none is due."""
+        items = self._items
+        if not len(items) or items[0] > steps_done:
+            return -1
+        self.popped_step = items[0]
+        request_id = items[1]
+        items, last_id = pop(items)
+        self._items, last_step = pop(items)
+        if len(self._items):
+            self._place(0, last_step, last_id, False)
+        return request_id
+
+    def _place(self, i: i64, step: i64, request_id: i64, up: bool) -> None:
+        """Put the pair at slot ``i`` and move it up (a push) or down (a pop's last pair) to
+        where it belongs."""
+        items = self._items
+        n: i64 = len(items) >> 1
+        if up:
+            while i > 0:
+                parent = (i - 1) >> 1
+                ps = items[2 * parent]
+                if ps < step or (ps == step and items[2 * parent + 1] <= request_id):
+                    break
+                items[2 * i] = ps
+                items[2 * i + 1] = items[2 * parent + 1]
+                i = parent
+        else:
+            while True:
+                c = 2 * i + 1
+                if c >= n:
+                    break
+                cs = items[2 * c]
+                if c + 1 < n:
+                    rs = items[2 * c + 2]
+                    if rs < cs or (rs == cs and items[2 * c + 3] < items[2 * c + 1]):
+                        c += 1
+                        cs = rs
+                if step < cs or (step == cs and request_id <= items[2 * c + 1]):
+                    break
+                items[2 * i] = cs
+                items[2 * i + 1] = items[2 * c + 1]
+                i = c
+        items[2 * i] = step
+        items[2 * i + 1] = request_id
 
 
 class Request(NamedTuple):
