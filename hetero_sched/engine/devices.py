@@ -37,14 +37,17 @@ class Devices:
     def dispatch(self, now_s: float, span: Span, queue: EventQueue) -> None:
         """Run ``span`` on its group's device (a cut of a running span when ``span.cuts`` grew);
         its report becomes a ``SPAN_END`` event in ``queue``."""
-        # a cut moves the span's pending end event (none is left stale)
-        span.end_event = queue.push_or_move(span.end_event, span.end_s, Kind.SPAN_END, (span, span.cuts))
+        # A cut moves the span's pending end event, so none is ever stale and the event carries
+        # the span alone (a tuple with its cut count lived as long as the span and died cold:
+        # with a thousand groups in flight, a cache miss or two per span to free it).
+        span.end_event = queue.push_or_move(span.end_event, span.end_s, Kind.SPAN_END, span)
 
     def report(self, now_s: float, payload: Any) -> Optional[SpanReport]:
-        """The report a ``SPAN_END`` event carries, or None if it is stale (superseded by a cut)."""
-        span, cuts = payload
+        """The report a ``SPAN_END`` event carries (None: the span is no longer worth applying;
+        devices that queue a new event at a cut use it for the superseded one)."""
+        span: Span = payload
         span.end_event = None               # popped: the queue reuses it
-        return planned_report(span) if cuts == span.cuts else None
+        return planned_report(span)
 
     def wait(self, queue: EventQueue) -> Optional[float]:
         """Before the next event is taken: bring in what devices reported (a live run waits for
