@@ -395,7 +395,7 @@ def test_step_heap_pops_due_pairs_in_order():
     # step is due, in pair order, however pushes and pops interleave (duplicates included: a
     # request that joined twice; steps past 2**31 and ids past 2**32 included); head_step is the
     # earliest step left; an id the core cannot hold unboxed is refused, not silently wrapped
-    from hetero_sched.core.request import ID_MASK, RequestState, StepHeap
+    from hetero_sched.core.request import MAX_REQUEST_ID, RequestState, StepHeap
     rng = np.random.default_rng(11)
     for base in (0, 2**40):
         heap, pending, steps_done = StepHeap(), [], base
@@ -417,8 +417,8 @@ def test_step_heap_pops_due_pairs_in_order():
                 assert heap.head_step() == min(pending)[0]
         heap.clear()
         assert len(heap) == 0 and heap.pop_due(2**62) == -1
-    with pytest.raises(ValueError, match=f"request id {ID_MASK + 1} is outside"):
-        RequestState(Request(ID_MASK + 1, 0.0, 10, 10), 10)
+    with pytest.raises(ValueError, match=f"request id {MAX_REQUEST_ID + 1} is outside"):
+        RequestState(Request(MAX_REQUEST_ID + 1, 0.0, 10, 10), 10)
 
 
 class _CountNetworkEvents(Devices):

@@ -74,6 +74,8 @@ _CODE = {name: i for i, name in enumerate(CRITERIA)} | {name: i for i, name in e
 
 _POS: Final = 2
 """A Ranking tree node's third number: its best member's position."""
+_ROOT: Final = 3
+"""Where the root's numbers start in a Ranking tree (node 1, three numbers per node)."""
 
 SCAN_LIMIT: Final = 16
 """A built-in ranking over at most this many groups is answered by a scan at query time: with
@@ -147,20 +149,20 @@ class Ranking:
 
     def best_id(self) -> int:
         """The best member's group id, or -1 if there is none."""
-        p = self._tree[3 + _POS]
+        p = self._tree[_ROOT + _POS]
         return -1 if p < 0.0 else self.group_ids[int(p)]
 
     def best_key(self) -> float:
         """The best member's primary key (inf if there is none)."""
-        return self._tree[3]
+        return self._tree[_ROOT]
 
     def ordered(self) -> Iterator[int]:
         """The members' group ids from the best on, lazily: O(log n) each (a best-first walk of
         the tree), so the first few cost what they are, not a sort of every group."""
         t = self._tree
-        if t[3 + _POS] < 0.0:
+        if t[_ROOT + _POS] < 0.0:
             return
-        frontier: list[tuple[float, float, float, int]] = [(t[3], t[4], t[3 + _POS], 1)]
+        frontier: list[tuple[float, float, float, int]] = [(t[_ROOT], t[_ROOT + 1], t[_ROOT + _POS], 1)]
         while frontier:
             _, _, position, node = heapq.heappop(frontier)
             while node < self._size:       # descend to the leaf, keeping the other branch

@@ -9,7 +9,7 @@ from typing import Final, NamedTuple, Optional
 from librt.vecs import append, pop, vec
 from mypy_extensions import i64, mypyc_attr
 
-ID_MASK: Final = (1 << 63) - 1
+MAX_REQUEST_ID: Final = (1 << 63) - 1
 """The largest request id: the core keeps ids unboxed (64-bit), e.g. in a :class:`StepHeap`
 (a workload numbers its requests from 0; serving counts)."""
 
@@ -37,7 +37,7 @@ class StepHeap:
 
     def push(self, step: i64, request_id: i64) -> None:
         self._items = append(append(self._items, step), request_id)
-        self._place(len(self._items) // 2 - 1, step, request_id, True)
+        self._sift_up(len(self._items) // 2 - 1, step, request_id)
 
     def head_step(self) -> i64:
         """The earliest pair's step (the heap must not be empty)."""
@@ -54,41 +54,45 @@ class StepHeap:
         items, last_id = pop(items)
         self._items, last_step = pop(items)
         if len(self._items):
-            self._place(0, last_step, last_id, False)
+            self._sift_down(0, last_step, last_id)
         return request_id
 
-    def _place(self, i: i64, step: i64, request_id: i64, up: bool) -> None:
-        """Put the pair at slot ``i`` and move it up (a push) or down (a pop's last pair) to
-        where it belongs."""
+    # Slot i of the heap is items[2i] (its step) and items[2i + 1] (its request id).
+    def _sift_up(self, i: i64, step: i64, request_id: i64) -> None:
+        """Place the pair at slot ``i`` or above it."""
         items = self._items
-        n: i64 = len(items) >> 1
-        if up:
-            while i > 0:
-                parent = (i - 1) >> 1
-                ps = items[2 * parent]
-                if ps < step or (ps == step and items[2 * parent + 1] <= request_id):
-                    break
-                items[2 * i] = ps
-                items[2 * i + 1] = items[2 * parent + 1]
-                i = parent
-        else:
-            while True:
-                c = 2 * i + 1
-                if c >= n:
-                    break
-                cs = items[2 * c]
-                if c + 1 < n:
-                    rs = items[2 * c + 2]
-                    if rs < cs or (rs == cs and items[2 * c + 3] < items[2 * c + 1]):
-                        c += 1
-                        cs = rs
-                if step < cs or (step == cs and request_id <= items[2 * c + 1]):
-                    break
-                items[2 * i] = cs
-                items[2 * i + 1] = items[2 * c + 1]
-                i = c
+        while i > 0:
+            parent = (i - 1) >> 1
+            if _before(items[2 * parent], items[2 * parent + 1], step, request_id):
+                break
+            items[2 * i] = items[2 * parent]
+            items[2 * i + 1] = items[2 * parent + 1]
+            i = parent
         items[2 * i] = step
         items[2 * i + 1] = request_id
+
+    def _sift_down(self, i: i64, step: i64, request_id: i64) -> None:
+        """Place the pair at slot ``i`` or below it."""
+        items = self._items
+        n: i64 = len(items) >> 1
+        while True:
+            c = 2 * i + 1
+            if c >= n:
+                break
+            if c + 1 < n and _before(items[2 * c + 2], items[2 * c + 3], items[2 * c], items[2 * c + 1]):
+                c += 1
+            if _before(step, request_id, items[2 * c], items[2 * c + 1]):
+                break
+            items[2 * i] = items[2 * c]
+            items[2 * i + 1] = items[2 * c + 1]
+            i = c
+        items[2 * i] = step
+        items[2 * i + 1] = request_id
+
+
+def _before(step: i64, request_id: i64, other_step: i64, other_id: i64) -> bool:
+    """``(step, request_id) <= (other_step, other_id)``: where a heap of pairs may stop moving."""
+    return step < other_step or (step == other_step and request_id <= other_id)
 
 
 class Request(NamedTuple):
@@ -144,8 +148,8 @@ class RequestState:
     )
 
     def __init__(self, request: Request, predicted_output: int) -> None:
-        if not 0 <= request.request_id <= ID_MASK:
-            raise ValueError(f"request id {request.request_id} is outside 0..{ID_MASK}")
+        if not 0 <= request.request_id <= MAX_REQUEST_ID:
+            raise ValueError(f"request id {request.request_id} is outside 0..{MAX_REQUEST_ID}")
         self.request = request
         self.request_id = request.request_id
         self.prompt_tokens = request.prompt_tokens
