@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hetero_sched.serve import ServeOptions, serve_app, start_ingress
 from hetero_sched.serve.fakecore import FakeCore, FakeCoreConfig
+from hetero_sched.serve.servecore import Refusal
 from hetero_sched.serve.tokenizer import PLACEHOLDER
 
 
@@ -266,6 +267,30 @@ def test_core_failure_after_admission(serve):
     with pytest.raises(openai.APIError, match="fake device failure"):
         list(s.client().completions.create(model="tiny", prompt="x", max_tokens=5, stream=True))
     assert requests.get(f"{s.url}/health").status_code == 200
+
+
+REFUSAL_STATUS = [(Refusal.RETRY, 429, "rate_limit_exceeded", True), (Refusal.NEVER, 400, "fake_refusal", False),
+                  (Refusal.UNAVAILABLE, 503, "fake_refusal", True)]
+
+
+@pytest.mark.parametrize("refusal,status,code,retry_after", REFUSAL_STATUS)
+def test_a_refusal_before_or_after_admission_gets_its_kinds_status(serve, refusal, status, code, retry_after):
+    """Each kind of refusal has its status (429 retry later, 400 never, 503 the server cannot serve
+    now), with ``Retry-After`` only where a retry makes sense -- refused at submission, or after
+    admission (a non-streamed reply's status is not out yet; a stream's error event has the body)."""
+    before = serve(refuse=refusal, retry_after_s=2.5)
+    after = serve(fail_at_token=2, fail_refusal=refusal, retry_after_s=2.5)
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 5}
+    for s, message in ((before, "fake refusal"), (after, "fake refusal after admission")):
+        r = requests.post(f"{s.url}/v1/completions", json=body, timeout=10)
+        assert r.status_code == status, r.text
+        error = error_of(r)
+        assert error["code"] == code and message in error["message"], error
+        assert ("Retry-After" in r.headers) == retry_after and r.headers.get("Retry-After", "3") == "3"
+    with requests.post(f"{after.url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=10) as r:
+        assert r.status_code == 200
+        events = [line[len(b"data: "):] for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == code, events[-2:]
 
 
 def test_metrics_have_vllm_names_and_group_gauges(serve):

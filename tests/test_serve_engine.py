@@ -10,6 +10,7 @@ tiny Llama's, token for token).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Iterator
@@ -21,8 +22,11 @@ import requests
 
 from hetero_sched.engine.assembly import resolve
 from hetero_sched.runtime.live import with_absolute_paths
+from hetero_sched.runtime.clock import WallClock
 from hetero_sched.serve import ServeOptions, start_ingress
-from hetero_sched.serve.engine import EngineCore, EngineOptions
+from hetero_sched.core.request import Phase
+from hetero_sched.serve.engine import EngineCore, EngineOptions, _Live
+from hetero_sched.serve.servecore import FinalEvent, FinishReason, Refusal, Rejected, ServeRequest
 from hetero_sched.serve.tokenizer import PLACEHOLDER, ByteTokenizer, Detokenizer
 from hetero_sched.tinylm import TinyLM
 
@@ -249,3 +253,41 @@ def test_each_request_is_one_trace_rooted_at_its_http_request_under_the_clients(
         assert name in spans, name
     tags = {t["key"]: t["value"] for t in http["tags"]}
     assert tags["http.response.status_code"] == 200
+
+
+def test_the_engine_says_what_kind_of_refusal_each_ending_is() -> None:
+    """No cluster needed: what the engine makes of the core's endings (the HTTP layer answers each
+    kind with its status). A rejection after admission keeps its code and kind -- load is RETRY,
+    what no group can ever hold NEVER -- and once the engine failed, every request in flight ends
+    UNAVAILABLE and every new one is refused so (503), with the failure as the reason."""
+    async def main() -> None:
+        core = EngineCore(disagg_experiment(model=MODEL))
+        core._loop, core._origin, core._wall = asyncio.get_running_loop(), 0.0, WallClock(1.0)   # what start() sets
+
+        def admitted(rid: int) -> _Live:
+            live = core._live[rid] = _Live(asyncio.Queue(), core._loop.create_future(), 10, 50)
+            live.admitted.set_result(None)
+            return live
+
+        def final(live: _Live) -> FinalEvent:
+            event = live.queue.get_nowait()
+            assert isinstance(event, FinalEvent) and event.finish_reason is FinishReason.ERROR
+            assert event.rejected is not None
+            return event
+
+        load, never = admitted(0), admitted(1)
+        core._end(0, Phase.REJECTED, "no decode room", "no_decode_room", 1.0, 1, 0, None)
+        core._end(1, Phase.REJECTED, "more KV than any group", "kv_capacity", 1.0, 1, 0, None)
+        assert final(load).rejected.refusal is Refusal.RETRY
+        assert final(never).rejected.refusal is Refusal.NEVER
+        gone = admitted(2)
+        core._failure = "RuntimeError: boom"
+        core._fail_all()
+        rejected = final(gone).rejected
+        assert (rejected.refusal, rejected.code) == (Refusal.UNAVAILABLE, "engine_stopped")
+        assert "boom" in rejected.reason
+        with pytest.raises(Rejected) as info:
+            await core.submit(ServeRequest("r", MODEL, (1, 2, 3), 4))
+        assert (info.value.refusal, info.value.code) == (Refusal.UNAVAILABLE, "engine_stopped")
+
+    asyncio.run(main())

@@ -3,10 +3,12 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when ``stream``),
 ``GET /v1/models``, ``/health``, ``/ready``, ``/metrics``. Every error, ours or aiohttp's (404,
 405, 413), is an OpenAI-style JSON body; an unexpected exception is a 500 and is logged -- the
-server keeps serving. A request the core refuses is 429 with ``Retry-After`` if it may be served
-later, 400 if it never can be (:func:`_rejection`). The runner cancels a handler whose client
-went away (``handler_cancellation``), so a disconnect -- mid-stream or while a non-streamed
-reply is being gathered -- closes the request's stream, which cancels it in the core
+server keeps serving. A request the core refuses -- before admitting it, or after (while a
+non-streamed reply's status is not out yet; a stream's error event says the same) -- is 429 with
+``Retry-After`` if it may be served later, 400 if it never can be, 503 if the server can serve
+nothing now (:func:`_refusal`). The runner cancels a handler whose client went away
+(``handler_cancellation``), so a disconnect -- mid-stream or while a non-streamed reply is being
+gathered -- closes the request's stream, which cancels it in the core
 (:class:`~hetero_sched.serve.servecore.EventStream`).
 """
 
@@ -28,7 +30,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from hetero_sched.serve.metrics import CONTENT_TYPE, ServeMetrics
 from hetero_sched.serve.openai_api import (ApiError, ApiRequest, Endpoint, bad, full_response, now_created,
                                            parse_request, retry_after_header, stream_chunk, usage_chunk)
-from hetero_sched.serve.servecore import FinalEvent, FinishReason, Rejected, ServeCore, ServeRequest, TokenStream
+from hetero_sched.serve.servecore import (FinalEvent, FinishReason, Refusal, Rejected, ServeCore, ServeRequest,
+                                          TokenStream)
 from hetero_sched.serve.tokenizer import ByteTokenizer, Detokenizer
 
 log = logging.getLogger(__name__)
@@ -52,13 +55,25 @@ def _sse(obj: Any) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
-def _rejection(exc: Rejected, headers: dict[str, str]) -> web.Response:
-    """The core's refusal: 429 with ``Retry-After`` when a retry may succeed; 400 with no
-    ``Retry-After`` when the request can never be served here (a client would retry it forever)."""
-    if not exc.retryable:
-        return _json(bad(f"rejected: {exc.reason}", code=exc.code or "invalid_value").body(), 400, headers)
-    error = ApiError(429, f"rejected: {exc.reason}", type="rate_limit_error", code="rate_limit_exceeded")
-    return _json(error.body(), 429, headers={**headers, "Retry-After": retry_after_header(exc.retry_after_s)})
+def _refusal(exc: Rejected) -> tuple[ApiError, dict[str, str]]:
+    """The core's refusal as an OpenAI error and the headers that go with it: 429 with
+    ``Retry-After`` when a retry may succeed; 400 with no ``Retry-After`` when the request can
+    never be served here (a client would retry it forever); 503 with ``Retry-After`` when the
+    server can serve nothing now (its engine stopped: a client's rate is not the cause)."""
+    if exc.refusal is Refusal.NEVER:
+        return bad(f"rejected: {exc.reason}", code=exc.code or "invalid_value"), {}
+    retry = {"Retry-After": retry_after_header(exc.retry_after_s)}
+    if exc.refusal is Refusal.UNAVAILABLE:
+        return ApiError(503, f"unavailable: {exc.reason}", type="server_error", code=exc.code or "unavailable"), retry
+    return ApiError(429, f"rejected: {exc.reason}", type="rate_limit_error", code="rate_limit_exceeded"), retry
+
+
+def _failure(event: FinalEvent) -> tuple[ApiError, dict[str, str]]:
+    """An ``error`` ending as an OpenAI error: the core's refusal after admission, answered as one
+    before it would be (:func:`_refusal`), or a failure of the core's own (500)."""
+    if event.rejected is not None:
+        return _refusal(event.rejected)
+    return ApiError(500, f"the request failed: {event.message}", type="server_error", code="engine_error"), {}
 
 
 @dataclass
@@ -198,7 +213,8 @@ class ServeApp:
             stream = await self.core.submit(core_request)
         except Rejected as exc:
             self.metrics.rejected.labels(self.metrics.model_name).inc()
-            return _rejection(exc, headers)
+            error, extra = _refusal(exc)
+            return _json(error.body(), error.status, {**headers, **extra})
         timing = _Timing(received)
         finished = False
         try:
@@ -230,8 +246,8 @@ class ServeApp:
             if isinstance(event, FinalEvent):
                 self._record(api, timing, event)
                 if event.finish_reason is FinishReason.ERROR:
-                    error = ApiError(500, f"the request failed: {event.message}", type="server_error", code="engine_error")
-                    return _json(error.body(), 500, headers), True
+                    error, extra = _failure(event)
+                    return _json(error.body(), error.status, {**headers, **extra}), True
                 parts.append(detok.flush())
                 return _json(full_response(api, request_id, now_created(), "".join(parts), event), headers=headers), True
             timing.token()
@@ -249,9 +265,8 @@ class ServeApp:
         async for event in stream:
             if isinstance(event, FinalEvent):
                 self._record(api, timing, event)
-                if event.finish_reason is FinishReason.ERROR:
-                    error = ApiError(500, f"the request failed: {event.message}", type="server_error", code="engine_error")
-                    await response.write(_sse(error.body()))
+                if event.finish_reason is FinishReason.ERROR:    # the status (200) is out: the body says
+                    await response.write(_sse(_failure(event)[0].body()))
                 else:
                     await response.write(_sse(stream_chunk(api, request_id, created, detok.flush(), event.finish_reason,
                                                            first=first)))

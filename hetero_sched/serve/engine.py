@@ -7,7 +7,8 @@ clock, in a thread of the server's process:
 - a request becomes a :class:`~hetero_sched.core.request.Request` (its prompt's token ids, its
   ``max_tokens`` as its output length) left in the engine's :class:`~hetero_sched.runtime.inbox.Inbox`;
   ``submit`` returns once the core placed it (admitted) or rejected it (HTTP 429, or 400 for
-  what no group can ever serve: ``NEVER_SERVABLE``);
+  what no group can ever serve: ``NEVER_SERVABLE``; 503 once the engine stopped); a request the
+  core rejects after admitting it ends with that rejection, answered alike;
 - device actors stream each token as they make it (``deliver``: progress messages), so a client
   sees tokens at the times the devices produced them; the numpy backend's tokens are the tiny
   Llama's, the modeled backend's are placeholder text (its devices compute nothing);
@@ -45,7 +46,7 @@ from hetero_sched.runtime.inbox import Cancel, Inbox
 from hetero_sched.runtime.live import Backend, Pace, PerGroup, start_group_actors, with_absolute_paths
 from hetero_sched.runtime.messages import unpack
 from hetero_sched.serve.servecore import (CoreStatus, EventStream, FinalEvent, FinishReason, GroupStatus, ModelCard,
-                                          Rejected, ServeRequest, StreamEvent, TokenEvent)
+                                          Refusal, Rejected, ServeRequest, StreamEvent, TokenEvent)
 from hetero_sched.serve.tokenizer import placeholder_token_ids
 from hetero_sched.tracing import ProcessTracing, RequestTracer, attach_tracer
 from hetero_sched.workload import Workload
@@ -66,7 +67,11 @@ class EngineOptions:
     progress_interval_s: float = 0.002
     """Devices send the tokens they made at most this often (each token keeps its own time)."""
     retry_after_s: float = 1.0
-    """What a 429 suggests a client waits."""
+    """What a 429 (or a 503) suggests a client waits."""
+
+
+ENGINE_STOPPED = "engine_stopped"
+"""The code of a refusal because the engine failed and stopped (a serving state, not a core reject code)."""
 
 
 @dataclass
@@ -166,7 +171,7 @@ class EngineCore:
 
     async def submit(self, request: ServeRequest) -> EventStream:
         if self._failure is not None:
-            raise Rejected(f"the engine stopped: {self._failure}", self.options.retry_after_s)
+            raise self._rejected(f"the engine stopped: {self._failure}", ENGINE_STOPPED, Refusal.UNAVAILABLE)
         rid = next(self._ids)
         loop = asyncio.get_running_loop()
         live = _Live(asyncio.Queue(), loop.create_future(), len(request.prompt_token_ids), request.max_tokens)
@@ -271,23 +276,29 @@ class EngineCore:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
 
-    def _admit(self, rid: int, rejection: Optional[str], code: Optional[str] = None) -> None:
+    def _rejected(self, reason: str, code: Optional[str], refusal: Optional[Refusal] = None) -> Rejected:
+        """A refusal with ``code``: the client retries unless no group can ever serve it (or ``refusal`` says)."""
+        if refusal is None:
+            refusal = Refusal.NEVER if code in NEVER_SERVABLE else Refusal.RETRY
+        return Rejected(reason, self.options.retry_after_s, code=code, refusal=refusal)
+
+    def _admit(self, rid: int, rejection: Optional[str], code: Optional[str] = None,
+               refusal: Optional[Refusal] = None) -> None:
         live = self._live.get(rid)
         if live is None or live.admitted.done():
             return
         if rejection is None:
             live.admitted.set_result(None)
         else:
-            live.admitted.set_exception(Rejected(rejection, self.options.retry_after_s, code=code,
-                                                 retryable=code not in NEVER_SERVABLE))
+            live.admitted.set_exception(self._rejected(rejection, code, refusal))
 
     def _end(self, rid: int, phase: Phase, reason: Optional[str], code: Optional[str], finish_s: Optional[float],
-             generated: int, cached: int, tokens: Optional[list[int]]) -> None:
+             generated: int, cached: int, tokens: Optional[list[int]], refusal: Optional[Refusal] = None) -> None:
         live = self._live.get(rid)
         if live is None:
             return
-        if not live.admitted.done():            # rejected on arrival: the client gets a 429 or 400
-            self._admit(rid, reason or "rejected", code)
+        if not live.admitted.done():            # rejected on arrival: the client gets a 429, 400 or 503
+            self._admit(rid, reason or "rejected", code, refusal)
             return
         t = self._origin + (finish_s if finish_s is not None else self._wall.now())
         if phase is Phase.COMPLETED:
@@ -298,8 +309,9 @@ class EngineCore:
                     tok = tokens[i] if tokens is not None and i < len(tokens) else placeholder_token_ids(i, 1)[0]
                     live.pending[i] = (tok, t)
         else:
+            rejected = self._rejected(reason or "rejected", code, refusal) if phase is Phase.REJECTED else None
             final = FinalEvent(FinishReason.ERROR, live.prompt_tokens, live.next_index, t, cached,
-                               message=reason or phase.value)
+                               message=reason or phase.value, rejected=rejected)
             live.pending.clear()
             live.next_index = max(live.next_index, final.completion_tokens)
         live.final = final
@@ -307,8 +319,8 @@ class EngineCore:
 
     def _fail_all(self) -> None:
         for rid, live in list(self._live.items()):
-            self._end(rid, Phase.REJECTED, f"the engine stopped: {self._failure}", None, None, live.next_index, 0,
-                      None)
+            self._end(rid, Phase.REJECTED, f"the engine stopped: {self._failure}", ENGINE_STOPPED, None,
+                      live.next_index, 0, None, Refusal.UNAVAILABLE)
 
 
 def _mean(values: list[float]) -> float:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import AsyncGenerator, Optional
 
 from hetero_sched.serve.servecore import (CoreStatus, EventStream, FinalEvent, FinishReason, GroupStatus, ModelCard,
-                                          Rejected, ServeRequest, StreamEvent, TokenEvent)
+                                          Refusal, Rejected, ServeRequest, StreamEvent, TokenEvent)
 from hetero_sched.serve.tokenizer import placeholder_token_ids
 from hetero_sched.tracing import ProcessTracing
 
@@ -35,6 +35,11 @@ class FakeCoreConfig:
     retry_after_s: float = 1.0
     fail_at_token: Optional[int] = None
     """End every request with ``finish_reason: error`` after this many tokens (tests the error path)."""
+    fail_refusal: Optional[Refusal] = None
+    """With ``fail_at_token``: that ending is the core's refusal of this kind after admission
+    (None: a failure of the core's own)."""
+    refuse: Optional[Refusal] = None
+    """Refuse every request so at submission (tests the HTTP status of each kind)."""
 
 
 class FakeCore:
@@ -54,6 +59,8 @@ class FakeCore:
     async def submit(self, request: ServeRequest) -> EventStream:
         """Admit ``request`` unless ``max_inflight`` are active; its stream starts at once."""
         limit = self.config.max_inflight
+        if self.config.refuse is not None:
+            raise Rejected("fake refusal", self.config.retry_after_s, code="fake_refusal", refusal=self.config.refuse)
         if limit is not None and len(self._active) >= limit:
             raise Rejected(f"admission: {len(self._active)} requests in flight, max_inflight {limit}",
                            self.config.retry_after_s)
@@ -75,7 +82,11 @@ class FakeCore:
                 await asyncio.sleep(delay)
             if c.fail_at_token is not None and k == c.fail_at_token:
                 self._finish(request)
-                yield FinalEvent(FinishReason.ERROR, request.num_prompt_tokens, k, due, message="fake device failure")
+                rejected = (None if c.fail_refusal is None else
+                            Rejected("fake refusal after admission", c.retry_after_s, code="fake_refusal",
+                                     refusal=c.fail_refusal))
+                yield FinalEvent(FinishReason.ERROR, request.num_prompt_tokens, k, due, message="fake device failure",
+                                 rejected=rejected)
                 return
             yield TokenEvent(placeholder_token_ids(k, 1), (due,))
         self._finish(request)

@@ -9,11 +9,14 @@ test double of it.
 Contract:
 
 - ``submit`` returns once the request is **admitted** (or raises :class:`Rejected` with the
-  reason and a retry hint, which the HTTP layer answers with 429 and ``Retry-After`` -- or 400
-  if the core can never serve the request); it must not wait for the first token.
+  reason and what a client should do about it, a :class:`Refusal`: the HTTP layer answers 429
+  with ``Retry-After``, 400 if the core can never serve the request, 503 if it can serve
+  nothing now); it must not wait for the first token.
 - The returned :class:`TokenStream` yields zero or more :class:`TokenEvent` (one per device
   report: a decode step, or several tokens reported at once) and then exactly one
-  :class:`FinalEvent`, after which iteration stops.
+  :class:`FinalEvent`, after which iteration stops. A request the core turns away after
+  admitting it ends with an ``error`` :class:`FinalEvent` carrying the :class:`Rejected`
+  (``rejected``), answered as a refusal before admission would be.
 - **Cancellation**: if the consumer stops early (a client disconnected, a stop condition), the
   HTTP layer calls ``await stream.aclose()`` before the :class:`FinalEvent`; the core must then
   free the request's KV and batch slots everywhere. Beware: ``aclose()`` of an ``async def``
@@ -100,6 +103,10 @@ class FinalEvent:
     """Prompt tokens served from a prefix cache."""
     message: Optional[str] = None
     """Why, when ``finish_reason`` is ``error``."""
+    rejected: Optional["Rejected"] = None
+    """With ``error``: the core's refusal, when it turned the request away after admitting it (a
+    load, a passing state, what it can never serve, the engine stopping); None: a failure of
+    its own (HTTP 500)."""
 
 
 StreamEvent = Union[TokenEvent, FinalEvent]
@@ -146,20 +153,29 @@ class EventStream:
             await self._events.aclose()
 
 
-class Rejected(Exception):
-    """The core refused the request, saying why (``reason``; ``code``: its short reason code).
+class Refusal(Enum):
+    """What a client should do about a refused request (the HTTP layer's status follows from it)."""
 
-    ``retryable``: it may be served later (load, a passing state) -- HTTP 429 with ``Retry-After``;
-    else this deployment can never serve it -- HTTP 400, so that a client does not retry forever.
-    """
+    RETRY = "retry"
+    """Load or a passing state: a retry may be served -- HTTP 429 with ``Retry-After``."""
+    NEVER = "never"
+    """This deployment can never serve it -- HTTP 400, so that a client does not retry forever."""
+    UNAVAILABLE = "unavailable"
+    """The server can serve nothing now (its engine stopped) -- HTTP 503: the server's state,
+    not the client's rate, and ``/health`` says so too."""
+
+
+class Rejected(Exception):
+    """The core refused the request, saying why (``reason``; ``code``: its short reason code)
+    and what its client should do (``refusal``)."""
 
     def __init__(self, reason: str, retry_after_s: float = 1.0, *, code: Optional[str] = None,
-                 retryable: bool = True) -> None:
+                 refusal: Refusal = Refusal.RETRY) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.code = code
-        self.retryable = retryable
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
