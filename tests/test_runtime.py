@@ -211,6 +211,13 @@ def test_the_engine_runs_ahead_of_the_reports_and_fails_a_device_that_reports_ea
         run_live(exp, address=ray_cluster.address, clock="virtual", faults={"overpromise_group": "d"})
 
 
+def test_an_error_inside_a_device_actor_ends_the_run_naming_its_group(ray_cluster):
+    """A device that raises (a bug in its backend, say) is not a crash to fail over and resume:
+    the run fails at once with the actor's own error and its group, rather than hang or retry."""
+    with pytest.raises(RunFailed, match=r"device-group actor 2 failed: .*injected fault: span \d+ failed on d"):
+        run_live(_small(), address=ray_cluster.address, clock="virtual", faults={"error_group": "d", "error_at_span": 2})
+
+
 def test_wall_clock_results_are_what_the_devices_reported(ray_cluster):
     """Wall clock: the decode device held at half the model's speed reports spans twice as long
     as modeled and TPOT at least doubles (overheads only add to it); prefill devices at full

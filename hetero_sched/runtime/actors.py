@@ -132,6 +132,8 @@ class DeviceGroupActor:
         self._hang_at = 0 if faults.get("hang_group") != self.name or _restarted() \
             else int(faults.get("hang_at_span", 0))
         """Injected fault: this span's report never comes (once: not after Ray restarts the actor)."""
+        self._error_at = int(faults.get("error_at_span", 1)) if faults.get("error_group") == self.name else 0
+        """Injected fault: this span raises inside the actor (a device's own bug: the run fails, naming it)."""
         self._overpromise = 2.0 if faults.get("overpromise_group") == self.name else 1.0
         """Injected fault: the device says it is twice as slow as it runs (its reports come early)."""
         self._corrupt_every = int(faults.get("corrupt_every", 0))
@@ -293,6 +295,8 @@ class DeviceGroupActor:
             if self._sink is not None and not virtual:
                 run.stream = _Streamer(self._sink, self.group_id, span["span_id"], self._progress_s)
         self._spans += 1
+        if self._spans == self._error_at:
+            raise RuntimeError(f"injected fault: span {span['span_id']} failed on {self.name}")
         if self._spans == self._hang_at:
             await asyncio.Event().wait()          # injected fault: this report never comes
         if virtual:

@@ -733,43 +733,18 @@ class RayDevices(Devices):
             gid = call.group_id
             if gid in self._dead:
                 continue
-            if call.kind == "batch":
-                try:
-                    batch = unpack(ray.get(ref), "batch_report")
-                except ray.exceptions.RayActorError:
-                    batch = None
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    raise RunFailed(f"device-group actor {gid} failed: {cause}") from None
-                if batch is None or batch["incarnation"] != self._incarnations[gid]:
-                    if gid not in died:
-                        died.append(gid)
-                    continue
-                assert call.box is not None
-                self._batch_answered(gid, call.box, batch["reports"])
-                continue
-            try:
-                msg_bytes, out_refs = ray.get(ref)
-            except ray.exceptions.RayActorError:
+            msg, out_refs = self._answer(ref, call)
+            if msg is None or msg["incarnation"] != self._incarnations[gid]:   # died, or restarted between two calls
                 if gid not in died:
                     died.append(gid)
                 continue
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                raise RunFailed(f"device-group actor {gid} failed: {cause}") from None
+            if call.kind == "batch":
+                assert call.box is not None
+                self._batch_answered(gid, call.box, msg["reports"])
+                continue
             if call.kind == "step":
-                msg = unpack(msg_bytes, "step_report")
-                if msg["incarnation"] != self._incarnations[gid]:     # restarted between two calls
-                    if gid not in died:
-                        died.append(gid)
-                    continue
                 assert call.box is not None
                 queued |= self._step_answered(call.box, msg, out_refs)
-                continue
-            msg = unpack(msg_bytes, "span_report")
-            if msg["incarnation"] != self._incarnations[gid]:
-                if gid not in died:
-                    died.append(gid)
                 continue
             if msg["span_id"] < 0:
                 continue                                            # a cut noted (wall clock)
@@ -787,6 +762,22 @@ class RayDevices(Devices):
         for gid in died:
             self._group_died(gid)
         return queued
+
+    @staticmethod
+    def _answer(ref: ray.ObjectRef, call: _Call) -> tuple[Optional[dict[str, Any]], list[ray.ObjectRef]]:
+        """A device call's answer, unpacked, with the object refs it returned: ``(None, [])`` if
+        its actor died (the caller fails the group over); an error inside the actor ends the run."""
+        try:
+            answer = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            return None, []
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise RunFailed(f"device-group actor {call.group_id} failed: {cause}") from None
+        if call.kind == "batch":
+            return unpack(answer, "batch_report"), []
+        msg_bytes, out_refs = answer
+        return unpack(msg_bytes, "step_report" if call.kind == "step" else "span_report"), out_refs
 
     def _batch_answered(self, gid: int, box: _Outbox, reports: list[bytes]) -> None:
         """Check a promised device's reports against its promises; apply its steps' verdicts."""

@@ -114,7 +114,9 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
     ``{"hang_group": name, "hang_at_span": n}`` makes that group's actor never report its n-th
     span; ``{"short_group": name, "short_steps": k}`` makes it stop every decode span of two or
     more steps k steps short; ``{"overpromise_group": name}`` makes it say it is twice as slow as
-    it runs (virtual clock: its early reports fail the run). ``call_timeout_s``: a report that
+    it runs (virtual clock: its early reports fail the run); ``{"error_group": name,
+    "error_at_span": n}`` makes its n-th span (default 1) raise inside the actor (the run fails,
+    naming the group and the error). ``call_timeout_s``: a report that
     late past its span's expected end (or any answer that late) means the actor is stuck; it is
     killed and restarted, and what it held resumed, as if it had crashed.
     ``journal``: where the scheduler actor journals the run (a new file on this machine; default:

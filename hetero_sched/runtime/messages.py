@@ -34,7 +34,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
                   "trace": (dict,),       # TraceSettings.to_dict(), or {} for tracing off
                   "fetch_timeout_s": (float,),   # a KV bundle not readable by then counts as lost
                   "faults": (dict,)},     # fault injection (tests): {"corrupt_every": k, "seed": s,
-                                          #   "hang_group": name, "hang_at_span": n, "short_steps": k} or {}
+                                          #   "hang_group": name, "hang_at_span": n, "short_steps": k,
+                                          #   "error_group": name, "error_at_span": n} or {}
     # One span to run: {"span_id", "kind": prefill|decode|mixed, "steps", "start_s" (planned),
     #   "duration_s" (modeled), "line": [a, s], "context0", "batch_size", "joiners": [ids],
     #   "requests": [{"id", "prompt", "generated": [ids], "cached", "hashes", "block",
