@@ -21,7 +21,7 @@ state), so several servers can live in one process.
 ``vllm:prompt_tokens_total``               counter
 ``vllm:generation_tokens_total``           counter
 ``vllm:request_success_total``             counter     label ``finished_reason``
-``hetero:requests_rejected_total``         counter     requests the core refused (429, or 400: never servable)
+``hetero:requests_rejected_total``         counter     requests the core refused before admission (429; 400: never servable; 503: stopped)
 ``hetero:requests_cancelled_total``        counter     streams closed before their end (disconnects)
 ``hetero:group_requests_running``          gauge       label ``group`` (+ ``device``, ``role``)
 ``hetero:group_requests_waiting``          gauge       same labels
@@ -78,7 +78,7 @@ class ServeMetrics:
         self.prompt_total = Counter("vllm:prompt_tokens", "Prompt tokens processed", m, registry=r)
         self.generation_total = Counter("vllm:generation_tokens", "Tokens generated", m, registry=r)
         self.success = Counter("vllm:request_success", "Requests finished", (*m, "finished_reason"), registry=r)
-        self.rejected = Counter("hetero:requests_rejected", "Requests the core refused (HTTP 429, or 400 if never servable)", m, registry=r)
+        self.rejected = Counter("hetero:requests_rejected", "Requests the core refused before admission (HTTP 429; 400 if never servable; 503 once stopped)", m, registry=r)
         self.cancelled = Counter("hetero:requests_cancelled", "Streams closed before their end", m, registry=r)
         g = (*m, "group", "device", "role")
         self.group_running = Gauge("hetero:group_requests_running", "Requests running on a device group", g, registry=r)
