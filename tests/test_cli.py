@@ -167,6 +167,10 @@ class BadInit(Policy):
 class ReturnsNone(Policy):
     def place(self, request, groups, now_s):
         return None
+
+class NamesAGroup(Policy):
+    def place(self, request, groups, now_s):
+        return Placement(groups[0].name)
 '''
 
 
@@ -174,6 +178,7 @@ class ReturnsNone(Policy):
     ("mine:Raises", "policy mine:Raises raised ValueError in place(): no idea where 0 goes (--debug for the traceback)"),
     ("mine:BadInit", "policy mine:BadInit raised RuntimeError: cannot start (--debug for the traceback)"),
     ("mine:ReturnsNone", "policy mine:ReturnsNone: place() returned None, expected a Placement or a Reject"),
+    ("mine:NamesAGroup", "', decode_group=None), expected a Placement of group ids (int)"),
     ("broken:P", "policy 'broken:P': importing broken raised SyntaxError"),
     ("absent:P", "no module named 'absent' (put absent.py next to the experiment file"),
 ])
