@@ -44,6 +44,8 @@ _TYPES = {
     "finish_s": pa.float64(), "max_gap_s": pa.float64(), "preemptions": pa.int64(),
     "generated": pa.int64(), "reason_code": pa.string(),
 }
+_ROW = pa.struct([(name, _TYPES[name]) for name in RECORD_COLUMNS])
+"""A record tuple as one Arrow struct: Arrow reads the rows' fields in one C pass."""
 
 
 def records_table(rows: Sequence[tuple], slo: Optional[SLO] = None) -> pa.Table:
@@ -52,10 +54,12 @@ def records_table(rows: Sequence[tuple], slo: Optional[SLO] = None) -> pa.Table:
     Adds ``ttft_s``, ``tpot_s``, ``ttt2_s`` (time to token 2), ``e2e_s`` and, given an SLO,
     ``meets_slo``.
     """
-    rows = sorted(rows, key=lambda r: r[0])
-    cols = list(zip(*rows)) if rows else [() for _ in RECORD_COLUMNS]
-    arrays = {name: pa.array(list(col), type=_TYPES[name]) for name, col in zip(RECORD_COLUMNS, cols)}
-    table = pa.table(arrays)
+    # Arrow reads the tuples as structs (no transposing in Python: half the time), and the id
+    # order is applied to the typed table (a streamed run's rows come in order: no sort at all)
+    table = pa.Table.from_struct_array(pa.array(rows, type=_ROW))
+    ids = table.column("request_id").to_numpy()
+    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+        table = table.take(np.argsort(ids, kind="stable"))
     arrival = _np(table, "arrival_s")
     t1 = _np(table, "token1_s")
     fin = _np(table, "finish_s")

@@ -138,30 +138,38 @@ def decisions_table(log: DecisionLog, reason_codes: Mapping[int, Optional[str]])
                                                 pa.array(_ints(cols["span_ids"]), pa.int64()),
                                                 mask=pa.array(no_span)),
     }
+    # Each detail column is filled from the kinds present that have it (most chunks hold a few
+    # kinds, and a column none of them has is all null): one masked copy per (kind, field), not
+    # a pass of every column over every row
     details = [_numbers(c, np.float64) for c in cols["details"]]
-    numbers = {name: np.full(n, np.nan) for name, typ in DETAIL_COLUMNS.items() if typ is not str}
-    for code in np.unique(kind).tolist():          # the kinds present, each one pass
-        at = kind == code
-        for j, (name, typ) in enumerate(DETAIL_FIELDS[KIND_NAMES[code]]):
-            if typ is not str:
-                numbers[name][at] = details[j][at]
+    missing = [np.isnan(d) for d in details]
+    rows_of = {code: kind == code for code in np.flatnonzero(np.bincount(kind, minlength=len(KIND_NAMES))).tolist()}
     for name, typ in DETAIL_COLUMNS.items():
-        values = numbers.get(name, np.zeros(0))
         if typ is str:
-            texts: list[Optional[str]] = [None] * n
-            for i, text in cols["reasons"].items():
-                texts[i] = text
-            arrays[name] = pa.array(texts, pa.string())
-        elif typ is int:
-            missing = np.isnan(values)
-            arrays[name] = pa.array(np.trunc(np.where(missing, 0.0, values)).astype(np.int64), pa.int64(), mask=missing)
-        else:
-            arrays[name] = pa.array(values, pa.float64(), mask=np.isnan(values))
-    rejected: list[Optional[str]] = [None] * n
-    for i in np.flatnonzero(kind == KIND_NAMES.index(DecisionKind.REJECT)).tolist():
-        rejected[i] = reason_codes.get(int(request[i]))
+            arrays[name] = _sparse_texts(n, cols["reasons"])
+            continue
+        values = np.zeros(n, dtype=np.int64 if typ is int else np.float64)
+        valid = np.zeros(n, dtype=bool)
+        for code, at in rows_of.items():
+            for j, (field, _) in enumerate(DETAIL_FIELDS[KIND_NAMES[code]]):
+                if field == name:
+                    here = at & ~missing[j]
+                    np.copyto(values, details[j], where=here, casting="unsafe")   # (ints: truncated)
+                    valid |= here
+        arrays[name] = pa.array(values, _ARROW[typ], mask=~valid) if valid.any() else pa.nulls(n, _ARROW[typ])
+    rejected = {i: reason_codes.get(int(request[i]))
+                for i in np.flatnonzero(kind == KIND_NAMES.index(DecisionKind.REJECT)).tolist()}
     table = pa.Table.from_arrays(list(arrays.values()), schema=DECISIONS_SCHEMA)
-    return table.add_column(table.column_names.index("reason") + 1, "reason_code", pa.array(rejected, pa.string()))
+    return table.add_column(table.column_names.index("reason") + 1, "reason_code", _sparse_texts(n, rejected))
+
+
+def _sparse_texts(n: int, texts: Mapping[int, Optional[str]]) -> pa.Array:
+    """A string column of ``n`` rows, null but at the few rows ``texts`` gives (no list of n Nones)."""
+    if not texts:
+        return pa.nulls(n, pa.string())
+    at = np.full(n, len(texts), dtype=np.int64)          # the null past the texts
+    at[np.fromiter(texts.keys(), dtype=np.int64, count=len(texts))] = np.arange(len(texts))
+    return pa.array([*texts.values(), None], pa.string()).take(pa.array(at))
 
 
 def _ints(column: Any) -> np.ndarray:
