@@ -26,6 +26,13 @@ from hetero_sched.errors import UserError
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 
+def arrow_file(path: str | Path, mode: str) -> pa.OSFile:
+    """A run-folder file for Parquet, opened natively: not a path string (pyarrow reads "A:/x" as
+    a URI) and not a Python file object (every page written through one takes the GIL, so a
+    streamed run's writer thread waited on the event loop page after page)."""
+    return pa.OSFile(str(path), mode)
+
+
 def ensure_folder(path: str | Path, what: str) -> Path:
     """``path`` as a folder to write into, created if missing; a file in the way or a folder that
     cannot be made is one line naming ``what`` (a flag), before any work is done."""
@@ -85,7 +92,7 @@ class RunResult:
     def _read(self, name: str) -> pa.Table:
         if self.folder is None:
             raise ValueError(f"this result keeps no {name}: neither in memory nor in a run folder")
-        with open(self.folder / name, "rb") as f:
+        with arrow_file(self.folder / name, "rb") as f:
             return pq.read_table(f)
 
     def write(self, out_dir: str | Path) -> Path:
@@ -100,7 +107,7 @@ class RunResult:
                         shutil.copyfile(self.folder / name, out / name)
             else:
                 for name, table in (("requests.parquet", self.records), ("decisions.parquet", self.decisions_table())):
-                    with open(out / name, "wb") as f:  # a file, not a path: pyarrow reads "A:/x" as a URI
+                    with arrow_file(out / name, "wb") as f:
                         pq.write_table(table, f)
             (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
         except OSError as exc:

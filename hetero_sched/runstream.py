@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from operator import itemgetter
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from hetero_sched.core.scheduler import RECORD_COLUMNS, Scheduler
 from hetero_sched.errors import UserError
 from hetero_sched.metrics import SLO, records_table
-from hetero_sched.results import decisions_table, ensure_folder
+from hetero_sched.results import arrow_file, decisions_table, ensure_folder
 
 REQUESTS_FILE = "requests.parquet"
 DECISIONS_FILE = "decisions.parquet"
@@ -75,7 +75,7 @@ class RunStream:
         self._next_id = 0
         self._ready: list[tuple] = []             # records in id order, not yet written
         self._codes: dict[int, Optional[str]] = {}  # rejected ids -> reason_code, until their decision is written
-        self._writers: dict[str, tuple[BinaryIO, pq.ParquetWriter]] = {}   # the writer thread's
+        self._writers: dict[str, tuple[pa.OSFile, pq.ParquetWriter]] = {}   # the writer thread's
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-stream")
         self._queued: deque[Future] = deque()
         self._switch_interval = sys.getswitchinterval()     # restored by close()
@@ -155,8 +155,8 @@ class RunStream:
     def _write(self, name: str, make: Callable[[], pa.Table]) -> None:
         table = make()
         try:
-            if name not in self._writers:   # a file, not a path: pyarrow reads "A:/x" as a URI
-                f = open(self.folder / name, "wb")
+            if name not in self._writers:
+                f = arrow_file(self.folder / name, "wb")
                 self._writers[name] = (f, pq.ParquetWriter(f, table.schema, use_dictionary=_DICTIONARY))
             self._writers[name][1].write_table(table)
         except OSError as exc:
@@ -168,7 +168,7 @@ class ParquetColumns:
     without holding the whole table."""
 
     def __init__(self, path: str | Path) -> None:
-        self._file = pq.ParquetFile(open(path, "rb"))   # (a file: see RunStream._write)
+        self._file = pq.ParquetFile(arrow_file(path, "rb"))
         self.num_rows = self._file.metadata.num_rows
         self.column_names = self._file.schema_arrow.names
 

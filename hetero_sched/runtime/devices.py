@@ -805,13 +805,13 @@ class RayDevices(Devices):
         pushed = False
         self.stats.unverified_bad += 0 if self.verify_imports else len(msg["bad_kv"])
         for rid, ok in [*((r, True) for r in msg["imported"]), *((r, False) for r in msg["bad_kv"])]:
-            tid = box.imports.get(int(rid))
-            if tid is None or tid not in self._transfers:
+            imported = box.imports.get(int(rid))
+            if imported is None or imported not in self._transfers:
                 continue
-            self._verdicts[tid] = ok
-            if tid in self._awaiting and self.wall is not None:
-                self._awaiting.discard(tid)
-                self._queue.push(self.wall.now(), Kind.KV_ARRIVAL, tid)
+            self._verdicts[imported] = ok
+            if imported in self._awaiting and self.wall is not None:
+                self._awaiting.discard(imported)
+                self._queue.push(self.wall.now(), Kind.KV_ARRIVAL, imported)
                 pushed = True
         return pushed
 

@@ -171,7 +171,7 @@ class EngineCore:
 
     async def submit(self, request: ServeRequest) -> EventStream:
         if self._failure is not None:
-            raise self._rejected(f"the engine stopped: {self._failure}", ENGINE_STOPPED, Refusal.UNAVAILABLE)
+            raise self._rejected(self._stopped(), ENGINE_STOPPED, Refusal.UNAVAILABLE)
         rid = next(self._ids)
         loop = asyncio.get_running_loop()
         live = _Live(asyncio.Queue(), loop.create_future(), len(request.prompt_token_ids), request.max_tokens)
@@ -276,6 +276,10 @@ class EngineCore:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
 
+    def _stopped(self) -> str:
+        """Why every request is refused once the engine failed (new ones and those in flight alike)."""
+        return f"the engine stopped: {self._failure}"
+
     def _rejected(self, reason: str, code: Optional[str], refusal: Optional[Refusal] = None) -> Rejected:
         """A refusal with ``code``: the client retries unless no group can ever serve it (or ``refusal`` says)."""
         if refusal is None:
@@ -319,7 +323,7 @@ class EngineCore:
 
     def _fail_all(self) -> None:
         for rid, live in list(self._live.items()):
-            self._end(rid, Phase.REJECTED, f"the engine stopped: {self._failure}", ENGINE_STOPPED, None,
+            self._end(rid, Phase.REJECTED, self._stopped(), ENGINE_STOPPED, None,
                       live.next_index, 0, None, Refusal.UNAVAILABLE)
 
 
@@ -367,3 +371,20 @@ class _FrontDoorHooks:
 
     def transfer_cancelled(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
         self.devices.transfer_cancelled(now_s, transfer_id, rs, src, dst)
+
+    # the KV tiers' and the store's: served requests carry no prefix hashes today, but the core
+    # may call any hook it declares (ExecutorHooks), and the devices know what to do with each
+    def kv_fetched(self, now_s: float, rs: RequestState, group_id: int, tier: int, start_s: float, end_s: float,
+                   num_bytes: float, tokens: int) -> None:
+        self.devices.kv_fetched(now_s, rs, group_id, tier, start_s, end_s, num_bytes, tokens)
+
+    def store_read_started(self, now_s: float, flow_id: int, rs: RequestState, group_id: int,
+                           hashes: tuple[int, ...]) -> None:
+        self.devices.store_read_started(now_s, flow_id, rs, group_id, hashes)
+
+    def store_write_started(self, now_s: float, flow_id: int, group_id: int, request_id: int,
+                            hashes: tuple[int, ...]) -> None:
+        self.devices.store_write_started(now_s, flow_id, group_id, request_id, hashes)
+
+    def store_evicted(self, now_s: float, blocks: list[tuple[int, int]]) -> None:
+        self.devices.store_evicted(now_s, blocks)
