@@ -113,6 +113,15 @@ def test_run_into_a_folder_whose_journal_cannot_be_replaced_is_one_line_before_r
     assert code == 2 and err.count("\n") == 1 and "cannot replace the run's journal" in err
 
 
+@pytest.mark.parametrize("blocked", ["requests.parquet", "decisions.parquet"])
+def test_simulate_into_a_folder_it_cannot_write_is_one_line(blocked, tmp_path, monkeypatch, capsys):
+    """The stream's writer thread opens the Parquet files: its error reaches the user as one line."""
+    (tmp_path / "run" / blocked).mkdir(parents=True)                   # a directory where the file goes
+    code, _, err = run_cli(monkeypatch, capsys, "simulate", str(_exp_file(tmp_path)), "-q",
+                           "--out", str(tmp_path / "run"))
+    _one_line(code, err, f"{tmp_path / 'run'}: cannot write the run folder", blocked)
+
+
 # ---------------------------------------------------------------- issue 16: what a new user hit
 
 def _exp_file(tmp_path, **over):
