@@ -5,42 +5,30 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import hetero_sched as hs
 from hetero_sched.core.fleet import BOTH, CRITERIA, DECODE, DECODE_SLOT, FILTERS, PREFILL, Fleet
+from hetero_sched.core.view import GroupView
 from hetero_sched.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 DATACENTER = ROOT / "clusters" / "experiments" / "datacenter-trn2-cs3.yaml"
 
 
-class View:
-    """A stand-in GroupView with the fields the Fleet reads (a plain record, no behaviour)."""
-
-    def __init__(self, gid: int, rng: random.Random, cost: object) -> None:
-        self.group_id = gid
-        self.can_prefill = rng.random() < 0.6
-        self.can_decode = rng.random() < 0.6
-        self.role = None
-        self.cost = cost
-        self.device = "x"
-        self.kv_blocks_total = 100
-        self.block_size = 16
-        self.max_num_seqs = 4
-        self.max_batch_tokens = 1000
-        self.prefill_queued_tokens = rng.randrange(5) * 100
-        self.num_prefill_queued = 0
-        self.num_decode_queued = rng.randrange(3)
-        self.num_decoding = rng.randrange(3)
-        self.kv_blocks_free = rng.randrange(4) * 10
-        self.reported_s = 0.0
-
-    @property
-    def decode_load(self) -> int:
-        return self.num_decoding + self.num_decode_queued
+def random_view(gid: int, rng: random.Random, cost: object) -> GroupView:
+    """A group's view with random numbers (what the Fleet reads), made as the scheduler makes one."""
+    role = SimpleNamespace(can_prefill=rng.random() < 0.6, can_decode=rng.random() < 0.6)
+    v = GroupView(gid, f"g{gid}", "x", "pool", role, cost, 100, block_size=16, max_batch_tokens=1000,  # type: ignore[arg-type]
+                  max_num_seqs=4)
+    v.prefill_queued_tokens = rng.randrange(5) * 100
+    v.num_decode_queued = rng.randrange(3)
+    v.num_decoding = rng.randrange(3)
+    v.kv_blocks_free = rng.randrange(4) * 10
+    return v
 
 
-def member(v: View, among: str) -> bool:
+def member(v: GroupView, among: str) -> bool:
     if among == PREFILL:
         return v.can_prefill
     if among == DECODE:
@@ -51,14 +39,14 @@ def member(v: View, among: str) -> bool:
     return slot if among == DECODE_SLOT else slot and not v.can_prefill
 
 
-def key(v: View, criterion: str, weight: float) -> tuple[float, float]:
+def key(v: GroupView, criterion: str, weight: float) -> tuple[float, float]:
     tokens, load, free = v.prefill_queued_tokens, v.decode_load, v.kv_blocks_free
     return {"prefill_tokens": (tokens, 0.0), "decode_load": (load, -free), "free_kv": (-free, 0.0),
             "kv_in_use": (tokens + (v.kv_blocks_total - free) * v.block_size, 0.0),
             "pending_work": (tokens + weight * load, 0.0)}[criterion]
 
 
-def scan(views: list[View], criterion: str, among: str, kind: set[int], weight: float) -> int:
+def scan(views: list[GroupView], criterion: str, among: str, kind: set[int], weight: float) -> int:
     best = min(((key(v, criterion, weight), v.group_id) for v in views if v.group_id in kind and member(v, among)),
                default=None)
     return -1 if best is None else best[1]
@@ -68,7 +56,7 @@ def test_best_and_ordered_equal_a_scan_through_random_changes() -> None:
     rng = random.Random(3)
     for scan_limit in (0, 16):                  # trees, and the small-fleet scan
         costs = [object(), object()]
-        views = [View(g, rng, costs[g % 2]) for g in range(40)]
+        views = [random_view(g, rng, costs[g % 2]) for g in range(40)]
         fleet = Fleet(views, scan_limit=scan_limit)
         for step in range(400):
             g = rng.randrange(len(views))
@@ -98,7 +86,7 @@ def test_best_and_ordered_equal_a_scan_through_random_changes() -> None:
 
 def test_sample_draws_as_rng_sample_over_the_role_list() -> None:
     rng = random.Random(5)
-    views = [View(g, rng, None) for g in range(30)]
+    views = [random_view(g, rng, None) for g in range(30)]
     fleet = Fleet(views)
     a, b = random.Random(9), random.Random(9)
     for _ in range(50):
@@ -108,7 +96,7 @@ def test_sample_draws_as_rng_sample_over_the_role_list() -> None:
 
 def test_custom_ranking_follows_changes() -> None:
     rng = random.Random(1)
-    views = [View(g, rng, None) for g in range(20)]
+    views = [random_view(g, rng, None) for g in range(20)]
     fleet = Fleet(views)
     r = fleet.ranking("most-decoding", lambda v: -v.num_decoding, lambda v: v.can_decode)
     for step in range(100):

@@ -19,7 +19,8 @@ The scheduler changes views only through the Fleet (:meth:`placed`, :meth:`route
 :meth:`report`, :meth:`set_roles`), so the indexes always agree with what the views say —
 stale exactly as the views are (refreshed at span ends at most once per report interval, plus
 what the scheduler routed itself). A Fleet built over a plain list of views (a test, a direct
-caller) indexes that list's current state.
+caller) indexes that list's current state; the views are :class:`~hetero_sched.core.view.GroupView`
+objects (compiled: a report's writes to one are stores).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from librt.vecs import vec
 from mypy_extensions import i64
 
 from hetero_sched.core.kvblocks import PrefixHolders
+from hetero_sched.core.view import GroupView
 
 PREFILL_TOKENS = "prefill_tokens"
 """Criterion: pending prefill tokens (queued or prefilling)."""
@@ -223,7 +225,7 @@ class Fleet:
 
     def __init__(self, views: Sequence[Any], holders: Optional[PrefixHolders] = None,
                  scan_limit: int = SCAN_LIMIT) -> None:
-        self.views: list[Any] = list(views)
+        self.views: list[GroupView] = list(views)   # compiled: a report's writes are stores
         self._scan_limit = scan_limit
         self.holders = holders
         """Which groups' prefix caches hold each prefix block (kept by the caches; None: ask
