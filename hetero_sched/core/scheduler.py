@@ -44,6 +44,7 @@ def _is_group_id(value: object) -> bool:
     """Whether a policy's answer is a group id at all (an int, not a bool); its range is checked apart."""
     return isinstance(value, int) and not isinstance(value, bool)
 
+
 RECORD_COLUMNS = (
     "request_id", "arrival_s", "prompt_tokens", "output_tokens", "predicted_output",
     "cached_tokens", "status", "reason", "prefill_group", "decode_group",
@@ -494,8 +495,7 @@ class Scheduler:
             return
         if not isinstance(decision, Placement):
             raise PolicyFailed.returned(self.policy, "place", decision, "a Placement or a Reject")
-        fields: tuple[object, ...] = decision      # read untyped: a bad field is the policy's error
-        prefill, decode = fields[0], fields[1]
+        prefill, decode = cast(tuple[object, object], decision)   # untyped: a bad field is the policy's error
         if not _is_group_id(prefill) or not (decode is None or _is_group_id(decode)):
             raise PolicyFailed.returned(self.policy, "place", decision, "a Placement of group ids (int)")
         prefill_id: int = cast(int, prefill)
