@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hetero_sched import workload as wl
+from hetero_sched.core.request import Request
 from hetero_sched.errors import UserError
 from hetero_sched.workload import LengthDist
 
@@ -114,6 +115,19 @@ def test_a_million_requests_are_fast_and_small() -> None:
     assert len(w) == 1_000_000 and nbytes <= 30e6
     first = next(w.requests())
     assert first.request_id == 0 and first.arrival_s == 0.0 and first.prompt_tokens >= 1
+
+
+def test_requests_hold_their_columns_field_by_field() -> None:
+    """requests() makes each Request from a row without calling its constructor: every field,
+    prefix hashes and max_tokens too, must still be the one the constructor would set."""
+    n = 6
+    w = wl.Workload("t", np.arange(n) * 0.5, np.arange(1, n + 1), np.arange(10, 10 + n),
+                    prefix_hashes=[(i, i + 1) for i in range(n)], prefix_block_tokens=16,
+                    max_tokens=np.arange(100, 100 + n))
+    expected = [Request(i, i * 0.5, i + 1, 10 + i, (i, i + 1), 16, 100 + i) for i in range(n)]
+    got = list(w.requests())
+    assert got == expected and all(type(r) is Request for r in got)
+    assert [r.token_ids for r in got] == [None] * n
 
 
 # ---------------------------------------------------------------------------- transforms

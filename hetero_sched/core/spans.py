@@ -113,12 +113,18 @@ class SpanOutcome:
 
     def clear(self) -> None:
         """Empty, to be filled again: the scheduler reuses one outcome for every span end (six
-        objects fewer to make, track and free per span)."""
-        self.prefilled.clear()
-        self.completed.clear()
-        self.preempted.clear()
-        self.failed.clear()
-        self.cancelled.clear()
+        objects fewer to make, track and free per span). An empty list is left alone: a
+        compiled ``clear()`` is a generic slice deletion, 2% of a run when done on all five."""
+        if self.prefilled:
+            self.prefilled.clear()
+        if self.completed:
+            self.completed.clear()
+        if self.preempted:
+            self.preempted.clear()
+        if self.failed:
+            self.failed.clear()
+        if self.cancelled:
+            self.cancelled.clear()
 
 
 def decode_span_duration(line: Line, context0: int, batch_size: int, steps: int) -> float:
