@@ -108,22 +108,28 @@ def test_decisions_table_matches_the_logs_decision_tuples():
         assert table["reason_code"][i] == (codes[request] if kind == "reject" else None)
 
 
-def test_drain_hands_over_every_decision_once():
-    """Decisions drained in chunks, tabled chunk by chunk, are the undrained log's table."""
+@pytest.mark.parametrize("every", [64, 640])
+def test_drain_hands_over_every_decision_once(every: int):
+    """Decisions drained in chunks (of pending decisions only, or of several packed chunks),
+    tabled chunk by chunk, are the undrained log's table, which was read half-way (so it holds
+    joined columns and packed chunks); each chunk reads back the same decisions too."""
     whole, drained = DecisionLog(), DecisionLog()
     chunks = []
-    for i in range(1000):
+    for i in range(2000):
         for log in (whole, drained):
             log.add(i * 0.5, "prefill", i % 3, None, 2, 100 + i, 0, 0.25)
             log.add_ids([i, i + 1])
             if i % 7 == 0:
                 log.add_reject(i * 0.5, i, f"no room {i}")
-        if i % 64 == 63:
+        if i % every == every - 1:
             chunks.append(drained.drain())
+        if i == 1000:
+            assert len(whole.state()["time_s"]) == len(whole)     # joins what was packed so far
     chunks.append(drained.drain())
     assert len(drained) == 0 and sum(len(c) for c in chunks) == len(whole)
-    codes = {i: "kv" for i in range(1000)}
+    codes = {i: "kv" for i in range(2000)}
     assert same(pa.concat_tables([decisions_table(c, codes) for c in chunks]), decisions_table(whole, codes))
+    assert [d for c in chunks for d in c] == list(whole)
 
 
 def test_workload_requests_cross_chunk_boundaries_in_order():
