@@ -89,6 +89,9 @@ def test_overrides_apply_and_are_stamped() -> None:
     assert stamp["cost.cs3.dollars_per_hour"] == {"value": 250.0, "status": "override",
                                                  "source": "experiment override cost.cs3.dollars_per_hour"}
     assert get_device("trn2").memory_bytes_per_s == 2.9e12  # the catalog itself is untouched
+    # two fields of one model, set in one copy: each is sourced to its own key
+    for key in ("model.llama-3.1-70b.num_layers", "model.llama-3.1-70b.weight_dtype"):
+        assert stamp[key]["status"] == "override" and stamp[key]["source"] == f"experiment override {key}"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -98,6 +101,7 @@ def test_overrides_apply_and_are_stamped() -> None:
     ({"model.tiny.num_layers": 2.5}, "expected an integer"),
     ({"model.tiny.kv_dtype": "fp7"}, "unknown dtype 'fp7'"),
     ({"speed": 3}, "unknown override key 'speed'"),
+    ({"model.tiny.num_layers": 2, "model.tiny.kv_dtype": "fp7"}, "override .*model.tiny.kv_dtype.*: .*unknown dtype 'fp7'"),
 ])
 def test_bad_overrides_name_the_key(overrides: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):

@@ -28,7 +28,7 @@ from hetero_sched.catalog.groups import GroupSpec
 from hetero_sched.catalog.memorynodes import MemoryNodeSpec
 from hetero_sched.catalog.models import ModelSpec
 from hetero_sched.catalog.shipped import (device_names, get_cost_params, get_device, get_model, list_cost_params,
-                                          list_devices, list_memory_nodes, list_models, model_names)
+                                          list_devices, list_memory_nodes, list_models, model_names, shipped)
 from hetero_sched.catalog.sources import Source, Status, lookup
 from hetero_sched.errors import UserError
 
@@ -84,26 +84,30 @@ def _number(key: str, value: Any, integer: bool = False) -> float:
     return int(value) if integer else float(value)
 
 
-def _replace(obj: Any, field: str, value: Any, key: str) -> Any:
+def _replace(obj: Any, fields: dict[str, Any], keys: dict[str, str]) -> Any:
+    """``obj`` with ``fields`` set, each sourced to its override key: one copy (and one
+    validation) per catalog entry, however many of its fields are overridden (a calibration
+    resolves the catalog ~100k times)."""
     sources = dict(obj.sources)
-    sources[field] = Source(Status.OVERRIDE, f"experiment override {key}")
+    for field, key in keys.items():
+        sources[field] = Source(Status.OVERRIDE, f"experiment override {key}")
     try:
-        return dataclasses.replace(obj, **{field: value, "sources": sources})
+        return dataclasses.replace(obj, **fields, sources=sources)
     except UserError as exc:
-        raise UserError(f"override {key}: {exc}") from None
+        raise UserError(f"override {', '.join(keys.values())}: {exc}") from None
 
 
 def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = CatalogData()) -> Catalog:
     """The shipped catalog plus ``extra`` entries, with ``overrides`` applied; an unknown key or
     bad value is a UserError."""
-    devs = {d.name: d for d in list_devices()}
-    mods = {m.name: m for m in list_models()}
-    costs = {c.device: c for c in list_cost_params()}
+    base = shipped()                    # (keyed by name already: a copy, not a rebuild)
+    devs, mods, costs, nodes = dict(base.devices), dict(base.models), dict(base.costs), dict(base.memory_nodes)
     devs.update({d.name: d for d in extra.devices})
     mods.update({m.name: m for m in extra.models})
     costs.update({c.device: c for c in extra.costs})
-    nodes = {n.name: n for n in list_memory_nodes()}
     nodes.update({n.name: n for n in extra.memory_nodes})
+    entries: dict[str, dict[str, Any]] = {"device": devs, "model": mods, "cost": costs, "memory": nodes}
+    changes: dict[tuple[str, str], tuple[dict[str, Any], dict[str, str]]] = {}   # entry -> (fields, keys)
     for key, value in (overrides or {}).items():
         parts = str(key).split(".")
         if len(parts) < 3:
@@ -116,26 +120,29 @@ def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = 
             if name not in devs or field not in devices.NUMERIC_FIELDS:
                 raise UserError(f"unknown override key {key!r}: devices are {', '.join(devs)}; "
                                 f"fields are {', '.join(devices.NUMERIC_FIELDS)}")
-            integer = field in ("cores_per_chip", "scale_up_chips")
-            devs[name] = _replace(devs[name], field, _number(key, value, integer), key)
+            new = _number(key, value, field in ("cores_per_chip", "scale_up_chips"))
         elif kind == "model":
             if name not in mods or field not in models.INT_FIELDS + models.STR_FIELDS:
                 raise UserError(f"unknown override key {key!r}: models are {', '.join(mods)}; "
                                 f"fields are {', '.join(models.INT_FIELDS + models.STR_FIELDS)}")
             new = value if field in models.STR_FIELDS else _number(key, value, integer=True)
-            mods[name] = _replace(mods[name], field, new, key)
         elif kind == "cost":
             if name not in costs or field not in costparams.FLOAT_FIELDS:
                 raise UserError(f"unknown override key {key!r}: devices are {', '.join(costs)}; "
                                 f"fields are {', '.join(costparams.FLOAT_FIELDS)}")
-            costs[name] = _replace(costs[name], field, _number(key, value), key)
+            new = _number(key, value)
         elif kind == "memory":
             if name not in nodes or field not in memorynodes.MEMORY_NODE_FIELDS:
                 raise UserError(f"unknown override key {key!r}: memory nodes are {', '.join(nodes)}; "
                                 f"fields are {', '.join(memorynodes.MEMORY_NODE_FIELDS)}")
-            nodes[name] = _replace(nodes[name], field, _number(key, value), key)
+            new = _number(key, value)
         else:
             raise UserError(f"unknown override key {key!r}: must start with device., model., cost. or memory.")
+        fields, keys = changes.setdefault((kind, name), ({}, {}))
+        fields[field] = new
+        keys[field] = key
+    for (kind, name), (fields, keys) in changes.items():
+        entries[kind][name] = _replace(entries[kind][name], fields, keys)
     return Catalog(devices=devs, models=mods, costs=costs, memory_nodes=nodes)
 
 
