@@ -232,7 +232,7 @@ def test_sigkill_mid_append_loses_no_committed_record(tmp_path):
 def test_a_run_journal_gives_a_restarted_scheduler_the_whole_decision_log_and_busy_time(tmp_path):
     """What ``RunJournal`` commits slice by slice, a restart reads back whole; the next life's log
     and busy time are added to it (rejection reasons and span request ids keep their rows)."""
-    from hetero_sched.core.events import DecisionKind as D, DecisionLog
+    from hetero_sched.core.events import DecisionCode as D, DecisionLog
     from hetero_sched.runtime.recovery import RunJournal
 
     log = DecisionLog()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import hetero_sched as hs
-from hetero_sched.core.events import EventQueue, Kind
+from hetero_sched.core.events import ORDER_BITS, ORDER_MASK, EventQueue, Kind
 from hetero_sched.core.group import GroupLimits, GroupState, Role
 from hetero_sched.core.scheduler import Scheduler
 from hetero_sched.costmodel import FittedCost
@@ -46,7 +46,14 @@ def test_event_queue_same_time_order():
     q.push(1.0, Kind.SPAN_END, "completion")
     q.push(0.5, Kind.ARRIVAL, "early")
     q.push(1.0, Kind.ARRIVAL, "arrival-2")
-    assert [q.pop()[4] for _ in range(5)] == ["early", "completion", "kv", "arrival", "arrival-2"]
+    assert [q.pop().payload for _ in range(5)] == ["early", "completion", "kv", "arrival", "arrival-2"]
+
+
+def popped(q: EventQueue) -> tuple:
+    """The queue's earliest event, removed, as ``(time_s, priority, seq, kind, payload)`` (read
+    at once: the event object is reused by the next push)."""
+    e = q.pop()
+    return e.time_s, e.order >> ORDER_BITS, e.order & ORDER_MASK, e.kind, e.payload
 
 
 def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
@@ -73,7 +80,7 @@ def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
             step = rng.random()
             t = float(rng.choice([0.5, 1.0, 2.0, rng.random() * 3]))
             if len(q) and step < 0.35:
-                got.append(q.pop())
+                got.append(popped(q))
                 want.append(pop_ref())
                 continue
             if pending and step < 0.42:
@@ -100,7 +107,7 @@ def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
             pending[seq] = (q.push(t, kind, i), kind)
             heapq.heappush(ref, (t, priority[kind], seq, kind, i))
         while len(q):
-            got.append(q.pop())
+            got.append(popped(q))
             want.append(pop_ref())
         assert got == want and q.peek_time() is None and all(e[2] in dropped for e in ref)
     assert moves > 500
@@ -341,17 +348,17 @@ def test_stale_reports_change_routing():
 
 
 def test_decision_log_round_trips_and_compares():
-    from hetero_sched.core.events import DecisionLog
+    from hetero_sched.core.events import DecisionCode as C, DecisionLog
     log = DecisionLog()
-    log.add(0.5, "place", 1, 7)
-    log.add(0.5, "prefill", 1, None, 2, 900, 0, 0.125)
+    log.add(0.5, C.PLACE, 1, 7)
+    log.add(0.5, C.PREFILL, 1, None, 2, 900, 0, 0.125)
     log.add_ids([7, 9])
     log.add_reject(0.75, 8, "no capacity")
     assert list(log) == [(0.5, "place", 1, 7, (None,)), (0.5, "prefill", 1, None, (2, 900, 0, 0.125)),
                          (0.75, "reject", None, 8, ("no capacity",))]
     again = DecisionLog.from_state(log.state())
     assert again == log
-    again.add(1.0, "complete", 1, 7)
+    again.add(1.0, C.COMPLETE, 1, 7)
     assert again != log
     other = DecisionLog.from_state(log.state())
     other.span_ids[1] = 10                                  # span ids take part in equality
@@ -364,10 +371,25 @@ def test_decision_log_round_trips_and_compares():
     assert cols["reason"] == [None, None, "no capacity"] and "detail" not in cols
 
 
+def test_decision_codes_are_the_kinds_indexes_in_the_log():
+    """The scheduler logs codes; each must read back as its kind's name (a code out of step with
+    KIND_NAMES would write every such decision under another kind)."""
+    from hetero_sched.core.events import KIND_NAMES, DecisionCode, DecisionKind, DecisionLog
+    names = [n for n in vars(DecisionKind) if n.isupper()]
+    assert sorted(names) == sorted(n for n in vars(DecisionCode) if n.isupper())
+    assert len(KIND_NAMES) == len(names)
+    for name in names:
+        code = getattr(DecisionCode, name)
+        assert KIND_NAMES[code] == getattr(DecisionKind, name), name
+        log = DecisionLog()
+        log.add(1.0, code, 0, 1)
+        assert list(log)[0][1] == getattr(DecisionKind, name)
+
+
 def test_decision_log_reads_the_same_across_its_packed_chunks():
     # thousands of decisions (several packed chunks, read back partly packed, partly pending),
     # span ids and reasons among them, against plain Python lists
-    from hetero_sched.core.events import PENDING_DECISIONS, DecisionLog
+    from hetero_sched.core.events import PENDING_DECISIONS, DecisionCode as C, DecisionLog
     rng = np.random.default_rng(3)
     log, want_rows, want_ids = DecisionLog(), [], []
     for i in range(3 * PENDING_DECISIONS + 77):
@@ -377,12 +399,12 @@ def test_decision_log_reads_the_same_across_its_packed_chunks():
             want_ids.append(None)
         elif i % 5 == 1:
             ids = [int(x) for x in rng.integers(0, 10**6, int(rng.integers(1, 6)))]
-            log.add(i / 10, "decode", i % 300, None, len(ids), 4, 0.5)
+            log.add(i / 10, C.DECODE, i % 300, None, len(ids), 4, 0.5)
             log.add_ids(ids)
             want_rows.append((i / 10, "decode", i % 300, None, (len(ids), 4, 0.5)))
             want_ids.append(ids)
         else:
-            log.add(i / 10, "place", i % 300, i)
+            log.add(i / 10, C.PLACE, i % 300, i)
             want_rows.append((i / 10, "place", i % 300, i, (None,)))
             want_ids.append(None)
         assert len(log) == i + 1

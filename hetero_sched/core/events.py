@@ -11,12 +11,11 @@ reproducible bit for bit.
 from __future__ import annotations
 
 import math
-import struct
 from array import array
 from typing import Any, Final, Iterator, Optional
 
-from librt.vecs import vec
-from mypy_extensions import i64
+from librt.vecs import append, vec
+from mypy_extensions import i64, u8
 
 
 class Priority:
@@ -36,8 +35,14 @@ class Kind:
     ARRIVAL: Final = 3       # payload: Request
 
 
-PRIORITY_OF: Final = (Priority.SPAN_END, Priority.TRANSFER, Priority.TRANSFER, Priority.ARRIVAL)
-"""Priority of each kind, indexed by kind."""
+def priority_of(kind: int) -> i64:
+    """The same-time priority of an event of ``kind`` (a function, not a constant tuple: compiled,
+    a ``Final`` tuple is built anew, its items boxed, at every use)."""
+    if kind == Kind.SPAN_END:
+        return Priority.SPAN_END
+    if kind == Kind.ARRIVAL:
+        return Priority.ARRIVAL
+    return Priority.TRANSFER
 
 
 ORDER_BITS: Final = 40
@@ -70,7 +75,7 @@ class EventQueue:
 
     def __init__(self) -> None:
         self._heap: list[Event] = []
-        self._seq = 0
+        self._seq: i64 = 0
         self._spare: list[Event] = []
         """Popped events, reused by the next pushes: a new event per push costs an allocation
         and, when it dies, an unlink from the collector's list through neighbours that are
@@ -79,7 +84,7 @@ class EventQueue:
     def push(self, time_s: float, kind: int, payload: Any) -> Event:
         """Schedule ``kind`` at ``time_s``; returns the pending event (valid until popped)."""
         self._seq += 1
-        return self._add(self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | self._seq, kind, payload))
+        return self._add(self._event(time_s, (priority_of(kind) << ORDER_BITS) | self._seq, kind, payload))
 
     def move(self, e: Event, time_s: float, payload: Any) -> None:
         """Re-time the pending event ``e`` to ``time_s`` (with ``payload``), ordered as if pushed
@@ -87,7 +92,7 @@ class EventQueue:
         (a cut decode span's end: with thousands of groups, a third of the heap was stale ends)."""
         self._seq += 1
         e.time_s = time_s
-        e.order = (PRIORITY_OF[e.kind] << ORDER_BITS) | self._seq
+        e.order = (priority_of(e.kind) << ORDER_BITS) | self._seq
         e.payload = payload
         i = e.index
         self._sift_up(e, i)
@@ -102,16 +107,16 @@ class EventQueue:
         self.move(e, time_s, payload)
         return e
 
-    def reserve(self) -> int:
+    def reserve(self) -> i64:
         """Take a place in the same-time order now, for an event whose time is known only later
         (a device's report of a span dispatched now): pushed with :meth:`push_reserved`, it sorts
         as if it had been pushed now."""
         self._seq += 1
         return self._seq
 
-    def push_reserved(self, time_s: float, kind: int, payload: Any, seq: int) -> None:
+    def push_reserved(self, time_s: float, kind: int, payload: Any, seq: i64) -> None:
         """Schedule ``kind`` at ``time_s`` in the place :meth:`reserve` took."""
-        self._add(self._event(time_s, (PRIORITY_OF[kind] << ORDER_BITS) | seq, kind, payload))
+        self._add(self._event(time_s, (priority_of(kind) << ORDER_BITS) | seq, kind, payload))
 
     def _add(self, e: Event) -> Event:
         heap = self._heap
@@ -183,18 +188,17 @@ class EventQueue:
         heap[i] = e
         e.index = i
 
-    def pop(self) -> tuple[float, int, int, int, Any]:
-        """Remove and return the earliest event: ``(time_s, priority, seq, kind, payload)``."""
+    def pop(self) -> Event:
+        """Remove and return the earliest event. Read it before the next push, which reuses it
+        (a tuple of its fields per pop boxed its time and order: two allocations per event)."""
         heap = self._heap
         top = heap[0]
         last = heap.pop()
         if len(heap):
             self._sift_down(last, 0)
-        payload = top.payload
-        top.payload = None
         top.index = -1
         self._spare.append(top)
-        return top.time_s, top.order >> ORDER_BITS, top.order & ORDER_MASK, top.kind, payload
+        return top
 
     def peek_time(self) -> float | None:
         """Time of the earliest event, or None when empty."""
@@ -257,7 +261,33 @@ DETAIL_COLUMNS: dict[str, type] = {name: typ for fields in DETAIL_FIELDS.values(
 """Every detail field once, in first-seen order, with its type."""
 
 KIND_NAMES: tuple[str, ...] = tuple(DETAIL_FIELDS)
-_KIND_CODES: dict[str, int] = {name: i for i, name in enumerate(KIND_NAMES)}
+"""Each kind's name by its code in the log."""
+
+
+class DecisionCode:
+    """Each :class:`DecisionKind`'s code in the log (its index in :data:`KIND_NAMES`; a test keeps
+    the two in step). The scheduler logs codes: a name looked up per decision cost a dict lookup,
+    and a boxed code to pack, ~3% of a run."""
+
+    PLACE: Final = 0
+    REJECT: Final = 1
+    PREFILL: Final = 2
+    DECODE: Final = 3
+    CUT: Final = 4
+    ADMIT: Final = 5
+    TRANSFER: Final = 6
+    KV_ARRIVED: Final = 7
+    PREEMPT: Final = 8
+    COMPLETE: Final = 9
+    CHUNK: Final = 10
+    DRAIN: Final = 11
+    ROLE: Final = 12
+    FAIL: Final = 13
+    RESTORE: Final = 14
+    KV_BAD: Final = 15
+    CANCEL: Final = 16
+    FETCH: Final = 17
+    STORE_WRITE: Final = 18
 
 DECISION_COLUMNS = ("time_s", "kind", "group_id", "request_id", "detail")
 """A decision reads as ``(time_s, kind, group_id | None, request_id | None, detail: tuple)``."""
@@ -292,12 +322,12 @@ class DecisionLog:
         self.details = (array("d"), array("d"), array("d"), array("d"))
         self.reasons: dict[int, str] = {}
         # Decisions not yet in the columns: the first ``_pending`` items of one unboxed array
-        # per column (the kinds' names in a list), packed 1,024 at a time. Nothing is made per
-        # decision: a boxed time, id or detail per decision, held until its pack, was an
-        # allocation, and a free of memory cold by then when a thousand groups are simulated.
+        # per column, packed 1,024 at a time. Nothing is made per decision: a boxed time, id or
+        # detail per decision, held until its pack, was an allocation, and a free of memory cold
+        # by then when a thousand groups are simulated.
         self._pending = 0
         self._time_s = vec[float]([0.0] * PENDING_DECISIONS)
-        self._kind: list[str] = [""] * PENDING_DECISIONS
+        self._kind = vec[u8]([0] * PENDING_DECISIONS)              # a DecisionCode
         self._group_id = vec[i64]([-1] * PENDING_DECISIONS)       # -1: none
         self._request_id = vec[i64]([-1] * PENDING_DECISIONS)
         self._d0 = vec[float]([math.nan] * PENDING_DECISIONS)
@@ -310,17 +340,18 @@ class DecisionLog:
         self._packed = 0
         self._packed_ids = 0
         # Request ids of span decisions, as ragged rows: row index, end offset into span_ids
-        # (pending ones in lists too, packed with the rest).
+        # (pending ones in unboxed arrays too, packed with the rest).
         self.span_rows = array("q")
         self.span_ends = array("q")
         self.span_ids = array("q")
-        self._span_rows: list[int] = []
-        self._span_ends: list[int] = []
-        self._span_ids: list[int] = []
+        self._span_rows = vec[i64]()
+        self._span_ends = vec[i64]()
+        self._span_ids = vec[i64]()
 
-    def add(self, time_s: float, kind: str, group_id: Optional[int], request_id: Optional[int],
+    def add(self, time_s: float, kind: u8, group_id: Optional[int], request_id: Optional[int],
             d0: float = math.nan, d1: float = math.nan, d2: float = math.nan, d3: float = math.nan) -> None:
-        """Append one decision; ``d0..d3`` are its detail values in DETAIL_FIELDS order (NaN: none).
+        """Append one decision of ``kind`` (a :class:`DecisionCode`); ``d0..d3`` are its detail
+        values in DETAIL_FIELDS order (NaN: none).
 
         Decisions wait in fixed per-column arrays and move into the typed columns 1,024 at a
         time (stores into unboxed arrays on the hot path; bounded memory).
@@ -348,18 +379,18 @@ class DecisionLog:
         reallocates and copies the whole column every few chunks (half the 5-group run's
         cache misses)."""
         chunks = self._chunks
-        if self._span_rows:
-            for i, ids in ((8, self._span_rows), (9, self._span_ends), (10, self._span_ids)):
-                chunks[i].append(struct.pack(f"{len(ids)}q", *ids))
+        if len(self._span_rows):
+            chunks[8].append(memoryview(self._span_rows).tobytes())
+            chunks[9].append(memoryview(self._span_ends).tobytes())
+            chunks[10].append(memoryview(self._span_ids).tobytes())
             self._packed_ids += len(self._span_ids)
-            self._span_rows.clear()
-            self._span_ends.clear()
-            self._span_ids.clear()
+            self._span_rows = vec[i64]()
+            self._span_ends = vec[i64]()
+            self._span_ids = vec[i64]()
         n = self._pending
         if not n:
             return
-        codes = _KIND_CODES
-        chunks[1].append(struct.pack(f"{n}b", *[codes[k] for k in self._kind[:n]]))
+        chunks[1].append(memoryview(self._kind)[:n].tobytes())     # (codes < 128: as signed bytes too)
         for i, column in ((0, self._time_s), (4, self._d0), (5, self._d1), (6, self._d2), (7, self._d3)):
             chunks[i].append(memoryview(column)[:n].tobytes())
         chunks[2].append(memoryview(self._group_id)[:n].tobytes())
@@ -383,9 +414,12 @@ class DecisionLog:
 
     def add_ids(self, request_ids: list[int]) -> None:
         """The request ids of the decision just added (a span's requests)."""
-        self._span_rows.append(len(self) - 1)
-        self._span_ids.extend(request_ids)
-        self._span_ends.append(len(self.span_ids) + self._packed_ids + len(self._span_ids))
+        self._span_rows = append(self._span_rows, len(self) - 1)
+        ids = self._span_ids
+        for request_id in request_ids:
+            ids = append(ids, request_id)
+        self._span_ids = ids
+        self._span_ends = append(self._span_ends, len(self.span_ids) + self._packed_ids + len(ids))
 
     def drain(self) -> "DecisionLog":
         """Move every decision so far into a new log and start empty (a streamed run writes
@@ -404,7 +438,7 @@ class DecisionLog:
     def add_reject(self, time_s: float, request_id: int, reason: str) -> None:
         """Append a rejection and its reason."""
         self.reasons[len(self)] = reason
-        self.add(time_s, DecisionKind.REJECT, None, request_id)
+        self.add(time_s, DecisionCode.REJECT, None, request_id)
 
     def __len__(self) -> int:
         return len(self.time_s) + self._packed + self._pending

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Final, Optional, Sequence, cast
 
-from hetero_sched.core.events import DecisionKind as D, DecisionLog, Kind
+from hetero_sched.core.events import DecisionCode as D, DecisionLog, Kind
 from hetero_sched.core.fleet import Fleet
 from hetero_sched.core.group import CostMemo, GroupState, Role
 from hetero_sched.core.hooks import ExecutorHooks

@@ -64,7 +64,10 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
             continue
         if not len(queue):
             break
-        now, _, _, kind, payload = queue.pop()
+        event = queue.pop()                         # (reused by the next push: read it now)
+        now = event.time_s
+        kind = event.kind
+        payload = event.payload
         if clock is not None:
             now = clock(now)
         if kind == Kind.SPAN_END:
