@@ -409,60 +409,67 @@ class Scheduler:
         """Decisions at ``now_s`` after all of its events: admissions, transfers, spans, cuts."""
         timers: list[Timer] = self._timers
         self._timers = []
-        if not self._dirty and self.network.version == self._network_version:
+        dirty: set[Any] = self._dirty          # Any: group ids kept boxed (see _boxed_ids)
+        # (len(): a set's truth value is a generic call in compiled code, ~25 per request)
+        if not len(dirty) and self.network.version == self._network_version:
             return timers
-        log = self.decisions   # the log itself: compiled, its bound .add would be a slow Python call
         if self._rebalances:
             self._rebalance(now_s)
-        while self._dirty:
-            if len(self._dirty) == 1:          # the usual case: sorting a one-item set costs 4% of a run
-                dirty: list[Any] = [self._dirty.pop()]
+        while len(dirty):
+            if len(dirty) == 1:                # the usual case: sorting a one-item set costs 4% of a run
+                self._plan_group(now_s, dirty.pop(), timers)
             else:
-                dirty = sorted(self._dirty)
-                self._dirty.clear()
-            for boxed_gid in dirty:            # Any: kept boxed for the log (see _boxed_ids)
-                gid: int = boxed_gid
-                g = self.groups[gid]
-                if g.draining_to is not None and g.drained():
-                    self._take_role(now_s, g)
-                if g.decode_queue:
-                    for rs in g.admit_decode():
-                        if rs.prefill_group == gid:
-                            self._local_handoff(now_s, rs, g)
-                        else:
-                            self._start_transfer(now_s, rs, gid, timers)
-                if g.span is None:
-                    span = g.plan(now_s)
-                    if span is not None:
-                        dur = span.end_s - span.start_s
-                        if span.kind is SpanKind.PREFILL:
-                            log.add(now_s, D.PREFILL, boxed_gid, None, len(span.batch), span.new_tokens, span.cached_tokens, dur)
-                            log.add_ids([rs.request_id for rs in span.batch])
-                        elif span.kind is SpanKind.DECODE:
-                            log.add(now_s, D.DECODE, boxed_gid, None, span.batch_size, span.steps, dur)
-                            if span.batch:                     # the requests joining the batch
-                                log.add_ids([rs.request_id for rs in span.batch])
-                        else:
-                            log.add(now_s, D.CHUNK, boxed_gid, None, span.batch_size, len(span.chunks), span.new_tokens, dur)
-                            log.add_ids([c[0].request_id for c in span.chunks])
-                        timers.append((span.end_s, Kind.SPAN_END, span))
-                        if self.hooks is not None:
-                            self.hooks.span_planned(now_s, gid, span)
-                        if span.fetches:
-                            self._log_fetches(now_s, gid, span)
-                elif g.wants_interrupt() and g.cut(now_s):
-                    span = g.span
-                    log.add(now_s, D.CUT, boxed_gid, None, span.steps, span.end_s)
-                    timers.append((span.end_s, Kind.SPAN_END, span))
-                    if self.hooks is not None:
-                        self.hooks.span_cut(now_s, gid, span)
-                g.account_kv(now_s)
+                ids: list[Any] = sorted(dirty)
+                dirty.clear()
+                for boxed_gid in ids:
+                    self._plan_group(now_s, boxed_gid, timers)
         if self.network.version != self._network_version:
             self._network_version = self.network.version
             nxt = self.network.next_finish_s()
             if nxt is not None:
                 timers.append((max(nxt, now_s), Kind.TRANSFER, self.network.version))
         return timers
+
+    def _plan_group(self, now_s: float, boxed_gid: Any, timers: list[Timer]) -> None:
+        """Admissions, a span or a cut on the group ``boxed_gid`` (Any: kept boxed for the log,
+        see ``_boxed_ids``), with their timers into ``timers``."""
+        gid: int = boxed_gid
+        g = self.groups[gid]
+        log = self.decisions   # the log itself: compiled, its bound .add would be a slow Python call
+        if g.draining_to is not None and g.drained():
+            self._take_role(now_s, g)
+        if g.decode_queue:
+            for rs in g.admit_decode():
+                if rs.prefill_group == gid:
+                    self._local_handoff(now_s, rs, g)
+                else:
+                    self._start_transfer(now_s, rs, gid, timers)
+        if g.span is None:
+            span = g.plan(now_s)
+            if span is not None:
+                dur = span.end_s - span.start_s
+                if span.kind is SpanKind.PREFILL:
+                    log.add(now_s, D.PREFILL, boxed_gid, None, len(span.batch), span.new_tokens, span.cached_tokens, dur)
+                    log.add_ids([rs.request_id for rs in span.batch])
+                elif span.kind is SpanKind.DECODE:
+                    log.add(now_s, D.DECODE, boxed_gid, None, span.batch_size, span.steps, dur)
+                    if span.batch:                     # the requests joining the batch
+                        log.add_ids([rs.request_id for rs in span.batch])
+                else:
+                    log.add(now_s, D.CHUNK, boxed_gid, None, span.batch_size, len(span.chunks), span.new_tokens, dur)
+                    log.add_ids([c[0].request_id for c in span.chunks])
+                timers.append((span.end_s, Kind.SPAN_END, span))
+                if self.hooks is not None:
+                    self.hooks.span_planned(now_s, gid, span)
+                if span.fetches:
+                    self._log_fetches(now_s, gid, span)
+        elif g.wants_interrupt() and g.cut(now_s):
+            span = g.span
+            log.add(now_s, D.CUT, boxed_gid, None, span.steps, span.end_s)
+            timers.append((span.end_s, Kind.SPAN_END, span))
+            if self.hooks is not None:
+                self.hooks.span_cut(now_s, gid, span)
+        g.account_kv(now_s)
 
     # --- internals --------------------------------------------------------------------------
     def _mark_dirty(self, group_id: int) -> None:
