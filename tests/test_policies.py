@@ -56,6 +56,42 @@ def _view(gid, role, *, queued=0, free=1000, total=1000, load=0, probe=None, poo
 
 
 # --- disagg-slo (Mooncake's Conductor) ----------------------------------------------------------
+def test_request_info_and_placement_behave_as_the_named_tuples_they_were():
+    """Compiled classes now (made on the hot path); to a policy they read, compare, hash, print and
+    ``_replace`` as the NamedTuples they replaced."""
+    from typing import NamedTuple, Optional
+
+    class Info(NamedTuple):                     # the old RequestInfo
+        request_id: int
+        arrival_s: float
+        prompt_tokens: int
+        predicted_output: int
+        prefix_hashes: Optional[tuple[int, ...]] = None
+        prefix_block_tokens: int = 512
+        prefill_group: Optional[int] = None
+        generated: int = 0
+
+    class Place(NamedTuple):                    # the old Placement
+        prefill_group: int
+        decode_group: Optional[int] = None
+
+    for args, kwargs in [((3, 0.5, 100, 20), {}), ((4, 1.0, 64, 8, (1, 2), 16), {"prefill_group": 2, "generated": 5})]:
+        info, old = RequestInfo(*args, **kwargs), Info(*args, **kwargs)
+        assert [getattr(info, f) for f in Info._fields] == list(old)
+        assert repr(info) == repr(old).replace("Info(", "RequestInfo(")
+        assert info == RequestInfo(*args, **kwargs) and hash(info) == hash(RequestInfo(*args, **kwargs))
+        assert info != info._replace(generated=old.generated + 1)
+        changed = info._replace(prefix_hashes=None, prefill_group=7)
+        assert [getattr(changed, f) for f in Info._fields] == list(old._replace(prefix_hashes=None, prefill_group=7))
+    for args in [(1,), (2, 3), ("trn2-0",)]:
+        p, old = Placement(*args), Place(*args)
+        assert (p.prefill_group, p.decode_group) == tuple(old) and repr(p) == repr(old).replace("Place(", "Placement(")
+        assert p == Placement(*args) and hash(p) == hash(Placement(*args)) and p != Placement(9, 9)
+    assert Placement(1)._replace(decode_group=2) == Placement(1, 2)
+    with pytest.raises(ValueError, match="unexpected field names"):
+        RequestInfo(0, 0.0, 1, 1)._replace(prompt=3)
+
+
 def test_disagg_slo_rejects_exactly_the_requests_no_placement_serves_in_time():
     prompt = 2048
     exp = _one_each(max_batch_tokens=prompt)                   # each prompt runs alone

@@ -18,7 +18,7 @@ Every decision is added to :attr:`Scheduler.decisions` (a
 from __future__ import annotations
 
 import math
-from typing import Any, Final, Optional, Sequence, cast
+from typing import Any, Optional, Sequence, cast
 
 from hetero_sched.core.events import DecisionCode as D, DecisionLog, Kind
 from hetero_sched.core.fleet import Fleet
@@ -27,17 +27,16 @@ from hetero_sched.core.hooks import ExecutorHooks
 from hetero_sched.core.kvblocks import PrefixHolders
 from hetero_sched.core.kvstore import ClusterKVStore, PrefixPlanner
 from hetero_sched.core.kvtiers import STORE, fetch_windows
+from hetero_sched.core.placement import Placement, RequestInfo
 from hetero_sched.core.rejection import capacity, infeasible
 from hetero_sched.core.request import Phase, Request, RequestState
 from hetero_sched.core.spans import Span, SpanKind, SpanOutcome, SpanReport
 from hetero_sched.core.transfer import LayerwiseStreaming, TransferNetwork, layerwise_tail
 from hetero_sched.errors import UserError
-from hetero_sched.policies.base import (GroupView, Placement, Policy, PolicyFailed, Reject, RejectCode as R,
-                                        RequestInfo, RoleSwitch)
+from hetero_sched.policies.base import GroupView, Policy, PolicyFailed, Reject, RejectCode as R, RoleSwitch
 
 Timer = tuple[float, int, Any]
 """``(time_s, Kind.*, payload)``: something the driver must call back at ``time_s``."""
-_new_tuple: Final = tuple.__new__
 
 
 def _is_group_id(value: object) -> bool:
@@ -478,10 +477,8 @@ class Scheduler:
 
     def _info(self, rs: RequestState) -> RequestInfo:
         r = rs.request
-        # tuple.__new__ with every field: a NamedTuple's own __new__ is interpreted Python, ten
-        # times the cost (and this runs twice per request)
-        return _new_tuple(RequestInfo, (rs.request_id, r.arrival_s, rs.prefill_tokens, rs.predicted_output,
-                                        r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group, rs.generated))
+        return RequestInfo(rs.request_id, r.arrival_s, rs.prefill_tokens, rs.predicted_output,
+                           r.prefix_hashes, r.prefix_block_tokens, rs.prefill_group, rs.generated)
 
     def _place(self, now_s: float, rs: RequestState) -> None:
         if rs.cancelled:                    # its client gave up while it was being resumed
@@ -502,7 +499,8 @@ class Scheduler:
             return
         if not isinstance(decision, Placement):
             raise PolicyFailed.returned(self.policy, "place", decision, "a Placement or a Reject")
-        prefill, decode = cast(tuple[object, object], decision)   # untyped: a bad field is the policy's error
+        prefill: object = decision.prefill_group        # untyped: a bad field is the policy's error
+        decode: object = decision.decode_group
         if not _is_group_id(prefill) or not (decode is None or _is_group_id(decode)):
             raise PolicyFailed.returned(self.policy, "place", decision, "a Placement of group ids (int)")
         prefill_id: int = cast(int, prefill)

@@ -8,16 +8,14 @@ lookups (2.4% of a run's instructions).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from hetero_sched.core.kvblocks import blocks_for
 from hetero_sched.core.kvmemory import prefix_hit_tokens, reservation_tokens
 from hetero_sched.core.kvtiers import PrefixPlan
+from hetero_sched.core.placement import RequestInfo
 from hetero_sched.core.transfer import uncontended_transfer_s
 from hetero_sched.costmodel import GroupCost, step_time_s
-
-if TYPE_CHECKING:
-    from hetero_sched.policies.base import RequestInfo
 
 
 class GroupView:

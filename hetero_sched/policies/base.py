@@ -15,38 +15,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, NamedTuple, Optional, Sequence, Union
+from typing import Any, ClassVar, Final, Optional, Sequence, Union
 
 from hetero_sched.core.fleet import as_fleet
+from hetero_sched.core.placement import Placement, RequestInfo
 from hetero_sched.core.view import GroupView
 from hetero_sched.errors import DEBUG_HINT, UserError
-
-
-class RequestInfo(NamedTuple):
-    """What a policy may know about a request (immutable; made twice per request, so a tuple)."""
-
-    request_id: int
-    arrival_s: float
-    prompt_tokens: int
-    """Tokens to prefill (after a preemption: prompt plus tokens already generated)."""
-    predicted_output: int
-    prefix_hashes: Optional[tuple[int, ...]] = None
-    prefix_block_tokens: int = 512
-    prefill_group: Optional[int] = None
-    """Where it was prefilled (set when :meth:`Policy.place_decode` is asked)."""
-    generated: int = 0
-    """Tokens it had generated before this prefill (after a preemption; part of ``prompt_tokens``)."""
-
-
-class Placement(NamedTuple):
-    """Where a request prefills, and (optionally, now) where it decodes.
-
-    A NamedTuple, like :class:`RequestInfo`: immutable, and made once per request on the hot
-    path, where a frozen dataclass's ``__init__`` cost three times as much."""
-
-    prefill_group: int
-    decode_group: Optional[int] = None
-    """None: decided when prefill finishes (:meth:`Policy.place_decode`)."""
 
 
 class RejectCode:
