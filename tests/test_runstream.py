@@ -117,7 +117,7 @@ def test_drain_hands_over_every_decision_once(every: int):
     chunks = []
     for i in range(2000):
         for log in (whole, drained):
-            log.add(i * 0.5, DecisionCode.PREFILL, i % 3, None, 2, 100 + i, 0, 0.25)
+            log.add(i * 0.5, DecisionCode.PREFILL, i % 3, -1, 2, 100 + i, 0, 0.25)
             log.add_ids([i, i + 1])
             if i % 7 == 0:
                 log.add_reject(i * 0.5, i, f"no room {i}")

@@ -71,10 +71,17 @@ class EventQueue:
     """A heap of events ordered by ``(time_s, priority, seq)``: a total order, so a run is
     reproducible bit for bit."""
 
-    __slots__ = ("_heap", "_seq", "_spare")
+    __slots__ = ("_heap", "_times", "_orders", "_seq", "_spare")
 
     def __init__(self) -> None:
         self._heap: list[Event] = []
+        # Each heap place's keys again, in two unboxed arrays: ``_times[i] == _heap[i].time_s``
+        # and ``_orders[i] == _heap[i].order`` for i < len(_heap) (they never shrink). A sift
+        # compares the (up to four) children of a place by reading one cache line of each array,
+        # where reading their events' fields fetched an event per child, scattered in memory
+        # when a thousand groups' events are pending.
+        self._times = vec[float]()
+        self._orders = vec[i64]()
         self._seq: i64 = 0
         self._spare: list[Event] = []
         """Popped events, reused by the next pushes: a new event per push costs an allocation
@@ -121,7 +128,11 @@ class EventQueue:
     def _add(self, e: Event) -> Event:
         heap = self._heap
         heap.append(e)
-        self._sift_up(e, len(heap) - 1)
+        i: i64 = len(heap) - 1
+        if i == len(self._times):       # the arrays only grow (past the heap: unread places)
+            self._times = append(self._times, 0.0)
+            self._orders = append(self._orders, 0)
+        self._sift_up(e, i)
         return e
 
     def _event(self, time_s: float, order: i64, kind: int, payload: Any) -> Event:
@@ -135,31 +146,41 @@ class EventQueue:
         e.payload = payload
         return e
 
-    # A 4-ary heap: half the levels of a binary one for the same comparisons per pop, and each
-    # node's children share a cache line of the list. "a before b" is written out (a.time_s <
-    # b.time_s, then a.order < b.order), the moving event's keys read once: with G groups' span
-    # ends pending the heap is log4(G) levels deep, and a function call per comparison was most
-    # of a level's cost. Each event knows its place (``index``), so a pending one can be moved.
+    # A 4-ary heap: half the levels of a binary one for the same comparisons per pop, and a
+    # place's children are neighbours in the key arrays. "a before b" is written out (time,
+    # then order), the moving event's keys read once: with G groups' span ends pending the heap
+    # is log4(G) levels deep, and a function call per comparison was most of a level's cost.
+    # Each event knows its place (``index``), so a pending one can be moved. The sifts read keys
+    # from the arrays only; the moving event's own place there is written when it settles.
     def _sift_up(self, e: Event, i: i64) -> None:
         """Place ``e`` at ``i`` or above it."""
         heap = self._heap
+        times = self._times
+        orders = self._orders
         t = e.time_s
         order = e.order
         while i > 0:
             parent = (i - 1) >> 2
-            p = heap[parent]
-            pt = p.time_s
-            if pt < t or (pt == t and p.order < order):
+            pt = times[parent]
+            po = orders[parent]
+            if pt < t or (pt == t and po < order):
                 break
+            p = heap[parent]
             heap[i] = p
+            times[i] = pt
+            orders[i] = po
             p.index = i
             i = parent
         heap[i] = e
+        times[i] = t
+        orders[i] = order
         e.index = i
 
     def _sift_down(self, e: Event, i: i64) -> None:
         """Place ``e`` at ``i`` or below it."""
         heap = self._heap
+        times = self._times
+        orders = self._orders
         n: i64 = len(heap)
         t = e.time_s
         order = e.order
@@ -168,24 +189,28 @@ class EventQueue:
             if first >= n:
                 break
             c = first
-            child = heap[c]
-            ct = child.time_s
+            ct = times[c]
+            co = orders[c]
             end = first + 4 if first + 4 < n else n
             j = first + 1
             while j < end:              # the earliest of the (up to four) children
-                other = heap[j]
-                ot = other.time_s
-                if ot < ct or (ot == ct and other.order < child.order):
+                ot = times[j]
+                if ot < ct or (ot == ct and orders[j] < co):
                     c = j
-                    child = other
                     ct = ot
+                    co = orders[j]
                 j += 1
-            if t < ct or (t == ct and order < child.order):
+            if t < ct or (t == ct and order < co):
                 break
+            child = heap[c]
             heap[i] = child
+            times[i] = ct
+            orders[i] = co
             child.index = i
             i = c
         heap[i] = e
+        times[i] = t
+        orders[i] = order
         e.index = i
 
     def pop(self) -> Event:
@@ -202,7 +227,12 @@ class EventQueue:
 
     def peek_time(self) -> float | None:
         """Time of the earliest event, or None when empty."""
-        return self._heap[0].time_s if self._heap else None
+        return self._times[0] if len(self._heap) else None
+
+    def due_by(self, time_s: float) -> bool:
+        """Whether an event is due at ``time_s`` or before (no boxed time, as :meth:`peek_time`
+        returns, once per event)."""
+        return len(self._heap) > 0 and self._times[0] <= time_s
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -262,6 +292,15 @@ DETAIL_COLUMNS: dict[str, type] = {name: typ for fields in DETAIL_FIELDS.values(
 
 KIND_NAMES: tuple[str, ...] = tuple(DETAIL_FIELDS)
 """Each kind's name by its code in the log."""
+
+
+NO_ID: Final = -1
+"""A decision's group or request id when it has none (it reads back as None)."""
+
+
+def log_id(value: Optional[int]) -> i64:
+    """``value`` as the log keeps an id (:data:`NO_ID` for None)."""
+    return NO_ID if value is None else value
 
 
 class DecisionCode:
@@ -348,10 +387,11 @@ class DecisionLog:
         self._span_ends = vec[i64]()
         self._span_ids = vec[i64]()
 
-    def add(self, time_s: float, kind: u8, group_id: Optional[int], request_id: Optional[int],
+    def add(self, time_s: float, kind: u8, group_id: i64, request_id: i64,
             d0: float = math.nan, d1: float = math.nan, d2: float = math.nan, d3: float = math.nan) -> None:
-        """Append one decision of ``kind`` (a :class:`DecisionCode`); ``d0..d3`` are its detail
-        values in DETAIL_FIELDS order (NaN: none).
+        """Append one decision of ``kind`` (a :class:`DecisionCode`) on ``group_id`` about
+        ``request_id`` (:data:`NO_ID`: none; machine ints: an optional int is a boxed one, an
+        allocation per request id); ``d0..d3`` are its detail values in DETAIL_FIELDS order (NaN: none).
 
         Decisions wait in fixed per-column arrays and move into the typed columns 1,024 at a
         time (stores into unboxed arrays on the hot path; bounded memory).
@@ -359,8 +399,8 @@ class DecisionLog:
         i = self._pending
         self._time_s[i] = time_s
         self._kind[i] = kind
-        self._group_id[i] = -1 if group_id is None else group_id
-        self._request_id[i] = -1 if request_id is None else request_id
+        self._group_id[i] = group_id
+        self._request_id[i] = request_id
         # one NaN for "none" (a computed NaN may differ in its bits, and logs compare bytewise)
         self._d0[i] = d0 if d0 == d0 else _NAN
         self._d1[i] = d1 if d1 == d1 else _NAN
@@ -414,12 +454,19 @@ class DecisionLog:
 
     def add_ids(self, request_ids: list[int]) -> None:
         """The request ids of the decision just added (a span's requests)."""
-        self._span_rows = append(self._span_rows, len(self) - 1)
-        ids = self._span_ids
         for request_id in request_ids:
-            ids = append(ids, request_id)
-        self._span_ids = ids
-        self._span_ends = append(self._span_ends, len(self.span_ids) + self._packed_ids + len(ids))
+            self.add_span_id(request_id)
+        self.end_span_ids()
+
+    def add_span_id(self, request_id: i64) -> None:
+        """One request id of the decision just added; :meth:`end_span_ids` closes the row. (The
+        scheduler adds a span's ids one by one: a list of them was a boxed id per request.)"""
+        self._span_ids = append(self._span_ids, request_id)
+
+    def end_span_ids(self) -> None:
+        """The ids added since the last row are the decision just added's."""
+        self._span_rows = append(self._span_rows, len(self) - 1)
+        self._span_ends = append(self._span_ends, len(self.span_ids) + self._packed_ids + len(self._span_ids))
 
     def drain(self) -> "DecisionLog":
         """Move every decision so far into a new log and start empty (a streamed run writes
@@ -438,7 +485,7 @@ class DecisionLog:
     def add_reject(self, time_s: float, request_id: int, reason: str) -> None:
         """Append a rejection and its reason."""
         self.reasons[len(self)] = reason
-        self.add(time_s, DecisionCode.REJECT, None, request_id)
+        self.add(time_s, DecisionCode.REJECT, NO_ID, request_id)
 
     def __len__(self) -> int:
         return len(self.time_s) + self._packed + self._pending

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence, cast
 
-from hetero_sched.core.events import DecisionCode as D, DecisionLog, Kind
+from hetero_sched.core.events import NO_ID, DecisionCode as D, DecisionLog, Kind, log_id
 from hetero_sched.core.fleet import Fleet
 from hetero_sched.core.group import CostMemo, GroupState, Role
 from hetero_sched.core.hooks import ExecutorHooks
@@ -120,9 +120,9 @@ class Scheduler:
         self._next_transfer_id = 0
         self._dirty: set[int] = set()
         self._boxed_ids: list[Any] = list(range(len(self.groups)))
-        """Each group id as one Python int, made once, for what goes into ``_dirty`` and the log:
-        compiled code keeps ints unboxed and boxes one at every such store, and CPython has only
-        ids up to 256 ready-made, so past 257 groups each store allocated an int."""
+        """Each group id as one Python int, made once, for what goes into ``_dirty``: compiled
+        code keeps ints unboxed and boxes one at every such store, and CPython has only ids up
+        to 256 ready-made, so past 257 groups each store allocated an int."""
         self._network_version = -1
         self._outcome = SpanOutcome()
         """What the span being applied changed (one, emptied for each span end)."""
@@ -259,7 +259,7 @@ class Scheduler:
                 reroute[rs.request_id] = rs
             elif rs.request_id not in reroute:
                 again[rs.request_id] = rs
-        self.decisions.add(now_s, D.FAIL, group_id, None, len(again) + len(reroute))
+        self.decisions.add(now_s, D.FAIL, group_id, NO_ID, len(again) + len(reroute))
         if hooks is not None:
             for rs in [*again.values(), *reroute.values()]:
                 hooks.request_left(now_s, group_id, rs, "failed")
@@ -363,7 +363,7 @@ class Scheduler:
         self._failed.discard(group_id)
         self.fleet.set_roles(group_id, g.can_prefill, g.can_decode)
         self._report(g, now_s)
-        self.decisions.add(now_s, D.RESTORE, group_id, None)
+        self.decisions.add(now_s, D.RESTORE, group_id, NO_ID)
         self._mark_dirty(group_id)
 
     def _resume_delivered(self, now_s: float, rs: RequestState) -> None:
@@ -397,7 +397,7 @@ class Scheduler:
         """A preemption that lost ``rs``'s KV (at ``group_id``; None: the scheduler's restart):
         complete it if every token was already delivered, else place it to be prefilled again."""
         rs.preemptions += 1
-        self.decisions.add(now_s, D.PREEMPT, group_id, rs.request_id, rs.generated)
+        self.decisions.add(now_s, D.PREEMPT, log_id(group_id), rs.request_id, rs.generated)
         if rs.generated >= rs.output_tokens:
             self._complete(now_s, rs, group_id)
         else:
@@ -420,8 +420,8 @@ class Scheduler:
             else:
                 ids: list[Any] = sorted(dirty)
                 dirty.clear()
-                for boxed_gid in ids:
-                    self._plan_group(now_s, boxed_gid, timers)
+                for gid in ids:
+                    self._plan_group(now_s, gid, timers)
         if self.network.version != self._network_version:
             self._network_version = self.network.version
             nxt = self.network.next_finish_s()
@@ -429,10 +429,8 @@ class Scheduler:
                 timers.append((max(nxt, now_s), Kind.TRANSFER, self.network.version))
         return timers
 
-    def _plan_group(self, now_s: float, boxed_gid: Any, timers: list[Timer]) -> None:
-        """Admissions, a span or a cut on the group ``boxed_gid`` (Any: kept boxed for the log,
-        see ``_boxed_ids``), with their timers into ``timers``."""
-        gid: int = boxed_gid
+    def _plan_group(self, now_s: float, gid: int, timers: list[Timer]) -> None:
+        """Admissions, a span or a cut on the group ``gid``, with their timers into ``timers``."""
         g = self.groups[gid]
         log = self.decisions   # the log itself: compiled, its bound .add would be a slow Python call
         if g.draining_to is not None and g.drained():
@@ -448,15 +446,21 @@ class Scheduler:
             if span is not None:
                 dur = span.end_s - span.start_s
                 if span.kind is SpanKind.PREFILL:
-                    log.add(now_s, D.PREFILL, boxed_gid, None, len(span.batch), span.new_tokens, span.cached_tokens, dur)
-                    log.add_ids([rs.request_id for rs in span.batch])
+                    log.add(now_s, D.PREFILL, gid, NO_ID, len(span.batch), span.new_tokens, span.cached_tokens, dur)
+                    for rs in span.batch:
+                        log.add_span_id(rs.request_id)
+                    log.end_span_ids()
                 elif span.kind is SpanKind.DECODE:
-                    log.add(now_s, D.DECODE, boxed_gid, None, span.batch_size, span.steps, dur)
+                    log.add(now_s, D.DECODE, gid, NO_ID, span.batch_size, span.steps, dur)
                     if span.batch:                     # the requests joining the batch
-                        log.add_ids([rs.request_id for rs in span.batch])
+                        for rs in span.batch:
+                            log.add_span_id(rs.request_id)
+                        log.end_span_ids()
                 else:
-                    log.add(now_s, D.CHUNK, boxed_gid, None, span.batch_size, len(span.chunks), span.new_tokens, dur)
-                    log.add_ids([c[0].request_id for c in span.chunks])
+                    log.add(now_s, D.CHUNK, gid, NO_ID, span.batch_size, len(span.chunks), span.new_tokens, dur)
+                    for c in span.chunks:
+                        log.add_span_id(c[0].request_id)
+                    log.end_span_ids()
                 timers.append((span.end_s, Kind.SPAN_END, span))
                 if self.hooks is not None:
                     self.hooks.span_planned(now_s, gid, span)
@@ -464,7 +468,7 @@ class Scheduler:
                     self._log_fetches(now_s, gid, span)
         elif g.wants_interrupt() and g.cut(now_s):
             span = g.span
-            log.add(now_s, D.CUT, boxed_gid, None, span.steps, span.end_s)
+            log.add(now_s, D.CUT, gid, NO_ID, span.steps, span.end_s)
             timers.append((span.end_s, Kind.SPAN_END, span))
             if self.hooks is not None:
                 self.hooks.span_cut(now_s, gid, span)
@@ -772,20 +776,20 @@ class Scheduler:
                 continue
             g.start_drain(role, now_s)
             self.fleet.set_roles(g.group_id, False, False)
-            self.decisions.add(now_s, D.DRAIN, g.group_id, None, role.code)
+            self.decisions.add(now_s, D.DRAIN, g.group_id, NO_ID, role.code)
             self._mark_dirty(g.group_id)
 
     def _take_role(self, now_s: float, g: GroupState) -> None:
         drain_s = now_s - g.drain_start_s
         g.take_role()
         self.fleet.set_roles(g.group_id, g.can_prefill, g.can_decode, g.role)
-        self.decisions.add(now_s, D.ROLE, g.group_id, None, g.role.code, drain_s)
+        self.decisions.add(now_s, D.ROLE, g.group_id, NO_ID, g.role.code, drain_s)
 
     def _complete(self, now_s: float, rs: RequestState, group_id: Optional[int]) -> None:
         rs.phase = Phase.COMPLETED
         # its last token's time as its device reported it (a live report reaches the core later)
         rs.finish_s = rs.last_token_s if rs.last_token_s > 0 else now_s
-        self.decisions.add(now_s, D.COMPLETE, group_id, rs.request_id)
+        self.decisions.add(now_s, D.COMPLETE, log_id(group_id), rs.request_id)
         self._record(rs, "completed")
         if self.hooks is not None:
             self.hooks.request_finished(now_s, rs)
@@ -795,7 +799,7 @@ class Scheduler:
         rs.reject_reason = "cancelled by the client"
         rs.reject_code = R.CANCELLED
         rs.finish_s = now_s
-        self.decisions.add(now_s, D.CANCEL, group_id, rs.request_id)
+        self.decisions.add(now_s, D.CANCEL, log_id(group_id), rs.request_id)
         self._record(rs, "cancelled")
         if self.hooks is not None:
             self.hooks.request_finished(now_s, rs)

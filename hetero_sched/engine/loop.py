@@ -54,8 +54,6 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
     now = 0.0
     events = 0
     network: Optional[Event] = None     # the pending TRANSFER event (at most one is kept)
-    on_arrival, on_span_end = scheduler.on_arrival, scheduler.on_span_end
-    on_transfer, on_kv_arrival = scheduler.on_transfer, scheduler.on_kv_arrival
     while True:
         changed = devices.wait(queue)
         if changed is not None:                     # a device failed meanwhile: decide again
@@ -73,21 +71,20 @@ def _loop(scheduler: Scheduler, requests: Iterable[Request], progress: Optional[
         if kind == Kind.SPAN_END:
             report = devices.report(now, payload)
             if report is not None:
-                on_span_end(now, report)
+                scheduler.on_span_end(now, report)
         elif kind == Kind.ARRIVAL:
-            on_arrival(now, payload)
+            scheduler.on_arrival(now, payload)
             nxt = next(it, None)
             if nxt is not None:
                 queue.push(nxt.arrival_s, Kind.ARRIVAL, nxt)
         elif kind == Kind.KV_ARRIVAL:
             if devices.kv_ready(now, payload):
-                on_kv_arrival(now, payload)
+                scheduler.on_kv_arrival(now, payload)
         else:
             network = None
-            for t, k, p in on_transfer(now, payload):
+            for t, k, p in scheduler.on_transfer(now, payload):
                 queue.push(t, k, p)
-        next_time = queue.peek_time()
-        if next_time is None or next_time > now:   # decisions run after every event of a time
+        if not queue.due_by(now):                  # decisions run after every event of a time
             network = _plan(now, scheduler, devices, queue, network)
         events += 1
         if progress is not None and events % progress_every == 0:
