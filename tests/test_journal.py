@@ -232,7 +232,7 @@ def test_sigkill_mid_append_loses_no_committed_record(tmp_path):
 def test_a_run_journal_gives_a_restarted_scheduler_the_whole_decision_log_and_busy_time(tmp_path):
     """What ``RunJournal`` commits slice by slice, a restart reads back whole; the next life's log
     and busy time are added to it (rejection reasons and span request ids keep their rows)."""
-    from hetero_sched.core.events import DecisionCode as D, DecisionLog
+    from hetero_sched.core.events import NO_ID, DecisionCode as D, DecisionLog
     from hetero_sched.runtime.recovery import RunJournal
 
     log = DecisionLog()
@@ -244,7 +244,7 @@ def test_a_run_journal_gives_a_restarted_scheduler_the_whole_decision_log_and_bu
         if i % 7 == 0:
             log.add_reject(i * 0.1, i, f"reason {i}")
         if i % 5 == 0:
-            log.add(i * 0.1, D.PREFILL, 0, -1, 2, 100, 0, 0.5)
+            log.add(i * 0.1, D.PREFILL, 0, NO_ID, 2, 100, 0, 0.5)
             log.add_ids(list(range(i, i + 1 + i % 3)))
         if i % 4 == 0:
             j.commit(i * 0.1, log, [i * 0.01, 0.0])
@@ -255,9 +255,9 @@ def test_a_run_journal_gives_a_restarted_scheduler_the_whole_decision_log_and_bu
     assert again.is_restart and again.recovered.origin_unix_s == 1000.0
     assert again.recovered.decisions == log and again.recovered.busy_s == [0.3, 0.1]
     second = DecisionLog()
-    second.add(5.0, D.PREEMPT, -1, 3, 1)
+    second.add(5.0, D.PREEMPT, NO_ID, 3, 1)
     second.add_reject(5.5, 4, "later")
-    second.add(6.0, D.DECODE, 1, -1, 2, 10, 0.25)
+    second.add(6.0, D.DECODE, 1, NO_ID, 2, 10, 0.25)
     second.add_ids([40, 41])
     whole = again.recovered.whole_log(second)
     assert list(whole) == [*log, *second]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hetero_sched.core.events import DETAIL_COLUMNS, DETAIL_FIELDS, DecisionCode, DecisionLog
+from hetero_sched.core.events import DETAIL_COLUMNS, DETAIL_FIELDS, NO_ID, DecisionCode, DecisionLog
 from hetero_sched.engine.assembly import build_scheduler, finish_run, resolve
 from hetero_sched.engine.loop import run_events
 from hetero_sched.experiment import build_workload
@@ -117,7 +117,7 @@ def test_drain_hands_over_every_decision_once(every: int):
     chunks = []
     for i in range(2000):
         for log in (whole, drained):
-            log.add(i * 0.5, DecisionCode.PREFILL, i % 3, -1, 2, 100 + i, 0, 0.25)
+            log.add(i * 0.5, DecisionCode.PREFILL, i % 3, NO_ID, 2, 100 + i, 0, 0.25)
             log.add_ids([i, i + 1])
             if i % 7 == 0:
                 log.add_reject(i * 0.5, i, f"no room {i}")

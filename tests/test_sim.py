@@ -348,10 +348,10 @@ def test_stale_reports_change_routing():
 
 
 def test_decision_log_round_trips_and_compares():
-    from hetero_sched.core.events import DecisionCode as C, DecisionLog
+    from hetero_sched.core.events import NO_ID, DecisionCode as C, DecisionLog
     log = DecisionLog()
     log.add(0.5, C.PLACE, 1, 7)
-    log.add(0.5, C.PREFILL, 1, -1, 2, 900, 0, 0.125)
+    log.add(0.5, C.PREFILL, 1, NO_ID, 2, 900, 0, 0.125)
     log.add_ids([7, 9])
     log.add_reject(0.75, 8, "no capacity")
     assert list(log) == [(0.5, "place", 1, 7, (None,)), (0.5, "prefill", 1, None, (2, 900, 0, 0.125)),
@@ -389,7 +389,7 @@ def test_decision_codes_are_the_kinds_indexes_in_the_log():
 def test_decision_log_reads_the_same_across_its_packed_chunks():
     # thousands of decisions (several packed chunks, read back partly packed, partly pending),
     # span ids and reasons among them, against plain Python lists
-    from hetero_sched.core.events import PENDING_DECISIONS, DecisionCode as C, DecisionLog
+    from hetero_sched.core.events import NO_ID, PENDING_DECISIONS, DecisionCode as C, DecisionLog
     rng = np.random.default_rng(3)
     log, want_rows, want_ids = DecisionLog(), [], []
     for i in range(3 * PENDING_DECISIONS + 77):
@@ -399,7 +399,7 @@ def test_decision_log_reads_the_same_across_its_packed_chunks():
             want_ids.append(None)
         elif i % 5 == 1:
             ids = [int(x) for x in rng.integers(0, 10**6, int(rng.integers(1, 6)))]
-            log.add(i / 10, C.DECODE, i % 300, -1, len(ids), 4, 0.5)
+            log.add(i / 10, C.DECODE, i % 300, NO_ID, len(ids), 4, 0.5)
             log.add_ids(ids)
             want_rows.append((i / 10, "decode", i % 300, None, (len(ids), 4, 0.5)))
             want_ids.append(ids)

@@ -53,6 +53,14 @@ RECORD_COLUMNS = (
 ``reason`` is a sentence, its ``reason_code`` one of :class:`~hetero_sched.policies.base.RejectCode`."""
 
 
+def _log_span_ids(log: DecisionLog, requests: list[RequestState]) -> None:
+    """The request ids of the span decision just logged, one by one (a list of the ids was a
+    boxed int per request)."""
+    for rs in requests:
+        log.add_span_id(rs.request_id)
+    log.end_span_ids()
+
+
 class Scheduler:
     """Places requests, plans spans and transfers, keeps the decision log and the records."""
 
@@ -447,20 +455,14 @@ class Scheduler:
                 dur = span.end_s - span.start_s
                 if span.kind is SpanKind.PREFILL:
                     log.add(now_s, D.PREFILL, gid, NO_ID, len(span.batch), span.new_tokens, span.cached_tokens, dur)
-                    for rs in span.batch:
-                        log.add_span_id(rs.request_id)
-                    log.end_span_ids()
+                    _log_span_ids(log, span.batch)
                 elif span.kind is SpanKind.DECODE:
                     log.add(now_s, D.DECODE, gid, NO_ID, span.batch_size, span.steps, dur)
                     if span.batch:                     # the requests joining the batch
-                        for rs in span.batch:
-                            log.add_span_id(rs.request_id)
-                        log.end_span_ids()
+                        _log_span_ids(log, span.batch)
                 else:
                     log.add(now_s, D.CHUNK, gid, NO_ID, span.batch_size, len(span.chunks), span.new_tokens, dur)
-                    for c in span.chunks:
-                        log.add_span_id(c[0].request_id)
-                    log.end_span_ids()
+                    _log_span_ids(log, [c[0] for c in span.chunks])
                 timers.append((span.end_s, Kind.SPAN_END, span))
                 if self.hooks is not None:
                     self.hooks.span_planned(now_s, gid, span)
