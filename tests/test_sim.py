@@ -60,10 +60,10 @@ def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
     # against heapq over (time, priority, seq) tuples, pushes and pops interleaved, ties frequent
     # (a few repeated times), reserved places (a span's report pushed later, sorting as if
     # pushed at dispatch) and moves (a cut span's end re-timed: as a new push with the old one
-    # dropped)
+    # dropped) and removes
     rng = np.random.default_rng(7)
     priority = {Kind.SPAN_END: 0, Kind.TRANSFER: 1, Kind.KV_ARRIVAL: 1, Kind.ARRIVAL: 2}
-    moves = 0
+    moves = removes = 0
     for _ in range(50):
         q, ref, seq, got, want, reserved = EventQueue(), [], 0, [], [], []
         pending: dict[int, tuple] = {}     # seq -> (event, kind): pushed, not popped
@@ -93,6 +93,13 @@ def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
                 pending[seq] = (event, kind)
                 moves += 1
                 continue
+            if pending and step < 0.46:     # its owner went away (a transfer pair left the network)
+                old = sorted(pending)[int(rng.integers(len(pending)))]
+                event, _ = pending.pop(old)
+                dropped.add(old)
+                q.remove(event)
+                removes += 1
+                continue
             kind = int(rng.choice([Kind.SPAN_END, Kind.TRANSFER, Kind.KV_ARRIVAL, Kind.ARRIVAL]))
             if step < 0.5:
                 reserved.append((q.reserve(), kind, i))
@@ -110,7 +117,7 @@ def test_event_queue_pops_in_time_priority_seq_order_under_random_use():
             got.append(popped(q))
             want.append(pop_ref())
         assert got == want and q.peek_time() is None and all(e[2] in dropped for e in ref)
-    assert moves > 500
+    assert moves > 500 and removes > 200
 
 
 def test_groups_with_one_cost_model_share_its_memo_and_get_its_answers():

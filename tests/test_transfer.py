@@ -1,8 +1,9 @@
-"""Max-min fair sharing of endpoint bandwidth (DESIGN contract §8), checked by hand."""
+"""Max-min fair sharing of endpoint bandwidth (DESIGN contract §8), checked by hand and against references."""
 
 from __future__ import annotations
 
 import math
+import random
 
 from hetero_sched.core.transfer import TransferNetwork, max_min_rates
 
@@ -82,16 +83,21 @@ def _check_against_a_global_recompute(net: TransferNetwork, egress, ingress) -> 
         assert math.isclose(rates[f], want, rel_tol=1e-7), (f, rates[f], want)
 
 
+def _random_endpoints(rng: random.Random, n: int) -> tuple[list[float], list[float]]:
+    """Egress and ingress bandwidths of ``n`` endpoints: a few shared values (ties), the rest random."""
+    egress = [rng.choice([100.0, 400.0, 50.0 + rng.random() * 500]) for _ in range(n)]
+    ingress = [rng.choice([600.0, 200.0, 30.0 + rng.random() * 700]) for _ in range(n)]
+    return egress, ingress
+
+
 def test_local_rerating_equals_max_min_over_the_whole_network_on_random_traffic():
     # The network re-rates only around what changed (issue 15); the rates must equal a max-min
     # recompute over every flow in flight, whatever the traffic: bursts from one source (a
     # prefill batch), many sources into one sink, finishes and cancels at random times.
-    import random
     rng = random.Random(7)
     n = 24
     for trial in range(12):
-        egress = [rng.choice([100.0, 400.0, 50.0 + rng.random() * 500]) for _ in range(n)]
-        ingress = [rng.choice([600.0, 200.0, 30.0 + rng.random() * 700]) for _ in range(n)]
+        egress, ingress = _random_endpoints(rng, n)
         net = TransferNetwork(egress, ingress)
         now, tid, live = 0.0, 0, set()
         for step in range(300):
@@ -118,7 +124,77 @@ def test_local_rerating_equals_max_min_over_the_whole_network_on_random_traffic(
                 live.discard(victim)
             _check_against_a_global_recompute(net, egress, ingress)
         assert net.num_active == sum(net.counts().values())
-        while (nxt := net.next_finish_s()) is not None:       # drained, it keeps no pair: its
-            now = max(now, nxt)                               # memory is what is in flight
+        while (nxt := net.next_finish_s()) is not None:       # drained, it keeps no active pair:
+            now = max(now, nxt)                               # its memory is what was in flight
             net.finish_due(now)
-        assert net.num_active == 0 and not net._pairs
+        assert net.num_active == 0 and not net.counts() and not any(net._out) and not any(net._in)
+
+
+def test_transfers_finish_when_their_bytes_have_moved_at_the_rates_the_network_shows():
+    # A reference integrates every transfer's bytes at the rates `rates()` shows between changes:
+    # the network must announce the next finish exactly when the first transfer runs out, hand
+    # out the transfers whose bytes have moved and no other, and keep none overdue. (The rates
+    # are checked against max-min by the test above; this checks the due queue that turns them
+    # into finish times: a pair not re-queued after a re-rating finishes late here.)
+    rng = random.Random(11)
+    n = 12
+    for trial in range(25):
+        egress, ingress = _random_endpoints(rng, n)
+        net = TransferNetwork(egress, ingress)
+        now, tid = 0.0, 0
+        left: dict[int, float] = {}             # transfer id -> bytes still to move (reference)
+        size: dict[int, float] = {}
+        pair: dict[int, tuple[int, int]] = {}
+        rates: dict[tuple[int, int], float] = {}
+
+        def rate(i: int) -> float:
+            if pair[i] in rates:
+                return rates[pair[i]]
+            assert abs(left[i]) <= tol(i)   # moved already: found by a cancel, handed out next
+            return 0.0
+
+        def advance(t: float) -> None:
+            for i in left:
+                left[i] -= rate(i) * (t - now)
+
+        def tol(i: int) -> float:
+            return 1e-6 * size[i] + 1e-5
+
+        def handed_out(done: list[int]) -> None:
+            for i in done:
+                assert abs(left.pop(i)) <= tol(i), (trial, i)
+            assert all(b > tol(i) for i, b in left.items()), trial     # none overdue
+
+        for step in range(250):
+            nxt = net.next_finish_s()
+            if left:
+                first = now + min(max(b, 0.0) / r if (r := rate(i)) > 0.0 else 0.0 for i, b in left.items())
+                assert nxt is not None and math.isclose(nxt, first, rel_tol=1e-7, abs_tol=1e-9), (trial, step)
+            else:
+                assert nxt is None
+            op = rng.random()
+            if op < 0.5 or not left:
+                t = now + rng.expovariate(40.0)
+                t = t if nxt is None else min(t, nxt)
+                advance(t)
+                now = t
+                src = rng.randrange(n)
+                for _ in range(rng.choice([1, 1, 3, 8])):               # a batch leaves at once
+                    dst = rng.randrange(n)
+                    if dst == src:
+                        continue
+                    nbytes = rng.uniform(1.0, 40.0)
+                    done = net.start(now, tid, src, dst, nbytes)
+                    left[tid], size[tid], pair[tid] = nbytes, nbytes, (src, dst)
+                    handed_out(done)
+                    tid += 1
+            elif op < 0.9:
+                assert nxt is not None
+                advance(nxt)
+                now = nxt
+                handed_out(net.finish_due(now))
+            else:
+                victim = rng.choice(sorted(left))
+                net.cancel(now, victim)
+                del left[victim]
+            rates = net.rates()

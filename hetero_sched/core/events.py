@@ -114,6 +114,18 @@ class EventQueue:
         self.move(e, time_s, payload)
         return e
 
+    def remove(self, e: Event) -> None:
+        """Take the pending event ``e`` out of the queue (its owner went away)."""
+        heap = self._heap
+        i = e.index
+        last = heap.pop()
+        if last is not e:               # the last place's event fills the hole
+            self._sift_up(last, i)
+            if last.index == i:
+                self._sift_down(last, i)
+        e.index = -1
+        self._spare.append(e)
+
     def reserve(self) -> i64:
         """Take a place in the same-time order now, for an event whose time is known only later
         (a device's report of a span dispatched now): pushed with :meth:`push_reserved`, it sorts

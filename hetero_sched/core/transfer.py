@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 from mypy_extensions import mypyc_attr
 
+from hetero_sched.core.events import Event, EventQueue, Kind
+
 
 def uncontended_transfer_s(num_bytes: float, egress_bytes_per_s: float, ingress_bytes_per_s: float,
                            message_s: float) -> float:
@@ -147,6 +149,64 @@ def layerwise_tail(num_bytes: float, prefill_s: float, num_layers: int, rate_byt
 
 
 @mypyc_attr(acyclic=True)
+class _Flow:
+    """One transfer of a pair: it ends when the pair's ``served`` count reaches ``end``."""
+
+    __slots__ = ("end", "transfer_id", "num_bytes")
+
+    def __init__(self, end: float, transfer_id: int, num_bytes: float) -> None:
+        self.end = end
+        self.transfer_id = transfer_id
+        self.num_bytes = num_bytes
+
+
+def _before(a: _Flow, b: _Flow) -> bool:
+    """Heap order of a pair's flows: by end, then transfer id (ids are unique: a total order)."""
+    return a.end < b.end or (a.end == b.end and a.transfer_id < b.transfer_id)
+
+
+def _flow_order(f: _Flow) -> tuple[float, int]:
+    """The same order as a sort key (a sorted list is a heap)."""
+    return f.end, f.transfer_id
+
+
+# A pair's flows are a binary heap of compiled objects, compared by reading two fields: a heap
+# of tuples through ``heapq`` cost a module lookup, a call and rich comparisons per operation.
+def _push_flow(heap: list[_Flow], f: _Flow) -> None:
+    heap.append(f)
+    i = len(heap) - 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        p = heap[parent]
+        if not _before(f, p):
+            break
+        heap[i] = p
+        i = parent
+    heap[i] = f
+
+
+def _pop_flow(heap: list[_Flow]) -> _Flow:
+    """Remove and return the first flow to end."""
+    top = heap[0]
+    last = heap.pop()
+    n = len(heap)
+    if n:
+        i = 0
+        while True:
+            c = 2 * i + 1
+            if c >= n:
+                break
+            if c + 1 < n and _before(heap[c + 1], heap[c]):
+                c += 1
+            child = heap[c]
+            if not _before(child, last):
+                break
+            heap[i] = child
+            i = c
+        heap[i] = last
+    return top
+
+
 class _Pair:
     """All transfers from one endpoint to another: they share one per-flow rate.
 
@@ -156,19 +216,19 @@ class _Pair:
     only when the rate changes, and advancing time touches nothing.
     """
 
-    __slots__ = ("src", "dst", "key", "rate", "served", "since_s", "ends", "version", "out_pos", "in_pos", "mark",
+    __slots__ = ("src", "dst", "key", "rate", "served", "since_s", "ends", "due", "out_pos", "in_pos", "mark",
                  "changed", "bottleneck_out", "next_rate", "next_out")
 
-    def __init__(self, src: int, dst: int, key: int) -> None:
-        self.src = src
-        self.dst = dst
-        self.key = key
+    def __init__(self) -> None:
+        self.src = -1
+        self.dst = -1
+        self.key = -1
         self.rate = 0.0
         self.served = 0.0
         self.since_s = 0.0
-        self.ends: list[tuple[float, int, float]] = []   # heap of (served at finish, transfer id, bytes)
-        self.version = 0
-        """Bumped at every rate change: the due-heap entries of older versions are stale."""
+        self.ends: list[_Flow] = []         # heap of its flows (see _push_flow)
+        self.due: Optional[Event] = None
+        """Its next finish in the network's due queue (None: not queued)."""
         self.out_pos = -1
         """Where it sits in its source's list of active pairs (-1: idle)."""
         self.in_pos = -1
@@ -179,6 +239,19 @@ class _Pair:
         self.next_rate = 0.0                # scratch of a re-rating
         self.next_out = True
 
+    def restart(self, src: int, dst: int, key: int, now_s: float) -> None:
+        """Carry the flows from ``src`` to ``dst`` from ``now_s`` on (a new pair, or an idle one
+        reused: a pair per transfer made and freed was a tenth of the network's cost)."""
+        self.src = src
+        self.dst = dst
+        self.key = key
+        self.rate = 0.0
+        self.served = 0.0
+        self.since_s = now_s
+        self.bottleneck_out = True
+        self.next_rate = 0.0
+        self.next_out = True
+
     def settle(self, now_s: float) -> None:
         """Count the bytes served up to ``now_s`` at the current rate."""
         if now_s != self.since_s:
@@ -187,7 +260,7 @@ class _Pair:
 
     def next_end_s(self) -> float:
         """When the first of its flows finishes at the current rate."""
-        return self.since_s + (self.ends[0][0] - self.served) / self.rate
+        return self.since_s + (self.ends[0].end - self.served) / self.rate
 
 
 class TransferNetwork:
@@ -203,23 +276,23 @@ class TransferNetwork:
         self.egress = list(egress_bytes_per_s)
         self.ingress = list(ingress_bytes_per_s)
         n = len(self.egress)
-        self._pairs: dict[int, _Pair] = {}
-        """The active pairs, by ``src * n + dst``. An idle pair leaves (a pair that starts again is
-        made afresh): with a thousand groups most pairs carry one transfer, and a dict of every
-        pair ever used would outgrow the caches."""
+        # Only active pairs are kept, found by their endpoints (see _find): with a thousand groups
+        # most pairs carry one transfer, and a table of every pair ever used would outgrow the
+        # caches. An idle pair leaves its endpoints' lists for the spares, to carry a later one.
         self._out: list[list[_Pair]] = [[] for _ in range(n)]   # active pairs by source endpoint
         self._in: list[list[_Pair]] = [[] for _ in range(n)]    # active pairs by destination
+        self._spare_pairs: list[_Pair] = []
         self._out_mark = [0] * n            # scratch numbering of a component's resources
         self._out_res = [0] * n
         self._in_mark = [0] * n
         self._in_res = [0] * n
         self._out_x = [0] * n               # endpoints being re-rated (see _rerate)
         self._in_x = [0] * n
-        self._due: list[tuple[float, int, _Pair, int]] = []     # heap of (next end, seq, pair, its version)
-        self._seq = 0
+        self._due = EventQueue()
+        """Each active pair's next finish, the pair as payload: a pair re-rated is moved, not
+        queued again, so the queue holds one entry per active pair and none stale."""
         self._mark = 0
         self._flows = 0
-        self._active = 0
         self.version = 0
         """Bumped whenever rates change; an event carrying an older version is stale."""
         self._last_s = 0.0
@@ -250,7 +323,7 @@ class TransferNetwork:
         for side in (self._out[endpoint], self._in[endpoint]):
             for p in side:
                 served = p.served + p.rate * (self._last_s - p.since_s)
-                total += sum(end - served for end, _, _ in p.ends)
+                total += sum(f.end - served for f in p.ends)
         return total
 
     def start(self, now_s: float, transfer_id: int, src: int, dst: int, num_bytes: float) -> list[int]:
@@ -260,25 +333,36 @@ class TransferNetwork:
         touched = self._pending
         self._pending_s = now_s
         done = self._finish_by(now_s, touched)
-        key = src * len(self.egress) + dst
-        pair = self._pairs.get(key)
-        if pair is None:
-            pair = self._pairs[key] = _Pair(src, dst, key)
-        if pair.out_pos < 0:                 # (re)activated: its count starts afresh
-            pair.served = 0.0
-            pair.since_s = now_s
+        pair = self._find(src, dst)
+        if pair is None:                    # (re)activated: its count starts afresh
+            pair = self._spare_pairs.pop() if self._spare_pairs else _Pair()
+            pair.restart(src, dst, src * len(self.egress) + dst, now_s)
             pair.out_pos = len(self._out[src])
             self._out[src].append(pair)
             pair.in_pos = len(self._in[dst])
             self._in[dst].append(pair)
-            self._active += 1
         else:
             pair.settle(now_s)
-        heapq.heappush(pair.ends, (pair.served + float(num_bytes), transfer_id, float(num_bytes)))
+        _push_flow(pair.ends, _Flow(pair.served + float(num_bytes), transfer_id, float(num_bytes)))
         self._flows += 1
         touched.append(pair)
         self.version += 1
         return done
+
+    def _find(self, src: int, dst: int) -> Optional[_Pair]:
+        """The active pair from ``src`` to ``dst``, if any, from the shorter of their lists (the
+        pairs a re-rating at these endpoints walks anyway)."""
+        out = self._out[src]
+        into = self._in[dst]
+        if len(out) <= len(into):
+            for p in out:
+                if p.dst == dst:
+                    return p
+        else:
+            for p in into:
+                if p.src == src:
+                    return p
+        return None
 
     def cancel(self, now_s: float, transfer_id: int) -> None:
         """Drop a transfer (an endpoint failed); the others keep their progress and share its rate."""
@@ -291,11 +375,11 @@ class TransferNetwork:
             carry.remove(transfer_id)
         for side in self._out:                              # a failure path: a scan is fine here
             for p in side:
-                for i, entry in enumerate(p.ends):
-                    if entry[1] == transfer_id:
+                for i, f in enumerate(p.ends):
+                    if f.transfer_id == transfer_id:
                         p.settle(now_s)
                         p.ends.pop(i)
-                        heapq.heapify(p.ends)
+                        p.ends.sort(key=_flow_order)    # sorted is a heap
                         self._flows -= 1
                         touched.append(p)
                         break
@@ -317,13 +401,7 @@ class TransferNetwork:
         self._flush()
         if self._carry:
             return self._last_s
-        due = self._due
-        while due:
-            _, _, p, version = due[0]
-            if version == p.version and p.ends:
-                return due[0][0]
-            heapq.heappop(due)
-        return None
+        return self._due.peek_time()
 
     def _finish_by(self, now_s: float, touched: list[_Pair]) -> list[int]:
         """Pop the flows that finished by ``now_s`` (with what :meth:`cancel` carried); the pairs
@@ -332,21 +410,20 @@ class TransferNetwork:
         done: list[int] = self._carry
         self._carry = []
         due = self._due
-        while due and due[0][0] <= now_s:
-            _, _, p, version = heapq.heappop(due)
-            if version != p.version or not p.ends:
-                continue
+        while due.due_by(now_s):
+            p: _Pair = due.pop().payload
+            p.due = None
             p.settle(now_s)
             ends = p.ends
             finished = False
             while ends:
-                end, tid, nbytes = ends[0]
-                left = end - p.served
+                f = ends[0]
+                left = f.end - p.served
                 # Done when the bytes left are rounding error, or would take less than the clock's
                 # resolution at this time (else a timer at `now` would fire forever).
-                if left <= 1e-9 * nbytes + 1e-6 or now_s + left / p.rate <= now_s:
-                    heapq.heappop(ends)
-                    done.append(tid)
+                if left <= 1e-9 * f.num_bytes + 1e-6 or now_s + left / p.rate <= now_s:
+                    _pop_flow(ends)
+                    done.append(f.transfer_id)
                     self._flows -= 1
                     finished = True
                 else:
@@ -354,7 +431,6 @@ class TransferNetwork:
             if finished:
                 touched.append(p)
             else:                   # not quite there (rounding): due again at its recomputed end
-                p.version += 1
                 self._push(p)
         if len(done) > 1:
             done.sort()             # same-time finishes land in the order they started
@@ -368,8 +444,8 @@ class TransferNetwork:
             self._rerate(self._pending_s, touched)
 
     def _push(self, p: _Pair) -> None:
-        self._seq += 1
-        heapq.heappush(self._due, (p.next_end_s(), self._seq, p, p.version))
+        """Queue ``p``'s next finish at its current rate (moving the one queued)."""
+        p.due = self._due.push_or_move(p.due, p.next_end_s(), Kind.TRANSFER, p)
 
     def _rerate(self, now_s: float, touched: list[_Pair]) -> None:
         """Recompute the max-min rates that the changes to the pairs in ``touched`` affect.
@@ -394,9 +470,8 @@ class TransferNetwork:
                     return
             elif len(self._out[p.src]) == 1 and len(self._in[p.dst]) == 1:
                 p.settle(now_s)
-                p.rate = min(self.egress[p.src], self.ingress[p.dst]) / len(p.ends)
+                p.rate = min(self.egress[p.src], self.ingress[p.dst]) / float(len(p.ends))
                 p.bottleneck_out = self.egress[p.src] <= self.ingress[p.dst]
-                p.version += 1
                 self._push(p)
                 return
         self._mark += 1
@@ -419,9 +494,6 @@ class TransferNetwork:
             xs.extend(more)
         else:                               # spread too far: re-rate the whole component
             self._rerate_component(now_s, xs, changed)
-        if len(self._due) > 4 * self._active + 64:   # stale entries: rebuild the heap
-            self._due = [e for e in self._due if e[3] == e[2].version and e[2].ends]
-            heapq.heapify(self._due)
 
     def _rerate_around(self, now_s: float, xs: list[int], xmark: int, changed: int) -> Optional[list[int]]:
         """Re-rate the pairs at endpoints ``xs`` (marked ``xmark``) holding the others; commit and
@@ -507,7 +579,6 @@ class TransferNetwork:
             if q.next_rate != q.rate or q.changed == changed:
                 q.settle(now_s)
                 q.rate = q.next_rate
-                q.version += 1
                 self._push(q)
             q.bottleneck_out = q.next_out
         return None
@@ -554,7 +625,6 @@ class TransferNetwork:
             q = component[i][1]
             q.rate = rates[i]
             q.bottleneck_out = froze[i] == out_res[i]
-            q.version += 1
             self._push(q)
 
     def _deactivate(self, p: _Pair) -> None:
@@ -569,9 +639,10 @@ class TransferNetwork:
             side[p.in_pos] = last
             last.in_pos = p.in_pos
         p.out_pos = p.in_pos = -1
-        p.version += 1
-        self._active -= 1
-        del self._pairs[p.key]
+        if p.due is not None:
+            self._due.remove(p.due)
+            p.due = None
+        self._spare_pairs.append(p)
 
 
 def _left(capacity: float, side: list[_Pair], smark: int) -> float:
