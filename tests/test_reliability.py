@@ -257,9 +257,11 @@ def test_a_dropped_report_is_caught_by_its_deadline_and_the_requests_resumed(ray
     r = run_live(exp, address=ray_cluster.address, clock=clock, backend="numpy", time_scale=1.0,  # type: ignore[arg-type]
                  faults={"hang_group": "d", "hang_at_span": hang_at}, call_timeout_s=3.0)
     rt = r.summary["runtime"]
-    # the dropped report is caught (on a loaded machine a slow answer may be taken for stuck too)
+    # the dropped report is caught (on a loaded machine a slow answer may be taken for stuck too,
+    # and that actor restarted as well: the CI of the fifteenth session saw the prefill actor's)
     assert rt["stuck_actors"] >= 1
-    assert {(f["group"], f["restarted"]) for f in rt["failures"]} == {("d", True)}
+    failures = {(f["group"], f["restarted"]) for f in rt["failures"]}
+    assert ("d", True) in failures and all(restarted for _, restarted in failures)
     rows = r.records.to_pylist()
     assert sorted(row["request_id"] for row in rows) == list(range(n))
     assert {row["status"] for row in rows} == {"completed"}
