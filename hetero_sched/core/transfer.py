@@ -165,11 +165,6 @@ def _before(a: _Flow, b: _Flow) -> bool:
     return a.end < b.end or (a.end == b.end and a.transfer_id < b.transfer_id)
 
 
-def _flow_order(f: _Flow) -> tuple[float, int]:
-    """The same order as a sort key (a sorted list is a heap)."""
-    return f.end, f.transfer_id
-
-
 # A pair's flows are a binary heap of compiled objects, compared by reading two fields: a heap
 # of tuples through ``heapq`` cost a module lookup, a call and rich comparisons per operation.
 def _push_flow(heap: list[_Flow], f: _Flow) -> None:
@@ -378,8 +373,10 @@ class TransferNetwork:
                 for i, f in enumerate(p.ends):
                     if f.transfer_id == transfer_id:
                         p.settle(now_s)
-                        p.ends.pop(i)
-                        p.ends.sort(key=_flow_order)    # sorted is a heap
+                        rest = p.ends[:i] + p.ends[i + 1:]
+                        p.ends = []
+                        for g in rest:                  # the heap again, without it
+                            _push_flow(p.ends, g)
                         self._flows -= 1
                         touched.append(p)
                         break
