@@ -23,6 +23,7 @@ COMPILED = [
     "hetero_sched/core/batch.py",
     "hetero_sched/core/transfer.py",
     "hetero_sched/core/placement.py",
+    "hetero_sched/core/costmemo.py",
     "hetero_sched/core/view.py",
     "hetero_sched/core/fleet.py",
     "hetero_sched/core/group.py",

@@ -2,6 +2,7 @@
 
     python bench/sim_scale.py                      # 5, 20, 80, 320, 1280 groups; 20,000 requests each
     python bench/sim_scale.py --sizes 5,1280 --requests 50000 --repeat 5 --processes 5
+    python bench/sim_scale.py --sizes 5,1280 --policy disagg-slo   # another policy (YAML, as `policy:`)
 
 The shipped experiment (four trn2.48xlarge prefill groups, one four-CS-3 decode group: five
 groups) with every group's ``replicas`` multiplied by ``k`` (k = groups / 5), and a synthetic
@@ -40,25 +41,29 @@ import yaml
 
 from hetero_sched.engine.assembly import build_scheduler, resolve
 from hetero_sched.engine.loop import run_events
+from hetero_sched.errors import UserError
 from hetero_sched.workload import synthetic
 
 BASE_GROUPS = 5
 """Groups in the shipped experiment (4 prefill replicas + 1 decode group): size 5 is k = 1."""
 
 
-def scaled_experiment(k: int, rate_per_s: float, num_requests: int) -> dict[str, Any]:
-    """The shipped experiment as a mapping, every group's replicas × ``k``."""
+def scaled_experiment(k: int, rate_per_s: float, num_requests: int, policy: Any = None) -> dict[str, Any]:
+    """The shipped experiment as a mapping, every group's replicas × ``k`` (and ``policy`` as its
+    ``policy:`` value, if given)."""
     data = yaml.safe_load(resources.files("hetero_sched").joinpath("data", "experiment_default.yaml").read_text())
+    if policy is not None:
+        data["policy"] = policy
     for g in data["groups"]:
         g["replicas"] = int(g.get("replicas", 1)) * k
     data["workload"] = dict(data["workload"], num_requests=num_requests, rate_per_s=rate_per_s)
     return data
 
 
-def measure(groups: int, requests: int, rate_per_group: float, repeat: int) -> dict[str, Any]:
+def measure(groups: int, requests: int, rate_per_group: float, repeat: int, policy: Any = None) -> dict[str, Any]:
     """One size, in this process: every run's wall time."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    exp, base = resolve(scaled_experiment(groups // BASE_GROUPS, rate_per_group * groups, requests))
+    exp, base = resolve(scaled_experiment(groups // BASE_GROUPS, rate_per_group * groups, requests, policy))
     w = synthetic(requests, rate_per_group * groups, prompt="azure-conv", output="azure-conv", seed=exp.seed)
     walls = []
     sched = None
@@ -99,6 +104,9 @@ def main() -> None:
                     help="arrival rate per group, req/s (3.2: 16 req/s for the 5-group experiment)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per process; the median of all runs is reported")
     ap.add_argument("--processes", type=int, default=3, help="fresh processes per size, one after the other")
+    ap.add_argument("--policy", default=None,
+                    help="the policy, as the experiment's `policy:` value in YAML: a name (disagg-slo) or "
+                         "'{name: disagg, params: {choices: 2}}' (default: the shipped experiment's, disagg)")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)   # a child: one size
     args = ap.parse_args()
     for name in ("requests", "repeat", "processes"):
@@ -106,8 +114,16 @@ def main() -> None:
             ap.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if not args.rate_per_group > 0:
         ap.error(f"--rate-per-group must be positive (got {args.rate_per_group})")
+    policy = None
+    if args.policy is not None:
+        try:
+            policy = yaml.safe_load(args.policy)
+            exp, base = resolve(scaled_experiment(1, args.rate_per_group, 10, policy))
+            build_scheduler(exp, synthetic(10, args.rate_per_group, prompt="azure-conv", output="azure-conv"), base)
+        except (yaml.YAMLError, UserError) as exc:
+            ap.error(f"--policy: {' '.join(str(exc).split())}")
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.requests, args.rate_per_group, args.repeat)))
+        print(json.dumps(measure(args.one, args.requests, args.rate_per_group, args.repeat, policy)))
         return
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
@@ -119,7 +135,8 @@ def main() -> None:
     for round_ in range(args.processes):
         for size in sizes:
             out = subprocess.run([sys.executable, __file__, "--one", str(size), "--requests", str(args.requests),
-                                  "--rate-per-group", str(args.rate_per_group), "--repeat", str(args.repeat)],
+                                  "--rate-per-group", str(args.rate_per_group), "--repeat", str(args.repeat),
+                                  *(["--policy", args.policy] if args.policy is not None else [])],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 sys.stderr.write(out.stderr)

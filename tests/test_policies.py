@@ -132,6 +132,27 @@ def test_disagg_slo_prefers_the_prefill_group_with_the_lower_predicted_ttft():
     assert max(_rows(r)[i]["token1_s"] for i in (0, 1)) < max(_rows(plain)[i]["token1_s"] for i in (0, 1))
 
 
+def test_disagg_slo_asks_its_groups_cost_model_each_question_once(monkeypatch):
+    """disagg-slo predicts two prefill times and a decode step per candidate and decision; a
+    view answers from the memo its group fills (shared by the groups of one cost model), so
+    the cost model hears each one-prompt prefill and each batch size's decode lines once."""
+    exp = disagg_experiment(policy="disagg-slo", oracle=True)   # two prefill groups, one cost model
+    asked: list[tuple] = []
+    for cls in {type(g.cost) for g in _groups(exp)}:
+        for name in ("prefill_time_s", "decode_step_lines"):
+            def counted(self, *args, _real=getattr(cls, name), _name=name):
+                if _name == "decode_step_lines" or len(args[0]) == 1:    # batches of prompts: not kept
+                    asked.append((id(self), _name, repr(args)))
+                return _real(self, *args)
+            monkeypatch.setattr(cls, name, counted)
+    w = _workload(np.arange(60) * 0.05, [512, 1024, 2048] * 20, [8, 16] * 30)
+    r = hs.simulate(exp, workload=w)
+    assert r.summary["completed"] == 60
+    assert {a[1] for a in asked} == {"prefill_time_s", "decode_step_lines"}
+    assert len(asked) == len(set(asked))
+    assert len(asked) < 60                 # without the memo: several per decision
+
+
 # --- disagg-prefix (Dynamo's KV router) ---------------------------------------------------------
 def test_disagg_prefix_sends_a_request_to_the_group_holding_its_prefix():
     block = 64

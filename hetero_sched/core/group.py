@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, Optional
+from typing import Optional
 
 from hetero_sched.core.batch import DecodeBatch
+from hetero_sched.core.costmemo import CostMemo
 from hetero_sched.core.kvblocks import BlockAllocator
 from hetero_sched.core.kvmemory import KVMemory, prefix_hit_tokens
 from hetero_sched.core.kvtiers import KVTiers, PrefixPlan
@@ -66,25 +67,6 @@ class GroupLimits:
     """Share of the prefill side's KV memory budgeted for the prefix cache / KV retention."""
 
 
-PREFILL_MEMO_SIZE: Final = 1 << 16
-"""One-prompt prefill times a :class:`CostMemo` keeps, at most (then it asks the cost model)."""
-
-
-class CostMemo:
-    """What groups asked of one cost model, kept for every group that shares that model.
-
-    The cost model is plain Python (a prefill time is ~3 µs, a tenth of a simulated request),
-    and batch sizes and prompt lengths repeat: decode-step lines per batch size, and the prefill
-    time of a one-prompt span per (new, cached) tokens. The answers are the cost model's own.
-    """
-
-    __slots__ = ("lines", "prefill_s")
-
-    def __init__(self) -> None:
-        self.lines: dict[int, tuple[Line, ...]] = {}
-        self.prefill_s: dict[int, float] = {}
-
-
 class GroupState:
     """One device group's queues, batch and KV memory, with closed-form spans."""
 
@@ -123,7 +105,7 @@ class GroupState:
         """Σ KV blocks in use × time (sampled whenever the scheduler touches the group)."""
         self._kv_used = 0
         self._kv_since_s = 0.0
-        self._memo = CostMemo()
+        self._memo = CostMemo(cost)
         self.chunk_budget: Optional[int] = None
         """Tokens per iteration when prefill is chunked (Sarathi-Serve); None: whole prompts."""
         self._partial: list[RequestState] = []            # chunked prefills under way, in order
@@ -233,28 +215,15 @@ class GroupState:
     def share_cost_memo(self, memo: CostMemo) -> None:
         """Use ``memo`` for what this group asks its cost model: groups with one cost model
         share one (each question is then asked of the cost model once, not once per group)."""
-        memo.lines.update(self._memo.lines)
-        memo.prefill_s.update(self._memo.prefill_s)
+        memo.absorb(self._memo)
         self._memo = memo
 
     def decode_lines(self, batch_size: int) -> tuple[Line, ...]:
-        lines = self._memo.lines.get(batch_size)
-        if lines is None:
-            lines = self._memo.lines[batch_size] = self.cost.decode_step_lines(batch_size)
-        return lines
+        return self._memo.decode_lines(batch_size)
 
     def prefill_s(self, new_tokens: list[int], cached_tokens: list[int]) -> float:
         """The cost model's prefill time of a span (one prompt's: from the memo when asked before)."""
-        if len(new_tokens) != 1 or cached_tokens[0] >= 1 << 32:
-            return self.cost.prefill_time_s(new_tokens, cached_tokens)
-        key = new_tokens[0] << 32 | cached_tokens[0]
-        memo = self._memo.prefill_s
-        duration = memo.get(key)
-        if duration is None:
-            duration = self.cost.prefill_time_s(new_tokens, cached_tokens)
-            if len(memo) < PREFILL_MEMO_SIZE:
-                memo[key] = duration
-        return duration
+        return self._memo.prefill_s(new_tokens, cached_tokens)
 
     def fits_ever(self, tokens: int) -> bool:
         """Whether ``tokens`` of KV could fit this group at all (when empty)."""

@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence, cast
 
 from hetero_sched.core.events import NO_ID, DecisionCode as D, DecisionLog, Kind, log_id
 from hetero_sched.core.fleet import Fleet
-from hetero_sched.core.group import CostMemo, GroupState, Role
+from hetero_sched.core.costmemo import CostMemo
+from hetero_sched.core.group import GroupState, Role
 from hetero_sched.core.hooks import ExecutorHooks
 from hetero_sched.core.kvblocks import PrefixHolders
 from hetero_sched.core.kvstore import ClusterKVStore, PrefixPlanner
@@ -81,10 +82,13 @@ class Scheduler:
         self.report_interval_s = report_interval_s
         self.layerwise = layerwise
         """Stream KV layer by layer during prefill (None: send after prefill)."""
+        memos: dict[int, CostMemo] = {}
+        for g in self.groups:
+            g.share_cost_memo(memos.setdefault(id(g.cost), CostMemo(g.cost)))
         self.views = [GroupView(g.group_id, g.name, g.device, g.pool, g.role, g.cost, g.kv.num_blocks,
                                 block_size=g.limits.block_size, max_batch_tokens=g.limits.max_batch_tokens,
                                 max_num_seqs=g.limits.max_num_seqs, prefix_probe=g.cached_prefix_blocks,
-                                prefix_planner=None if planner is None else planner.plan)
+                                prefix_planner=None if planner is None else planner.plan, memo=memos[id(g.cost)])
                       for g, planner in zip(self.groups, self._planners)]
         # with KV tiers a group's device-memory prefix blocks live in its tiers, not in a prefix
         # cache the index hears from: the Fleet then asks each view (O(G), tiers only)
@@ -93,11 +97,9 @@ class Scheduler:
         self.fleet = Fleet(self.views, holders)
         """The views as policies get them, with the indexes that spare them a scan of every group."""
         self._seen = cast(Sequence[GroupView], self.fleet)    # a Fleet is a sequence of views
-        memos: dict[int, CostMemo] = {}
-        for g in self.groups:
-            if holders is not None:
+        if holders is not None:
+            for g in self.groups:
                 g.memory.index_prefixes(holders, g.group_id)
-            g.share_cost_memo(memos.setdefault(id(g.cost), CostMemo()))
         try:
             policy.check(self._seen)
         except UserError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from hetero_sched.core.costmemo import CostMemo
 from hetero_sched.core.kvblocks import blocks_for
 from hetero_sched.core.kvmemory import prefix_hit_tokens, reservation_tokens
 from hetero_sched.core.kvtiers import PrefixPlan
@@ -29,7 +30,8 @@ class GroupView:
                  cost: GroupCost, kv_blocks_total: int, *, block_size: int = 16,
                  max_batch_tokens: int = 16384, max_num_seqs: int = 256,
                  prefix_probe: Optional[Callable[[tuple[int, ...]], int]] = None,
-                 prefix_planner: Optional[Callable[[tuple[int, ...], int, int, int], PrefixPlan]] = None) -> None:
+                 prefix_planner: Optional[Callable[[tuple[int, ...], int, int, int], PrefixPlan]] = None,
+                 memo: Optional[CostMemo] = None) -> None:
         self.group_id = group_id
         self.name = name
         self.device = device
@@ -52,6 +54,8 @@ class GroupView:
         self.max_num_seqs = max_num_seqs
         self._prefix_probe = prefix_probe
         self._prefix_planner = prefix_planner
+        self._memo = memo if memo is not None else CostMemo(cost)
+        """What the group's cost model answered before (the scheduler passes the group's own)."""
 
     @property
     def is_draining(self) -> bool:
@@ -112,7 +116,14 @@ class GroupView:
 
     def decode_step_s(self, batch_size: int, context_tokens: float) -> float:
         """One decode step's time here with ``batch_size`` sequences and ``context_tokens`` in all."""
-        return step_time_s(self.cost.decode_step_lines(batch_size), context_tokens)
+        return step_time_s(self._memo.decode_lines(batch_size), context_tokens)
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        """One prefill iteration's time here for one prompt of ``new_tokens`` to compute after
+        ``cached_tokens`` already held: ``cost.prefill_time_s([new_tokens], [cached_tokens])``,
+        remembered with the group's own answers (a prediction per candidate and decision costs a
+        dict probe, not the cost model)."""
+        return self._memo.prefill_s([new_tokens], [cached_tokens])
 
     def transfer_s(self, request: RequestInfo, dst: "GroupView") -> float:
         """``request``'s KV (prompt plus the token its prefill makes) from here to ``dst``, with

@@ -41,7 +41,7 @@ def kv_router_cost(request: RequestInfo, g: GroupView, overlap_weight: float) ->
     if plan is None:
         to_compute = float(blocks - min(g.cached_prefix_blocks(request.prefix_hashes), blocks))
     else:
-        block_s = g.cost.prefill_time_s([block], [0])
+        block_s = g.prefill_s(block)
         to_compute = blocks - min(plan.blocks, blocks) + (plan.fetch_s / block_s if block_s > 0 else 0.0)
     in_use = (g.prefill_queued_tokens + (g.kv_blocks_total - g.kv_blocks_free) * g.block_size) / block
     return overlap_weight * to_compute + in_use

@@ -47,9 +47,9 @@ def predicted_ttft_s(request: RequestInfo, g: GroupView) -> float:
     queue_s = 0.0
     if g.prefill_queued_tokens:
         full = g.max_batch_tokens
-        queue_s = g.prefill_queued_tokens / full * g.cost.prefill_time_s([full], [0])
+        queue_s = g.prefill_queued_tokens / full * g.prefill_s(full)
     hit = g.cached_tokens(request)
-    return queue_s + g.cost.prefill_time_s([request.prompt_tokens - hit], [hit])
+    return queue_s + g.prefill_s(request.prompt_tokens - hit, hit)
 
 
 def predicted_tpot_s(request: RequestInfo, d: GroupView, transfer: float) -> Optional[float]:
