@@ -7,8 +7,10 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 import hetero_sched as hs
-from hetero_sched.core.fleet import BOTH, CRITERIA, DECODE, DECODE_SLOT, FILTERS, PREFILL, Fleet
+from hetero_sched.core.fleet import BOTH, CRITERIA, DECODE, DECODE_SLOT, FILTERS, PREFILL, Fleet, sample_positions
 from hetero_sched.core.view import GroupView
 from hetero_sched.experiment import load_experiment
 
@@ -92,6 +94,26 @@ def test_sample_draws_as_rng_sample_over_the_role_list() -> None:
     for _ in range(50):
         pool = [v for v in views if v.can_decode]
         assert [v.group_id for v in fleet.sample(a, False, 2)] == [v.group_id for v in b.sample(pool, 2)]
+
+
+class _OwnRandom(random.Random):
+    """A generator with its own ``random()``: random.sample draws through it, not getrandbits."""
+
+    def random(self) -> float:
+        return super().random() ** 2
+
+
+@pytest.mark.parametrize("make", [random.Random, _OwnRandom])
+def test_sample_positions_are_rng_sample_of_a_range_for_every_pool_and_k(make) -> None:
+    """Both of random.sample's ways (a list below ~21 + 4^⌈log4 3k⌉ items, a set above), k from
+    one to the pool, the generator left in the same state."""
+    for seed in range(40):
+        a, b = make(seed), make(seed)
+        for n in (1, 2, 3, 7, 21, 22, 40, 90, 700, 1300):
+            for k in (1, 2, 3, 5, 6, 12, 40, n):
+                if k <= n:
+                    assert sample_positions(a, n, k) == b.sample(range(n), k), (seed, n, k)
+        assert a.getrandbits(64) == b.getrandbits(64)
 
 
 def test_custom_ranking_follows_changes() -> None:
