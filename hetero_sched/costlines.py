@@ -61,9 +61,10 @@ def step_time_s(lines: tuple[Line, ...], context_tokens: float) -> float:
 
 def upper_envelope(lines: Sequence[Line]) -> list[Line]:
     """Drop lines that never attain the max for ``C >= 0`` (keeps kinks meaningful)."""
+    every = tuple(lines)
+    peaks = [(c, step_time_s(every, c)) for c in _candidate_contexts(lines)]    # the max where lines cross
     kept = [line for line in set(lines)
-            if any(math.isclose(step_time_s(tuple(lines), c), line[0] + line[1] * c, rel_tol=1e-12)
-                   for c in _candidate_contexts(lines))]
+            if any(math.isclose(peak, line[0] + line[1] * c, rel_tol=1e-12) for c, peak in peaks)]
     return sorted(kept, key=lambda l: (l[1], l[0]))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from hetero_sched.catalog import GroupSpec, get_device, get_model, resolve_assumptions, resolve_catalog
@@ -98,6 +100,7 @@ def test_overrides_apply_and_are_stamped() -> None:
     ({"device.trn2.hbm_gb": 1}, "unknown override key 'device.trn2.hbm_gb'"),
     ({"model.llama-9b.num_layers": 1}, "unknown override key 'model.llama-9b.num_layers'"),
     ({"cost.trn2.dollars_per_hour": "cheap"}, "expected a number"),
+    ({"cost.trn2.dollars_per_hour": [1, 2]}, "expected a number"),
     ({"model.tiny.num_layers": 2.5}, "expected an integer"),
     ({"model.tiny.kv_dtype": "fp7"}, "unknown dtype 'fp7'"),
     ({"speed": 3}, "unknown override key 'speed'"),
@@ -106,6 +109,21 @@ def test_overrides_apply_and_are_stamped() -> None:
 def test_bad_overrides_name_the_key(overrides: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         resolve_catalog(overrides)
+
+
+def test_a_remembered_catalog_follows_its_overrides_and_is_read_only() -> None:
+    """Catalogs are remembered per set of overrides (a calibration asks for the same ones once per
+    figure): each set gets its own numbers, and no caller can change a catalog others share."""
+    for value in (1e-3, 2e-3, 1e-3):
+        assert resolve_catalog({"cost.trn2.step_overhead_s": value}).cost("trn2").step_overhead_s == value
+    cat = resolve_catalog()
+    assert resolve_catalog() is cat
+    with pytest.raises(TypeError):
+        cat.devices["trn2"] = cat.devices["cs3"]     # type: ignore[index]
+    assert pickle.loads(pickle.dumps(cat)) == cat     # (to a Ray task, say)
+    for _ in range(2):                                # an error is not remembered
+        with pytest.raises(UserError, match="unknown override key 'speed'"):
+            resolve_catalog({"speed": 3})
 
 
 def test_every_number_has_a_status_and_a_source() -> None:

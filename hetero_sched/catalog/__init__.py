@@ -17,7 +17,9 @@ results are stamped with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional
 
 from hetero_sched.catalog import costparams, devices, memorynodes, models
@@ -47,6 +49,10 @@ class Catalog:
     models: Mapping[str, ModelSpec]
     costs: Mapping[str, CostParams]
     memory_nodes: Mapping[str, MemoryNodeSpec]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as plain dicts (its read-only views of them do not pickle)."""
+        return (Catalog, (dict(self.devices), dict(self.models), dict(self.costs), dict(self.memory_nodes)))
 
     def device(self, name: str) -> DeviceSpec:
         """A device by name (UserError listing the known ones)."""
@@ -99,7 +105,28 @@ def _replace(obj: Any, fields: dict[str, Any], keys: dict[str, str]) -> Any:
 
 def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = CatalogData()) -> Catalog:
     """The shipped catalog plus ``extra`` entries, with ``overrides`` applied; an unknown key or
-    bad value is a UserError."""
+    bad value is a UserError.
+
+    Catalogs of the shipped entries alone are remembered per set of overrides (the last 256): a
+    calibration asks for the same overrides once per figure at each step of its fit (~140,000
+    times for ``calibrate --published``). A Catalog is read-only, so callers may share one."""
+    if extra == _NO_EXTRA:
+        try:
+            return _resolve_shipped(tuple((overrides or {}).items()))
+        except TypeError:                   # an unhashable value (a list, say): resolved as it is
+            pass
+    return _resolve(overrides, extra)
+
+
+_NO_EXTRA = CatalogData()
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_shipped(overrides: tuple[tuple[str, Any], ...]) -> Catalog:
+    return _resolve(dict(overrides), _NO_EXTRA)
+
+
+def _resolve(overrides: Optional[Overrides], extra: CatalogData) -> Catalog:
     base = shipped()                    # (keyed by name already: a copy, not a rebuild)
     devs, mods, costs, nodes = dict(base.devices), dict(base.models), dict(base.costs), dict(base.memory_nodes)
     devs.update({d.name: d for d in extra.devices})
@@ -143,7 +170,8 @@ def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = 
         keys[field] = key
     for (kind, name), (fields, keys) in changes.items():
         entries[kind][name] = _replace(entries[kind][name], fields, keys)
-    return Catalog(devices=devs, models=mods, costs=costs, memory_nodes=nodes)
+    return Catalog(devices=MappingProxyType(devs), models=MappingProxyType(mods), costs=MappingProxyType(costs),
+                   memory_nodes=MappingProxyType(nodes))
 
 
 def _entries(prefix: str, obj: Any, names: Iterable[str]) -> dict[str, dict[str, Any]]:
