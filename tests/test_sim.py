@@ -542,3 +542,12 @@ def test_bench_sim_scale_prints_one_row_per_size_last_and_refuses_bad_flags():
     assert rows[1]["vs_smallest"] == round(rows[1]["requests_per_s"] / rows[0]["requests_per_s"], 3)
     bad = subprocess.run([sys.executable, str(bench), "--sizes", "7"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "multiples of 5" in bad.stderr and "Traceback" not in bad.stderr
+    # --policy reaches the measured runs: an SLO no placement meets rejects every request
+    slo = subprocess.run([sys.executable, str(bench), "--sizes", "10", "--requests", "200", "--repeat", "1",
+                          "--processes", "1", "--policy", "{name: disagg-slo, params: {ttft_slo_s: 1.0e-9}}"],
+                         capture_output=True, text=True, timeout=300)
+    assert slo.returncode == 0, slo.stderr
+    (row,) = json.loads(slo.stdout.strip().splitlines()[-1])
+    assert row["groups"] == 10 and row["completed"] == 0
+    bad = subprocess.run([sys.executable, str(bench), "--policy", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown policy 'nope'" in bad.stderr and "Traceback" not in bad.stderr
