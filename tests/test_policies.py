@@ -132,6 +132,25 @@ def test_disagg_slo_prefers_the_prefill_group_with_the_lower_predicted_ttft():
     assert max(_rows(r)[i]["token1_s"] for i in (0, 1)) < max(_rows(plain)[i]["token1_s"] for i in (0, 1))
 
 
+def test_disagg_slo_fastest_prefill_is_the_scan_over_every_prefill_group_of_the_kind():
+    """The least-queued group that does not hold the first prefix block, or a holder: exactly the
+    lowest (predicted TTFT, id) over every prefill group (ties, holders, none holding)."""
+    from hetero_sched.core.fleet import Fleet
+    from hetero_sched.policies.disagg_slo import fastest_prefill, predicted_ttft_s
+
+    cost = _groups(_one_each())[0].cost
+    rng = random.Random(7)
+    for trial in range(200):
+        held = {gid: rng.choice([0, 0, 0, 1, 2, 3]) for gid in range(12)}     # leading blocks cached
+        views = [_view(gid, Role.PREFILL if rng.random() < 0.8 else Role.DECODE, cost=cost,
+                       queued=rng.randrange(4) * 4096, probe=lambda hashes, n=held[gid]: n)
+                 for gid in range(12)]
+        request = RequestInfo(trial, 0.0, rng.choice([600, 2048, 5000]), 50,
+                              prefix_hashes=(11, 12, 13) if rng.random() < 0.7 else None, prefix_block_tokens=512)
+        scan = min(((predicted_ttft_s(request, v), v.group_id) for v in views if v.can_prefill), default=None)
+        assert fastest_prefill(request, Fleet(views, scan_limit=0), 0) == scan, trial
+
+
 def test_disagg_slo_asks_its_groups_cost_model_each_question_once(monkeypatch):
     """disagg-slo predicts two prefill times and a decode step per candidate and decision; a
     view answers from the memo its group fills (shared by the groups of one cost model), so

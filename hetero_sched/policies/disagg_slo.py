@@ -71,12 +71,12 @@ def fastest_prefill(request: RequestInfo, fleet: Fleet, kind: int) -> Optional[t
     best: Optional[tuple[float, int]] = None
     holders = [g for g in fleet.prefix_holders(request.prefix_hashes[0])
                if g.can_prefill and fleet.kind_of(g.group_id) == kind] if request.prefix_hashes else []
-    candidates = list(holders)
-    held = {g.group_id for g in holders}
-    for g in fleet.ordered(PREFILL_TOKENS, PREFILL, kind):
-        if g.group_id not in held:
-            candidates.append(g)
-            break
+    if holders:
+        held = {g.group_id for g in holders}
+        least = next((g for g in fleet.ordered(PREFILL_TOKENS, PREFILL, kind) if g.group_id not in held), None)
+    else:                                   # nothing to skip: no walk of the ranking
+        least = fleet.best(PREFILL_TOKENS, PREFILL, kind)
+    candidates = holders + ([least] if least is not None else [])
     for g in candidates:
         key = (predicted_ttft_s(request, g), g.group_id)
         if best is None or key < best:
