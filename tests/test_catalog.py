@@ -124,6 +124,9 @@ def test_a_remembered_catalog_follows_its_overrides_and_is_read_only() -> None:
     for _ in range(2):                                # an error is not remembered
         with pytest.raises(UserError, match="unknown override key 'speed'"):
             resolve_catalog({"speed": 3})
+    resolve_catalog({"cost.trn2.dollars_per_hour": 1})
+    with pytest.raises(UserError, match="expected a number, got True"):   # True == 1, yet refused
+        resolve_catalog({"cost.trn2.dollars_per_hour": True})
 
 
 def test_every_number_has_a_status_and_a_source() -> None:

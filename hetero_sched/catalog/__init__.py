@@ -111,8 +111,8 @@ def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = 
     calibration asks for the same overrides once per figure at each step of its fit (~140,000
     times for ``calibrate --published``). A Catalog is read-only, so callers may share one."""
     if extra == _NO_EXTRA:
-        try:
-            return _resolve_shipped(tuple((overrides or {}).items()))
+        try:                                # keyed by each value's type too: True == 1, but True is refused
+            return _resolve_shipped(tuple((k, type(v), v) for k, v in (overrides or {}).items()))
         except TypeError:                   # an unhashable value (a list, say): resolved as it is
             pass
     return _resolve(overrides, extra)
@@ -122,8 +122,8 @@ _NO_EXTRA = CatalogData()
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve_shipped(overrides: tuple[tuple[str, Any], ...]) -> Catalog:
-    return _resolve(dict(overrides), _NO_EXTRA)
+def _resolve_shipped(overrides: tuple[tuple[str, type, Any], ...]) -> Catalog:
+    return _resolve({k: v for k, _, v in overrides}, _NO_EXTRA)
 
 
 def _resolve(overrides: Optional[Overrides], extra: CatalogData) -> Catalog:
