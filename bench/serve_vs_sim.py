@@ -190,7 +190,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     repo_id = write_hf_cache(work / "hf-cache")
     exp, base = resolve(None)
-    options = EngineOptions(progress_interval_s=args.progress_interval_ms / 1e3)
+    # no prefix hashes: the simulated trace (lengths only) has none, so the two see the same work
+    options = EngineOptions(progress_interval_s=args.progress_interval_ms / 1e3, prefix_block_tokens=0)
     runs, control = [], []
     with LocalCluster(nodes_for(exp)) as cluster:
         connect(cluster.address)

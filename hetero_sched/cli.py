@@ -290,6 +290,7 @@ def serve(
     bytes_scale: float = typer.Option(1e-3, help="Real KV bytes moved per modeled byte (modeled backend)."),
     progress_interval_ms: float = typer.Option(2.0, help="Devices send the tokens they made at most this often (each keeps its own time)."),
     call_timeout_s: float = typer.Option(120.0, help="A device report this many seconds past its span's expected end means the actor is stuck: it is restarted."),
+    prefix_block_tokens: int = typer.Option(16, help="Prefix caching's granularity: prompts are hashed in blocks of this many tokens, chained (0: no prefix caching)."),
     sets: Optional[list[str]] = SET,
     trace: Optional[bool] = typer.Option(None, "--trace/--no-trace", help="One OpenTelemetry trace per request, rooted at its HTTP request (default: on when an OTLP endpoint is configured)."),
     otlp_endpoint: Optional[str] = OTLP_ENDPOINT,
@@ -331,10 +332,13 @@ def serve(
             raise typer.BadParameter(f"must be finite and > 0, got {value}", param_hint=name)
     if not 0 <= device_jitter < float("inf"):
         raise typer.BadParameter(f"must be finite and >= 0, got {device_jitter}", param_hint="--device-jitter")
+    if prefix_block_tokens < 0:
+        raise typer.BadParameter(f"must be >= 0 (0: no prefix caching), got {prefix_block_tokens}",
+                                 param_hint="--prefix-block-tokens")
     exp, base = load_experiment(experiment, parse_sets(sets or []))
     _import_from(base)
     options = EngineOptions(backend, pace, device_speed, device_jitter, bytes_scale, call_timeout_s,  # type: ignore[arg-type]
-                            progress_interval_ms / 1e3)
+                            progress_interval_ms / 1e3, prefix_block_tokens=prefix_block_tokens)
     tracing = _tracing(True if otlp_endpoint and trace is None else trace, otlp_endpoint, service_name, trace_sample)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -105,6 +105,8 @@ def test_bad_flags_and_missing_file(tmp_path, monkeypatch, capsys):
     assert code == 2 and "Traceback" not in err
     code, _, err = run_cli(monkeypatch, capsys, "simulate", str(tmp_path / "nope.yaml"))
     assert code == 2 and "no such experiment file" in err
+    code, _, err = run_cli(monkeypatch, capsys, "serve", "--prefix-block-tokens", "-1")   # before any Ray
+    assert code == 2 and "--prefix-block-tokens" in err and "Traceback" not in err
 
 
 def test_run_into_a_folder_whose_journal_cannot_be_replaced_is_one_line_before_ray(tmp_path, monkeypatch, capsys):

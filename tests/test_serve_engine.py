@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import numpy as np
 import openai
 import pytest
 import requests
@@ -26,6 +27,7 @@ from hetero_sched.runtime.clock import WallClock
 from hetero_sched.serve import ServeOptions, start_ingress
 from hetero_sched.core.request import Phase
 from hetero_sched.serve.engine import EngineCore, EngineOptions, _Live
+from hetero_sched.serve.prefixes import prompt_prefix_hashes
 from hetero_sched.serve.servecore import FinalEvent, FinishReason, Refusal, Rejected, ServeRequest
 from hetero_sched.serve.tokenizer import PLACEHOLDER, ByteTokenizer, Detokenizer
 from hetero_sched.tinylm import TinyLM
@@ -74,6 +76,13 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.05)
+
+
+def tiny_llama_text(lm: TinyLM, prompt: str, n: int) -> str:
+    """What the single-process tiny Llama makes of ``prompt`` in ``n`` greedy tokens, as text."""
+    want, _ = lm.generate(np.asarray(list(ByteTokenizer().encode(prompt))), n)
+    detok = Detokenizer()
+    return detok.push(want) + detok.flush()
 
 
 def placeholder(n: int) -> str:
@@ -200,19 +209,72 @@ def test_numpy_backend_text_is_the_tiny_llamas_token_for_token(ray_cluster: Any)
         c = s.client()
         prompts = ["The quick brown fox jumps over the lazy dog", "héllo wörld " * 7, "a"]
         lm = TinyLM("tiny", 4)
-        tok = ByteTokenizer()
         for prompt in prompts:
             n = 23
-            ids = list(tok.encode(prompt))
-            want, _ = lm.generate(__import__("numpy").asarray(ids), n)
-            detok = Detokenizer()
-            expected = detok.push(want) + detok.flush()
+            expected = tiny_llama_text(lm, prompt, n)
             streamed = "".join(ch.choices[0].text for ch in c.completions.create(
                 model=MODEL, prompt=prompt, max_tokens=n, stream=True) if ch.choices)
             assert streamed == expected, prompt
             assert c.completions.create(model=MODEL, prompt=prompt, max_tokens=n).choices[0].text == expected
     finally:
         s.stop()
+
+
+def test_a_shared_prompt_prefix_is_a_prefix_cache_hit_and_the_text_stays_the_tiny_llamas(ray_cluster: Any) -> None:
+    """Served prompts carry chained prefix hashes: a prompt repeating another's first block is
+    routed to the group holding it (``disagg-prefix``; its weight outweighs the KV the group's view
+    still shows held for the last transfer: views change at span ends), its prefill reuses exactly
+    that block's KV (``usage.prompt_tokens_details.cached_tokens``), and the text is still the tiny
+    Llama's. The second prompt's next block repeats the first prompt's *last* block: a hash of a
+    block's own tokens would count it as a hit too, and decode from KV computed after other tokens."""
+    exp = disagg_experiment(model=MODEL, seed=4, policy={"name": "disagg-prefix", "params": {"overlap_weight": 10}})
+    s = Server(exp, backend="numpy", prefix_block_tokens=16)
+    x, y, z, w = "The quick brown ", "fox jumps over t", "he lazy dog, and", " then sleeps ok."
+    try:
+        c = s.client()
+        lm = TinyLM("tiny", 4)
+        cached = []
+        for prompt in (x + y + z + w, x + w + "!", x + y + "?", "no shared start at all"):
+            out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=9)
+            assert out.choices[0].text == tiny_llama_text(lm, prompt, 9), prompt
+            cached.append(out.usage.prompt_tokens_details.cached_tokens)
+        assert cached == [0, 16, 32, 0]
+    finally:
+        s.stop()
+
+
+def test_a_prefix_another_group_computed_is_read_from_the_kv_store_token_exact(ray_cluster: Any) -> None:
+    """With a cluster KV store the server starts its actors: the first prompt's blocks are written
+    to it, and the third prompt, placed on the other prefill group (``choices: 1``, seeded),
+    prefills from the blocks it reads there -- the text still the tiny Llama's."""
+    exp = disagg_experiment(model=MODEL, seed=4, kv_cache={"store": {"nodes": 1}},
+                            policy={"name": "disagg", "params": {"choices": 1, "seed": 1}})
+    s = Server(exp, backend="numpy")
+    shared = ("lorem ipsum dolor sit amet " * 40)[:1024]
+    try:
+        c = s.client()
+        lm = TinyLM("tiny", 4)
+        cached = []
+        for prompt in (shared + " first", shared + " second", shared + " third"):
+            out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=5)
+            assert out.choices[0].text == tiny_llama_text(lm, prompt, 5), prompt
+            cached.append(out.usage.prompt_tokens_details.cached_tokens)
+        assert cached == [0, 1024, 1024]       # the second on the first's group, the third from the store
+    finally:
+        s.stop()
+
+
+def test_prefix_hashes_are_chained_over_full_blocks_only() -> None:
+    """Block j's hash stands for every token up to its end: equal blocks after different
+    prefixes hash apart, and a partial last block gets no hash."""
+    a = prompt_prefix_hashes(list(range(40)), 16)
+    assert len(a) == 2 and all(0 <= h < 1 << 63 for h in a)
+    assert prompt_prefix_hashes(list(range(32)) + [7], 16) == a              # the same full blocks
+    b = prompt_prefix_hashes([99] * 16 + list(range(16, 32)), 16)            # block 1 alike, block 0 not
+    assert b[0] != a[0] and b[1] != a[1]
+    assert prompt_prefix_hashes(list(range(15)), 16) == ()
+    with pytest.raises(ValueError):
+        prompt_prefix_hashes([1, 2], 0)
 
 
 def test_each_request_is_one_trace_rooted_at_its_http_request_under_the_clients(ray_cluster: Any,

@@ -4,8 +4,8 @@
 engine ``hetero-sched run`` uses (``engine/loop.py`` + ``runtime/devices.py``), on the wall
 clock, in a thread of the server's process:
 
-- a request becomes a :class:`~hetero_sched.core.request.Request` (its prompt's token ids, its
-  ``max_tokens`` as its output length) left in the engine's :class:`~hetero_sched.runtime.inbox.Inbox`;
+- a request becomes a :class:`~hetero_sched.core.request.Request` (its prompt's token ids and
+  their prefix hashes, its ``max_tokens`` as its output length) left in the engine's :class:`~hetero_sched.runtime.inbox.Inbox`;
   ``submit`` returns once the core placed it (admitted) or rejected it (HTTP 429, or 400 for
   what no group can ever serve: ``NEVER_SERVABLE``; 503 once the engine stopped); a request the
   core rejects after admitting it ends with that rejection, answered alike;
@@ -44,9 +44,11 @@ from hetero_sched.runtime.clock import WallClock
 from hetero_sched.runtime.devices import RayDevices
 from hetero_sched.runtime.inbox import Cancel, Inbox
 from hetero_sched.runtime.live import Backend, Pace, PerGroup, start_group_actors, with_absolute_paths
+from hetero_sched.runtime.store import start_store_actors
 from hetero_sched.runtime.messages import unpack
 from hetero_sched.serve.servecore import (CoreStatus, EventStream, FinalEvent, FinishReason, GroupStatus, ModelCard,
                                           Refusal, Rejected, ServeRequest, StreamEvent, TokenEvent)
+from hetero_sched.serve.prefixes import DEFAULT_BLOCK_TOKENS, prompt_prefix_hashes
 from hetero_sched.serve.tokenizer import placeholder_token_ids
 from hetero_sched.tracing import ProcessTracing, RequestTracer, attach_tracer
 from hetero_sched.workload import Workload
@@ -68,6 +70,8 @@ class EngineOptions:
     """Devices send the tokens they made at most this often (each token keeps its own time)."""
     retry_after_s: float = 1.0
     """What a 429 (or a 503) suggests a client waits."""
+    prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS
+    """Tokens per hashed prompt block (prefix caching's granularity; 0: prompts carry no hashes)."""
 
 
 ENGINE_STOPPED = "engine_stopped"
@@ -107,6 +111,8 @@ class EngineCore:
         self.devices: Optional[RayDevices] = None
         self.scheduler: Optional[Scheduler] = None
         self._actors: list[Any] = []
+        self._stores: list[Any] = []
+        """The cluster KV store's actors, when the experiment has one (``kv_cache.store``)."""
         self._predictions: list[int] = []
         self._tracer: Optional[RequestTracer] = None
 
@@ -122,6 +128,8 @@ class EngineCore:
                                           fetch_timeout_s=o.call_timeout_s / 2, sink=me,
                                           progress_interval_s=o.progress_interval_s)
         await asyncio.gather(*(a.node_labels.remote() for a in self._actors))
+        store = self.exp.kv_cache.store if self.exp.kv_cache is not None else None
+        self._stores = start_store_actors(store.nodes) if store is not None else []
         empty = Workload("serve", np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
                          source={"kind": "serve"})
         scheduler = build_scheduler(self.exp, empty, base_dir=None)
@@ -131,7 +139,8 @@ class EngineCore:
         await asyncio.gather(*(a.begin.remote(origin) for a in self._actors))
         devices = await asyncio.to_thread(
             RayDevices, self._actors, wall=wall, real_tokens=o.backend == "numpy",
-            verify_imports=o.backend == "numpy", call_timeout_s=o.call_timeout_s, inbox=self._inbox, progress=True)
+            verify_imports=o.backend == "numpy", call_timeout_s=o.call_timeout_s, inbox=self._inbox, progress=True,
+            store_actors=self._stores)
         devices.scheduler = scheduler
         scheduler.hooks = _FrontDoorHooks(devices, self)
         if tracing is not None:           # a request's trace goes under its HTTP request's span
@@ -162,7 +171,7 @@ class EngineCore:
             await asyncio.to_thread(self._thread.join, 30.0)
         if self._tracer is not None:        # the device actors' spans, before they go
             await asyncio.gather(*(a.flush_traces.remote() for a in self._actors))
-        for a in self._actors:
+        for a in [*self._actors, *self._stores]:
             ray.kill(a)
 
     # --- ServeCore ----------------------------------------------------------------------------
@@ -180,7 +189,10 @@ class EngineCore:
         arrival = max(0.0, request.arrival_s - self._origin)
         if self._tracer is not None and request.trace_context:
             self._tracer.parents[rid] = dict(request.trace_context)
+        block = self.options.prefix_block_tokens
+        hashes = prompt_prefix_hashes(request.prompt_token_ids, block) if block else ()
         self._inbox_put(Request(rid, arrival, len(request.prompt_token_ids), request.max_tokens,
+                                prefix_hashes=hashes or None, prefix_block_tokens=block or 512,
                                 max_tokens=request.max_tokens, token_ids=tuple(request.prompt_token_ids)))
         try:
             await live.admitted
@@ -372,8 +384,7 @@ class _FrontDoorHooks:
     def transfer_cancelled(self, now_s: float, transfer_id: int, rs: RequestState, src: int, dst: int) -> None:
         self.devices.transfer_cancelled(now_s, transfer_id, rs, src, dst)
 
-    # the KV tiers' and the store's: served requests carry no prefix hashes today, but the core
-    # may call any hook it declares (ExecutorHooks), and the devices know what to do with each
+    # the KV tiers' and the store's (served prompts carry prefix hashes: serve/prefixes.py)
     def kv_fetched(self, now_s: float, rs: RequestState, group_id: int, tier: int, start_s: float, end_s: float,
                    num_bytes: float, tokens: int) -> None:
         self.devices.kv_fetched(now_s, rs, group_id, tier, start_s, end_s, num_bytes, tokens)
