@@ -132,7 +132,9 @@ def start_ingress(core_factory: CoreFactory, options: ServeOptions = ServeOption
     """Start the HTTP server actor on this driver's node (Ray must be initialized); returns once it listens."""
     here = ray.get_runtime_context().get_node_id()
     actor = IngressActor.options(  # type: ignore[attr-defined]  # ray.remote's class wrapper
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(core_factory, options)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        # Ray warns at any ray.get in an async actor; the engine's are in its own thread, not the loop's
+        runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}).remote(core_factory, options)
     try:
         url = ray.get(actor.start.remote(), timeout=timeout_s)
     except BaseException:
