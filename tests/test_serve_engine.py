@@ -199,48 +199,50 @@ def test_a_request_no_group_can_ever_hold_is_400_without_retry_after(ray_cluster
         s.stop()
 
 
-def test_numpy_backend_text_is_the_tiny_llamas_token_for_token(ray_cluster: Any) -> None:
+@pytest.fixture(scope="module")
+def tiny_llama(ray_cluster: Any) -> Iterator[Server]:
+    """The numpy backend behind the server, routing prefill by prefix (``disagg-prefix``; its
+    weight outweighs the KV a group's view still shows held for its last transfer: views change
+    at span ends), prompts hashed in 16-token blocks."""
+    s = Server(disagg_experiment(model=MODEL, seed=4, policy={"name": "disagg-prefix", "params": {"overlap_weight": 10}}),
+               backend="numpy", prefix_block_tokens=16)
+    yield s
+    s.stop()
+
+
+def test_numpy_backend_text_is_the_tiny_llamas_token_for_token(tiny_llama: Server) -> None:
     """With the numpy backend the tokens are the tiny Llama's, prefilled on a Trainium group's actor
     and decoded on the CS-3 group's from the KV it was sent: the streamed text equals what the
-    single-process reference makes of the same prompt."""
-    exp = disagg_experiment(model=MODEL, seed=4)
-    s = Server(exp, backend="numpy")
-    try:
-        c = s.client()
-        prompts = ["The quick brown fox jumps over the lazy dog", "héllo wörld " * 7, "a"]
-        lm = TinyLM("tiny", 4)
-        for prompt in prompts:
-            n = 23
-            expected = tiny_llama_text(lm, prompt, n)
-            streamed = "".join(ch.choices[0].text for ch in c.completions.create(
-                model=MODEL, prompt=prompt, max_tokens=n, stream=True) if ch.choices)
-            assert streamed == expected, prompt
-            assert c.completions.create(model=MODEL, prompt=prompt, max_tokens=n).choices[0].text == expected
-    finally:
-        s.stop()
+    single-process reference makes of the same prompt (sent again, from the prefix cache too)."""
+    c = tiny_llama.client()
+    prompts = ["The quick brown fox jumps over the lazy dog", "héllo wörld " * 7, "a"]
+    lm = TinyLM("tiny", 4)
+    for prompt in prompts:
+        n = 23
+        expected = tiny_llama_text(lm, prompt, n)
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=n, stream=True) if ch.choices)
+        assert streamed == expected, prompt
+        again = c.completions.create(model=MODEL, prompt=prompt, max_tokens=n)
+        assert again.choices[0].text == expected
+        assert again.usage.prompt_tokens_details.cached_tokens == (len(prompt.encode()) - 1) // 16 * 16
 
 
-def test_a_shared_prompt_prefix_is_a_prefix_cache_hit_and_the_text_stays_the_tiny_llamas(ray_cluster: Any) -> None:
+def test_a_shared_prompt_prefix_is_a_prefix_cache_hit_and_the_text_stays_the_tiny_llamas(tiny_llama: Server) -> None:
     """Served prompts carry chained prefix hashes: a prompt repeating another's first block is
-    routed to the group holding it (``disagg-prefix``; its weight outweighs the KV the group's view
-    still shows held for the last transfer: views change at span ends), its prefill reuses exactly
-    that block's KV (``usage.prompt_tokens_details.cached_tokens``), and the text is still the tiny
-    Llama's. The second prompt's next block repeats the first prompt's *last* block: a hash of a
-    block's own tokens would count it as a hit too, and decode from KV computed after other tokens."""
-    exp = disagg_experiment(model=MODEL, seed=4, policy={"name": "disagg-prefix", "params": {"overlap_weight": 10}})
-    s = Server(exp, backend="numpy", prefix_block_tokens=16)
-    x, y, z, w = "The quick brown ", "fox jumps over t", "he lazy dog, and", " then sleeps ok."
-    try:
-        c = s.client()
-        lm = TinyLM("tiny", 4)
-        cached = []
-        for prompt in (x + y + z + w, x + w + "!", x + y + "?", "no shared start at all"):
-            out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=9)
-            assert out.choices[0].text == tiny_llama_text(lm, prompt, 9), prompt
-            cached.append(out.usage.prompt_tokens_details.cached_tokens)
-        assert cached == [0, 16, 32, 0]
-    finally:
-        s.stop()
+    routed to the group holding it, its prefill reuses exactly that block's KV
+    (``usage.prompt_tokens_details.cached_tokens``), and the text is still the tiny Llama's. The
+    second prompt's next block repeats the first prompt's *last* block: a hash of a block's own
+    tokens would count it as a hit too, and decode from KV computed after other tokens."""
+    x, y, z, w = "Once upon a time", ", in a land far ", "away, there live", "d a tiny llama. "
+    c = tiny_llama.client()
+    lm = TinyLM("tiny", 4)
+    cached = []
+    for prompt in (x + y + z + w, x + w + "!", x + y + "?", "no shared start at all"):
+        out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=9)
+        assert out.choices[0].text == tiny_llama_text(lm, prompt, 9), prompt
+        cached.append(out.usage.prompt_tokens_details.cached_tokens)
+    assert cached == [0, 16, 32, 0]
 
 
 def test_a_prefix_another_group_computed_is_read_from_the_kv_store_token_exact(ray_cluster: Any) -> None:
@@ -250,7 +252,7 @@ def test_a_prefix_another_group_computed_is_read_from_the_kv_store_token_exact(r
     exp = disagg_experiment(model=MODEL, seed=4, kv_cache={"store": {"nodes": 1}},
                             policy={"name": "disagg", "params": {"choices": 1, "seed": 1}})
     s = Server(exp, backend="numpy")
-    shared = ("lorem ipsum dolor sit amet " * 40)[:1024]
+    shared = ("lorem ipsum dolor sit amet " * 10)[:256]
     try:
         c = s.client()
         lm = TinyLM("tiny", 4)
@@ -259,7 +261,7 @@ def test_a_prefix_another_group_computed_is_read_from_the_kv_store_token_exact(r
             out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=5)
             assert out.choices[0].text == tiny_llama_text(lm, prompt, 5), prompt
             cached.append(out.usage.prompt_tokens_details.cached_tokens)
-        assert cached == [0, 1024, 1024]       # the second on the first's group, the third from the store
+        assert cached == [0, 256, 256]         # the second on the first's group, the third from the store
     finally:
         s.stop()
 
