@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -228,6 +229,19 @@ def test_every_command_accepts_debug(command, monkeypatch, capsys):
     """The README promises --debug on every command: a command added without it fails here."""
     code, out, err = run_cli(monkeypatch, capsys, command, "--debug", "--help")
     assert code == 0 and "--debug" in out, err
+
+
+@pytest.mark.parametrize("command", sorted(typer.main.get_command(cli.app).commands))
+def test_help_prose_is_wrapped_at_the_terminal_not_at_the_docstring(command, monkeypatch, capsys):
+    """On a terminal wide enough, each paragraph of a command's docstring is one help line: the
+    docstring's own line breaks (kept by recent typer) left a break mid-sentence at any width."""
+    doc = next(c.callback.__doc__ for c in cli.app.registered_commands if c.callback.__name__ == command)
+    monkeypatch.setenv("COLUMNS", "1000")
+    code, out, err = run_cli(monkeypatch, capsys, command, "--help")
+    lines = {line.strip() for line in out.splitlines()}
+    assert code == 0, err
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        assert " ".join(paragraph.split()) in lines
 
 
 def test_a_policy_module_next_to_the_experiment_is_importable(tmp_path, monkeypatch, capsys):
