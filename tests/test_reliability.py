@@ -240,7 +240,7 @@ def test_a_crashed_scheduler_actor_recovers_from_its_journal_and_serves_each_req
 @pytest.mark.ray
 @pytest.mark.parametrize("clock", ["wall", "virtual"])
 def test_a_dropped_report_is_caught_by_its_deadline_and_the_requests_resumed(ray_cluster: Any, clock: str) -> None:
-    """The CS-3 decode actor never reports a seeded span of a 200-request numpy run (alive,
+    """The CS-3 decode actor never reports a seeded span of a 100-request numpy run (alive,
     answering other calls): once the span is ``call_timeout_s`` past its expected end the actor
     is declared stuck, killed and restarted, its KV reservations freed on both sides and its
     requests resumed — the run neither hangs nor fails, and stays token-exact."""
@@ -248,7 +248,7 @@ def test_a_dropped_report_is_caught_by_its_deadline_and_the_requests_resumed(ray
 
     from hetero_sched.runtime.live import run_live
 
-    n = 200
+    n = 100
     hang_at = int(np.random.default_rng(14).integers(40, 120))
     exp = _tiny_experiment(workload={"kind": "synthetic", "num_requests": n, "rate_per_s": 20.0,
                                      "prompt": {"kind": "uniform", "low": 16, "high": 200},
