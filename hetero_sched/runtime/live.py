@@ -147,8 +147,7 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
         actors = start_group_actors(exp, backend, bytes_scale, clock=clock, time_scale=time_scale, pace=pace,
                                     device_speed=device_speed, device_jitter=device_jitter, trace=trace,
                                     faults=faults, fetch_timeout_s=call_timeout_s / 2)
-        stores = start_store_actors(exp.kv_cache.store.nodes) \
-            if exp.kv_cache is not None and exp.kv_cache.store is not None else []
+        stores = start_store_actors(exp)
         # pinned to this node, where its journal is; restarted (and its run retried) if it dies
         scheduler = SchedulerActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),

@@ -21,11 +21,14 @@ overtakes an ``evict`` or a ``put`` the scheduler actor sent before it.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import ray
 
 from hetero_sched.runtime.kvcodec import decode_kv
+
+if TYPE_CHECKING:
+    from hetero_sched.experiment import Experiment
 
 
 @ray.remote(num_cpus=0)
@@ -69,9 +72,11 @@ class KVStoreActor:
         return len(self._blocks), sum(b for _, _, b in self._blocks.values())
 
 
-def start_store_actors(num_nodes: int) -> list[Any]:
-    """One store actor per memory node (any node of the cluster; they ask for no CPU)."""
-    return [KVStoreActor.options(max_restarts=0).remote(i) for i in range(num_nodes)]
+def start_store_actors(exp: Experiment) -> list[Any]:
+    """The cluster KV store of ``exp``: one actor per memory node (any node of the cluster; they
+    ask for no CPU), none without ``kv_cache.store``."""
+    store = exp.kv_cache.store if exp.kv_cache is not None else None
+    return [KVStoreActor.options(max_restarts=0).remote(i) for i in range(store.nodes)] if store is not None else []
 
 
 def shard(hashes: list[int] | tuple[int, ...], num_actors: int) -> dict[int, list[int]]:

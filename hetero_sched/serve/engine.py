@@ -128,8 +128,7 @@ class EngineCore:
                                           fetch_timeout_s=o.call_timeout_s / 2, sink=me,
                                           progress_interval_s=o.progress_interval_s)
         await asyncio.gather(*(a.node_labels.remote() for a in self._actors))
-        store = self.exp.kv_cache.store if self.exp.kv_cache is not None else None
-        self._stores = start_store_actors(store.nodes) if store is not None else []
+        self._stores = start_store_actors(self.exp)
         empty = Workload("serve", np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
                          source={"kind": "serve"})
         scheduler = build_scheduler(self.exp, empty, base_dir=None)
