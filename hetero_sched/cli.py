@@ -35,8 +35,8 @@ app = typer.Typer(
 )
 
 
-def command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Register ``fn`` as a command, its help its docstring with every paragraph on one line.
+def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register ``fn`` as a command whose help is its docstring, each paragraph on one line.
 
     Recent typer keeps a docstring's line breaks in rich help, and rich then wraps each source
     line again at the terminal's width: ragged help, a break in the middle of every sentence.
@@ -154,7 +154,7 @@ def _default_out(name: str) -> Path:
     return Path(base) / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-@command
+@_command
 def simulate(
     experiment: Optional[Path] = typer.Argument(None, help="Experiment YAML (default: the shipped Trn2 -> CS-3 Llama-3.1-70B experiment)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<name>-<time>)."),
@@ -209,7 +209,7 @@ RUN_DEFAULT_REQUESTS = 100
 """`run` with no experiment replays this many requests of the shipped workload (< 60 s here)."""
 
 
-@command
+@_command
 def run(
     experiment: Optional[Path] = typer.Argument(None, help=f"Experiment YAML (default: the shipped one, first {RUN_DEFAULT_REQUESTS} requests)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to use ('auto', host:port; default: $RAY_ADDRESS, else start a local labelled cluster)."),
@@ -289,7 +289,7 @@ def run(
     typer.echo(str(folder) if quiet else f"run folder: {folder}")
 
 
-@command
+@_command
 def serve(
     experiment: Optional[Path] = typer.Argument(None, help="Experiment YAML (default: the shipped one); its workload is not used."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to use ('auto', host:port; default: $RAY_ADDRESS, else start a local labelled cluster)."),
@@ -400,7 +400,7 @@ PP = typer.Option(1, min=1, help="Pipeline stages.")
 COUNT = typer.Option(None, min=1, help="Chips in the group (default: tp*pp / units per chip).")
 
 
-@command
+@_command
 def catalog(
     device: Optional[str] = typer.Option(None, help="Predict for this device (e.g. trn2)."),
     model: Optional[str] = typer.Option(None, help="Predict for this model (e.g. llama-3.1-70b)."),
@@ -474,7 +474,7 @@ def catalog(
         console.print("(fitted-coefficient profile: lines come from its coefficients)")
 
 
-@command
+@_command
 def calibrate(
     measurements: Optional[Path] = typer.Argument(None, help="CSV with columns kind,batch,tokens,context,ms[,label]."),
     device: Optional[str] = typer.Option(None, help="Name of the calibrated device (new names need --like)."),
@@ -571,7 +571,7 @@ def calibrate(
     console.print(f"wrote {target}" + (f" (forced past: {'; '.join(problems)})" if problems else ""))
 
 
-@command
+@_command
 def sweep(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML: a base experiment, axes (any config field), optional goodput tiers."),
     out: Path = typer.Option(..., "--out", "-o", help="Sweep folder: points/<id>/ per point, sweep.parquet at the end. Rerunning skips finished points."),
@@ -622,7 +622,7 @@ def sweep(
     typer.echo(str(outcome.table_path))
 
 
-@command
+@_command
 def sensitivity(
     sweep_file: Path = typer.Argument(..., help="A sweep YAML (its points, goodput tiers and ratios) or an experiment YAML."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder: points/<id>/ per design point, sensitivity.parquet, sensitivity.json, tornado PNGs. Rerunning skips finished points."),
@@ -683,7 +683,7 @@ def sensitivity(
     typer.echo(str(Path(out) / SUMMARY))
 
 
-@command
+@_command
 def plan(
     plan_file: Path = typer.Argument(..., help="Plan YAML: devices with counts (and prices via overrides), model, workload, SLO, budget."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write every simulated candidate to OUT/plan.parquet (OUT is a folder)."),
@@ -728,7 +728,7 @@ def plan(
         typer.echo(str(out / "plan.parquet"))
 
 
-@command
+@_command
 def report(
     folder: Path = typer.Argument(..., help="A sweep folder (from `hetero-sched sweep --out`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder the PNGs go to (default FOLDER/plots)."),
@@ -746,7 +746,7 @@ def report(
         typer.echo(str(p))
 
 
-@command
+@_command
 def tokenizer(
     folder: Optional[Path] = typer.Argument(None, help="Write the tokenizer's files into this folder (created). Default: print the packaged copy's folder."),
     hf_cache: bool = typer.Option(False, "--hf-cache", help="Make FOLDER a Hugging Face hub cache holding the tokenizer as hetero-sched/byte-256 (for HF_HUB_OFFLINE=1 HF_HUB_CACHE=FOLDER); prints the id."),
