@@ -32,9 +32,9 @@ RUN = textwrap.dedent("""
     data = yaml.safe_load(resources.files("hetero_sched").joinpath("data", "experiment_default.yaml").read_text())
     for g in data["groups"]:
         g["replicas"] = int(g.get("replicas", 1)) * 16
-    data["workload"] = dict(data["workload"], num_requests=1500, rate_per_s=256.0)
+    data["workload"] = dict(data["workload"], num_requests=600, rate_per_s=256.0)
     exp, base = resolve(data)
-    w = synthetic(1500, 256.0, prompt="azure-conv", output="azure-conv", seed=exp.seed)
+    w = synthetic(600, 256.0, prompt="azure-conv", output="azure-conv", seed=exp.seed)
     s = build_scheduler(exp, w, base)
     run_events(s, w.requests())
     h = hashlib.sha256(repr(s.records).encode())
@@ -70,7 +70,7 @@ def test_the_compiled_core_computes_what_the_interpreted_source_does(tmp_path):
     interpreted = _run(tmp_path)
     assert compiled[0].endswith(".so") and interpreted[0].endswith(".py")   # each ran what it claims
     assert compiled[1] == interpreted[1]
-    assert compiled[1].startswith("1500 ")
+    assert compiled[1].startswith("600 ")
 
 
 def test_the_compiled_core_exports_only_its_module_init():

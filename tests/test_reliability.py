@@ -398,7 +398,7 @@ def test_corrupted_kv_is_caught_before_decode_and_sent_again(ray_cluster: Any, c
     from hetero_sched.core.events import DecisionKind as D
     from hetero_sched.runtime.live import run_live
 
-    n = 200
+    n = 100
     exp = _tiny_experiment(workload={"kind": "synthetic", "num_requests": n, "rate_per_s": 50.0,
                                      "prompt": {"kind": "uniform", "low": 16, "high": 200},
                                      "output": {"kind": "uniform", "low": 4, "high": 32}})

@@ -201,7 +201,7 @@ def test_the_engine_runs_ahead_of_the_reports_and_fails_a_device_that_reports_ea
     the span's earliest end — a jittered device promises a floor only, and two runs are still
     the same run (which answers the engine waited for depends on the plan alone). A device that
     says it is slower than it runs reports before its promise: the run fails, saying so."""
-    exp = _small()
+    exp = _small(n=100)
     runs = [run_live(exp, address=ray_cluster.address, clock="virtual", device_jitter={"d": 0.3}) for _ in range(2)]
     assert runs[0].decisions == runs[1].decisions
     assert runs[0].records.equals(runs[1].records)
