@@ -167,11 +167,11 @@ def test_a_slower_device_slows_exactly_what_it_runs(ray_cluster):
     1.25x, so TPOT grows by that while prefill (TTFT) is untouched — the run is what the devices
     reported, not the core's arithmetic (at speed 1 the same run equals the simulator). Such a
     device promises its pace exactly: the engine takes its next events while reports are out."""
-    exp = _small()
+    exp = _small(n=100)
     sim = hs.simulate(exp)
     slow = run_live(exp, address=ray_cluster.address, clock="virtual", device_speed={"d": 0.8})
     assert slow.decisions != sim.decisions
-    assert slow.summary["completed"] == 200
+    assert slow.summary["completed"] == 100
     assert slow.records.column("token1_s").to_pylist() == sim.records.column("token1_s").to_pylist()
     ratio = slow.summary["tpot_s"]["p50"] / sim.summary["tpot_s"]["p50"]
     assert 1.2 < ratio < 1.3
@@ -184,7 +184,7 @@ def test_a_device_that_stops_short_changes_the_run_and_loses_no_token(ray_cluste
     """A decode device that stops every span of two or more steps one step short: the core
     applies the steps it reported — more, shorter spans — and every request still gets exactly
     its tokens (a request whose last step did not run is not complete)."""
-    exp = _small()
+    exp = _small(n=100)
     sim = hs.simulate(exp)
     short = run_live(exp, address=ray_cluster.address, clock="virtual",
                      faults={"short_group": "d", "short_steps": 1})
