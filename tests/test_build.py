@@ -18,22 +18,20 @@ from hetero_sched.core import scheduler
 
 PACKAGE = Path(hetero_sched.__file__).parent
 
-# One run of the shipped experiment at 80 groups (its groups × 16) with the arrival rate to match,
-# printed as which module ran it and a digest of every record and decision.
-RUN = textwrap.dedent("""
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+# One run of bench/sim_scale.py's 80-group experiment (the shipped one's groups × 16, the arrival
+# rate to match), printed as which module ran it and a digest of every record and decision.
+RUN = textwrap.dedent(f"""
     import hashlib, sys
-    from importlib import resources
-    import yaml
+    sys.path.insert(0, {str(BENCH)!r})
+    from sim_scale import scaled_experiment
     from hetero_sched.core import scheduler
     from hetero_sched.engine.assembly import build_scheduler, resolve
     from hetero_sched.engine.loop import run_events
     from hetero_sched.workload import synthetic
 
-    data = yaml.safe_load(resources.files("hetero_sched").joinpath("data", "experiment_default.yaml").read_text())
-    for g in data["groups"]:
-        g["replicas"] = int(g.get("replicas", 1)) * 16
-    data["workload"] = dict(data["workload"], num_requests=600, rate_per_s=256.0)
-    exp, base = resolve(data)
+    exp, base = resolve(scaled_experiment(16, 256.0, 600))
     w = synthetic(600, 256.0, prompt="azure-conv", output="azure-conv", seed=exp.seed)
     s = build_scheduler(exp, w, base)
     run_events(s, w.requests())
@@ -45,14 +43,12 @@ RUN = textwrap.dedent("""
     print(len(s.records), h.hexdigest())
 """)
 
-
-def _compiled() -> bool:
-    """Whether the core in use is the compiled one; under CI (which always compiles) it must be."""
+def _require_compiled() -> None:
+    """Skip unless the core in use is the compiled one; under CI (which always compiles) fail."""
     if scheduler.__file__.endswith(".py"):
         if os.environ.get("CI") == "true":
             pytest.fail("the core is interpreted under CI: setup.py did not compile it")
-        return False
-    return True
+        pytest.skip("the core is not compiled here (HETERO_SCHED_PURE_PYTHON, or no C compiler)")
 
 
 def _run(pythonpath: Path) -> list[str]:
@@ -63,8 +59,7 @@ def _run(pythonpath: Path) -> list[str]:
 
 
 def test_the_compiled_core_computes_what_the_interpreted_source_does(tmp_path):
-    if not _compiled():
-        pytest.skip("the core is not compiled here (HETERO_SCHED_PURE_PYTHON, or no C compiler)")
+    _require_compiled()
     shutil.copytree(PACKAGE, tmp_path / "hetero_sched", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     compiled = _run(PACKAGE.parent)
     interpreted = _run(tmp_path)
@@ -76,8 +71,7 @@ def test_the_compiled_core_computes_what_the_interpreted_source_does(tmp_path):
 def test_the_compiled_core_exports_only_its_module_init():
     """setup.py builds with hidden visibility: a compiled function exported from the shared library
     is called through the PLT by the others and never inlined (5-6% more instructions)."""
-    if not _compiled():
-        pytest.skip("the core is not compiled here (HETERO_SCHED_PURE_PYTHON, or no C compiler)")
+    _require_compiled()
     if not sys.platform.startswith("linux"):
         pytest.skip("setup.py sets the visibility on Linux only")
     shared = [m for name, m in sys.modules.items()    # (other packages may be compiled by mypyc too)
