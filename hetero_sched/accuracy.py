@@ -114,9 +114,11 @@ def predict_figure(fig: Figure, overrides: Optional[Mapping[str, Any]] = None,
     return predicted
 
 
-def _predict(form: FitForm, x: Vector, fig: Figure) -> float:
-    acc = form.acceptances(x).get(fig.fit_group) if fig.fit_group else None
-    return predict_figure(fig, form.overrides(x), acc if acc is not None else NEUTRAL["acceptance"])
+def _predict(form: FitForm, x: Vector, figs: Sequence[Figure]) -> np.ndarray:
+    """The form's predictions of ``figs`` at ``x`` (its overrides made once for all of them)."""
+    overrides, accepted, neutral = form.overrides(x), form.acceptances(x), NEUTRAL["acceptance"]
+    return np.array([predict_figure(f, overrides, accepted.get(f.fit_group, neutral) if f.fit_group else neutral)
+                     for f in figs])
 
 
 def forms_for(figs: Sequence[Figure]) -> tuple[FitForm, ...]:
@@ -185,7 +187,7 @@ def fit_form(form: FitForm, figs: Sequence[Figure]) -> np.ndarray:
     y = np.array([f.value_s for f in figs])
     lower = np.array([p.lower_x for p in form.params])
     upper = np.array([p.upper_x for p in form.params])
-    return gauss_newton(lambda x: np.array([_predict(form, x, f) for f in figs]), y, _neutral_x(form), lower, upper)
+    return gauss_newton(lambda x: _predict(form, x, figs), y, _neutral_x(form), lower, upper)
 
 
 def folds(figs: Sequence[Figure]) -> list[int]:
@@ -230,9 +232,9 @@ def cross_validate(form: FitForm, figs: Sequence[Figure]) -> FormScore:
         train = [f for f, fo in zip(figs, fold_of) if fo != k]
         x = fit_form(form, train)
         values.append(form.values(x))
-        for i, (f, fo) in enumerate(zip(figs, fold_of)):
-            if fo == k:
-                predicted[i] = _predict(form, x, f)
+        held = [i for i, fo in enumerate(fold_of) if fo == k]
+        for i, p in zip(held, _predict(form, x, [figs[i] for i in held])):
+            predicted[i] = float(p)
     errors = tuple(p / f.value_s - 1.0 for p, f in zip(predicted, figs))
     return FormScore(form, tuple(predicted), tuple(values), errors)
 

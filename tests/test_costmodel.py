@@ -12,6 +12,7 @@ from hetero_sched.catalog import GroupSpec, get_cost_params, get_device, get_mod
 from hetero_sched.costmodel import (GroupCost, RooflineCost, build_group_cost, decode_time_s, kink_contexts,
                                     step_time_s)
 from hetero_sched.errors import UserError
+from hetero_sched.speculation import Speculation, SpeculativeCost
 
 GiB = 2**30
 
@@ -73,6 +74,36 @@ def test_span_time_is_the_sum_of_linear_steps() -> None:
     lines = cost.decode_step_lines(4)
     by_hand = sum(step_time_s(lines, 4 * 1000 + 4 * k) for k in range(50))
     assert decode_time_s(cost, 4, 4000, 50) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_span_time_across_kinks_is_the_sum_of_its_steps() -> None:
+    """A span that crosses the kink of a pipeline's lines: each step takes the max of them."""
+    cost = _pipeline(4)
+    lines = cost.decode_step_lines(8)
+    kinks = kink_contexts(lines)
+    assert len(lines) >= 2 and kinks
+    steps = int(kinks[-1] / 8) + 50
+    by_hand = sum(step_time_s(lines, 8 * 10 + 8 * k) for k in range(steps))
+    assert decode_time_s(cost, 8, 80, steps) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_remembered_costs_are_per_arguments() -> None:
+    """Shipped-catalog costs are remembered: asked alike, the same cost; any argument that differs
+    (an override, its value's type, the KV capacity, speculation, the group) gets its own."""
+    group = GroupSpec("h100", 1, tp=1)
+    base = build_group_cost(group, "llama-3.1-8b")
+    assert build_group_cost(GroupSpec("h100", 1, tp=1), "llama-3.1-8b") is base
+    slow = build_group_cost(group, "llama-3.1-8b", {"cost.h100.layer_latency_s": 1e-3})
+    assert step_time_s(slow.decode_step_lines(1), 0) > step_time_s(base.decode_step_lines(1), 0) + 0.025
+    assert build_group_cost(group, "llama-3.1-8b", kv_capacity_tokens=1000).kv_capacity_tokens == 1000
+    spec = build_group_cost(group, "llama-3.1-8b", speculation=Speculation(4, 0.75, draft_cost_fraction=0.1))
+    assert isinstance(spec, SpeculativeCost)
+    assert build_group_cost(GroupSpec("h100", 2, tp=2), "llama-3.1-8b").kv_capacity_tokens > base.kv_capacity_tokens
+    build_group_cost(group, "llama-3.1-8b", {"cost.h100.memory_efficiency": 1})
+    with pytest.raises(UserError, match="expected a number"):
+        build_group_cost(group, "llama-3.1-8b", {"cost.h100.memory_efficiency": True})
+    with pytest.raises(UserError, match="expected a number"):      # unhashable: built, not remembered
+        build_group_cost(group, "llama-3.1-8b", {"cost.h100.memory_efficiency": [1]})
 
 
 def _pipeline(count: int) -> RooflineCost:

@@ -110,20 +110,29 @@ def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = 
     Catalogs of the shipped entries alone are remembered per set of overrides (the last 256): a
     calibration asks for the same overrides once per figure at each step of its fit (~140,000
     times for ``calibrate --published``). A Catalog is read-only, so callers may share one."""
-    if extra == _NO_EXTRA:
-        try:                                # keyed by each value's type too: True == 1, but True is refused
-            return _resolve_shipped(tuple((k, type(v), v) for k, v in (overrides or {}).items()))
+    if extra == NO_EXTRA:
+        try:
+            return resolve_shipped(overrides_key(overrides))
         except TypeError:                   # an unhashable value (a list, say): resolved as it is
             pass
     return _resolve(overrides, extra)
 
 
-_NO_EXTRA = CatalogData()
+NO_EXTRA = CatalogData()
+"""No experiment entries: the shipped catalog alone (what remembered catalogs and costs are of)."""
+
+
+def overrides_key(overrides: Optional[Overrides]) -> tuple[tuple[str, type, Any], ...]:
+    """``overrides`` as a key to remember what they resolve to: keyed by each value's type too
+    (True == 1, but an override of True is refused). Hashing it fails on an unhashable value."""
+    return tuple((k, type(v), v) for k, v in (overrides or {}).items())
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve_shipped(overrides: tuple[tuple[str, type, Any], ...]) -> Catalog:
-    return _resolve({k: v for k, _, v in overrides}, _NO_EXTRA)
+def resolve_shipped(overrides: tuple[tuple[str, type, Any], ...]) -> Catalog:
+    """The shipped catalog with the overrides of an :func:`overrides_key` (remembered: see
+    :func:`resolve_catalog`)."""
+    return _resolve({k: v for k, _, v in overrides}, NO_EXTRA)
 
 
 def _resolve(overrides: Optional[Overrides], extra: CatalogData) -> Catalog:
