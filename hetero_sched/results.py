@@ -6,6 +6,7 @@ revision (DESIGN contract §10), so a number found in a folder can be traced to 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -46,8 +47,12 @@ def ensure_folder(path: str | Path, what: str) -> Path:
     return p
 
 
+@functools.cache
 def git_revision() -> Optional[str]:
-    """The git revision of the package's checkout (None when not in one)."""
+    """The git revision of the package's checkout (None when not in one).
+
+    Asked once per process: the code running is what was imported then, and a sweep, a plan or a
+    goodput search stamps hundreds of runs (a ``git`` process each was ~15% of a small run)."""
     root = Path(hetero_sched.__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,

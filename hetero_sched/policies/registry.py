@@ -7,12 +7,13 @@ Every such failure is one line naming the policy — ``policy my_mod:P raised Va
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import typing
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-from pydantic import ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from hetero_sched.configfile import format_error
 from hetero_sched.errors import DEBUG_HINT, UserError
@@ -88,18 +89,29 @@ def _checked_params(cls: type[Policy], name: str, params: Mapping[str, Any]) -> 
     if unknown and not open_ended:
         raise UserError(f"policy {name}: unknown parameter(s) {', '.join(unknown)}; "
                         f"known: {', '.join(named) or 'none'}")
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:        # a user's annotation naming something undefined: check nothing
-        hints = {}
-    fields: dict[str, Any] = {n: (hints.get(n, Any), ... if p.default is p.empty else p.default)
-                              for n, p in named.items() if n in params}
-    try:
-        model = create_model(f"{cls.__name__}Params", __config__=ConfigDict(arbitrary_types_allowed=True), **fields)
-    except Exception:        # a parameter pydantic cannot model (a name like `_x`): pass it unchecked
+    given = tuple(n for n in named if n in params)
+    model = _params_model(cls, given)
+    if model is None:        # a parameter pydantic cannot model (a name like `_x`): pass it unchecked
         return dict(params)
     try:
         checked = model.model_validate({n: v for n, v in params.items() if n in named})
     except ValidationError as exc:
         raise UserError(format_error(f"policy {name}: params", exc)) from None
-    return {**dict(params), **{n: getattr(checked, n) for n in fields}}
+    return {**dict(params), **{n: getattr(checked, n) for n in given}}
+
+
+@functools.lru_cache(maxsize=256)
+def _params_model(cls: type[Policy], given: tuple[str, ...]) -> Optional[type[BaseModel]]:
+    """The pydantic model of ``cls.__init__``'s parameters ``given`` (None: it cannot be made).
+    Remembered: a goodput search or a sweep makes its policy once per run."""
+    defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()}
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:        # a user's annotation naming something undefined: check nothing
+        hints = {}
+    fields: dict[str, Any] = {n: (hints.get(n, Any), ... if defaults[n] is inspect.Parameter.empty else defaults[n])
+                              for n in given}
+    try:
+        return create_model(f"{cls.__name__}Params", __config__=ConfigDict(arbitrary_types_allowed=True), **fields)
+    except Exception:
+        return None
