@@ -170,6 +170,7 @@ def run_live(experiment: ExperimentLike = None, *, address: Optional[str] = None
                     break
             out = _result(fut)
             wall_s = time.perf_counter() - t0
+            del fut, ready      # fetched: released, else the store never settles and the wait below takes 5 s
             held = [_held(a) for a in actors]
             store_held = ray.get([a.held.remote() for a in stores], timeout=60)
             store_after = _settled_store(cluster_address, store_before)
