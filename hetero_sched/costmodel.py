@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from hetero_sched.catalog import NO_EXTRA, Catalog, overrides_key, resolve_catalog, resolve_shipped
+from hetero_sched.catalog import Catalog, ShippedKey, resolve_catalog, resolve_shipped, shipped_key
 from hetero_sched.catalog.costparams import CostParams
 from hetero_sched.catalog.datafile import CatalogData
 from hetero_sched.catalog.groups import GroupSpec
@@ -299,21 +299,16 @@ def build_group_cost(group: GroupSpec, model: ModelSpec | str,
     last 256): a calibration asks for a figure's cost at every fit step, and the figures of one
     group and model share it (~140,000 asks, half of them repeats). A cost is read-only.
     """
-    if profile is None and extra == NO_EXTRA:
-        key = (group, model, overrides_key(overrides), speculation, kv_capacity_tokens)
-        try:
-            hash(key)
-        except TypeError:                   # an unhashable override value (a list, say): built as it is
-            pass
-        else:
-            return _build_shipped(*key)
+    key = shipped_key(overrides, extra) if profile is None else None
+    if key is not None:                     # (the other arguments are frozen records: hashable)
+        return _build_shipped(group, model, key, speculation, kv_capacity_tokens)
     return _build(resolve_catalog(overrides, extra), group, model, profile, speculation, kv_capacity_tokens)
 
 
 @functools.lru_cache(maxsize=256)
-def _build_shipped(group: GroupSpec, model: ModelSpec | str, overrides: tuple[tuple[str, type, Any], ...],
+def _build_shipped(group: GroupSpec, model: ModelSpec | str, key: ShippedKey,
                    speculation: Optional[Speculation], kv_capacity_tokens: Optional[int]) -> GroupCost:
-    return _build(resolve_shipped(overrides), group, model, None, speculation, kv_capacity_tokens)
+    return _build(resolve_shipped(key), group, model, None, speculation, kv_capacity_tokens)
 
 
 def _build(cat: Catalog, group: GroupSpec, model: ModelSpec | str, profile: Optional[str | Path],

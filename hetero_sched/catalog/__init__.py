@@ -110,29 +110,34 @@ def resolve_catalog(overrides: Optional[Overrides] = None, extra: CatalogData = 
     Catalogs of the shipped entries alone are remembered per set of overrides (the last 256): a
     calibration asks for the same overrides once per figure at each step of its fit (~140,000
     times for ``calibrate --published``). A Catalog is read-only, so callers may share one."""
-    if extra == NO_EXTRA:
-        try:
-            return resolve_shipped(overrides_key(overrides))
-        except TypeError:                   # an unhashable value (a list, say): resolved as it is
-            pass
-    return _resolve(overrides, extra)
+    key = shipped_key(overrides, extra)
+    return _resolve(overrides, extra) if key is None else resolve_shipped(key)
 
 
-NO_EXTRA = CatalogData()
-"""No experiment entries: the shipped catalog alone (what remembered catalogs and costs are of)."""
+ShippedKey = tuple[tuple[str, type, Any], ...]
+_NO_EXTRA = CatalogData()
 
 
-def overrides_key(overrides: Optional[Overrides]) -> tuple[tuple[str, type, Any], ...]:
-    """``overrides`` as a key to remember what they resolve to: keyed by each value's type too
-    (True == 1, but an override of True is refused). Hashing it fails on an unhashable value."""
-    return tuple((k, type(v), v) for k, v in (overrides or {}).items())
+def shipped_key(overrides: Optional[Overrides], extra: CatalogData = _NO_EXTRA) -> Optional[ShippedKey]:
+    """What the shipped catalog with ``overrides`` is remembered under (here, and the costs built
+    from it): each override with its value's type too (True == 1, but an override of True is
+    refused). None — resolve as it is, do not remember — with ``extra`` entries or a value that
+    cannot be hashed (a list, say)."""
+    if extra != _NO_EXTRA:
+        return None
+    key = tuple((k, type(v), v) for k, v in (overrides or {}).items())
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 @functools.lru_cache(maxsize=256)
-def resolve_shipped(overrides: tuple[tuple[str, type, Any], ...]) -> Catalog:
-    """The shipped catalog with the overrides of an :func:`overrides_key` (remembered: see
+def resolve_shipped(key: ShippedKey) -> Catalog:
+    """The shipped catalog with the overrides of a :func:`shipped_key` (remembered: see
     :func:`resolve_catalog`)."""
-    return _resolve({k: v for k, _, v in overrides}, NO_EXTRA)
+    return _resolve({k: v for k, _, v in key}, _NO_EXTRA)
 
 
 def _resolve(overrides: Optional[Overrides], extra: CatalogData) -> Catalog:
